@@ -1,0 +1,188 @@
+"""The site's hardware, built from configuration: buses, controllers and lock points.
+
+This is the one place where driver names from the config meet driver classes.  Adding a
+driver means writing it under ``drivers/`` (with its simulator) and registering one
+builder in ``BUILDERS`` below; nothing else in ``gateway/`` changes.
+
+Controllers that name the same serial ``port`` share one ``SerialBus``: one transaction
+at a time on the wire, whatever mix of boards hangs off it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from drivers.base import Controller, LockPoint, ProbeResult
+from drivers.link import LinkTiming, SerialBus, SerialFactory, open_serial
+from gateway.config import Config, ControllerConfig, LockConfig
+from gateway.errors import GatewayError
+
+LOGGER = logging.getLogger(__name__)
+
+
+class HardwareUnavailable(GatewayError):
+    """The configuration names a driver this build cannot drive."""
+
+
+@dataclass
+class Site:
+    """Everything the gateway can drive at one site, built from its config."""
+
+    config: Config
+    controllers: dict[str, Controller] = field(default_factory=dict)
+    buses: dict[str, SerialBus] = field(default_factory=dict)
+    shared: dict[tuple[str, str], Any] = field(default_factory=dict)
+
+    def controller_for(self, lock: LockConfig) -> Controller:
+        """The controller that drives ``lock``."""
+        return self.controllers[lock.controller]
+
+    def close(self) -> None:
+        """Release every port."""
+        for controller in self.controllers.values():
+            controller.close()
+        for bus in self.buses.values():
+            bus.close()
+
+
+def point_of(lock: LockConfig) -> LockPoint:
+    """The driver's view of one configured lock."""
+    return LockPoint(
+        channel=lock.channel if lock.channel is not None else 0,
+        door_input=lock.door_input,
+        energize_to=lock.energize_to,
+        status_input=lock.status_input,
+        device=lock.device,
+    )
+
+
+Builder = Callable[[ControllerConfig, "Site", SerialBus | None], Controller]
+
+
+def _build_modbus(cfg: ControllerConfig, site: Site, bus: SerialBus | None) -> Controller:
+    from drivers.modbus import ModbusBus, ModbusController
+
+    assert bus is not None
+    key = ("modbus", bus.url)
+    if key not in site.shared:
+        site.shared[key] = ModbusBus(bus)
+    return ModbusController(
+        cfg.name,
+        site.shared[key],
+        cfg.address,
+        channels=cfg.channels,
+        inputs=cfg.inputs,
+        pulse=cfg.pulse,
+    )
+
+
+def _build_lockboard(cfg: ControllerConfig, site: Site, bus: SerialBus | None) -> Controller:
+    from drivers.lockboard import LockboardController
+
+    assert bus is not None
+    del site
+    return LockboardController(cfg.name, bus, cfg.address, channels=cfg.channels)
+
+
+def _scan_modbus(bus: SerialBus, addresses: Iterable[int]) -> list[ProbeResult]:
+    from drivers.modbus import ModbusBus
+    from drivers.modbus import scan as modbus_scan
+
+    return list(modbus_scan(ModbusBus(bus), addresses))
+
+
+def _scan_lockboard(bus: SerialBus, addresses: Iterable[int]) -> list[ProbeResult]:
+    from drivers.lockboard import scan as lockboard_scan
+
+    return list(lockboard_scan(bus, addresses))
+
+
+#: driver name -> builder.  Serial drivers get their shared bus; MQTT drivers get None.
+BUILDERS: dict[str, Builder] = {
+    "modbus": _build_modbus,
+    "lockboard": _build_lockboard,
+}
+
+#: driver name -> (bus scan, default address range).
+SCANNERS: dict[str, tuple[Callable[[SerialBus, Iterable[int]], list[ProbeResult]], range]] = {
+    "modbus": (_scan_modbus, range(1, 248)),
+    "lockboard": (_scan_lockboard, range(32)),
+}
+
+SERIAL_DRIVERS = frozenset({"modbus", "lockboard", "osdp"})
+
+
+def _timing(cfg: ControllerConfig) -> LinkTiming:
+    return LinkTiming.for_baudrate(cfg.baudrate, cfg.timeout_ms / 1000.0, cfg.retries)
+
+
+def build_site(
+    config: Config,
+    *,
+    factory: SerialFactory = open_serial,
+    only: Sequence[str] | None = None,
+) -> Site:
+    """Build buses and controllers for ``config`` (or only the named controllers).
+
+    No port is opened here: each bus opens on its first transaction, so one missing
+    adapter does not stop the others from working.
+    """
+    site = Site(config)
+    for cfg in config.controllers:
+        if only is not None and cfg.name not in only:
+            continue
+        builder = BUILDERS.get(cfg.driver)
+        if builder is None:
+            raise HardwareUnavailable(
+                f"controller {cfg.name!r}: driver {cfg.driver!r} is not available in this "
+                f"version (available: {', '.join(sorted(BUILDERS))})"
+            )
+        bus = None
+        if cfg.driver in SERIAL_DRIVERS and cfg.port is not None:
+            bus = site.buses.get(cfg.port)
+            if bus is None:
+                bus = SerialBus(cfg.port, cfg.baudrate, timing=_timing(cfg), factory=factory)
+                site.buses[cfg.port] = bus
+        site.controllers[cfg.name] = builder(cfg, site, bus)
+    return site
+
+
+@contextmanager
+def opened_site(
+    config: Config, *, factory: SerialFactory = open_serial, only: Sequence[str] | None = None
+) -> Iterator[Site]:
+    """``build_site`` as a context manager that always releases the ports."""
+    site = build_site(config, factory=factory, only=only)
+    try:
+        yield site
+    finally:
+        site.close()
+
+
+def scan_controller(
+    config: Config,
+    name: str,
+    addresses: Iterable[int] | None = None,
+    *,
+    factory: SerialFactory = open_serial,
+    timeout_s: float = 0.05,
+) -> list[ProbeResult]:
+    """Probe ``addresses`` on the bus of controller ``name`` and list what answers."""
+    cfg = config.controller(name)
+    if cfg is None:
+        known = ", ".join(c.name for c in config.controllers)
+        raise HardwareUnavailable(f"unknown controller {name!r} (known: {known})")
+    scanner = SCANNERS.get(cfg.driver)
+    if scanner is None or cfg.port is None:
+        raise HardwareUnavailable(f"controller {name!r}: driver {cfg.driver!r} has no bus scan")
+    scan, default_range = scanner
+    timing = LinkTiming.for_baudrate(cfg.baudrate, timeout_s, retries=0)
+    bus = SerialBus(cfg.port, cfg.baudrate, timing=timing, factory=factory)
+    try:
+        return scan(bus, addresses if addresses is not None else default_range)
+    finally:
+        bus.close()
