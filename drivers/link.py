@@ -203,7 +203,7 @@ class SerialBus:
         if port is not None:
             try:
                 port.close()
-            except (*_serial_errors(),):  # pragma: no cover - closing a dead port
+            except _serial_errors():  # pragma: no cover - closing a dead port
                 LOGGER.debug("%s: error closing port", self.url, exc_info=True)
 
     # -- transactions ---------------------------------------------------------------

@@ -387,7 +387,7 @@ def cmd_test(ctx: Context) -> int:
     results = []
     try:
         for lock in locks:
-            results.append(technician.test_lock(site, lock, ctx.args.seconds))
+            results.append(technician.run_test_cycle(site, lock, ctx.args.seconds))
             if progress:
                 progress.step(lock.reference)
     finally:

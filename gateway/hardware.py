@@ -24,7 +24,7 @@ from gateway.errors import GatewayError
 LOGGER = logging.getLogger(__name__)
 
 
-class HardwareUnavailable(GatewayError):
+class HardwareUnavailableError(GatewayError):
     """The configuration names a driver this build cannot drive."""
 
 
@@ -137,7 +137,7 @@ def build_site(
             continue
         builder = BUILDERS.get(cfg.driver)
         if builder is None:
-            raise HardwareUnavailable(
+            raise HardwareUnavailableError(
                 f"controller {cfg.name!r}: driver {cfg.driver!r} is not available in this "
                 f"version (available: {', '.join(sorted(BUILDERS))})"
             )
@@ -175,10 +175,12 @@ def scan_controller(
     cfg = config.controller(name)
     if cfg is None:
         known = ", ".join(c.name for c in config.controllers)
-        raise HardwareUnavailable(f"unknown controller {name!r} (known: {known})")
+        raise HardwareUnavailableError(f"unknown controller {name!r} (known: {known})")
     scanner = SCANNERS.get(cfg.driver)
     if scanner is None or cfg.port is None:
-        raise HardwareUnavailable(f"controller {name!r}: driver {cfg.driver!r} has no bus scan")
+        raise HardwareUnavailableError(
+            f"controller {name!r}: driver {cfg.driver!r} has no bus scan"
+        )
     scan, default_range = scanner
     timing = LinkTiming.for_baudrate(cfg.baudrate, timeout_s, retries=0)
     bus = SerialBus(cfg.port, cfg.baudrate, timing=timing, factory=factory)

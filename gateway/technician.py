@@ -173,7 +173,7 @@ def wait_locked(
         sleep(RELOCK_POLL_S)
 
 
-def test_lock(
+def run_test_cycle(
     site: Site,
     lock: LockConfig,
     seconds: float,
