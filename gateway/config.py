@@ -1,0 +1,1036 @@
+"""The gateway's configuration: one TOML file read into frozen, typed dataclasses.
+
+The file format is contract §3 (with the per-driver keys of its table); this module is
+the only place that knows it.  Everything is checked while the objects are built, so the
+rest of the gateway can trust a :class:`Config` and never sees a dict of strings.
+
+Every problem, from a missing file to a lock channel beyond its board, is raised as a
+single :class:`~gateway.errors.ConfigError` naming the file, the dotted key and the reason,
+e.g. ``gateway.toml: locks[3].channel: channel 9 is out of range for controller 'bus1'
+(0–7)``.  Checks run in file order and the first problem found is reported.
+
+Rules the contract leaves open, decided here:
+
+* Relative paths (``*_file``, ``storage.path``, ``control.socket``) are taken relative
+  to the directory of the config file, never the working directory, so the agent and a
+  technician's CLI agree on them wherever they are started.
+* A file path given as ``""`` means "not set" and becomes ``None``; text values keep
+  ``""`` for "not set", as the contract's TOML shows them.
+* Secret files are only ``stat``-ed, never read: a :class:`Config` holds no secret, so it
+  can be logged or dumped (:meth:`Config.redacted`) without care.
+* ``Config.lock_by_id`` accepts a unit id or a reference label; references are compared
+  without regard to case (a technician types ``a-101`` for ``A-101``), so two references
+  that differ only in case are rejected as duplicates, and so is a reference that equals
+  another lock's unit id.
+* One serial port is one bus: the controllers on it share the driver and baudrate and
+  differ in address.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import difflib
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final, Literal, NoReturn, TypeVar
+from urllib.parse import urlsplit
+
+from gateway.errors import ConfigError
+
+__all__ = [
+    "CONFIG_ENV_VAR",
+    "DEFAULT_CONFIG_PATH",
+    "DRIVERS",
+    "CommandsConfig",
+    "Config",
+    "ControlConfig",
+    "ControllerConfig",
+    "LockConfig",
+    "MqttConfig",
+    "SiteConfig",
+    "StoraConfig",
+    "StorageConfig",
+    "config_path_from_env",
+    "load_config",
+    "parse_config",
+]
+
+DEFAULT_CONFIG_PATH: Final = "/etc/stora-gateway/gateway.toml"
+CONFIG_ENV_VAR: Final = "STORA_GATEWAY_CONFIG"
+_DEFAULT_DB: Final = "/var/lib/stora-gateway/gateway.db"
+_DEFAULT_SOCKET: Final = "/run/stora-gateway/control.sock"
+
+# A config file is a few kilobytes; refusing anything huge keeps a wrong --config (a log
+# file, /dev/zero) from eating the memory of a small box.
+_MAX_FILE_BYTES: Final = 1024 * 1024
+
+EnergizeTo = Literal["unlock", "lock"]
+StoraAuth = Literal["client_credentials", "static", "broker"]
+
+_T = TypeVar("_T")
+
+
+# --------------------------------------------------------------------------- dataclasses
+
+
+@dataclass(frozen=True, slots=True)
+class SiteConfig:
+    """``[site]``: the Stora site this gateway serves."""
+
+    id: str
+    app_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class MqttConfig:
+    """``[mqtt]``: the broker link to the relay. File paths are absolute or ``None``."""
+
+    host: str
+    port: int
+    topic_prefix: str
+    client_id: str
+    username: str
+    password_file: Path | None
+    tls: bool
+    ca_file: Path | None
+    cert_file: Path | None
+    key_file: Path | None
+    keepalive_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class CommandsConfig:
+    """``[commands]``: who may sign commands and how much clock slack is allowed.
+
+    ``trusted_keys`` maps a JWS ``kid`` to the raw 32-byte Ed25519 public key.
+    """
+
+    # A read-only view, so a frozen Config really cannot change; it is left out of the
+    # hash because a mapping proxy is not hashable.
+    trusted_keys: Mapping[str, bytes] = field(hash=False)
+    clock_skew_s: int
+    max_lifetime_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoraConfig:
+    """``[stora]``: the Stora API (or the relay's broker endpoint) and its credentials."""
+
+    base_url: str
+    auth: StoraAuth
+    token_url: str
+    client_id: str
+    client_secret_file: Path | None
+    token_file: Path | None
+    scope: str
+    timeline_source_id: str
+    timeline_template_id: str
+    max_per_second: int
+    max_per_minute: int
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    """``[storage]``: where the SQLite database (outbox, state, audit) lives."""
+
+    path: Path
+
+
+@dataclass(frozen=True, slots=True)
+class ControlConfig:
+    """``[control]``: the local control socket the CLI talks to the agent through."""
+
+    socket: Path
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerConfig:
+    """One ``[[controllers]]`` entry.
+
+    Fields that a driver does not use are ``None``, ``0`` or ``False``: ``port``,
+    ``baudrate`` and ``address`` are for the serial drivers (``port`` is a pyserial URL,
+    ``None`` for the MQTT drivers, whose ``baudrate`` and ``address`` are ``0``);
+    ``base_topic`` is for zigbee2mqtt, ``topic`` for tasmota, and ``broker_host`` /
+    ``broker_port`` for either when its devices sit on another broker than ``[mqtt]``.
+    ``channels`` / ``inputs`` are the number of outputs / inputs the board has (0 where
+    the driver has none).
+    """
+
+    name: str
+    driver: str
+    port: str | None
+    baudrate: int
+    address: int
+    channels: int
+    inputs: int
+    pulse: bool
+    timeout_ms: int
+    retries: int
+    base_topic: str | None
+    broker_host: str | None
+    broker_port: int | None
+    topic: str | None
+    scbk_file: Path | None
+    allow_insecure: bool
+
+    @property
+    def serial(self) -> bool:
+        """True for a controller on a serial (RS-485) bus."""
+        return self.port is not None
+
+
+@dataclass(frozen=True, slots=True)
+class LockConfig:
+    """One ``[[locks]]`` entry: a Stora unit and where its lock is wired.
+
+    ``channel`` is ``None`` only for zigbee2mqtt locks, which have a ``device`` instead.
+    """
+
+    unit: str
+    reference: str
+    controller: str
+    channel: int | None
+    door_input: int | None
+    status_input: int | None
+    device: str | None
+    energize_to: EnergizeTo
+    unlock_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole, validated configuration of one gateway."""
+
+    path: Path
+    site: SiteConfig
+    mqtt: MqttConfig
+    commands: CommandsConfig
+    stora: StoraConfig
+    storage: StorageConfig
+    control: ControlConfig
+    controllers: tuple[ControllerConfig, ...]
+    locks: tuple[LockConfig, ...]
+
+    def lock_by_id(self, text: str) -> LockConfig | None:
+        """The lock whose unit id is ``text``, else whose reference is ``text`` (any case).
+
+        This is how the CLI's ``UNIT`` argument is resolved (contract §2).
+        """
+        wanted = text.strip()
+        for lock in self.locks:
+            if lock.unit == wanted:
+                return lock
+        folded = wanted.casefold()
+        for lock in self.locks:
+            if lock.reference.casefold() == folded:
+                return lock
+        return None
+
+    def controller(self, name: str) -> ControllerConfig | None:
+        """The controller called ``name``, or ``None``."""
+        for controller in self.controllers:
+            if controller.name == name:
+                return controller
+        return None
+
+    def redacted(self) -> dict[str, Any]:
+        """The whole configuration as a JSON-able dict, safe to print or publish.
+
+        There is nothing to blank out: secrets never sit in the file, only the paths of
+        the files holding them, and this module never reads those files.  Public keys are
+        shown as base64url so an operator can compare them with the relay's.
+        """
+        dumped = _jsonable(self)
+        assert isinstance(dumped, dict)
+        return dumped
+
+
+def _jsonable(value: object) -> Any:
+    """Convert a config value into plain JSON types (dict, list, str, int, bool, None)."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, bytes):
+        return base64.urlsafe_b64encode(value).rstrip(b"=").decode("ascii")
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def config_path_from_env(explicit: str | None) -> str:
+    """The config file to use: ``explicit`` (``--config``), else ``$STORA_GATEWAY_CONFIG``,
+    else :data:`DEFAULT_CONFIG_PATH`.  Empty strings count as not given.
+    """
+    if explicit:
+        return explicit
+    return os.environ.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG_PATH
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, parse and validate the TOML file at ``path``.
+
+    Raises :class:`ConfigError`, and nothing else, for every problem: missing or
+    unreadable file, bad UTF-8, TOML syntax (with line and column), and every rule of
+    :func:`parse_config`.
+    """
+    file = os.fspath(path)
+    try:
+        with open(file, "rb") as fp:
+            raw = fp.read(_MAX_FILE_BYTES + 1)
+    except FileNotFoundError as exc:
+        raise ConfigError(file, "", "config file does not exist") from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(file, "", "is a directory, not a config file") from exc
+    except PermissionError as exc:
+        raise ConfigError(file, "", "permission denied reading the config file") from exc
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise ConfigError(file, "", f"cannot read the config file: {_os_reason(exc)}") from exc
+    if len(raw) > _MAX_FILE_BYTES:
+        raise ConfigError(file, "", "file is larger than 1 MiB; not a gateway config")
+    try:
+        # utf-8-sig: tolerate the byte-order mark some Windows editors add.
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            file, "", f"not UTF-8 text (bad byte at offset {exc.start}); save it as UTF-8"
+        ) from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(file, "", _toml_reason(exc)) from exc
+    except RecursionError as exc:
+        raise ConfigError(file, "", "TOML syntax error: arrays nested too deeply") from exc
+    except ValueError as exc:  # e.g. an integer literal with thousands of digits
+        raise ConfigError(file, "", f"TOML syntax error: {exc}") from exc
+    return parse_config(data, file, Path(file).absolute().parent)
+
+
+def _toml_reason(exc: tomllib.TOMLDecodeError) -> str:
+    """``"TOML syntax error at line 3, column 7: invalid value"`` from a TOMLDecodeError.
+
+    Python < 3.14 has no ``lineno``/``colno`` attributes; the position is the
+    parenthesised tail of the message ("Invalid value (at line 3, column 7)").
+    """
+    message = str(exc)
+    lineno = getattr(exc, "lineno", None)
+    colno = getattr(exc, "colno", None)
+    match = re.fullmatch(r"(?s)(.*?)\s*\((at line \d+, column \d+|at end of document)\)", message)
+    if match:
+        what, where = match.group(1), match.group(2)
+    else:
+        what, where = message, ""
+    if isinstance(lineno, int) and isinstance(colno, int):
+        where = f"at line {lineno}, column {colno}"
+    what = what[:1].lower() + what[1:]
+    return f"TOML syntax error {where}: {what}" if where else f"TOML syntax error: {what}"
+
+
+def parse_config(data: Mapping[str, Any], file: str, base_dir: Path) -> Config:
+    """Validate already-parsed TOML ``data`` and build a :class:`Config`.
+
+    ``file`` is used in error messages and as ``Config.path``; relative paths in the data
+    resolve against ``base_dir``.  Raises :class:`ConfigError` only.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(file, "", f"expected a TOML table at the top, found {_show(data)}")
+    root = _Table(data, file, "", base_dir.absolute())
+    root.check_keys(_SECTIONS, section=True)
+    site = _parse_site(root.table("site", required=True))
+    mqtt = _parse_mqtt(root.table("mqtt"), site)
+    commands = _parse_commands(root.table("commands", required=True))
+    stora = _parse_stora(root.table("stora", required=True))
+    storage_table = root.table("storage")
+    storage_table.check_keys({"path"})
+    storage = StorageConfig(path=storage_table.get_path("path", _DEFAULT_DB))
+    control_table = root.table("control")
+    control_table.check_keys({"socket"})
+    control = ControlConfig(socket=control_table.get_path("socket", _DEFAULT_SOCKET))
+    controllers = _parse_controllers(root.tables("controllers"))
+    locks = _parse_locks(root.tables("locks"), {c.name: c for c in controllers})
+    return Config(
+        path=Path(file),
+        site=site,
+        mqtt=mqtt,
+        commands=commands,
+        stora=stora,
+        storage=storage,
+        control=control,
+        controllers=controllers,
+        locks=locks,
+    )
+
+
+# --------------------------------------------------------------------------- reading helper
+
+
+_SECTIONS: Final = ("site", "mqtt", "commands", "stora", "storage", "control", "controllers",
+                    "locks")
+_TOPIC_FORBIDDEN: Final = frozenset("+#\0")
+
+
+class _Table:
+    """One TOML table being read.
+
+    It knows its file, its dotted position and the config's directory, so every typed
+    getter can check the value and raise a ConfigError naming the exact key.  A getter
+    whose ``default`` is ``None`` treats the key as required.
+    """
+
+    __slots__ = ("base_dir", "data", "file", "prefix")
+
+    def __init__(self, data: Mapping[str, Any], file: str, prefix: str, base_dir: Path) -> None:
+        self.data = data
+        self.file = file
+        self.prefix = prefix
+        self.base_dir = base_dir
+
+    def key(self, name: str) -> str:
+        """The dotted key of ``name`` in this table."""
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def fail(self, name: str, reason: str) -> NoReturn:
+        """Raise the ConfigError for key ``name`` of this table."""
+        raise ConfigError(self.file, self.key(name), reason)
+
+    def has(self, name: str) -> bool:
+        """True when ``name`` is present in the table."""
+        return name in self.data
+
+    def check_keys(
+        self,
+        allowed: Collection[str],
+        *,
+        section: bool = False,
+        driver: str | None = None,
+        other_drivers_keys: Collection[str] = (),
+    ) -> None:
+        """Reject any key not in ``allowed``, suggesting the closest allowed one.
+
+        With ``driver``, a key that some other driver accepts is reported as "not valid
+        for driver X" — the usual mistake is a key copied from another controller.
+        """
+        for raw_name in self.data:
+            if raw_name in allowed:
+                continue
+            name = str(raw_name)
+            if driver is not None and name in other_drivers_keys:
+                self.fail(
+                    name,
+                    f"key not valid for driver {driver} (its keys are: "
+                    f"{', '.join(sorted(allowed))})",
+                )
+            close = difflib.get_close_matches(name, list(allowed), n=1)
+            if section:
+                hint = f"; did you mean [{close[0]}]?" if close else ""
+                self.fail(name, f"unknown section [{name}]{hint}")
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            self.fail(name, f"unknown key{hint}")
+
+    def _raw(self, name: str, default: object) -> object:
+        if name in self.data:
+            return self.data[name]
+        if default is None:
+            self.fail(name, "required key is missing")
+        return default
+
+    def get_str(self, name: str, default: str | None = None, *, nonempty: bool = False) -> str:
+        """A string; with ``nonempty``, blank text is refused too."""
+        value = self._raw(name, default)
+        if not isinstance(value, str):
+            self.fail(name, _expected("a string", value))
+        if nonempty and not value.strip():
+            self.fail(name, "must not be empty")
+        return value
+
+    def get_int(
+        self, name: str, default: int | None = None, lo: int | None = None, hi: int | None = None
+    ) -> int:
+        """An integer (never a bool or a float) within ``lo``..``hi`` when given."""
+        value = self._raw(name, default)
+        # bool is a subclass of int in Python; "pulse = true" where a number is meant is a
+        # mistake, not the number 1.
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(name, _expected("an integer", value))
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            if hi is None:
+                self.fail(name, f"must be at least {lo}, found {_show_int(value)}")
+            self.fail(name, f"must be between {lo} and {hi}, found {_show_int(value)}")
+        return value
+
+    def get_opt_int(self, name: str) -> int | None:
+        """An integer, or ``None`` when absent (range checks are left to the caller)."""
+        return self.get_int(name) if name in self.data else None
+
+    def get_bool(self, name: str, default: bool) -> bool:
+        """A TOML boolean (``true``/``false``, not 0/1 nor "yes")."""
+        value = self._raw(name, default)
+        if not isinstance(value, bool):
+            self.fail(name, _expected("a boolean (true or false)", value))
+        return value
+
+    def get_choice(self, name: str, default: str, choices: Mapping[str, _T]) -> _T:
+        """One of the string keys of ``choices``, returned as its (typed) value."""
+        value = self.get_str(name, default)
+        if value not in choices:
+            listed = ", ".join(f"'{c}'" for c in choices)
+            self.fail(name, f"must be one of {listed}, found {_show(value)}")
+        return choices[value]
+
+    def get_url(self, name: str, default: str) -> str:
+        """An absolute http(s) URL, without a trailing slash (paths are appended to it)."""
+        value = self.get_str(name, default, nonempty=True)
+        try:
+            parts = urlsplit(value)
+            ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        except ValueError:  # e.g. an invalid IPv6 literal or port
+            ok = False
+        if not ok:
+            self.fail(name, f"must be an http:// or https:// URL, found {_show(value)}")
+        return value.rstrip("/")
+
+    def get_topic(self, name: str, default: str | None = None) -> str:
+        """A non-empty MQTT topic (or prefix) without wildcards or empty levels at the ends."""
+        value = self.get_str(name, default, nonempty=True)
+        if _TOPIC_FORBIDDEN & set(value):
+            self.fail(name, f"must not contain MQTT wildcards '+' or '#', found {_show(value)}")
+        if value.startswith(("/", "$")) or value.endswith("/"):
+            self.fail(
+                name, f"must not start with '/' or '$' nor end with '/', found {_show(value)}"
+            )
+        return value
+
+    def get_path(self, name: str, default: str) -> Path:
+        """A non-empty path, made absolute against the config's directory."""
+        return self._join(name, self.get_str(name, default, nonempty=True))
+
+    def get_opt_path(self, name: str) -> Path | None:
+        """A path made absolute against the config's directory, ``None`` when blank."""
+        text = self.get_str(name, "")
+        return self._join(name, text) if text.strip() else None
+
+    def _join(self, name: str, text: str) -> Path:
+        # No OS call accepts a NUL byte; catch it here rather than when the agent starts.
+        if "\0" in text:
+            self.fail(name, f"a path must not contain a NUL character, found {_show(text)}")
+        return self.base_dir / text
+
+    def get_file(self, name: str) -> Path | None:
+        """An optional path to a file that must exist (e.g. a CA certificate)."""
+        path = self.get_opt_path(name)
+        if path is not None:
+            st = self._stat(name, path, "file")
+            if not stat.S_ISREG(st.st_mode):
+                self.fail(name, f"file {path} is not a regular file")
+        return path
+
+    def get_secret_file(self, name: str) -> Path | None:
+        """An optional path to a secret: a regular file no one but its owner may access.
+
+        The file is only stat-ed, never read: the agent reads it when it needs it, and
+        the Config stays free of secrets.
+        """
+        path = self.get_opt_path(name)
+        if path is None:
+            return None
+        st = self._stat(name, path, "secret file")
+        if not stat.S_ISREG(st.st_mode):
+            self.fail(name, f"secret file {path} is not a regular file")
+        if st.st_mode & 0o077:
+            mode = stat.S_IMODE(st.st_mode)
+            self.fail(
+                name,
+                f"secret file {path} has mode {mode:04o} and is open to group or others; "
+                f"run: chmod 600 {path}",
+            )
+        return path
+
+    def _stat(self, name: str, path: Path, what: str) -> os.stat_result:
+        try:
+            return path.stat()
+        except FileNotFoundError:
+            self.fail(name, f"{what} {path} does not exist")
+        except (OSError, ValueError) as exc:  # ValueError: NUL byte or unencodable name
+            self.fail(name, f"cannot check {what} {path}: {_os_reason(exc)}")
+
+    def table(self, name: str, *, required: bool = False) -> _Table:
+        """The sub-table ``name`` (a section); an empty one when absent and optional."""
+        if name not in self.data:
+            if required:
+                self.fail(name, f"missing required section [{self.key(name)}]")
+            value: object = {}
+        else:
+            value = self.data[name]
+        if not isinstance(value, Mapping):
+            self.fail(name, _expected("a table", value))
+        return _Table(value, self.file, self.key(name), self.base_dir)
+
+    def tables(self, name: str) -> list[_Table]:
+        """The array of tables ``[[name]]``, each named ``name[i]`` in messages."""
+        value = self.data.get(name, [])
+        if not isinstance(value, list | tuple):
+            self.fail(name, _expected(f"an array of tables (write [[{name}]])", value))
+        items: list[_Table] = []
+        for index, item in enumerate(value):
+            key = f"{self.key(name)}[{index}]"
+            if not isinstance(item, Mapping):
+                raise ConfigError(self.file, key, _expected("a table", item))
+            items.append(_Table(item, self.file, key, self.base_dir))
+        return items
+
+
+def _show(value: object) -> str:
+    """A short description of a value for a message: its TOML type and, if small, itself."""
+    if isinstance(value, bool):
+        return f"boolean {'true' if value else 'false'}"
+    if isinstance(value, int):
+        return f"integer {_show_int(value)}"
+    if isinstance(value, float):
+        return f"float {value!r}"
+    if isinstance(value, str):
+        text = value if len(value) <= 60 else value[:57] + "..."
+        return f"string {text!r}"
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if value is None:
+        return "nothing (None)"
+    # TOML dates and times, or whatever an in-memory caller passed.
+    return f"a {type(value).__name__}"
+
+
+def _show_int(value: int) -> str:
+    # str() of an int with thousands of digits raises ValueError in Python >= 3.11.
+    return str(value) if abs(value) < 10**18 else "(a very large number)"
+
+
+def _expected(what: str, value: object) -> str:
+    return f"expected {what}, found {_show(value)}"
+
+
+def _os_reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _check_topic_segment(table: _Table, name: str, value: str) -> None:
+    """``site.id`` and unit ids become single MQTT topic levels (contract §4)."""
+    if not value:
+        table.fail(name, "must not be empty")
+    if any(ch in "/+#\0" or ch.isspace() for ch in value):
+        table.fail(
+            name,
+            f"must not contain '/', '+', '#' or whitespace (it is an MQTT topic level), "
+            f"found {_show(value)}",
+        )
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _parse_site(t: _Table) -> SiteConfig:
+    t.check_keys({"id", "app_name"})
+    site_id = t.get_str("id")
+    _check_topic_segment(t, "id", site_id)
+    return SiteConfig(id=site_id, app_name=t.get_str("app_name", nonempty=True))
+
+
+_MQTT_KEYS: Final = frozenset({
+    "host", "port", "topic_prefix", "client_id", "username", "password_file", "tls",
+    "ca_file", "cert_file", "key_file", "keepalive_s",
+})
+
+
+def _parse_mqtt(t: _Table, site: SiteConfig) -> MqttConfig:
+    t.check_keys(_MQTT_KEYS)
+    host = t.get_str("host", "127.0.0.1", nonempty=True)
+    port = t.get_int("port", 1883, 1, 65535)
+    topic_prefix = t.get_topic("topic_prefix", "stora-gw")
+    client_id = t.get_str("client_id", "").strip() or f"stora-gw-{site.id}"
+    username = t.get_str("username", "")
+    password_file = t.get_secret_file("password_file")
+    tls = t.get_bool("tls", False)
+    ca_file = t.get_file("ca_file")
+    cert_file = t.get_file("cert_file")
+    key_file = t.get_secret_file("key_file")
+    keepalive_s = t.get_int("keepalive_s", 30, 5, 3600)
+    if tls and ca_file is None:
+        t.fail("ca_file", "required when mqtt.tls = true (the CA that signed the broker)")
+    if (cert_file is None) != (key_file is None):
+        missing = "key_file" if key_file is None else "cert_file"
+        t.fail(missing, "cert_file and key_file go together for a client certificate")
+    return MqttConfig(
+        host=host, port=port, topic_prefix=topic_prefix, client_id=client_id,
+        username=username, password_file=password_file, tls=tls, ca_file=ca_file,
+        cert_file=cert_file, key_file=key_file, keepalive_s=keepalive_s,
+    )
+
+
+def _parse_commands(t: _Table) -> CommandsConfig:
+    t.check_keys({"trusted_keys", "clock_skew_s", "max_lifetime_s"})
+    keys_table = t.table("trusted_keys", required=True)
+    if not keys_table.data:
+        t.fail("trusted_keys", "must hold at least one key: kid = \"<Ed25519 public key>\"")
+    trusted: dict[str, bytes] = {}
+    for raw_kid in keys_table.data:
+        kid = str(raw_kid)
+        if not kid.strip():
+            keys_table.fail(kid, "a key id (kid) must not be empty")
+        trusted[kid] = _parse_public_key(keys_table, kid, keys_table.get_str(kid))
+    return CommandsConfig(
+        trusted_keys=MappingProxyType(trusted),
+        clock_skew_s=t.get_int("clock_skew_s", 30, 0, 600),
+        max_lifetime_s=t.get_int("max_lifetime_s", 300, 1, 86400),
+    )
+
+
+_B64URL: Final = re.compile(r"[A-Za-z0-9_-]+={0,2}")
+
+
+def _parse_public_key(t: _Table, kid: str, text: str) -> bytes:
+    """Raw 32 Ed25519 public-key bytes from PEM or from base64url of the raw bytes."""
+    # Imported here, not at the top: cryptography takes a noticeable share of a Pi's cold
+    # start and importing gateway.config alone (e.g. for config_path_from_env) needs none.
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    wanted = (
+        "expected an Ed25519 public key as PEM (-----BEGIN PUBLIC KEY-----) or as "
+        "base64url of the raw 32 bytes"
+    )
+    stripped = text.strip()
+    if stripped.startswith("-----BEGIN"):
+        try:
+            key = serialization.load_pem_public_key(stripped.encode("utf-8"))
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            t.fail(kid, f"not a valid PEM public key ({_os_reason(exc)}); {wanted}")
+        if not isinstance(key, Ed25519PublicKey):
+            t.fail(kid, f"the PEM key is not Ed25519 ({type(key).__name__}); {wanted}")
+        return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    if not _B64URL.fullmatch(stripped):
+        t.fail(kid, f"{wanted}, found {_show(text)}")
+    unpadded = stripped.rstrip("=")
+    try:
+        raw = base64.urlsafe_b64decode(unpadded + "=" * (-len(unpadded) % 4))
+    except (binascii.Error, ValueError):
+        t.fail(kid, f"not valid base64url; {wanted}")
+    if len(raw) != 32:
+        t.fail(kid, f"decodes to {len(raw)} bytes, not 32; {wanted}")
+    try:
+        Ed25519PublicKey.from_public_bytes(raw)
+    except ValueError as exc:
+        t.fail(kid, f"not a valid Ed25519 public key ({exc})")
+    return raw
+
+
+_STORA_KEYS: Final = frozenset({
+    "base_url", "auth", "token_url", "client_id", "client_secret_file", "token_file",
+    "scope", "timeline_source_id", "timeline_template_id", "max_per_second",
+    "max_per_minute",
+})
+_AUTH_MODES: Final[Mapping[str, StoraAuth]] = {
+    "client_credentials": "client_credentials", "static": "static", "broker": "broker",
+}
+
+
+def _parse_stora(t: _Table) -> StoraConfig:
+    t.check_keys(_STORA_KEYS)
+    base_url = t.get_url("base_url", "https://public-api.stora.co/2025-09")
+    auth = t.get_choice("auth", "client_credentials", _AUTH_MODES)
+    token_url = t.get_url("token_url", "https://public-api.stora.co/oauth2/token")
+    client_id = t.get_str("client_id", "")
+    client_secret_file = t.get_secret_file("client_secret_file")
+    token_file = t.get_secret_file("token_file")
+    scope = t.get_str("scope", "public.timeline_event:write")
+    timeline_source_id = t.get_str("timeline_source_id", nonempty=True)
+    timeline_template_id = t.get_str("timeline_template_id", "")
+    # Stora's documented limits are per second and per minute; no sane limit is higher.
+    max_per_second = t.get_int("max_per_second", 10, 1, 10_000)
+    max_per_minute = t.get_int("max_per_minute", 60, 1, 600_000)
+    if auth == "client_credentials":
+        if not client_id.strip():
+            t.fail("client_id", 'required when stora.auth = "client_credentials"')
+        if client_secret_file is None:
+            t.fail("client_secret_file", 'required when stora.auth = "client_credentials"')
+    elif token_file is None:
+        t.fail("token_file", f'required when stora.auth = "{auth}"')
+    if max_per_minute < max_per_second:
+        t.fail(
+            "max_per_minute",
+            f"must be at least max_per_second ({max_per_second}), found {max_per_minute}",
+        )
+    return StoraConfig(
+        base_url=base_url, auth=auth, token_url=token_url, client_id=client_id,
+        client_secret_file=client_secret_file, token_file=token_file, scope=scope,
+        timeline_source_id=timeline_source_id, timeline_template_id=timeline_template_id,
+        max_per_second=max_per_second, max_per_minute=max_per_minute,
+    )
+
+
+# --------------------------------------------------------------------------- controllers
+
+
+@dataclass(frozen=True, slots=True)
+class _Range:
+    lo: int
+    hi: int
+    default: int
+
+
+@dataclass(frozen=True, slots=True)
+class _DriverSpec:
+    """What one driver accepts: its keys and the ranges of its numbers."""
+
+    keys: frozenset[str]
+    address: _Range | None = None  # None: not a serial driver
+    channels: _Range | None = None  # None: no numbered outputs (zigbee2mqtt)
+    inputs: _Range | None = None  # None: no numbered inputs
+
+
+_SERIAL_KEYS: Final = frozenset({"name", "driver", "port", "baudrate", "address", "timeout_ms",
+                                 "retries"})
+_MQTT_DEVICE_KEYS: Final = frozenset({"name", "driver", "host", "port"})
+
+# The ranges come from the protocols: Modbus slave ids 1-247 (Modbus over serial line
+# spec §2.2), OSDP PD addresses 0-126 (OSDP v2.2 §5.4; 127 is broadcast), a lock board's
+# 5-bit DIP switch 0-31 with up to 48 locks, Tasmota's POWER1-8 and Switch1-8.
+_DRIVERS: Final[Mapping[str, _DriverSpec]] = {
+    "modbus": _DriverSpec(
+        keys=_SERIAL_KEYS | {"pulse", "channels", "inputs"},
+        address=_Range(1, 247, 1), channels=_Range(1, 256, 8), inputs=_Range(0, 256, 8),
+    ),
+    "lockboard": _DriverSpec(
+        keys=_SERIAL_KEYS | {"channels"},
+        address=_Range(0, 31, 0), channels=_Range(1, 48, 16),
+    ),
+    "osdp": _DriverSpec(
+        keys=_SERIAL_KEYS | {"channels", "inputs", "scbk_file", "allow_insecure"},
+        address=_Range(0, 126, 0), channels=_Range(1, 256, 4), inputs=_Range(0, 256, 4),
+    ),
+    "zigbee2mqtt": _DriverSpec(keys=_MQTT_DEVICE_KEYS | {"base_topic"}),
+    "tasmota": _DriverSpec(
+        keys=_MQTT_DEVICE_KEYS | {"topic", "channels", "inputs"},
+        channels=_Range(1, 8, 1), inputs=_Range(0, 8, 0),
+    ),
+}
+DRIVERS: Final = tuple(sorted(_DRIVERS))
+_ALL_CONTROLLER_KEYS: Final = frozenset[str]().union(*(s.keys for s in _DRIVERS.values()))
+_BAUDRATES: Final = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)
+# Per-request timeout and retries on a serial bus: a Modbus RTU reply at 9600 baud
+# takes ~30 ms; 200 ms leaves room for slow boards without stalling the bus.
+_TIMEOUT_MS: Final = _Range(10, 10_000, 200)
+_RETRIES: Final = _Range(0, 10, 2)
+
+
+def _get_range(t: _Table, name: str, rng: _Range | None) -> int:
+    return 0 if rng is None else t.get_int(name, rng.default, rng.lo, rng.hi)
+
+
+def _parse_controller(t: _Table) -> ControllerConfig:
+    name = t.get_str("name", nonempty=True)
+    driver = t.get_str("driver")
+    spec = _DRIVERS.get(driver)
+    if spec is None:
+        close = difflib.get_close_matches(driver, DRIVERS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        t.fail("driver", f"unknown driver {driver!r}{hint}; known drivers: "
+                         f"{', '.join(DRIVERS)}")
+    t.check_keys(spec.keys, driver=driver, other_drivers_keys=_ALL_CONTROLLER_KEYS)
+    serial = spec.address is not None
+    port: str | None = None
+    baudrate = 0
+    broker_host: str | None = None
+    broker_port: int | None = None
+    if serial:
+        port = t.get_str("port", nonempty=True)
+        baudrate = t.get_int("baudrate", 9600)
+        if baudrate not in _BAUDRATES:
+            t.fail("baudrate", f"{baudrate} is not supported; use one of "
+                               f"{', '.join(map(str, _BAUDRATES))}")
+    else:
+        # For MQTT drivers, host/port name another broker than [mqtt], when set.
+        broker_host = t.get_str("host", "", nonempty=True) if t.has("host") else None
+        broker_port = t.get_int("port", 0, 1, 65535) if t.has("port") else None
+    return ControllerConfig(
+        name=name,
+        driver=driver,
+        port=port,
+        baudrate=baudrate,
+        address=_get_range(t, "address", spec.address),
+        channels=_get_range(t, "channels", spec.channels),
+        inputs=_get_range(t, "inputs", spec.inputs),
+        pulse=t.get_bool("pulse", False),
+        timeout_ms=_get_range(t, "timeout_ms", _TIMEOUT_MS),
+        retries=_get_range(t, "retries", _RETRIES),
+        base_topic=t.get_topic("base_topic", "zigbee2mqtt") if driver == "zigbee2mqtt" else None,
+        broker_host=broker_host,
+        broker_port=broker_port,
+        topic=t.get_topic("topic") if driver == "tasmota" else None,
+        scbk_file=t.get_secret_file("scbk_file"),
+        allow_insecure=t.get_bool("allow_insecure", False),
+    )
+
+
+def _parse_controllers(tables: list[_Table]) -> tuple[ControllerConfig, ...]:
+    controllers: list[ControllerConfig] = []
+    names: dict[str, int] = {}
+    buses: dict[str, ControllerConfig] = {}  # port -> first controller on it
+    addresses: dict[tuple[str, int], ControllerConfig] = {}
+    for index, t in enumerate(tables):
+        c = _parse_controller(t)
+        if c.name in names:
+            t.fail("name", f"duplicate controller name {c.name!r} "
+                           f"(also controllers[{names[c.name]}])")
+        names[c.name] = index
+        if c.port is not None:
+            first = buses.setdefault(c.port, c)
+            if first.driver != c.driver:
+                t.fail("driver", f"port {c.port} is already a {first.driver} bus (controller "
+                                 f"{first.name!r}); one bus speaks one protocol")
+            if first.baudrate != c.baudrate:
+                t.fail("baudrate", f"baudrate {c.baudrate} differs from {first.baudrate} of "
+                                   f"controller {first.name!r} on the same port {c.port}; one "
+                                   "bus runs at one speed")
+            other = addresses.setdefault((c.port, c.address), c)
+            if other is not c:
+                t.fail("address", f"address {c.address} is already used by controller "
+                                  f"{other.name!r} on the same port {c.port}")
+        controllers.append(c)
+    return tuple(controllers)
+
+
+# --------------------------------------------------------------------------- locks
+
+
+_LOCK_KEYS: Final = frozenset({
+    "unit", "reference", "controller", "channel", "door_input", "status_input", "device",
+    "energize_to", "unlock_seconds",
+})
+_ENERGIZE: Final[Mapping[str, EnergizeTo]] = {"unlock": "unlock", "lock": "lock"}
+
+
+def _not_for_driver(t: _Table, name: str, driver: str, why: str) -> None:
+    if t.has(name):
+        t.fail(name, f"key not valid for driver {driver}: {why}")
+
+
+def _get_index(t: _Table, name: str, what: str, c: ControllerConfig, count: int) -> int | None:
+    """An optional 0-based output/input number that must exist on controller ``c``."""
+    value = t.get_opt_int(name)
+    if value is not None and not 0 <= value < count:
+        span = f"0–{count - 1}" if count else f"it has no {what}s"
+        t.fail(name, f"{what} {_show_int(value)} is out of range for controller "
+                     f"{c.name!r} ({span})")
+    return value
+
+
+def _parse_lock(t: _Table, controllers: Mapping[str, ControllerConfig]) -> LockConfig:
+    t.check_keys(_LOCK_KEYS)
+    unit = t.get_str("unit")
+    if not unit.startswith("unit_") or unit == "unit_":
+        t.fail("unit", f"must be a Stora unit id starting with 'unit_', found {_show(unit)}")
+    _check_topic_segment(t, "unit", unit)
+    reference = t.get_str("reference", nonempty=True)
+    name = t.get_str("controller")
+    c = controllers.get(name)
+    if c is None:
+        known = ", ".join(repr(n) for n in controllers) or "none are defined"
+        t.fail("controller", f"no controller named {name!r} (known: {known})")
+    driver = c.driver
+    device: str | None = None
+    channel: int | None = None
+    if driver == "zigbee2mqtt":
+        _not_for_driver(t, "channel", driver, "a zigbee2mqtt lock is named by its device")
+        _not_for_driver(t, "door_input", driver, "the Zigbee lock reports its door itself")
+        _not_for_driver(t, "status_input", driver, "status_input is for modbus boards")
+        if not t.has("device"):
+            t.fail("device", f"required for a lock on zigbee2mqtt controller {c.name!r}: "
+                             "the device's friendly name")
+        device = t.get_topic("device")
+    else:
+        _not_for_driver(t, "device", driver, "device is for zigbee2mqtt locks; use channel")
+        if driver == "lockboard":
+            _not_for_driver(t, "door_input", driver,
+                            "the lock board reports each lock's door state itself")
+        if driver != "modbus":
+            _not_for_driver(t, "status_input", driver,
+                            "status_input (lock feedback) is read on modbus boards only")
+        if not t.has("channel"):
+            t.fail("channel", "required key is missing: the output number on controller "
+                              f"{c.name!r}")
+        channel = _get_index(t, "channel", "channel", c, c.channels)
+    return LockConfig(
+        unit=unit,
+        reference=reference,
+        controller=c.name,
+        channel=channel,
+        door_input=_get_index(t, "door_input", "input", c, c.inputs),
+        status_input=_get_index(t, "status_input", "input", c, c.inputs),
+        device=device,
+        energize_to=t.get_choice("energize_to", "unlock", _ENERGIZE),
+        unlock_seconds=t.get_int("unlock_seconds", 8, 1, 3600),
+    )
+
+
+def _parse_locks(
+    tables: list[_Table], controllers: Mapping[str, ControllerConfig]
+) -> tuple[LockConfig, ...]:
+    locks: list[LockConfig] = []
+    units: dict[str, int] = {}
+    references: dict[str, int] = {}
+    outputs: dict[tuple[str, int | str], int] = {}  # (controller, channel or device)
+    inputs: dict[tuple[str, int], tuple[int, str]] = {}  # (controller, input) -> (lock, key)
+    for index, t in enumerate(tables):
+        lock = _parse_lock(t, controllers)
+        if lock.unit in units:
+            t.fail("unit", f"duplicate unit id {lock.unit!r} (also locks[{units[lock.unit]}])")
+        units[lock.unit] = index
+        folded = lock.reference.casefold()
+        if folded in references:
+            t.fail("reference", f"duplicate reference {lock.reference!r} "
+                                f"(also locks[{references[folded]}])")
+        references[folded] = index
+        if lock.device is not None:
+            where: tuple[str, int | str] = (lock.controller, lock.device)
+            key, label = "device", f"device {lock.device!r}"
+        else:
+            assert lock.channel is not None
+            where = (lock.controller, lock.channel)
+            key, label = "channel", f"channel {lock.channel}"
+        if where in outputs:
+            t.fail(key, f"{label} of controller {lock.controller!r} is already used by "
+                        f"locks[{outputs[where]}]")
+        outputs[where] = index
+        for input_key in ("door_input", "status_input"):
+            number = getattr(lock, input_key)
+            if number is None:
+                continue
+            if (lock.controller, number) in inputs:
+                other, other_key = inputs[(lock.controller, number)]
+                t.fail(input_key, f"input {number} of controller {lock.controller!r} is "
+                                  f"already used as locks[{other}].{other_key}")
+            inputs[(lock.controller, number)] = (index, input_key)
+        locks.append(lock)
+    # A reference that is another lock's unit id would make `unlock UNIT` ambiguous.
+    for index, lock in enumerate(locks):
+        owner = units.get(lock.reference)
+        if owner is not None and owner != index:
+            tables[index].fail("reference", f"{lock.reference!r} is also the unit id of "
+                                            f"locks[{owner}]; a reference must differ from "
+                                            "every unit id")
+    return tuple(locks)

@@ -1,0 +1,67 @@
+"""Errors raised by the gateway package.
+
+The type tells the caller what to do next::
+
+    GatewayError            base of every error the gateway raises on purpose
+    └── ConfigError         the configuration file is wrong: a person must edit it
+                            (``check-config`` and every command exit with status 2)
+
+Driver failures have their own tree in :mod:`drivers.errors`; the gateway never lets a
+foreign exception (``OSError``, ``tomllib.TOMLDecodeError``, …) reach the user: it is
+translated where it is caught, with ``raise … from exc``.
+
+Every message is a single line, because it ends up as "one clear sentence on stderr"
+(contract §2), in a journald entry, or in an MQTT result field.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ConfigError", "GatewayError", "one_line"]
+
+
+def one_line(text: str) -> str:
+    """Return ``text`` with every non-printable character escaped (``\\n`` → ``\\\\n``).
+
+    Values quoted in messages come from files and the network; a newline in one must not
+    split a log line or forge a second one, so it is shown escaped rather than dropped.
+    """
+    if text.isprintable():
+        return text
+    return "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
+    )
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway raises on purpose.
+
+    ``retryable`` says whether the same operation may succeed if tried again unchanged.
+    """
+
+    retryable: bool = False
+
+
+class ConfigError(GatewayError):
+    """A problem with the configuration file, naming the file, the key and the reason.
+
+    ``key`` is the dotted path of the offending value (``site.id``,
+    ``controllers[1].address``, ``commands.trusted_keys.relay-2026``) or ``""`` when the
+    problem is with the file as a whole (missing, unreadable, not TOML).
+
+    ``str(err)`` is exactly one line: ``"{file}: {key}: {reason}"``, or
+    ``"{file}: {reason}"`` when there is no key.
+    """
+
+    retryable = False
+
+    def __init__(self, file: str, key: str, reason: str) -> None:
+        self.file = one_line(file)
+        self.key = one_line(key)
+        self.reason = one_line(reason)
+        # Pass the parts on so the exception pickles and reprs like any other.
+        super().__init__(self.file, self.key, self.reason)
+
+    def __str__(self) -> str:
+        if self.key:
+            return f"{self.file}: {self.key}: {self.reason}"
+        return f"{self.file}: {self.reason}"

@@ -1,0 +1,734 @@
+"""The configuration loader: a full valid file, the mistakes a technician makes, and fuzzing.
+
+Every mistake must come back as one ConfigError whose single-line message names the file,
+the exact dotted key and the reason, because that line is all ``check-config`` shows.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.config import (
+    CONFIG_ENV_VAR,
+    DEFAULT_CONFIG_PATH,
+    Config,
+    config_path_from_env,
+    load_config,
+    parse_config,
+)
+from gateway.errors import ConfigError, GatewayError
+
+# Two fixed relay keys: one written as base64url of the raw bytes, one as PEM.
+RAW_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32))).public_key()
+RAW_KEY_BYTES = RAW_KEY.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+RAW_KEY_B64 = base64.urlsafe_b64encode(RAW_KEY_BYTES).rstrip(b"=").decode()
+PEM_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33))).public_key()
+PEM_KEY_BYTES = PEM_KEY.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+PEM_TEXT = PEM_KEY.public_bytes(
+    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+).decode()
+
+SECRET_CONTENT = "s3cr3t-do-not-print"
+
+VALID_TOML = f"""
+[site]
+id = "site_123"
+app_name = "YourApp"
+
+[mqtt]
+host = "broker.local"
+port = 8883
+topic_prefix = "stora-gw"
+username = "gw"
+password_file = "secrets/mqtt-password"
+tls = true
+ca_file = "ca.pem"
+keepalive_s = 60
+
+[commands]
+clock_skew_s = 20
+max_lifetime_s = 120
+
+[commands.trusted_keys]
+relay-2026 = "{RAW_KEY_B64}"
+relay-pem = \"\"\"
+{PEM_TEXT}\"\"\"
+
+[stora]
+base_url = "https://public-api.stora.co/2025-09/"
+auth = "client_credentials"
+client_id = "client-1"
+client_secret_file = "secrets/stora-client-secret"
+timeline_source_id = "tsrc_1"
+max_per_second = 5
+max_per_minute = 100
+
+[storage]
+path = "data/gateway.db"
+
+[control]
+socket = "/run/stora-gateway/test.sock"
+
+[[controllers]]
+name = "bus1"
+driver = "modbus"
+port = "/dev/ttyUSB0"
+baudrate = 19200
+address = 3
+pulse = true
+
+[[controllers]]
+name = "boards"
+driver = "lockboard"
+port = "/dev/ttyUSB1"
+address = 2
+
+[[locks]]
+unit = "unit_abc"
+reference = "A-101"
+controller = "bus1"
+channel = 0
+door_input = 0
+
+[[locks]]
+unit = "unit_def"
+reference = "A-102"
+controller = "bus1"
+channel = 1
+door_input = 1
+status_input = 2
+energize_to = "lock"
+unlock_seconds = 5
+
+[[locks]]
+unit = "unit_ghi"
+reference = "B-201"
+controller = "boards"
+channel = 15
+"""
+
+SECRET_FILES = ("secrets/mqtt-password", "secrets/stora-client-secret")
+
+
+def write_config(directory: Path, text: str = VALID_TOML) -> Path:
+    """Write a config and the files it names (secrets chmod 600); return its path."""
+    (directory / "secrets").mkdir(exist_ok=True)
+    for name in SECRET_FILES:
+        secret = directory / name
+        secret.write_text(SECRET_CONTENT)
+        secret.chmod(0o600)
+    (directory / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    path = directory / "gateway.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------- the valid file
+
+
+def test_full_config_loads_with_typed_values_and_defaults(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path))
+
+    assert config.path == tmp_path / "gateway.toml"
+    assert config.site.id == "site_123"
+    assert config.site.app_name == "YourApp"
+
+    mqtt = config.mqtt
+    assert (mqtt.host, mqtt.port, mqtt.topic_prefix) == ("broker.local", 8883, "stora-gw")
+    assert mqtt.client_id == "stora-gw-site_123"  # default derived from the site id
+    assert mqtt.username == "gw"
+    assert mqtt.password_file == tmp_path / "secrets/mqtt-password"
+    assert mqtt.tls is True
+    assert mqtt.ca_file == tmp_path / "ca.pem"
+    assert mqtt.cert_file is None
+    assert mqtt.key_file is None
+    assert mqtt.keepalive_s == 60
+
+    commands = config.commands
+    assert dict(commands.trusted_keys) == {"relay-2026": RAW_KEY_BYTES, "relay-pem": PEM_KEY_BYTES}
+    assert (commands.clock_skew_s, commands.max_lifetime_s) == (20, 120)
+
+    stora = config.stora
+    assert stora.base_url == "https://public-api.stora.co/2025-09"  # trailing slash dropped
+    assert stora.auth == "client_credentials"
+    assert stora.token_url == "https://public-api.stora.co/oauth2/token"
+    assert stora.client_id == "client-1"
+    assert stora.client_secret_file == tmp_path / "secrets/stora-client-secret"
+    assert stora.token_file is None
+    assert stora.scope == "public.timeline_event:write"
+    assert stora.timeline_source_id == "tsrc_1"
+    assert stora.timeline_template_id == ""
+    assert (stora.max_per_second, stora.max_per_minute) == (5, 100)
+
+    assert config.storage.path == tmp_path / "data/gateway.db"  # relative to the file
+    assert config.control.socket == Path("/run/stora-gateway/test.sock")
+
+    bus1, boards = config.controllers
+    assert (bus1.name, bus1.driver, bus1.port) == ("bus1", "modbus", "/dev/ttyUSB0")
+    assert (bus1.baudrate, bus1.address, bus1.pulse) == (19200, 3, True)
+    assert (bus1.channels, bus1.inputs, bus1.timeout_ms, bus1.retries) == (8, 8, 200, 2)
+    assert bus1.serial
+    assert (boards.driver, boards.baudrate, boards.address) == ("lockboard", 9600, 2)
+    assert (boards.channels, boards.inputs, boards.pulse) == (16, 0, False)
+    assert boards.scbk_file is None
+    assert boards.base_topic is None
+    assert boards.topic is None
+
+    a101, a102, b201 = config.locks
+    assert (a101.unit, a101.reference, a101.controller) == ("unit_abc", "A-101", "bus1")
+    assert (a101.channel, a101.door_input, a101.status_input) == (0, 0, None)
+    assert (a101.energize_to, a101.unlock_seconds, a101.device) == ("unlock", 8, None)
+    assert (a102.channel, a102.door_input, a102.status_input) == (1, 1, 2)
+    assert (a102.energize_to, a102.unlock_seconds) == ("lock", 5)
+    assert (b201.controller, b201.channel, b201.door_input) == ("boards", 15, None)
+
+
+def test_config_is_really_frozen(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.site.id = "other"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        config.commands.trusted_keys["evil"] = b"x" * 32  # type: ignore[index]
+
+
+def test_minimal_config_takes_the_contract_defaults(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text("x")
+    (tmp_path / "secret").chmod(0o600)
+    path = tmp_path / "gw.toml"
+    path.write_text(
+        '[site]\nid = "s1"\napp_name = "App"\n'
+        f'[commands]\ntrusted_keys = {{ k1 = "{RAW_KEY_B64}" }}\n'
+        '[stora]\nclient_id = "c"\nclient_secret_file = "secret"\ntimeline_source_id = "tsrc_x"\n'
+    )
+    config = load_config(path)
+    assert (config.mqtt.host, config.mqtt.port, config.mqtt.keepalive_s) == ("127.0.0.1", 1883, 30)
+    assert config.mqtt.tls is False
+    assert config.mqtt.password_file is None
+    assert (config.commands.clock_skew_s, config.commands.max_lifetime_s) == (30, 300)
+    assert config.stora.base_url == "https://public-api.stora.co/2025-09"
+    assert (config.stora.max_per_second, config.stora.max_per_minute) == (10, 60)
+    assert config.storage.path == Path("/var/lib/stora-gateway/gateway.db")
+    assert config.control.socket == Path("/run/stora-gateway/control.sock")
+    assert config.controllers == ()
+    assert config.locks == ()
+
+
+def test_relative_config_path_resolves_files_against_its_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_config(tmp_path)
+    monkeypatch.chdir(tmp_path.parent)
+    config = load_config(Path(tmp_path.name) / "gateway.toml")
+    assert config.storage.path == tmp_path / "data/gateway.db"
+    assert config.storage.path.is_absolute()
+
+
+def test_other_drivers_load(tmp_path: Path) -> None:
+    (tmp_path / "scbk").write_text("00" * 16)
+    (tmp_path / "scbk").chmod(0o600)
+    text = VALID_TOML + """
+[[controllers]]
+name = "zb"
+driver = "zigbee2mqtt"
+
+[[controllers]]
+name = "plug"
+driver = "tasmota"
+topic = "gate_relay"
+host = "10.0.0.9"
+port = 1884
+channels = 2
+inputs = 1
+
+[[controllers]]
+name = "reader"
+driver = "osdp"
+port = "/dev/ttyUSB2"
+address = 5
+scbk_file = "scbk"
+
+[[locks]]
+unit = "unit_zb"
+reference = "Z-1"
+controller = "zb"
+device = "front/door lock"
+
+[[locks]]
+unit = "unit_gate"
+reference = "GATE"
+controller = "plug"
+channel = 1
+door_input = 0
+
+[[locks]]
+unit = "unit_osdp"
+reference = "O-1"
+controller = "reader"
+channel = 3
+door_input = 3
+"""
+    config = load_config(write_config(tmp_path, text))
+    zb = config.controller("zb")
+    plug = config.controller("plug")
+    reader = config.controller("reader")
+    assert zb is not None
+    assert plug is not None
+    assert reader is not None
+    assert (zb.base_topic, zb.broker_host, zb.broker_port) == ("zigbee2mqtt", None, None)
+    assert zb.port is None
+    assert not zb.serial
+    assert (plug.topic, plug.broker_host, plug.broker_port) == ("gate_relay", "10.0.0.9", 1884)
+    assert (plug.channels, plug.inputs, plug.port) == (2, 1, None)
+    assert (reader.address, reader.channels, reader.inputs) == (5, 4, 4)
+    assert reader.scbk_file == tmp_path / "scbk"
+    assert reader.allow_insecure is False
+    lock = config.lock_by_id("unit_zb")
+    assert lock is not None
+    assert (lock.device, lock.channel) == ("front/door lock", None)
+
+
+# --------------------------------------------------------------------------- mistakes
+
+Mutation = Callable[[Path, str], str]
+
+
+def sub(old: str, new: str) -> Mutation:
+    """Replace ``old`` (which must occur exactly once) by ``new`` in the config text."""
+
+    def mutate(_: Path, text: str) -> str:
+        assert text.count(old) == 1, old
+        return text.replace(old, new)
+
+    return mutate
+
+
+def append(extra: str) -> Mutation:
+    """Add TOML at the end of the config text."""
+    return lambda _, text: text + "\n" + extra
+
+
+def chmod(name: str, mode: int) -> Mutation:
+    """Change the mode of one of the files the config names."""
+
+    def mutate(directory: Path, text: str) -> str:
+        (directory / name).chmod(mode)
+        return text
+
+    return mutate
+
+
+def remove(name: str) -> Mutation:
+    """Delete one of the files the config names."""
+
+    def mutate(directory: Path, text: str) -> str:
+        (directory / name).unlink()
+        return text
+
+    return mutate
+
+
+ZIGBEE = '[[controllers]]\nname = "zb"\ndriver = "zigbee2mqtt"\n'
+THIRD_MODBUS = '[[controllers]]\nname = "bus2"\ndriver = "modbus"\nport = "/dev/ttyUSB0"\n'
+EC_PEM = (
+    ec.generate_private_key(ec.SECP256R1())
+    .public_key()
+    .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    .decode()
+)
+
+# (id, mutation, exact dotted key, reason fragment)
+MISTAKES: list[tuple[str, Mutation, str, str]] = [
+    ("toml-syntax", append("oops = \n"), "", "TOML syntax error at line"),
+    ("unknown-section", append("[mqqt]\nhost = 'x'\n"), "mqqt", "did you mean [mqtt]?"),
+    ("unknown-key", sub("keepalive_s = 60", "keepalive = 60"), "mqtt.keepalive",
+     "unknown key; did you mean 'keepalive_s'?"),
+    ("wrong-type", sub("port = 8883", 'port = "8883"'), "mqtt.port",
+     "expected an integer, found string '8883'"),
+    ("int-for-string", sub('reference = "A-101"', "reference = 101"), "locks[0].reference",
+     "expected a string, found integer 101"),
+    ("float-for-int", sub("keepalive_s = 60", "keepalive_s = 60.0"), "mqtt.keepalive_s",
+     "expected an integer, found float 60.0"),
+    ("bool-for-int", sub("unlock_seconds = 5", "unlock_seconds = true"),
+     "locks[1].unlock_seconds", "expected an integer, found boolean true"),
+    ("missing-required", sub('app_name = "YourApp"', ""), "site.app_name",
+     "required key is missing"),
+    ("missing-section", sub('[site]\nid = "site_123"\napp_name = "YourApp"\n', ""), "site",
+     "missing required section [site]"),
+    ("duplicate-unit", sub('unit = "unit_def"', 'unit = "unit_abc"'), "locks[1].unit",
+     "duplicate unit id 'unit_abc' (also locks[0])"),
+    ("duplicate-reference", sub('reference = "A-102"', 'reference = "a-101"'),
+     "locks[1].reference", "duplicate reference 'a-101' (also locks[0])"),
+    ("reference-is-a-unit-id", sub('reference = "B-201"', 'reference = "unit_abc"'),
+     "locks[2].reference", "is also the unit id of locks[0]"),
+    ("unit-prefix", sub('unit = "unit_ghi"', 'unit = "ghi"'), "locks[2].unit",
+     "starting with 'unit_'"),
+    ("missing-controller", sub('controller = "boards"', 'controller = "bus9"'),
+     "locks[2].controller", "no controller named 'bus9' (known: 'bus1', 'boards')"),
+    ("channel-out-of-range", sub("channel = 0\n", "channel = 9\n"), "locks[0].channel",
+     "channel 9 is out of range for controller 'bus1' (0–7)"),
+    ("lockboard-channel-out-of-range", sub("channel = 15", "channel = 16"), "locks[2].channel",
+     "out of range for controller 'boards' (0–15)"),
+    ("channel-missing", sub("channel = 15", ""), "locks[2].channel", "required key is missing"),
+    ("channel-used-twice", sub("channel = 1\n", "channel = 0\n"), "locks[1].channel",
+     "channel 0 of controller 'bus1' is already used by locks[0]"),
+    ("door-input-out-of-range", sub("door_input = 0", "door_input = 8"), "locks[0].door_input",
+     "input 8 is out of range for controller 'bus1' (0–7)"),
+    ("door-input-used-twice", sub("door_input = 1", "door_input = 0"), "locks[1].door_input",
+     "already used as locks[0].door_input"),
+    ("door-input-on-lockboard", sub("channel = 15", "channel = 15\ndoor_input = 0"),
+     "locks[2].door_input", "reports each lock's door state itself"),
+    ("status-input-on-lockboard", sub("channel = 15", "channel = 15\nstatus_input = 0"),
+     "locks[2].status_input", "modbus boards only"),
+    ("secret-mode-0644", chmod("secrets/mqtt-password", 0o644), "mqtt.password_file",
+     "has mode 0644 and is open to group or others; run: chmod 600"),
+    ("secret-mode-0640", chmod("secrets/stora-client-secret", 0o640),
+     "stora.client_secret_file", "has mode 0640"),
+    ("secret-missing", remove("secrets/mqtt-password"), "mqtt.password_file",
+     "secret file"),  # "… does not exist" is checked below
+    ("secret-is-a-directory", sub('"secrets/mqtt-password"', '"secrets"'), "mqtt.password_file",
+     "is not a regular file"),
+    ("ca-file-missing", remove("ca.pem"), "mqtt.ca_file", "does not exist"),
+    ("path-with-nul", sub('path = "data/gateway.db"', 'path = "data/\\u0000.db"'),
+     "storage.path", "must not contain a NUL character"),
+    ("unknown-driver", sub('driver = "modbus"', 'driver = "modbuss"'), "controllers[0].driver",
+     "unknown driver 'modbuss' (did you mean 'modbus'?); known drivers: lockboard, "
+     "modbus, osdp, tasmota, zigbee2mqtt"),
+    ("key-not-for-driver", sub("pulse = true", 'pulse = true\nbase_topic = "z"'),
+     "controllers[0].base_topic", "key not valid for driver modbus"),
+    ("pulse-on-lockboard", sub("address = 2", "address = 2\npulse = true"),
+     "controllers[1].pulse", "key not valid for driver lockboard"),
+    ("unknown-controller-key", sub("pulse = true", "pulse = true\nadress = 4"),
+     "controllers[0].adress", "did you mean 'address'?"),
+    ("bad-baudrate", sub("baudrate = 19200", "baudrate = 19201"), "controllers[0].baudrate",
+     "19201 is not supported"),
+    ("modbus-address-0", sub("address = 3", "address = 0"), "controllers[0].address",
+     "must be between 1 and 247, found 0"),
+    ("lockboard-address-32", sub("address = 2", "address = 32"), "controllers[1].address",
+     "must be between 0 and 31"),
+    ("energize-to-invalid", sub('energize_to = "lock"', 'energize_to = "open"'),
+     "locks[1].energize_to", "must be one of 'unlock', 'lock', found string 'open'"),
+    ("unlock-seconds-0", sub("unlock_seconds = 5", "unlock_seconds = 0"),
+     "locks[1].unlock_seconds", "must be between 1 and 3600, found 0"),
+    ("bus-different-baudrate", append(THIRD_MODBUS + "address = 4\n"), "controllers[2].baudrate",
+     "differs from 19200 of controller 'bus1' on the same port /dev/ttyUSB0"),
+    ("bus-same-address", append(THIRD_MODBUS + "address = 3\nbaudrate = 19200\n"),
+     "controllers[2].address", "address 3 is already used by controller 'bus1'"),
+    ("bus-different-driver", sub('port = "/dev/ttyUSB1"', 'port = "/dev/ttyUSB0"'),
+     "controllers[1].driver", "already a modbus bus"),
+    ("duplicate-controller-name", sub('name = "boards"', 'name = "bus1"'),
+     "controllers[1].name", "duplicate controller name 'bus1' (also controllers[0])"),
+    ("empty-controller-name", sub('name = "boards"', 'name = ""'), "controllers[1].name",
+     "must not be empty"),
+    ("bad-trusted-key", sub(f'"{RAW_KEY_B64}"', f'"{RAW_KEY_B64[:-4]}"'),
+     "commands.trusted_keys.relay-2026", "not 32"),
+    ("trusted-key-not-ed25519", sub(PEM_TEXT, EC_PEM), "commands.trusted_keys.relay-pem",
+     "not Ed25519"),
+    ("trusted-key-garbage", sub(f'"{RAW_KEY_B64}"', '"not a key!"'),
+     "commands.trusted_keys.relay-2026", "expected an Ed25519 public key"),
+    ("no-trusted-keys", sub(f'relay-2026 = "{RAW_KEY_B64}"\nrelay-pem = """\n{PEM_TEXT}"""',
+                            ""), "commands.trusted_keys", "at least one key"),
+    ("site-id-slash", sub('id = "site_123"', 'id = "site/123"'), "site.id",
+     "must not contain '/', '+', '#' or whitespace"),
+    ("topic-prefix-wildcard", sub('topic_prefix = "stora-gw"', 'topic_prefix = "gw/#"'),
+     "mqtt.topic_prefix", "wildcards"),
+    ("mqtt-port-range", sub("port = 8883", "port = 70000"), "mqtt.port",
+     "must be between 1 and 65535, found 70000"),
+    ("tls-without-ca", sub('ca_file = "ca.pem"', ""), "mqtt.ca_file",
+     "required when mqtt.tls = true"),
+    ("cert-without-key", sub('ca_file = "ca.pem"', 'ca_file = "ca.pem"\ncert_file = "ca.pem"'),
+     "mqtt.key_file", "go together"),
+    ("max-per-minute-below-second", sub("max_per_minute = 100", "max_per_minute = 4"),
+     "stora.max_per_minute", "must be at least max_per_second (5), found 4"),
+    ("base-url-not-http", sub('base_url = "https://public-api.stora.co/2025-09/"',
+                              'base_url = "ftp://x"'), "stora.base_url", "http:// or https://"),
+    ("auth-static-without-token", sub('auth = "client_credentials"', 'auth = "static"'),
+     "stora.token_file", 'required when stora.auth = "static"'),
+    ("auth-unknown", sub('auth = "client_credentials"', 'auth = "oauth"'), "stora.auth",
+     "must be one of 'client_credentials', 'static', 'broker'"),
+    ("zigbee-lock-without-device",
+     append(ZIGBEE + '[[locks]]\nunit = "unit_z"\nreference = "Z"\ncontroller = "zb"\n'),
+     "locks[3].device", "required for a lock on zigbee2mqtt controller 'zb'"),
+    ("zigbee-lock-with-channel",
+     append(ZIGBEE + '[[locks]]\nunit = "unit_z"\nreference = "Z"\ncontroller = "zb"\n'
+                     'channel = 0\ndevice = "d"\n'),
+     "locks[3].channel", "key not valid for driver zigbee2mqtt"),
+    ("device-on-modbus", sub("channel = 0\n", 'channel = 0\ndevice = "x"\n'), "locks[0].device",
+     "key not valid for driver modbus"),
+    ("tasmota-topic-wildcard",
+     append('[[controllers]]\nname = "t"\ndriver = "tasmota"\ntopic = "a/+"\n'),
+     "controllers[2].topic", "wildcards"),
+]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "key", "fragment"),
+    [pytest.param(m, k, f, id=i) for i, m, k, f in MISTAKES],
+)
+def test_mistake_is_one_line_naming_file_key_and_reason(
+    tmp_path: Path, mutate: Mutation, key: str, fragment: str
+) -> None:
+    path = write_config(tmp_path)
+    path.write_text(mutate(tmp_path, VALID_TOML), encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    err = info.value
+    message = str(err)
+    assert len(message.splitlines()) == 1
+    assert err.file == str(path)
+    assert err.key == key
+    assert message.startswith(f"{path}: {key}: " if key else f"{path}: ")
+    assert fragment in err.reason
+
+
+def test_there_are_at_least_twenty_distinct_mistakes() -> None:
+    assert len({i for i, *_ in MISTAKES}) == len(MISTAKES) >= 20
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: config file does not exist"
+    assert info.value.key == ""
+
+
+def test_directory_instead_of_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+
+
+def test_missing_secret_file_says_it_does_not_exist(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    (tmp_path / "secrets/mqtt-password").unlink()
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.reason == (
+        f"secret file {tmp_path / 'secrets/mqtt-password'} does not exist"
+    )
+
+
+def test_syntax_error_reports_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "gw.toml"
+    path.write_text('[site]\nid = "x"\napp_name = \n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.reason == "TOML syntax error at line 3, column 12: invalid value"
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "gw.toml"
+    path.write_bytes(b'[site]\nid = "\xff"\n')
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_config(path)
+
+
+def test_message_never_spans_lines() -> None:
+    err = ConfigError("a\nb.toml", "site.\u2028id", "bad value 'x\r\ny'")
+    assert str(err) == "a\\nb.toml: site.\\u2028id: bad value 'x\\r\\ny'"
+    assert isinstance(err, GatewayError)
+    assert not err.retryable
+    assert str(ConfigError("f.toml", "", "gone")) == "f.toml: gone"
+
+
+def test_newlines_in_values_and_keys_stay_escaped_on_one_line(tmp_path: Path) -> None:
+    path = write_config(tmp_path, VALID_TOML.replace('driver = "modbus"', 'driver = "a\\nb"'))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert len(str(info.value).splitlines()) == 1
+    assert "'a\\nb'" in str(info.value)
+    path.write_text(VALID_TOML.replace("[mqtt]", '[mqtt]\n"bad\\nkey" = 1'))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == "mqtt.bad\\nkey"
+    assert len(str(info.value).splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- API helpers
+
+
+def test_redacted_dump_is_json_and_holds_no_secret(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path))
+    dumped = json.dumps(config.redacted())
+    assert SECRET_CONTENT not in dumped
+    again = json.loads(dumped)
+    assert again["mqtt"]["password_file"] == str(tmp_path / "secrets/mqtt-password")
+    assert again["commands"]["trusted_keys"]["relay-2026"] == RAW_KEY_B64
+    assert again["locks"][1]["energize_to"] == "lock"
+    assert again["controllers"][0]["name"] == "bus1"
+
+
+def test_lock_by_id_resolves_unit_id_and_reference(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path))
+    by_unit = config.lock_by_id("unit_def")
+    by_reference = config.lock_by_id("A-102")
+    assert by_unit is not None
+    assert by_unit is by_reference
+    assert config.lock_by_id(" a-102 ") is by_unit  # a technician's typing
+    assert config.lock_by_id("unit_zzz") is None
+    controller = config.controller("boards")
+    assert controller is not None
+    assert controller.driver == "lockboard"
+    assert config.controller("nope") is None
+
+
+def test_config_path_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(CONFIG_ENV_VAR, raising=False)
+    assert config_path_from_env(None) == DEFAULT_CONFIG_PATH == "/etc/stora-gateway/gateway.toml"
+    monkeypatch.setenv(CONFIG_ENV_VAR, "/tmp/from-env.toml")
+    assert config_path_from_env(None) == "/tmp/from-env.toml"
+    assert config_path_from_env("given.toml") == "given.toml"
+
+
+def test_parse_config_in_memory(tmp_path: Path) -> None:
+    write_config(tmp_path)
+    data = tomllib.loads(VALID_TOML)
+    config = parse_config(data, "memory.toml", tmp_path)
+    assert isinstance(config, Config)
+    assert config.path == Path("memory.toml")
+    assert config.storage.path == tmp_path / "data/gateway.db"
+    data["controllers"] = {"name": "x"}
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, "memory.toml", tmp_path)
+    assert str(info.value) == (
+        "memory.toml: controllers: expected an array of tables (write [[controllers]]), "
+        "found a table"
+    )
+
+
+def test_group_readable_secret_is_refused_even_for_root(tmp_path: Path) -> None:
+    # Tests often run as root, which can read anything: the rule is about the mode bits.
+    path = write_config(tmp_path)
+    (tmp_path / "secrets/mqtt-password").chmod(0o604)
+    with pytest.raises(ConfigError, match="mode 0604"):
+        load_config(path)
+    assert os.stat(tmp_path / "secrets/mqtt-password").st_mode & 0o777 == 0o604
+
+
+# --------------------------------------------------------------------------- fuzzing
+
+SECTIONS = ["site", "mqtt", "commands", "stora", "storage", "control", "controllers", "locks"]
+KEYS = sorted({
+    "id", "app_name", "host", "port", "topic_prefix", "client_id", "tls", "ca_file",
+    "trusted_keys", "auth", "token_file", "name", "driver", "address", "channels",
+    "inputs", "unit", "reference", "controller", "channel", "door_input", "device",
+    "energize_to", "unlock_seconds", "path", "socket", "baudrate", "relay-2026",
+})
+
+primitives = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=-3, max_value=300)
+    | st.floats()
+    | st.text(max_size=20)
+    | st.sampled_from(["modbus", "lockboard", "zigbee2mqtt", "tasmota", "osdp", "unit_a",
+                      "bus1", "lock", "/dev/ttyUSB0", "", "static", RAW_KEY_B64, "a/b"])
+    | st.datetimes()
+)
+values = st.recursive(
+    primitives,
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=8), children, max_size=5),
+    max_leaves=20,
+)
+documents = st.dictionaries(st.sampled_from(SECTIONS) | st.text(max_size=8), values, max_size=8)
+
+
+def assert_only_config_error(call: Callable[[], object]) -> None:
+    """Run ``call``: it may succeed, or raise ConfigError with a one-line message."""
+    error: ConfigError | None = None
+    try:
+        call()
+    except ConfigError as exc:
+        error = exc
+    if error is not None:
+        assert len(str(error).splitlines()) == 1, str(error)
+        assert str(error).startswith(error.file)
+
+
+@settings(max_examples=300, deadline=None)
+@given(documents)
+def test_arbitrary_documents_raise_only_config_error(document: dict[str, Any]) -> None:
+    assert_only_config_error(lambda: parse_config(document, "fuzz.toml", Path("/nonexistent")))
+
+
+def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every path (dict keys and list indices) into a parsed TOML document."""
+    found = [prefix] if prefix else []
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found += _paths(v, (*prefix, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found += _paths(v, (*prefix, i))
+    return found
+
+
+VALID_PATHS = _paths(tomllib.loads(VALID_TOML))
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(target=st.sampled_from(VALID_PATHS), new=values | st.just(...))
+def test_one_wrong_value_in_a_valid_file_raises_only_config_error(
+    tmp_path: Path, target: tuple[Any, ...], new: Any
+) -> None:
+    """Replace (or, with ``...``, delete) one value of the valid config, anywhere."""
+    write_config(tmp_path)
+    data = tomllib.loads(VALID_TOML)
+    parent = data
+    for step in target[:-1]:
+        parent = parent[step]
+    if new is ...:
+        del parent[target[-1]]
+    else:
+        parent[target[-1]] = new
+    assert_only_config_error(lambda: parse_config(data, "mutated.toml", tmp_path))
+
+
+toml_ish = st.lists(
+    st.sampled_from([
+        "[site]", "[mqtt]", "[[controllers]]", "[[locks]]", "[commands.trusted_keys]",
+        'id = "s"', "id = 1", 'app_name = "A"', "port = 70000", "port = true",
+        'driver = "modbus"', 'name = "b"', "channel = 3", "x = [1, [2, [3]]]",
+        "a.b.c = 1", "t = 1979-05-27T07:32:00Z", 'k = """', "= 1", "[", '"\\u0000" = 1',
+        f'relay = "{RAW_KEY_B64}"',
+    ])
+    | st.text(alphabet=st.characters(codec="utf-8"), max_size=30),
+    max_size=15,
+).map("\n".join)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(text=toml_ish)
+def test_arbitrary_text_files_raise_only_config_error(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "fuzz.toml"
+    path.write_text(text, encoding="utf-8")
+    assert_only_config_error(lambda: load_config(path))
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.binary(max_size=200))
+def test_arbitrary_bytes_raise_only_config_error(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "fuzz.toml"
+    path.write_bytes(data)
+    assert_only_config_error(lambda: load_config(path))
