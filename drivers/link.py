@@ -117,9 +117,16 @@ class LinkTiming:
 
 
 def _serial_errors() -> tuple[type[BaseException], ...]:
+    """What pyserial raises when a port fails.
+
+    ``termios.error`` is not an ``OSError``: pyserial lets it escape from
+    ``reset_input_buffer`` on a port whose device vanished (EIO on an unplugged adapter).
+    """
+    import termios
+
     import serial
 
-    return (serial.SerialException, OSError)
+    return (serial.SerialException, OSError, termios.error)
 
 
 class SerialBus:
@@ -175,10 +182,12 @@ class SerialBus:
                 f"{self.url}: port unavailable ({self.last_error}); "
                 f"next reopen in {self._next_open_at - now:.1f} s"
             )
+        # ValueError: pyserial's answer to a malformed URL or setting.
+        open_errors: tuple[type[BaseException], ...] = (*_serial_errors(), ValueError)
         try:
             port = self._factory(self.url, self.baudrate, self.timing.timeout_s)
             port.reset_input_buffer()
-        except (*_serial_errors(), ValueError) as exc:
+        except open_errors as exc:
             self._port_failed(exc)
             raise LinkDownError(f"{self.url}: cannot open port: {exc}") from exc
         if self.reopens or self.last_error:

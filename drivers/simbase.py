@@ -33,7 +33,8 @@ class TransportFaults:
 
     ``no_reply``: requests are read and acted on, replies are never sent.
     ``ignore_requests``: requests are dropped unread (the device is dead).
-    ``reply_delay_s``: every reply is sent this late.
+    ``reply_delay_s``: every reply is sent this late; the server sleeps in its thread, so
+    queued requests wait behind it, like a slow device (not one late reply).
     ``corrupt``: one bit of every reply is flipped (the checksum no longer matches).
     ``garbage``: this many random bytes are sent before every reply.
     """
@@ -59,7 +60,7 @@ class SimulatorServer:
         self.port = port
         self.responder = responder
         self.faults = faults or TransportFaults()
-        self.requests = 0
+        self.chunks = 0
         self.replies = 0
         self._rng = random.Random(seed)
         self._stop = threading.Event()
@@ -83,8 +84,8 @@ class SimulatorServer:
             except Exception:  # a simulator bug must not hang the test silently
                 LOGGER.exception("simulator responder failed")
                 continue
+            self.chunks += 1
             for reply in replies:
-                self.requests += 1
                 self._send(reply)
 
     def _send(self, reply: bytes) -> None:
