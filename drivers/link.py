@@ -116,6 +116,19 @@ class LinkTiming:
         return cls(timeout_s=timeout_s, retries=retries, gap_s=frame_gap_s(baudrate))
 
 
+def _reason(exc: BaseException) -> str:
+    """A short reason for a port failure, without pyserial's repetitions."""
+    errno_ = getattr(exc, "errno", None)
+    if errno_ == 2:  # ENOENT
+        return "device not present (adapter unplugged, or wrong port path)"
+    if errno_ == 13:  # EACCES
+        return "permission denied (is the agent's user in the dialout group?)"
+    if errno_ == 16:  # EBUSY
+        return "port busy (another program has it open)"
+    strerror = getattr(exc, "strerror", None)
+    return str(strerror) if strerror else str(exc)
+
+
 def _serial_errors() -> tuple[type[BaseException], ...]:
     """What pyserial raises when a port fails.
 
@@ -179,8 +192,7 @@ class SerialBus:
         now = self._clock()
         if now < self._next_open_at:
             raise LinkDownError(
-                f"{self.url}: port unavailable ({self.last_error}); "
-                f"next reopen in {self._next_open_at - now:.1f} s"
+                f"{self.url}: {self.last_error}; next reopen in {self._next_open_at - now:.1f} s"
             )
         # ValueError: pyserial's answer to a malformed URL or setting.
         open_errors: tuple[type[BaseException], ...] = (*_serial_errors(), ValueError)
@@ -189,7 +201,7 @@ class SerialBus:
             port.reset_input_buffer()
         except open_errors as exc:
             self._port_failed(exc)
-            raise LinkDownError(f"{self.url}: cannot open port: {exc}") from exc
+            raise LinkDownError(f"{self.url}: cannot open port: {_reason(exc)}") from exc
         if self.reopens or self.last_error:
             LOGGER.info("%s: port opened", self.url)
         self._port = port
@@ -203,8 +215,8 @@ class SerialBus:
         self._next_open_at = self._clock() + delay
         self._backoff = min(self._backoff * 2, self.timing.reopen_max_s)
         self.consecutive_failures += 1
-        self.last_error = f"link down: {exc}"
-        LOGGER.warning("%s: %s; reopening in %.2f s", self.url, exc, delay)
+        self.last_error = f"link down: {_reason(exc)}"
+        LOGGER.warning("%s: %s; reopening in %.2f s", self.url, _reason(exc), delay)
 
     def close(self) -> None:
         """Close the port (it is reopened by the next transaction)."""
@@ -246,7 +258,7 @@ class SerialBus:
                     raise
                 except _serial_errors() as exc:
                     self._port_failed(exc)
-                    raise LinkDownError(f"{self.url}: {exc}") from exc
+                    raise LinkDownError(f"{self.url}: {_reason(exc)}") from exc
                 self._last_frame_at = self._clock()
                 self._succeeded()
                 return result

@@ -113,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seconds", type=float, default=1.0, help="unlock duration per lock (default 1)"
     )
+    p.add_argument(
+        "--relock-timeout", type=float, default=10.0, metavar="S",
+        help="how long to wait for a board that relocks by itself (default 10; shut the "
+        "door of a locker latch meanwhile)",
+    )
     p = add("demo", plain)
     p.add_argument("--pace", type=float, default=0.4, help="seconds between demo steps")
     return parser
@@ -387,7 +392,9 @@ def cmd_test(ctx: Context) -> int:
     results = []
     try:
         for lock in locks:
-            results.append(technician.run_test_cycle(site, lock, ctx.args.seconds))
+            results.append(technician.run_test_cycle(
+                site, lock, ctx.args.seconds, relock_timeout_s=ctx.args.relock_timeout
+            ))
             if progress:
                 progress.step(lock.reference)
     finally:
@@ -445,7 +452,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
         return EXIT_USAGE
     debug = bool(getattr(args, "debug", False))
     logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING,
+        # The CLI reports failures itself; driver warnings would only repeat them.
+        level=logging.DEBUG if debug else logging.ERROR,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s" if debug else
         f"{PROG}: %(message)s",
         stream=err,

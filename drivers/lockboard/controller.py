@@ -147,11 +147,10 @@ class LockboardController(Controller):
             notes.append(JAMMED)
             if not opened.unlocked:
                 notes.append("the board reported the latch still engaged")
-        if seconds > BOARD_PULSE_S:
+        elif seconds > BOARD_PULSE_S:
             notes.append(
-                f"the board times the unlock itself (a ~{BOARD_PULSE_S:g} s pulse; a latch "
-                "stays released until the door is shut, a strike relocks after the board's "
-                f"hold time): {seconds:g} s cannot extend it"
+                f"board-timed: the latch stays released until the door is shut (a strike: "
+                f"until the board's hold time ends); {seconds:g} s cannot extend it"
             )
         return ActionResult(
             confirmed=confirmed,
