@@ -458,6 +458,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
         f"{PROG}: %(message)s",
         stream=err,
     )
+    if not debug:
+        # pymodbus logs every timed-out attempt as an ERROR; the driver reports the
+        # outcome after its retries, once.
+        logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
     ctx = Context(args, out, err)
     from drivers.errors import DriverError
     from gateway.errors import GatewayError

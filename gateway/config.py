@@ -171,6 +171,8 @@ class ControllerConfig:
     channels: int
     inputs: int
     pulse: bool
+    pulse_style: str
+    pulse_base: int | None
     timeout_ms: int
     retries: int
     base_topic: str | None
@@ -811,7 +813,7 @@ _MQTT_DEVICE_KEYS: Final = frozenset({"name", "driver", "host", "port"})
 # 5-bit DIP switch 0-31 with up to 48 locks, Tasmota's POWER1-8 and Switch1-8.
 _DRIVERS: Final[Mapping[str, _DriverSpec]] = {
     "modbus": _DriverSpec(
-        keys=_SERIAL_KEYS | {"pulse", "channels", "inputs"},
+        keys=_SERIAL_KEYS | {"pulse", "pulse_style", "pulse_base", "channels", "inputs"},
         address=_Range(1, 247, 1), channels=_Range(1, 256, 8), inputs=_Range(0, 256, 8),
     ),
     "lockboard": _DriverSpec(
@@ -830,6 +832,7 @@ _DRIVERS: Final[Mapping[str, _DriverSpec]] = {
 }
 DRIVERS: Final = tuple(sorted(_DRIVERS))
 _ALL_CONTROLLER_KEYS: Final = frozenset[str]().union(*(s.keys for s in _DRIVERS.values()))
+_PULSE_STYLES: Final = {"flash_coil": "flash_coil", "holding_register": "holding_register"}
 _BAUDRATES: Final = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)
 # Per-request timeout and retries on a serial bus: a Modbus RTU reply at 9600 baud
 # takes ~30 ms; 200 ms leaves room for slow boards without stalling the bus.
@@ -875,6 +878,10 @@ def _parse_controller(t: _Table) -> ControllerConfig:
         channels=_get_range(t, "channels", spec.channels),
         inputs=_get_range(t, "inputs", spec.inputs),
         pulse=t.get_bool("pulse", False),
+        # How a Modbus board is asked for a timed pulse (hardware.md, "Board-timed
+        # unlock"): Waveshare's "flash on" coil write, or a holding-register write.
+        pulse_style=t.get_choice("pulse_style", "flash_coil", _PULSE_STYLES),
+        pulse_base=t.get_int("pulse_base", 0, 0, 0xFFFF) if t.has("pulse_base") else None,
         timeout_ms=_get_range(t, "timeout_ms", _TIMEOUT_MS),
         retries=_get_range(t, "retries", _RETRIES),
         base_topic=t.get_topic("base_topic", "zigbee2mqtt") if driver == "zigbee2mqtt" else None,

@@ -65,6 +65,7 @@ Builder = Callable[[ControllerConfig, "Site", SerialBus | None], Controller]
 
 def _build_modbus(cfg: ControllerConfig, site: Site, bus: SerialBus | None) -> Controller:
     from drivers.modbus import ModbusBus, ModbusController
+    from drivers.modbus.frames import PulseStyle
 
     assert bus is not None
     key = ("modbus", bus.url)
@@ -77,6 +78,8 @@ def _build_modbus(cfg: ControllerConfig, site: Site, bus: SerialBus | None) -> C
         channels=cfg.channels,
         inputs=cfg.inputs,
         pulse=cfg.pulse,
+        pulse_style=PulseStyle(cfg.pulse_style),
+        pulse_base=cfg.pulse_base,
     )
 
 

@@ -28,6 +28,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture
+def real_address(request: pytest.FixtureRequest) -> int | None:
+    """The board address given with --address, or None."""
+    value = request.config.getoption("--address")
+    return int(value) if value is not None else None
+
+
+@pytest.fixture
 def real_port(request: pytest.FixtureRequest) -> str | None:
     """The real port given with --port, or None when running on simulators."""
     value = request.config.getoption("--port")

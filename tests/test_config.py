@@ -180,6 +180,7 @@ def test_full_config_loads_with_typed_values_and_defaults(tmp_path: Path) -> Non
     bus1, boards = config.controllers
     assert (bus1.name, bus1.driver, bus1.port) == ("bus1", "modbus", "/dev/ttyUSB0")
     assert (bus1.baudrate, bus1.address, bus1.pulse) == (19200, 3, True)
+    assert (bus1.pulse_style, bus1.pulse_base) == ("flash_coil", None)
     assert (bus1.channels, bus1.inputs, bus1.timeout_ms, bus1.retries) == (8, 8, 200, 2)
     assert bus1.serial
     assert (boards.driver, boards.baudrate, boards.address) == ("lockboard", 9600, 2)
@@ -409,6 +410,10 @@ MISTAKES: list[tuple[str, Mutation, str, str]] = [
      "modbus, osdp, tasmota, zigbee2mqtt"),
     ("key-not-for-driver", sub("pulse = true", 'pulse = true\nbase_topic = "z"'),
      "controllers[0].base_topic", "key not valid for driver modbus"),
+    ("bad-pulse-style", sub("pulse = true", 'pulse = true\npulse_style = "flash"'),
+     "controllers[0].pulse_style", "must be one of"),
+    ("pulse-base-range", sub("pulse = true", "pulse = true\npulse_base = 70000"),
+     "controllers[0].pulse_base", "70000"),
     ("pulse-on-lockboard", sub("address = 2", "address = 2\npulse = true"),
      "controllers[1].pulse", "key not valid for driver lockboard"),
     ("unknown-controller-key", sub("pulse = true", "pulse = true\nadress = 4"),
