@@ -120,8 +120,11 @@ def main() -> None:
                 mctl = ModbusController("mb", ModbusBus(bus), 1, 8, 8, pulse=pulse)
                 point = LockPoint(channel=0, door_input=0)
                 board = sim.board(1)
-                measure(f"modbus pulse={pulse}", mctl, point, cycles, counts, 0.0,
-                        lambda b=board: b.set_coil(0, False))
+
+                def relock(board: Any = board) -> None:
+                    board.set_coil(0, False)
+
+                measure(f"modbus pulse={pulse}", mctl, point, cycles, counts, 0.0, relock)
                 bus.close()
 
 

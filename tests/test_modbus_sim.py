@@ -260,3 +260,38 @@ def test_reply_as_another_slave_id() -> None:
     board.reply_as = 3
     [reply] = sim(board).feed(frame(ReadCoilsRequest(address=0, count=1, dev_id=1)))
     assert reply[0] == 3
+
+
+# -- property: the simulator's receive buffer ---------------------------------------------
+
+_requests = st.one_of(
+    st.builds(lambda a, n: ReadCoilsRequest(address=a, count=n, dev_id=1),
+              st.integers(0, 7), st.integers(1, 8)),
+    st.builds(lambda a, n: ReadDiscreteInputsRequest(address=a, count=n, dev_id=1),
+              st.integers(0, 7), st.integers(1, 8)),
+    st.builds(lambda a, on: WriteCoilPDU(a, COIL_ON if on else 0, dev_id=1),
+              st.integers(0, 7), st.booleans()),
+)
+
+
+@given(st.lists(_requests, min_size=1, max_size=8), st.data())
+def test_any_split_of_a_request_stream_gets_the_same_replies(
+    requests: list[object], data: st.DataObject
+) -> None:
+    """However the bytes arrive, the same requests are answered with the same replies."""
+    stream = b"".join(frame(r) for r in requests)
+    whole = sim(RelayBoard(1)).feed(stream)
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(stream) - 1), max_size=12)))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    split_sim = sim(RelayBoard(1))
+    split = [reply for chunk in chunks for reply in split_sim.feed(chunk)]
+    assert split == whole
+    assert len(whole) == len(requests)
+
+
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_never_raise_nor_grow_the_buffer(noise: bytes) -> None:
+    s = sim(RelayBoard(1))
+    for i in range(0, len(noise), 7):
+        s.feed(noise[i:i + 7])
+        assert len(s._buffer) <= 256 + 7  # at most one RTU frame (256 B) plus a chunk

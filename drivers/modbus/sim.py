@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 from pymodbus.constants import ExcCodes
 from pymodbus.exceptions import ModbusIOException
+from pymodbus.framer.rtu import FramerRTU
 from pymodbus.pdu import ExceptionResponse
 from pymodbus.pdu.bit_message import (
     ReadCoilsRequest,
@@ -293,7 +294,7 @@ class ModbusSimulator:
         replies: list[bytes] = []
         while self._buffer:
             try:
-                used, pdu = self._framer.handleFrame(self._buffer, 0, 0)
+                used, pdu = self._framer.handleFrame(self._first_frame(self._buffer), 0, 0)
             except ModbusIOException:
                 LOGGER.debug("sim: undecodable frame %s", self._buffer.hex(" "))
                 self._buffer = b""
@@ -305,6 +306,26 @@ class ModbusSimulator:
             if reply is not None:
                 replies.append(reply)
         return replies
+
+    def _first_frame(self, buffer: bytes) -> bytes:
+        """The leading frame of ``buffer`` when it is whole and sound, else all of it.
+
+        pymodbus's RTU framer assumes one frame per buffer (a master waits for each
+        reply) and drops whatever follows the first frame; but a retry can queue behind
+        a request the simulator has not read yet, and a real board answers both.
+        """
+        if len(buffer) < FramerRTU.MIN_SIZE:
+            return buffer
+        pdu_class = self._framer.decoder.lookupPduClass(buffer)
+        if pdu_class is None:
+            return buffer
+        size = int(pdu_class.calculateRtuFrameSize(buffer) or 0)
+        if size < FramerRTU.MIN_SIZE or size > len(buffer):
+            return buffer
+        crc = int.from_bytes(buffer[size - 2:size], "big")
+        if not FramerRTU.check_CRC(buffer[:size - 2], crc):
+            return buffer
+        return buffer[:size]
 
     def _answer(self, pdu: Any) -> bytes | None:
         slave = int(pdu.dev_id)
