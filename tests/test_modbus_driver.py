@@ -394,7 +394,14 @@ def test_corrupted_replies_are_never_confirmed(rig: Rig, fault: str) -> None:
         try:
             result = c.unlock(point, 5) if i % 2 == 0 else c.lock(point)
         except BadFrameError:
-            assert rig.seen() - before == ATTEMPTS
+            # The failing transaction used all its attempts.  With garbage, an earlier
+            # transaction of the same action (the write, before the read-back) may have
+            # found its frame behind the noise and succeeded, adding its own requests.
+            sent = rig.seen() - before
+            if fault == "corrupt":
+                assert sent == ATTEMPTS
+            else:
+                assert ATTEMPTS <= sent <= 3 * ATTEMPTS
             continue
         # pymodbus may find a frame behind leading garbage; if so, it must be the truth.
         assert fault == "garbage", "a reply with a bad CRC was accepted"

@@ -47,6 +47,30 @@ from drivers.modbus.frames import COIL_OFF, COIL_ON, WriteCoilPDU, check_reply
 LOGGER = logging.getLogger(__name__)
 
 
+#: Slave id, function code, and the byte count (or first data byte) of a reply.
+RTU_HEADER = 3
+#: Replies that echo the request: write single coil/register, write multiple.
+_ECHO_FUNCTIONS = frozenset({0x05, 0x06, 0x0F, 0x10})
+#: Replies that carry a byte count in their third byte: read coils/inputs/registers.
+_COUNTED_FUNCTIONS = frozenset({0x01, 0x02, 0x03, 0x04})
+
+
+def rtu_reply_length(header: bytes) -> int:
+    """Total length of the RTU reply that starts with ``header`` (3 bytes).
+
+    An unknown function code yields the header length, so the caller returns what it
+    has and pymodbus's frame hunting decides (then the attempt fails and is retried).
+    """
+    function = header[1]
+    if function & 0x80:  # exception response: id, function, code, CRC
+        return 5
+    if function in _COUNTED_FUNCTIONS:
+        return RTU_HEADER + header[2] + 2
+    if function in _ECHO_FUNCTIONS:
+        return 8
+    return len(header)
+
+
 class _BusClient(ModbusSerialClient):
     """pymodbus's sync RTU client, lent a port by ``SerialBus`` for one exchange."""
 
@@ -92,23 +116,39 @@ class _BusClient(ModbusSerialClient):
         """Forget the lent port (the bus still owns it)."""
         self.socket = None
 
-    def _wait_for_data(self) -> int:
-        """Wait for reply bytes until they stop coming or the timeout passes.
+    def recv(self, size: int | None) -> bytes:
+        """Read one reply: exactly as many bytes as its header says, or until timeout.
 
-        The same logic as pymodbus 3.16's, on the monotonic clock: pymodbus times this
-        wait with ``time.time()``, which a wall-clock step (NTP at boot on a Pi with no
-        RTC) would stretch or cut short while the bus is held.
+        pymodbus 3.16 polls ``in_waiting`` until the line has been quiet for a poll
+        interval (about 4 ms at 9600 baud), timed with ``time.time()``.  An RTU reply's
+        length follows from its first three bytes (``rtu_reply_length``), so reading
+        exactly that much returns the moment the last byte arrives: the bus, not the
+        polling, sets the pace.  The deadline is monotonic: a wall-clock step (NTP at
+        boot on a Pi without an RTC) must not stretch or cut the wait.
         """
+        del size  # pymodbus always asks for "whatever comes"
         port = self.socket
+        if port is None:
+            raise ConnectionException(str(self))
         deadline = time.monotonic() + self.comm_params.timeout_connect
-        size = 0
-        while port is not None and time.monotonic() <= deadline:
-            available = int(port.in_waiting)
-            if size and available == size:
-                break  # nothing new for one poll interval: the frame is in
-            size = available
-            time.sleep(self._recv_interval)
-        return size
+        buf = bytearray()
+        want = RTU_HEADER
+        try:
+            while len(buf) < want:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                port.timeout = remaining
+                chunk = port.read(want - len(buf))
+                if not chunk:
+                    break
+                buf += chunk
+                if len(buf) >= RTU_HEADER:
+                    want = max(want, rtu_reply_length(bytes(buf[:RTU_HEADER])))
+        except OSError:
+            self.close()
+            raise ConnectionException(str(self)) from None
+        return bytes(buf)
 
     def _trace_packet(self, sending: bool, data: bytes) -> bytes:
         if not sending and data:
