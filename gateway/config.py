@@ -117,6 +117,10 @@ class CommandsConfig:
     trusted_keys: Mapping[str, bytes] = field(hash=False)
     clock_skew_s: int
     max_lifetime_s: int
+    #: When the wall clock may judge command freshness (gateway/clock.py): "ntp" (the
+    #: kernel says it is synchronized) or "system" (a box with an RTC or another time
+    #: discipline); both refuse a clock earlier than the last time known good.
+    clock: str = "ntp"
 
 
 @dataclass(frozen=True, slots=True)
@@ -683,7 +687,7 @@ def _parse_mqtt(t: _Table, site: SiteConfig) -> MqttConfig:
 
 
 def _parse_commands(t: _Table) -> CommandsConfig:
-    t.check_keys({"trusted_keys", "clock_skew_s", "max_lifetime_s"})
+    t.check_keys({"trusted_keys", "clock_skew_s", "max_lifetime_s", "clock"})
     keys_table = t.table("trusted_keys", required=True)
     if not keys_table.data:
         t.fail("trusted_keys", "must hold at least one key: kid = \"<Ed25519 public key>\"")
@@ -697,6 +701,7 @@ def _parse_commands(t: _Table) -> CommandsConfig:
         trusted_keys=MappingProxyType(trusted),
         clock_skew_s=t.get_int("clock_skew_s", 30, 0, 600),
         max_lifetime_s=t.get_int("max_lifetime_s", 300, 1, 86400),
+        clock=t.get_choice("clock", "ntp", {"ntp": "ntp", "system": "system"}),
     )
 
 

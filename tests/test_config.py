@@ -410,6 +410,8 @@ MISTAKES: list[tuple[str, Mutation, str, str]] = [
      "modbus, osdp, tasmota, zigbee2mqtt"),
     ("key-not-for-driver", sub("pulse = true", 'pulse = true\nbase_topic = "z"'),
      "controllers[0].base_topic", "key not valid for driver modbus"),
+    ("bad-clock-mode", sub("max_lifetime_s", 'clock = "rtc"\nmax_lifetime_s'),
+     "commands.clock", "must be one of"),
     ("bad-pulse-style", sub("pulse = true", 'pulse = true\npulse_style = "flash"'),
      "controllers[0].pulse_style", "must be one of"),
     ("pulse-base-range", sub("pulse = true", "pulse = true\npulse_base = 70000"),
