@@ -5,6 +5,12 @@ function (``gateway.technician``, ``gateway.hardware``), then prints a table for
 or JSON for machines.  Heavy modules are imported inside the commands that need them so
 ``stora-gateway --help`` stays quick on a Raspberry Pi.
 
+``locks``, ``unlock``, ``lock``, ``test`` and ``status`` ask a running agent first,
+through its control socket (``gateway.control``), so a technician's action queues behind
+remote commands and is audited like them.  Only when no agent answers do the first four
+open the hardware themselves ("direct mode"); the output is the same either way, table
+and ``--json``, so scripts need not care which mode ran.
+
 Exit status: 0 success, 1 the operation failed (a lock did not confirm, hardware did not
 answer), 2 bad usage or bad config.  Errors are one sentence on stderr; a traceback only
 with ``--debug``.
@@ -17,18 +23,32 @@ import contextlib
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
     from gateway.config import Config, LockConfig
     from gateway.hardware import Site
 
+LOGGER = logging.getLogger(__name__)
+
 PROG = "stora-gateway"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
+#: How long the CLI waits for the agent's answer (after which it says the agent "may
+#: still be acting", and never falls back to direct mode).  An unlock or lock waits in
+#: the unit's queue for up to two minutes (``gateway.agent.CONTROL_WAIT_S``) first.
+AGENT_ACTION_S = 180.0
+#: ``status`` and ``locks`` only read; a minute covers every controller timing out.
+AGENT_READ_S = 60.0
+#: ``test``: on top of ``AGENT_ACTION_S``, per lock its unlock time, its relock timeout
+#: and this for the bus's retries.
+AGENT_TEST_MARGIN_S = 15.0
+
 #: Every command and its one-line help; README.md must mention each (a test checks).
 COMMANDS: dict[str, str] = {
+    "run": "run the agent in the foreground, logging to stderr (for systemd)",
+    "status": "the agent, broker link, outbox, controllers' health and clock sync",
     "check-config": "validate the configuration file and say what is wrong",
     "ports": "list the serial ports present (device, description, serial number)",
     "scan": "probe the addresses on one controller's bus and list what answers",
@@ -88,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
             name, parents=[parent], help=COMMANDS[name], description=COMMANDS[name]
         )
 
+    add("run", plain)
+    add("status", data)
     add("check-config", data)
     add("ports", data)
     p = add("scan", data)
@@ -205,6 +227,37 @@ class Context:
 
         return build_site(self.config(), only=only)
 
+    def ask_agent(self, method: str, timeout: float, **params: Any) -> dict[str, Any]:
+        """Ask the running agent; ``AgentUnavailable`` when none answers.
+
+        A refusal is a usage error (exit 2); an error the agent answered with keeps its
+        status.  ``timeout`` bounds the wait for the answer, sized to the work asked for.
+        """
+        from gateway.control import ControlClient, ControlDenied, ControlError
+
+        client = ControlClient(self.config().control.socket, timeout=timeout)
+        try:
+            return client.call(method, **params)
+        except ControlDenied as exc:
+            raise CliError(str(exc), EXIT_USAGE) from exc
+        except ControlError as exc:
+            raise CliError(str(exc), exc.status) from exc
+
+    def through_agent(self, method: str, timeout: float, **params: Any) -> dict[str, Any] | None:
+        """:meth:`ask_agent`, or ``None`` when no agent answers (the caller goes direct).
+
+        Only "nobody answered the connection" falls back: once the request is sent, the
+        agent may be acting on it, and a second actor on the bus is what the socket is
+        there to prevent.
+        """
+        from gateway.control import AgentUnavailable
+
+        try:
+            return self.ask_agent(method, timeout, **params)
+        except AgentUnavailable as exc:
+            LOGGER.debug("agent not running (%s): direct mode", exc)
+            return None
+
 
 def cmd_check_config(ctx: Context) -> int:
     """``check-config``: load and validate; print a summary."""
@@ -285,27 +338,84 @@ def cmd_scan(ctx: Context) -> int:
     return EXIT_OK
 
 
-def cmd_locks(ctx: Context) -> int:
-    """``locks``: read every lock."""
-    from gateway.technician import read_locks
+def _actor() -> str:
+    """Who is acting, for the agent's audit trail: ``technician alice (uid 1000)``.
 
-    site = ctx.site()
+    Only a claim: the agent also sees the caller's uid from the kernel.  Under sudo the
+    person behind root is named, since "root" tells an auditor nothing.
+    """
+    import os
+    import pwd
+
+    uid = os.getuid()
     try:
-        rows = read_locks(site, ctx.config().locks)
-    finally:
-        site.close()
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = str(uid)
+    sudo_user = os.environ.get("SUDO_USER")
+    if uid == 0 and sudo_user:
+        return f"technician {sudo_user} (uid {uid}, via sudo)"
+    return f"technician {name} (uid {uid})"
+
+
+def _items(answer: Mapping[str, Any], key: str) -> list[dict[str, Any]]:
+    """``answer[key]`` as a list of objects, or a one-line error (exit 1)."""
+    items = answer.get(key)
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise CliError(f"the agent's answer lacks {key!r}", EXIT_FAILED)
+    return items
+
+
+def _round_ms(value: Any) -> Any:
+    return round(value, 1) if isinstance(value, int | float) else value
+
+
+def _yes_no(value: object) -> str:
+    return "?" if value is None else ("yes" if value else "no")
+
+
+#: The keys of one ``locks --json`` row, in order, in both modes.
+LOCK_KEYS = ("unit", "reference", "controller", "locked", "door", "lockout", "error")
+#: The keys of one unlock/lock outcome in ``--json``, in both modes.
+OUTCOME_KEYS = ("unit", "reference", "action", "status", "detail", "elapsed_ms", "state",
+                "door")
+#: The keys of one ``test --json`` result, in both modes.
+TEST_KEYS = ("unit", "reference", "passed", "unlock_ms", "relock_ms", "detail")
+
+
+def _shape(item: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """``item`` with exactly ``keys``, in order, timings rounded as in direct mode."""
+    return {k: _round_ms(item.get(k)) if k.endswith("_ms") else item.get(k) for k in keys}
+
+
+def cmd_locks(ctx: Context) -> int:
+    """``locks``: read every lock (through the agent, which also knows the lockouts)."""
+    answer = ctx.through_agent("locks", AGENT_READ_S)
+    if answer is not None:
+        rows = [_shape(r, LOCK_KEYS) for r in _items(answer, "locks")]
+    else:
+        from gateway.technician import read_locks
+
+        site = ctx.site()
+        try:
+            found = read_locks(site, ctx.config().locks)
+        finally:
+            site.close()
+        rows = [{"unit": r.unit, "reference": r.reference, "controller": r.controller,
+                 "locked": r.locked, "door": r.door, "lockout": r.lockout, "error": r.error}
+                for r in found]
     if ctx.json:
-        _print_json([{"unit": r.unit, "reference": r.reference, "controller": r.controller,
-                      "locked": r.locked, "door": r.door, "lockout": r.lockout,
-                      "error": r.error} for r in rows], ctx.out)
+        _print_json(rows, ctx.out)
     else:
         ctx.out.write(table(
             ["unit", "reference", "controller", "lock", "door", "lockout", "error"],
-            [[r.unit, r.reference, r.controller, r.state, r.door,
-              "?" if r.lockout is None else ("yes" if r.lockout else "no"), r.error]
-             for r in rows]) + "\n")
-        ctx.out.write("lockout: '?' = kept by the agent, which is not running (direct mode)\n")
-    return EXIT_OK if all(r.error is None for r in rows) else EXIT_FAILED
+            [[r["unit"], r["reference"], r["controller"],
+              "unknown" if r["locked"] is None else ("locked" if r["locked"] else "unlocked"),
+              r["door"], _yes_no(r["lockout"]), r["error"]] for r in rows]) + "\n")
+        if answer is None:
+            ctx.out.write("lockout: '?' = kept by the agent, which is not running "
+                          "(direct mode)\n")
+    return EXIT_OK if all(r["error"] is None for r in rows) else EXIT_FAILED
 
 
 def _outcome_dict(o: Any) -> dict[str, Any]:
@@ -314,31 +424,61 @@ def _outcome_dict(o: Any) -> dict[str, Any]:
             "door": o.door}
 
 
-def _say(ctx: Context, o: Any) -> None:
-    verdict = "confirmed" if o.ok else o.status.replace("_", " ")
-    ctx.out.write(f"{o.reference} ({o.unit}): {o.action} {verdict} in {o.elapsed_ms:.0f} ms "
-                  f"— lock {o.state}, door {o.door}; {o.detail}\n")
+def _say(ctx: Context, o: Mapping[str, Any]) -> None:
+    status = str(o["status"])
+    verdict = "confirmed" if status == "done" else status.replace("_", " ")
+    elapsed = o["elapsed_ms"]
+    took = f"{elapsed:.0f} ms" if isinstance(elapsed, int | float) else "-"
+    ctx.out.write(f"{o['reference']} ({o['unit']}): {o['action']} {verdict} in {took} "
+                  f"— lock {o['state']}, door {o['door']}; {o['detail']}\n")
 
 
 def cmd_unlock(ctx: Context) -> int:
-    """``unlock UNIT``: a timed unlock; relocks after the time unless the board does."""
+    """``unlock UNIT``: a timed unlock; relocks after the time unless the board does.
+
+    Through the agent, the agent owns the relock timer and the lockout check; directly,
+    this process waits and relocks.
+    """
+    if ctx.args.force and not (ctx.args.reason or "").strip():
+        raise CliError("--force needs --reason TEXT (it is audited)")
+    if ctx.args.seconds is not None and not 0 < ctx.args.seconds <= 3600:
+        raise CliError("--seconds must be between 0 and 3600")
+    wanted = ctx.args.seconds
+    answer = ctx.through_agent(
+        "unlock", AGENT_ACTION_S, unit=ctx.args.unit,
+        # Whole seconds travel as integers, like a command's ``dur``.
+        seconds=int(wanted) if wanted is not None and float(wanted).is_integer() else wanted,
+        force=bool(ctx.args.force), reason=ctx.args.reason, actor=_actor(),
+    )
+    if answer is not None:
+        results = [_shape(o, OUTCOME_KEYS) for o in _items(answer, "outcomes")]
+        if not ctx.json:
+            for o in results:
+                _say(ctx, o)
+            if results and results[-1]["action"] == "unlock" and results[-1]["status"] == "done":
+                after = "its unlock time" if wanted is None else f"{wanted:g} s"
+                ctx.out.write(f"the agent relocks it after {after}\n")
+    else:
+        results = _unlock_direct(ctx)
+    if ctx.json:
+        _print_json(results, ctx.out)
+    return EXIT_OK if all(o["status"] == "done" for o in results) else EXIT_FAILED
+
+
+def _unlock_direct(ctx: Context) -> list[dict[str, Any]]:
     import time
 
     from gateway import technician
 
-    if ctx.args.force and not (ctx.args.reason or "").strip():
-        raise CliError("--force needs --reason TEXT (it is audited)")
     lock = ctx.find_lock(ctx.args.unit)
     seconds = ctx.args.seconds if ctx.args.seconds is not None else lock.unlock_seconds
-    if not 0 < seconds <= 3600:
-        raise CliError("--seconds must be between 0 and 3600")
     site = ctx.site(only=[lock.controller])
     results = []
     try:
         opened = technician.unlock(site, lock, seconds)
-        results.append(opened)
+        results.append(_outcome_dict(opened))
         if not ctx.json:
-            _say(ctx, opened)
+            _say(ctx, results[-1])
         if not opened.self_relocking:
             # Direct mode owns the relock timer; Ctrl-C relocks at once rather than
             # leaving the door open.
@@ -349,71 +489,165 @@ def cmd_unlock(ctx: Context) -> int:
                 time.sleep(seconds)
             except KeyboardInterrupt:
                 ctx.err.write("interrupted: relocking now\n")
-            closed = technician.relock(site, lock)
-            results.append(closed)
+            results.append(_outcome_dict(technician.relock(site, lock)))
             if not ctx.json:
-                _say(ctx, closed)
+                _say(ctx, results[-1])
     finally:
         site.close()
-    if ctx.json:
-        _print_json([_outcome_dict(o) for o in results], ctx.out)
-    return EXIT_OK if all(o.ok for o in results) else EXIT_FAILED
+    return results
 
 
 def cmd_lock(ctx: Context) -> int:
     """``lock UNIT``: lock now."""
-    from gateway import technician
-
-    lock = ctx.find_lock(ctx.args.unit)
-    site = ctx.site(only=[lock.controller])
-    try:
-        outcome = technician.relock(site, lock)
-    finally:
-        site.close()
-    if ctx.json:
-        _print_json(_outcome_dict(outcome), ctx.out)
+    answer = ctx.through_agent("lock", AGENT_ACTION_S, unit=ctx.args.unit, actor=_actor())
+    if answer is not None:
+        outcome = answer.get("outcome")
+        if not isinstance(outcome, dict):
+            raise CliError("the agent's answer lacks 'outcome'", EXIT_FAILED)
+        result = _shape(outcome, OUTCOME_KEYS)
     else:
-        _say(ctx, outcome)
-    return EXIT_OK if outcome.ok else EXIT_FAILED
+        from gateway import technician
+
+        lock = ctx.find_lock(ctx.args.unit)
+        site = ctx.site(only=[lock.controller])
+        try:
+            result = _outcome_dict(technician.relock(site, lock))
+        finally:
+            site.close()
+    if ctx.json:
+        _print_json(result, ctx.out)
+    else:
+        _say(ctx, result)
+    return EXIT_OK if result["status"] == "done" else EXIT_FAILED
 
 
 def cmd_test(ctx: Context) -> int:
     """``test UNIT… | --all``: the test cycle with a pass/fail table."""
-    from gateway import technician
-
     config = ctx.config()
     if ctx.args.all and ctx.args.units:
         raise CliError("give units or --all, not both")
     if not ctx.args.all and not ctx.args.units:
         raise CliError("name at least one unit, or use --all")
+    count = len(config.locks) if ctx.args.all else len(ctx.args.units)
+    budget = AGENT_ACTION_S + count * (ctx.args.seconds + ctx.args.relock_timeout
+                                       + AGENT_TEST_MARGIN_S)
+    if not ctx.json and count > 1:
+        # One request for the whole run: no progress bar, so say that work is under way.
+        ctx.err.write(f"testing {count} locks…\n")
+    answer = ctx.through_agent(
+        "test", budget, units=list(ctx.args.units), all=bool(ctx.args.all),
+        seconds=ctx.args.seconds, relock_timeout=ctx.args.relock_timeout, actor=_actor(),
+    )
+    if answer is not None:
+        results = [_shape(r, TEST_KEYS) for r in _items(answer, "results")]
+    else:
+        results = _test_direct(ctx)
+    # The agent's verdict counts too: it may fail a run for a reason no row shows.
+    passed = all(r["passed"] for r in results) and (answer or {}).get("passed") is not False
+    if ctx.json:
+        _print_json({"passed": passed, "results": results}, ctx.out)
+    else:
+        ctx.out.write(table(
+            ["unit", "reference", "result", "unlock", "relock", "detail"],
+            [[r["unit"], r["reference"], "PASS" if r["passed"] else "FAIL",
+              _ms(r["unlock_ms"]), _ms(r["relock_ms"]), r["detail"]] for r in results]) + "\n")
+        failed = sum(not r["passed"] for r in results)
+        ctx.out.write(f"{len(results) - failed} passed, {failed} failed\n")
+    return EXIT_OK if passed else EXIT_FAILED
+
+
+def _test_direct(ctx: Context) -> list[dict[str, Any]]:
+    from gateway import technician
+
+    config = ctx.config()
     locks = list(config.locks) if ctx.args.all else [ctx.find_lock(u) for u in ctx.args.units]
     site = ctx.site(only=sorted({lock.controller for lock in locks}))
     progress = Progress(len(locks), ctx.err) if ctx.args.all and not ctx.json else None
     results = []
     try:
         for lock in locks:
-            results.append(technician.run_test_cycle(
+            r = technician.run_test_cycle(
                 site, lock, ctx.args.seconds, relock_timeout_s=ctx.args.relock_timeout
-            ))
+            )
+            results.append(_shape({"unit": r.unit, "reference": r.reference,
+                                   "passed": r.passed, "unlock_ms": r.unlock_ms,
+                                   "relock_ms": r.relock_ms, "detail": r.detail}, TEST_KEYS))
             if progress:
                 progress.step(lock.reference)
     finally:
         site.close()
-    passed = all(r.passed for r in results)
+    return results
+
+
+#: The order of ``status`` sections; any other section the agent sends follows them.
+STATUS_SECTIONS = ("agent", "broker", "outbox", "controllers", "clock")
+
+
+def _value(value: object) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value is None:
+        return "-"
+    if isinstance(value, list | tuple):
+        return ", ".join(_value(v) for v in value) or "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_value(v)}" for k, v in value.items()) or "-"
+    return str(value)
+
+
+def render_status(status: Mapping[str, Any]) -> str:
+    """``status`` for people: one section per part, ``key  value`` lines, tables for lists.
+
+    The agent's answer is free-form; top-level plain values go under "agent".
+    """
+    sections: dict[str, Any] = {}
+    loose = {k: v for k, v in status.items() if not isinstance(v, dict | list)}
+    agent = status.get("agent")
+    sections["agent"] = {**loose, **agent} if isinstance(agent, dict) else loose
+    for key, value in status.items():
+        if key != "agent" and isinstance(value, dict | list):
+            sections[key] = value
+    order = [k for k in STATUS_SECTIONS if k in sections]
+    order += [k for k in sections if k not in STATUS_SECTIONS]
+    parts = []
+    for name in order:
+        body = sections[name]
+        if isinstance(body, dict):
+            if not body:
+                continue
+            width = max(len(str(k)) for k in body)
+            lines = [f"  {str(k).ljust(width)}  {_value(v)}" for k, v in body.items()]
+        elif body and all(isinstance(item, dict) for item in body):
+            headers = list(dict.fromkeys(k for item in body for k in item))
+            rendered = table(headers, [[_value(item.get(h)) for h in headers] for item in body])
+            lines = ["  " + line for line in rendered.splitlines()]
+        else:
+            lines = [f"  {_value(body)}"]
+        parts.append("\n".join([name, *lines]))
+    return "\n\n".join(parts) + "\n"
+
+
+def cmd_status(ctx: Context) -> int:
+    """``status``: what the running agent reports about itself (it only exists there)."""
+    from gateway.control import AgentUnavailable
+
+    try:
+        answer = ctx.ask_agent("status", AGENT_READ_S)
+    except AgentUnavailable as exc:
+        raise CliError(f"agent not running ({exc})", EXIT_FAILED) from exc
     if ctx.json:
-        _print_json({"passed": passed, "results": [
-            {"unit": r.unit, "reference": r.reference, "passed": r.passed,
-             "unlock_ms": None if r.unlock_ms is None else round(r.unlock_ms, 1),
-             "relock_ms": None if r.relock_ms is None else round(r.relock_ms, 1),
-             "detail": r.detail} for r in results]}, ctx.out)
+        _print_json(answer, ctx.out)
     else:
-        ctx.out.write(table(
-            ["unit", "reference", "result", "unlock", "relock", "detail"],
-            [[r.unit, r.reference, "PASS" if r.passed else "FAIL", _ms(r.unlock_ms),
-              _ms(r.relock_ms), r.detail] for r in results]) + "\n")
-        failed = sum(not r.passed for r in results)
-        ctx.out.write(f"{len(results) - failed} passed, {failed} failed\n")
-    return EXIT_OK if passed else EXIT_FAILED
+        ctx.out.write(render_status(answer))
+    return EXIT_OK
+
+
+def cmd_run(ctx: Context) -> int:
+    """``run``: the agent in the foreground until SIGTERM or Ctrl-C."""
+    config = ctx.config()  # a bad config is exit 2 before anything starts
+    from gateway.agent import run_agent
+
+    return run_agent(config, debug=bool(getattr(ctx.args, "debug", False)))
 
 
 def cmd_demo(ctx: Context) -> int:
@@ -424,6 +658,8 @@ def cmd_demo(ctx: Context) -> int:
 
 
 HANDLERS: dict[str, Callable[[Context], int]] = {
+    "run": cmd_run,
+    "status": cmd_status,
     "check-config": cmd_check_config,
     "ports": cmd_ports,
     "scan": cmd_scan,
@@ -451,13 +687,14 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
         parser.print_help(out)
         return EXIT_USAGE
     debug = bool(getattr(args, "debug", False))
-    logging.basicConfig(
-        # The CLI reports failures itself; driver warnings would only repeat them.
-        level=logging.DEBUG if debug else logging.ERROR,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if debug else
-        f"{PROG}: %(message)s",
-        stream=err,
-    )
+    if args.command != "run":  # the agent sets up its own logging, at INFO
+        logging.basicConfig(
+            # The CLI reports failures itself; driver warnings would only repeat them.
+            level=logging.DEBUG if debug else logging.ERROR,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s" if debug else
+            f"{PROG}: %(message)s",
+            stream=err,
+        )
     if not debug:
         # pymodbus logs every timed-out attempt as an ERROR; the driver reports the
         # outcome after its retries, once.

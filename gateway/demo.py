@@ -61,6 +61,9 @@ timeline_source_id = "tsrc_demo"
 [storage]
 path = "{directory / 'gateway.db'}"
 
+[control]
+socket = "{directory / 'control.sock'}"
+
 [[controllers]]
 name = "bus1"
 driver = "modbus"

@@ -1,0 +1,410 @@
+"""``stora-gateway run``: the agent.
+
+Threads, and why each exists:
+
+* paho's network loop (inside ``MqttLink``): only moves bytes and enqueues messages, so
+  keepalive never waits on serial I/O or SQLite;
+* the link's worker: verifies each command (signature, audience, freshness, size — all
+  before anything touches hardware) and hands verified ones to ``UnitManager``;
+* the unit pool: one operation at a time per unit, in arrival order;
+* the relock timer, the control socket, and this main thread, which runs the periodic
+  jobs (reconciliation, status, persisting the last trusted time) and waits for a signal.
+
+Rejections are published with their reason code through a token bucket, so a flood of
+garbage cannot make the agent amplify it onto the broker.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import pwd
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+from drivers.errors import DriverError
+from gateway import __version__
+from gateway.commands import Command, CommandVerifier, Rejection
+from gateway.config import Config, LockConfig
+from gateway.hardware import Site, build_site
+from gateway.units import Outcome, UnitManager, rfc3339
+
+LOGGER = logging.getLogger(__name__)
+
+#: How often every controller is read back (drift, doors, controllers coming back).
+RECONCILE_INTERVAL_S = 5.0
+#: How often the retained status is refreshed and the last trusted time persisted.
+STATUS_INTERVAL_S = 30.0
+#: Rejection results: sustained rate and burst (a flood must not be amplified).
+REJECT_RATE_PER_S = 20.0
+REJECT_BURST = 50
+#: How long a control-socket request waits for its unit's queue.
+CONTROL_WAIT_S = 120.0
+
+
+class TokenBucket:
+    """A token bucket on the monotonic clock."""
+
+    def __init__(self, rate: float, burst: int, clock: Any = time.monotonic) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self._clock = clock
+        self._at = clock()
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    def take(self) -> bool:
+        """True if a token was available."""
+        with self._lock:
+            now = self._clock()
+            self.tokens = min(self.burst, self.tokens + (now - self._at) * self.rate)
+            self._at = now
+            if self.tokens >= 1:
+                self.tokens -= 1
+                return True
+            self.dropped += 1
+            return False
+
+
+class Agent:
+    """The running gateway: wires config, hardware, store, broker and control socket."""
+
+    def __init__(self, config: Config, *, site: Site | None = None,
+                 clock_synced: Any = None,
+                 reject_rate: tuple[float, int] = (REJECT_RATE_PER_S, REJECT_BURST)) -> None:
+        from gateway.clock import TrustedClock, kernel_synchronized
+        from gateway.store import Store, StoreCorrupt
+
+        self.config = config
+        self.prefix = f"{config.mqtt.topic_prefix}/{config.site.id}"
+        self.started_at = time.time()
+        self.stop_event = threading.Event()
+        config.storage.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.store = Store(config.storage.path)
+        except StoreCorrupt as exc:
+            moved = Store.quarantine(config.storage.path)
+            LOGGER.error(  # noqa: TRY400 - the cause is in the message; no traceback wanted
+                "state database corrupt (%s); moved aside to %s; starting empty", exc, moved)
+            self.store = Store(config.storage.path)
+            self._pending_alarms = [("storage_corrupt", None, f"{exc}; moved to {moved}")]
+        else:
+            self._pending_alarms = []
+        self.clock = TrustedClock(
+            "system" if config.commands.clock == "system" else "ntp",
+            synced=clock_synced or kernel_synchronized,
+        )
+        floor = self.store.meta("last_trusted_time")
+        if floor:
+            self.clock.raise_floor(float(floor))
+        self.site = site or build_site(config)
+        self.verifier = CommandVerifier(config, self.clock)
+        self.units = UnitManager(
+            config, self.site, self.store, now=self.clock.now,
+            publish_unit=self._publish_unit, alarm=self.alarm,
+        )
+        self.rejections = TokenBucket(*reject_rate)
+        self.counters = {"received": 0, "rejected": 0, "executed": 0, "duplicates": 0}
+        from gateway.mqtt import MqttLink
+
+        self.link = MqttLink(
+            config.mqtt,
+            status_topic=f"{self.prefix}/status",
+            birth=self._birth,
+            will=json.dumps({"online": False}).encode(),
+            subscriptions=[(f"{self.prefix}/cmd", 1)],
+            on_message=self.on_message,
+            on_connected=self.on_connected,
+        )
+        self.control: Any = None
+
+    # -- publishing -----------------------------------------------------------------------
+    def _publish(self, suffix: str, payload: Mapping[str, Any], *, retain: bool = False) -> None:
+        data = json.dumps(payload, separators=(",", ":")).encode()
+        self.link.publish(f"{self.prefix}/{suffix}", data, qos=1, retain=retain)
+
+    def _publish_unit(self, unit: str, state: dict[str, Any]) -> None:
+        self._publish(f"units/{unit}", state, retain=True)
+
+    def alarm(self, kind: str, unit: str | None, detail: str) -> None:
+        """Publish an alarm (door forced, door held open, controller offline, jam, …)."""
+        LOGGER.warning("alarm %s %s: %s", kind, unit or "-", detail)
+        self._publish("alarm", {"kind": kind, "unit": unit, "detail": detail,
+                                "at": rfc3339(time.time())})
+
+    def _result(self, outcome: Outcome) -> None:
+        self._publish("cmd/result", outcome.payload())
+
+    def status(self) -> dict[str, Any]:
+        """Everything ``status`` shows; also the retained birth payload."""
+        trusted, why = self.clock.trusted()
+        controllers = []
+        for name, controller in self.site.controllers.items():
+            health = controller.health()
+            controllers.append({"name": name, "online": health.online, "detail": health.detail,
+                                "last_error": health.last_error})
+        pending = self.store.event_count("pending")
+        oldest = self.store.events(state="pending", limit=1)
+        oldest_age = round(time.time() - oldest[0].created_at) if oldest else None
+        return {
+            "online": True,
+            "version": __version__,
+            "site": self.config.site.id,
+            "started_at": rfc3339(self.started_at),
+            "uptime_s": round(time.time() - self.started_at),
+            "clock": {"trusted": trusted, "why": why, **self.clock.status()},
+            "broker": {"connected": self.link.connected, **self.link.stats()},
+            "controllers": controllers,
+            "outbox": {"pending": pending, "oldest_age_s": oldest_age},
+            "commands": dict(self.counters),
+        }
+
+    def _birth(self) -> bytes:
+        try:
+            payload = self.status()
+        except Exception:  # the birth must go out even if a probe fails
+            LOGGER.exception("status failed; publishing a minimal birth")
+            payload = {"online": True, "version": __version__}
+        return json.dumps(payload, separators=(",", ":"), default=str).encode()
+
+    def on_connected(self, session_present: bool) -> None:
+        """After every (re)connect: retained unit state again, then pending alarms."""
+        LOGGER.info("broker connected (session present: %s)", session_present)
+        self.units.republish()
+        for alarm in self._pending_alarms:
+            self.alarm(*alarm)
+        self._pending_alarms = []
+
+    # -- commands -------------------------------------------------------------------------
+    def on_message(self, message: Any) -> None:
+        """A message on ``P/S/cmd``: verify, then queue on the unit (or reject)."""
+        self.counters["received"] += 1
+        try:
+            command = self.verifier.verify(message.payload, retained=message.retain)
+        except Rejection as rejection:
+            self.counters["rejected"] += 1
+            LOGGER.info("command rejected: %s (%s)", rejection.reason, rejection.detail)
+            if self.rejections.take():
+                self._result(Outcome(rejection.jti or "", rejection.cmd or "", rejection.unit,
+                                     "rejected", rejection.reason, None, time.time()))
+            return
+        future = self.units.submit(command)
+        future.add_done_callback(functools.partial(self._done, command))
+
+    def _done(self, command: Command, future: Any) -> None:
+        try:
+            outcome = future.result()
+        except Exception as exc:  # a bug must still answer the sender, never hang it
+            LOGGER.exception("command %s failed", command.jti)
+            outcome = Outcome(command.jti, command.cmd, command.unit, "failed",
+                              "hardware_error", None, time.time())
+            del exc
+        if outcome.duplicate:
+            self.counters["duplicates"] += 1
+        else:
+            self.counters["executed"] += 1
+        self._result(outcome)
+
+    # -- control socket -------------------------------------------------------------------
+    def handle(self, method: str, params: Mapping[str, Any], peer: Any) -> dict[str, Any]:
+        """Requests from the local CLI (gateway/control.py)."""
+        from gateway.control import ControlError
+
+        # The kernel says who is calling (SO_PEERCRED); the CLI's own "actor" is only a
+        # claim, so it is taken as is only from root (e.g. a sudo wrapper naming the human).
+        actor = str(peer.actor)
+        if getattr(peer, "uid", None) == 0 and params.get("actor"):
+            actor = str(params["actor"])
+        if method == "status":
+            return self.status()
+        if method == "locks":
+            return {"locks": self._locks_rows()}
+        if method in ("unlock", "lock"):
+            lock = self._find(str(params.get("unit", "")))
+            cmd = Command(
+                jti=f"local-{uuid.uuid4().hex}", cmd=method, unit=lock.unit, kid="local",
+                iat=int(time.time()), exp=int(time.time()) + 60,
+                # Whole seconds on the wire (contract §5); never round an unlock down to 0.
+                dur=max(1, math.ceil(float(params["seconds"])))
+                if method == "unlock" and params.get("seconds") else None,
+                override=bool(params.get("force")), reason=params.get("reason") or None,
+                actor=actor,
+            )
+            started = time.monotonic()
+            try:
+                outcome = self.units.submit(cmd).result(timeout=CONTROL_WAIT_S)
+            except FutureTimeout:
+                raise ControlError("the unit is busy; try again", 1) from None
+            if outcome.reason == "overlocked":
+                raise ControlError(
+                    f"{lock.reference} is in lockout (overlocked): use --force --reason TEXT", 1)
+            entry = self._outcome_row(lock, method, outcome, time.monotonic() - started)
+            self._result(outcome)
+            return {"outcomes": [entry]} if method == "unlock" else {"outcome": entry}
+        if method == "test":
+            return self._test(params, actor)
+        raise ControlError(f"unknown request {method!r}", 2)
+
+    def _find(self, text: str) -> LockConfig:
+        from gateway.control import ControlError
+
+        lock = self.config.lock_by_id(text)
+        if lock is None:
+            raise ControlError(f"unknown unit {text!r}", 2)
+        return lock
+
+    @staticmethod
+    def _outcome_row(lock: LockConfig, action: str, outcome: Outcome,
+                     elapsed: float) -> dict[str, Any]:
+        state = outcome.state or {}
+        locked = state.get("locked")
+        status = "done" if outcome.status == "done" else (outcome.reason or outcome.status)
+        return {
+            "unit": lock.unit, "reference": lock.reference, "action": action,
+            "status": status, "detail": outcome.reason or "confirmed by read-back",
+            "elapsed_ms": round(elapsed * 1000, 1),
+            "state": "unknown" if locked is None else ("locked" if locked else "unlocked"),
+            "door": state.get("door", "unknown"),
+        }
+
+    def _locks_rows(self) -> list[dict[str, Any]]:
+        from gateway.technician import read_locks
+
+        rows = read_locks(self.site, self.config.locks)
+        return [{"unit": r.unit, "reference": r.reference, "controller": r.controller,
+                 "locked": r.locked, "door": r.door,
+                 "lockout": self.store.unit(r.unit).lockout, "error": r.error} for r in rows]
+
+    def _test(self, params: Mapping[str, Any], actor: str) -> dict[str, Any]:
+        from gateway.technician import run_test_cycle
+
+        if params.get("all"):
+            locks = list(self.config.locks)
+        else:
+            locks = [self._find(str(u)) for u in params.get("units", [])]
+        seconds = float(params.get("seconds") or 1.0)
+        relock_timeout = float(params.get("relock_timeout") or 10.0)
+        results = []
+        for lock in locks:
+            if self.store.unit(lock.unit).lockout:
+                results.append({"unit": lock.unit, "reference": lock.reference,
+                                "passed": False, "unlock_ms": None, "relock_ms": None,
+                                "detail": "in lockout: not tested (clear the lockout first)"})
+                continue
+            future = self.units.run_exclusive(
+                lock.unit,
+                functools.partial(run_test_cycle, self.site, lock, seconds,
+                                  relock_timeout_s=relock_timeout))
+            r = future.result(timeout=CONTROL_WAIT_S)
+            results.append({"unit": r.unit, "reference": r.reference, "passed": r.passed,
+                            "unlock_ms": r.unlock_ms, "relock_ms": r.relock_ms,
+                            "detail": r.detail})
+            LOGGER.info("test of %s by %s: %s", lock.reference, actor,
+                        "pass" if r.passed else "FAIL")
+        return {"passed": all(r["passed"] for r in results), "results": results}
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def recover(self) -> None:
+        """Commands interrupted by a crash become ``unknown``: published, never re-run."""
+        for row in self.store.recover_interrupted(time.time()):
+            LOGGER.warning("command %s was interrupted by a restart: outcome unknown", row.jti)
+            self._publish("cmd/result", {
+                "jti": row.jti, "cmd": row.cmd, "unit": row.unit, "status": "unknown",
+                "reason": None, "duplicate": False, "state": None, "at": rfc3339(time.time())})
+
+    def start(self) -> None:
+        """Start everything; returns at once."""
+        from gateway.control import ControlServer
+
+        # The control socket first: it also refuses to start when another agent already
+        # serves this site, before this one touches the broker or the hardware.
+        self.control = ControlServer(self.config.control.socket, self)
+        self.control.start()
+        self.units.start()
+        self.link.start()
+        self.recover()
+        self.units.reconcile()
+
+    def run_forever(self) -> None:
+        """Periodic jobs until ``stop_event``."""
+        next_reconcile = next_status = time.monotonic()
+        while not self.stop_event.is_set():
+            now = time.monotonic()
+            if now >= next_reconcile:
+                next_reconcile = now + RECONCILE_INTERVAL_S
+                try:
+                    self.units.reconcile()
+                except (DriverError, OSError):
+                    LOGGER.exception("reconciliation failed")
+            if now >= next_status:
+                next_status = now + STATUS_INTERVAL_S
+                self._persist_trusted_time()
+                self.link.publish(f"{self.prefix}/status", self._birth(), qos=1, retain=True)
+            self.stop_event.wait(timeout=min(next_reconcile, next_status) - time.monotonic())
+
+    def _persist_trusted_time(self) -> None:
+        trusted, _ = self.clock.trusted()
+        if trusted:
+            self.store.set_meta("last_trusted_time", repr(self.clock.now()))
+
+    def stop(self) -> None:
+        """Clean shutdown: offline status, sockets closed, queued work finished."""
+        self.stop_event.set()
+        self._persist_trusted_time()
+        if self.control is not None:
+            self.control.stop()
+        self.link.stop()
+        self.units.stop()
+        self.site.close()
+        self.store.close()
+
+
+def _sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) we are ready, when it is listening."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    import socket
+
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(address)
+        sock.sendall(message.encode())
+
+
+def run_agent(config: Config, *, debug: bool = False) -> int:
+    """Run the agent in the foreground until SIGTERM/SIGINT; the exit status."""
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not debug:
+        logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    agent = Agent(config)
+
+    def on_signal(signum: int, frame: object) -> None:
+        del frame
+        LOGGER.info("signal %d: stopping", signum)
+        agent.stop_event.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    LOGGER.info("stora-gateway %s starting for site %s as %s", __version__, config.site.id,
+                pwd.getpwuid(os.getuid()).pw_name)
+    agent.start()
+    _sd_notify("READY=1")
+    try:
+        agent.run_forever()
+    finally:
+        agent.stop()
+    return 0

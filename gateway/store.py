@@ -1,0 +1,785 @@
+"""The agent's durable state: one SQLite file (``[storage] path``).
+
+What lives here
+---------------
+``commands``  the inbox: one row per command ``jti`` ever claimed, so a command is never
+              executed twice (contract §4), with its final result for duplicates.
+``units``     each unit's desired state (lockout and its version, the relock deadline)
+              and last read-back state.
+``events``    the Timeline Event outbox (contract §6): records wait here, ``pending``,
+              until the drainer has delivered them.
+``meta``      small key/value facts, e.g. the last trusted wall time (gateway/clock.py).
+
+Durability
+----------
+* WAL journal with ``synchronous=FULL``: when :meth:`Store.transaction` returns, the
+  commit is on the disk; a ``kill -9`` or a power cut cannot lose it (fault matrix #21,
+  #22).  ``NORMAL`` would be faster but may lose the last commits on power loss, and an
+  acknowledged command or event must never be lost.
+* ``BEGIN IMMEDIATE``: the write lock is taken when a transaction starts, not at its
+  first write, so a transaction never fails half-way on a lock held by another process
+  (a technician's CLI); ``busy_timeout`` makes that process wait instead of failing.
+* ``PRAGMA quick_check`` at every open (milliseconds at this size): a corrupt file
+  raises :class:`StoreCorrupt` instead of failing later in the middle of a command; the
+  agent moves it aside with :meth:`Store.quarantine` and starts empty (fault matrix #24).
+* Schema changes are :data:`MIGRATIONS`, a list applied in order, each in its own
+  transaction together with the ``PRAGMA user_version`` that records it; a file written
+  by a newer version is refused rather than misread.  (The style guide suggests
+  sqlite-utils for migrations; this project keeps the store on the standard library, and
+  what it needs is a dozen lines.)
+
+Errors
+------
+Foreign exceptions are translated here, at one boundary::
+
+    GatewayError
+    └── StoreError          the state database failed; ``retryable`` says if trying again helps
+        ├── StoreFull       disk full (SQLITE_FULL): retryable once space is freed
+        ├── StoreReadOnly   the file or its filesystem is read-only: a person must fix it
+        ├── StoreCorrupt    quick_check failed or the file is not a database: quarantine it
+        └── StoreBusy       another process held the write lock past busy_timeout: retryable
+
+Whenever a statement fails inside a transaction the transaction is rolled back with an
+explicit ``ROLLBACK`` (SQLite leaves some failures, e.g. SQLITE_READONLY, with the
+transaction still open) before the error propagates, so the connection is always usable
+again: after a disk-full error, reads still work and writes work once space is freed.
+
+Threads
+-------
+One connection, guarded by one re-entrant lock, shared by every thread.  SQLite allows one
+writer at a time anyway, our transactions are short (the hardware is never driven inside
+one: see gateway/units.py), and a single connection keeps the order of operations
+obvious, makes :meth:`Store.close` trivial and costs one page cache on a small box.
+Connections per thread would buy concurrent reads, which a site with tens of commands a
+minute does not need, at the price of tracking and closing them.  Inside a transaction
+the owning thread may also call the store's read methods (they see its uncommitted
+writes); other threads wait until it ends, so never wait on another thread while a
+transaction is open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from gateway.clock import rfc3339
+from gateway.errors import GatewayError, one_line
+from gateway.timeline import EventRecord
+
+__all__ = [
+    "BUSY_TIMEOUT_S",
+    "COMMAND_STATUSES",
+    "MIGRATIONS",
+    "CommandRow",
+    "EventRow",
+    "Migration",
+    "Store",
+    "StoreBusy",
+    "StoreCorrupt",
+    "StoreError",
+    "StoreFull",
+    "StoreReadOnly",
+    "Transaction",
+    "UnitRow",
+    "migrate",
+]
+
+LOGGER = logging.getLogger(__name__)
+
+#: How long a writer waits for another process's write lock before StoreBusy.  A
+#: technician's CLI holds it for milliseconds; 5 s rides out a slow SD card's fsync.
+BUSY_TIMEOUT_S: Final = 5.0
+
+#: Every status a command row can have; ``executing`` only between claim and finish.
+COMMAND_STATUSES: Final = frozenset({"executing", "done", "rejected", "failed", "unknown"})
+_FINAL_STATUSES: Final = COMMAND_STATUSES - {"executing"}
+
+# Primary SQLite result codes (the low byte of an extended code).
+_SQLITE_BUSY: Final = 5
+_SQLITE_LOCKED: Final = 6
+_SQLITE_READONLY: Final = 8
+_SQLITE_IOERR: Final = 10
+_SQLITE_CORRUPT: Final = 11
+_SQLITE_FULL: Final = 13
+_SQLITE_CANTOPEN: Final = 14
+_SQLITE_NOTADB: Final = 26
+
+# The files SQLite keeps next to a database.  Quarantine moves the companions before the
+# database itself: a stale -wal left beside a fresh database would be replayed into it.
+_COMPANIONS: Final = ("-journal", "-wal", "-shm")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class StoreError(GatewayError):
+    """The state database failed; the message names the file and what was being done."""
+
+    def __init__(self, message: str, *, retryable: bool | None = None) -> None:
+        super().__init__(one_line(message))
+        if retryable is not None:
+            self.retryable = retryable
+
+
+class StoreFull(StoreError):  # noqa: N818 - the names the agent uses
+    """The filesystem is full (SQLITE_FULL); the transaction was rolled back."""
+
+    retryable = True
+
+
+class StoreReadOnly(StoreError):  # noqa: N818 - the names the agent uses
+    """The database or its filesystem is read-only; the transaction was rolled back."""
+
+    retryable = False
+
+
+class StoreCorrupt(StoreError):  # noqa: N818 - the names the agent uses
+    """The file is damaged or not a database; move it aside with :meth:`Store.quarantine`."""
+
+    retryable = False
+
+
+class StoreBusy(StoreError):  # noqa: N818 - the names the agent uses
+    """Another process held the write lock for longer than the busy timeout."""
+
+    retryable = True
+
+
+def _translate(exc: sqlite3.Error, path: Path, doing: str) -> StoreError:
+    """The :class:`StoreError` for a sqlite3 exception raised while ``doing``."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    where = f"state database {path}"
+    if primary == _SQLITE_FULL:
+        return StoreFull(f"{where}: disk full while {doing}; free space on its filesystem")
+    if primary == _SQLITE_READONLY:
+        return StoreReadOnly(
+            f"{where} is read-only ({exc}) while {doing}; check the filesystem is mounted "
+            "read-write and the file is writable by the agent's user"
+        )
+    if primary in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+        return StoreCorrupt(f"{where} is corrupt ({exc}) while {doing}")
+    if primary in (_SQLITE_BUSY, _SQLITE_LOCKED):
+        return StoreBusy(f"{where} is locked by another process while {doing} ({exc})")
+    if primary == _SQLITE_CANTOPEN:
+        if _on_read_only_fs(path.parent):
+            # Also for an existing file: a WAL database cannot be opened where its -wal and
+            # -shm files neither exist nor can be created.
+            return StoreReadOnly(f"{where} cannot be opened: its filesystem is read-only; "
+                                 "remount it read-write")
+        return StoreError(
+            f"cannot open {where} ({exc}); check its directory exists and the agent's "
+            "user may write there"
+        )
+    if primary == _SQLITE_IOERR:
+        return StoreError(f"{where}: I/O error while {doing} ({exc}); check the storage device")
+    return StoreError(f"{where}: {doing} failed: {exc}")
+
+
+def _on_read_only_fs(directory: Path) -> bool:
+    """Whether ``directory`` is on a filesystem mounted read-only (root cannot write there)."""
+    try:
+        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except (OSError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One schema step: statements run in one transaction with the version bump."""
+
+    description: str
+    statements: tuple[str, ...]
+
+
+#: The schema, version by version.  Append, never edit: a box in the field has applied
+#: the earlier steps.  ``user_version`` = number of steps applied.
+MIGRATIONS: Final[tuple[Migration, ...]] = (
+    Migration(
+        "inbox, unit state, Timeline Event outbox, meta",
+        (
+            """CREATE TABLE commands (
+                jti TEXT PRIMARY KEY,
+                cmd TEXT NOT NULL,
+                unit TEXT,
+                status TEXT NOT NULL CHECK (status IN
+                    ('executing', 'done', 'rejected', 'failed', 'unknown')),
+                reason TEXT,
+                result_json TEXT,
+                received_at REAL NOT NULL,
+                finished_at REAL
+            )""",
+            # recover_interrupted scans for 'executing' rows at every start.
+            "CREATE INDEX commands_executing ON commands (jti) WHERE status = 'executing'",
+            """CREATE TABLE units (
+                unit TEXT PRIMARY KEY,
+                lockout INTEGER NOT NULL DEFAULT 0 CHECK (lockout IN (0, 1)),
+                lockout_ver INTEGER NOT NULL DEFAULT -1,
+                relock_at REAL,
+                locked INTEGER CHECK (locked IN (0, 1)),
+                door TEXT NOT NULL DEFAULT 'unknown',
+                confirmed INTEGER NOT NULL DEFAULT 0 CHECK (confirmed IN (0, 1)),
+                updated_at REAL NOT NULL
+            )""",
+            # AUTOINCREMENT: a seq is never reused, even after the newest row is deleted,
+            # so the drainer's order and any log line naming a seq stay unambiguous.
+            # site_id is kept so a record can be rebuilt exactly (EventRow.record());
+            # body_json stays NULL until the drainer freezes the POST body at the first
+            # attempt, so every retry under one Idempotency-Key sends the same bytes.
+            """CREATE TABLE events (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                external_id TEXT NOT NULL UNIQUE,
+                kind TEXT NOT NULL,
+                unit TEXT NOT NULL,
+                reference TEXT NOT NULL,
+                site_id TEXT NOT NULL,
+                description TEXT NOT NULL,
+                contact TEXT,
+                actor TEXT,
+                occurred_at REAL NOT NULL,
+                body_json TEXT,
+                state TEXT NOT NULL DEFAULT 'pending',
+                attempts INTEGER NOT NULL DEFAULT 0,
+                last_error TEXT,
+                created_at REAL NOT NULL
+            )""",
+            "CREATE INDEX events_state ON events (state, seq)",
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        ),
+    ),
+)
+
+
+def migrate(conn: sqlite3.Connection, migrations: Sequence[Migration] = MIGRATIONS) -> int:
+    """Bring the database on ``conn`` (autocommit mode) up to ``len(migrations)``.
+
+    Each step runs in its own ``BEGIN IMMEDIATE`` transaction with its ``user_version``,
+    so a crash or an error leaves the file at the previous version, never half-migrated.
+    Returns the number of steps applied.  Raises :class:`StoreError` for a file newer than
+    this code; sqlite3 errors propagate to the caller, which translates them.
+    """
+    current = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if current > len(migrations):
+        raise StoreError(
+            f"the state database has schema version {current}, newer than this version of "
+            f"the gateway understands ({len(migrations)}); upgrade the gateway"
+        )
+    applied = 0
+    for version, step in enumerate(migrations[current:], start=current + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Re-read under the write lock: another process may have migrated meanwhile.
+            if int(conn.execute("PRAGMA user_version").fetchone()[0]) >= version:
+                conn.execute("ROLLBACK")
+                continue
+            for statement in step.statements:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version:d}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        LOGGER.info("state database migrated to version %d: %s", version, step.description)
+        applied += 1
+    return applied
+
+
+# --------------------------------------------------------------------------- rows
+
+
+@dataclass(frozen=True, slots=True)
+class CommandRow:
+    """One inbox row.  ``result`` is ``{}`` until the command is finished."""
+
+    jti: str
+    cmd: str
+    unit: str | None
+    status: str
+    reason: str | None
+    result: dict[str, Any]
+    received_at: float
+    finished_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class UnitRow:
+    """A unit's desired and last known state.
+
+    ``lockout_ver`` is ``-1`` until a lockout command has been applied (contract
+    ``ver`` values are integers that only grow, so any real one is newer).  ``locked`` is
+    ``None`` while unknown, never guessed; ``relock_at`` is a wall-clock deadline.
+    """
+
+    unit: str
+    lockout: bool
+    lockout_ver: int
+    relock_at: float | None
+    locked: bool | None
+    door: str
+    confirmed: bool
+    updated_at: float
+
+    @classmethod
+    def unseen(cls, unit: str) -> UnitRow:
+        """The row of a unit never recorded: no lockout, nothing known, ``updated_at`` 0."""
+        return cls(unit=unit, lockout=False, lockout_ver=-1, relock_at=None, locked=None,
+                   door="unknown", confirmed=False, updated_at=0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    """One outbox row: the record plus its delivery bookkeeping."""
+
+    seq: int
+    external_id: str
+    kind: str
+    unit: str
+    reference: str
+    site_id: str
+    description: str
+    contact: str | None
+    actor: str | None
+    occurred_at: float
+    body: dict[str, Any] | None
+    state: str
+    attempts: int
+    last_error: str | None
+    created_at: float
+
+    def record(self) -> EventRecord:
+        """The :class:`EventRecord` this row was added from."""
+        return EventRecord(
+            external_id=self.external_id, kind=self.kind, unit=self.unit,
+            reference=self.reference, site_id=self.site_id, description=self.description,
+            contact=self.contact, actor=self.actor, occurred_at=self.occurred_at,
+        )
+
+
+# Whole literal statements, in the column order the _*_row functions read.
+_SELECT_COMMANDS: Final = (
+    "SELECT jti, cmd, unit, status, reason, result_json, received_at, finished_at "
+    "FROM commands"
+)
+_SELECT_UNITS: Final = (
+    "SELECT unit, lockout, lockout_ver, relock_at, locked, door, confirmed, updated_at "
+    "FROM units"
+)
+_SELECT_EVENTS: Final = (
+    "SELECT seq, external_id, kind, unit, reference, site_id, description, contact, actor, "
+    "occurred_at, body_json, state, attempts, last_error, created_at FROM events"
+)
+
+
+def _command_row(r: sqlite3.Row | tuple[Any, ...]) -> CommandRow:
+    return CommandRow(jti=r[0], cmd=r[1], unit=r[2], status=r[3], reason=r[4],
+                      result=json.loads(r[5]) if r[5] else {}, received_at=r[6],
+                      finished_at=r[7])
+
+
+def _unit_row(r: sqlite3.Row | tuple[Any, ...]) -> UnitRow:
+    return UnitRow(unit=r[0], lockout=bool(r[1]), lockout_ver=int(r[2]), relock_at=r[3],
+                   locked=None if r[4] is None else bool(r[4]), door=r[5],
+                   confirmed=bool(r[6]), updated_at=r[7])
+
+
+def _event_row(r: sqlite3.Row | tuple[Any, ...]) -> EventRow:
+    return EventRow(seq=r[0], external_id=r[1], kind=r[2], unit=r[3], reference=r[4],
+                    site_id=r[5], description=r[6], contact=r[7], actor=r[8],
+                    occurred_at=r[9], body=json.loads(r[10]) if r[10] else None,
+                    state=r[11], attempts=r[12], last_error=r[13], created_at=r[14])
+
+
+def _dumps(value: dict[str, Any]) -> str:
+    # allow_nan=False: the stored result is re-published as JSON, where NaN is invalid.
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, allow_nan=False)
+
+
+def _unknown_result(row: CommandRow, now: float) -> dict[str, Any]:
+    """The result of an interrupted command, shaped like every other stored result.
+
+    The fields are those of a ``P/S/cmd/result`` payload (contract §4) plus ``at_epoch``,
+    so a duplicate of the ``jti`` re-publishes "unknown" like any finished command.
+    """
+    return {"jti": row.jti, "cmd": row.cmd, "unit": row.unit, "status": "unknown",
+            "reason": None, "duplicate": False, "state": None, "at": rfc3339(now),
+            "at_epoch": now}
+
+
+# --------------------------------------------------------------------------- transaction
+
+
+class Transaction:
+    """The operations of one open transaction; valid only inside ``store.transaction()``."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._conn = store._conn
+        self._active = True
+
+    def _q(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        if not self._active:
+            raise RuntimeError("this transaction has ended; open a new store.transaction()")
+        return self._conn.execute(sql, params)
+
+    def claim_command(self, jti: str, cmd: str, unit: str | None, received_at: float) -> bool:
+        """Record ``jti`` as ``executing``; ``False`` if it was ever claimed before.
+
+        Only a conflict on the ``jti`` counts as "seen before" (``ON CONFLICT DO
+        NOTHING``, not ``INSERT OR IGNORE``, which would also swallow a NOT NULL or CHECK
+        violation and report a bug as a duplicate).
+        """
+        cur = self._q(
+            "INSERT INTO commands (jti, cmd, unit, status, received_at) "
+            "VALUES (?, ?, ?, 'executing', ?) ON CONFLICT (jti) DO NOTHING",
+            (jti, cmd, unit, received_at),
+        )
+        return cur.rowcount == 1
+
+    def finish_command(self, jti: str, status: str, reason: str | None,
+                       result: dict[str, Any]) -> None:
+        """Record a claimed command's outcome (``status`` one of done/rejected/failed/unknown).
+
+        Raises ``ValueError`` for another status and ``LookupError`` for a ``jti`` never
+        claimed: both are programming errors.
+        """
+        if status not in _FINAL_STATUSES:
+            raise ValueError(f"a finished command's status is one of {sorted(_FINAL_STATUSES)}, "
+                             f"not {status!r}")
+        cur = self._q(
+            "UPDATE commands SET status = ?, reason = ?, result_json = ?, finished_at = ? "
+            "WHERE jti = ?",
+            (status, reason, _dumps(result), self._store._clock(), jti),
+        )
+        if cur.rowcount != 1:
+            raise LookupError(f"command {jti!r} was never claimed")
+
+    def command(self, jti: str) -> CommandRow | None:
+        """The inbox row of ``jti``, or ``None``."""
+        r = self._q(_SELECT_COMMANDS + " WHERE jti = ?", (jti,)).fetchone()
+        return None if r is None else _command_row(r)
+
+    def unit(self, unit: str) -> UnitRow:
+        """The state of ``unit``; :meth:`UnitRow.unseen` if it was never recorded."""
+        r = self._q(_SELECT_UNITS + " WHERE unit = ?", (unit,)).fetchone()
+        return UnitRow.unseen(unit) if r is None else _unit_row(r)
+
+    def put_unit(self, row: UnitRow) -> None:
+        """Insert or replace the state of ``row.unit``."""
+        self._q(
+            "INSERT INTO units (unit, lockout, lockout_ver, relock_at, locked, door, confirmed, "
+            "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (unit) DO UPDATE SET lockout = excluded.lockout, "
+            "lockout_ver = excluded.lockout_ver, relock_at = excluded.relock_at, "
+            "locked = excluded.locked, door = excluded.door, confirmed = excluded.confirmed, "
+            "updated_at = excluded.updated_at",
+            (row.unit, int(row.lockout), row.lockout_ver, row.relock_at,
+             None if row.locked is None else int(row.locked), row.door, int(row.confirmed),
+             row.updated_at),
+        )
+
+    def add_event(self, record: EventRecord) -> bool:
+        """Queue ``record`` in the outbox as ``pending``; ``False`` if its id is queued already.
+
+        Idempotent on ``external_id``: the same action recorded twice (a retry after a
+        crash) is one event.
+        """
+        cur = self._q(
+            "INSERT INTO events (external_id, kind, unit, reference, site_id, description, "
+            "contact, actor, occurred_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (external_id) DO NOTHING",
+            (record.external_id, record.kind, record.unit, record.reference, record.site_id,
+             record.description, record.contact, record.actor, record.occurred_at,
+             self._store._clock()),
+        )
+        return cur.rowcount == 1
+
+    def meta(self, key: str) -> str | None:
+        """The value stored under ``key``, or ``None``."""
+        r = self._q("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if r is None else str(r[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Store ``value`` under ``key``."""
+        self._q("INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+
+
+# --------------------------------------------------------------------------- store
+
+
+class Store:
+    """The state database; see the module docstring for the guarantees.
+
+    ``clock`` stamps ``finished_at`` and ``created_at`` (wall seconds).  ``read_only``
+    opens the file for inspection only (a technician's CLI while the agent runs): every
+    write raises :class:`StoreReadOnly`, and a file needing migration is refused.
+    ``busy_timeout_s`` is :data:`BUSY_TIMEOUT_S`; tests shrink it.
+    """
+
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time,
+                 read_only: bool = False, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
+        self.path = Path(path)
+        self._clock = clock
+        self._busy_timeout_s = busy_timeout_s
+        self._read_only = read_only
+        self._lock = threading.RLock()
+        self._tx: Transaction | None = None
+        self._closed = False
+        self._conn = self._open()
+
+    # -- opening --------------------------------------------------------------------------
+    def _open(self) -> sqlite3.Connection:
+        try:
+            if self._read_only:
+                if not self.path.exists():
+                    raise StoreError(f"state database {self.path} does not exist")
+                target, uri = self.path.resolve().as_uri() + "?mode=ro", True
+            else:
+                target, uri = str(self.path), False
+            # isolation_level=None: the sqlite3 module issues no BEGIN/COMMIT of its own;
+            # this class does, explicitly.  check_same_thread=False: the lock below
+            # serializes use across threads.
+            conn = sqlite3.connect(target, uri=uri, isolation_level=None,
+                                   check_same_thread=False, timeout=self._busy_timeout_s)
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path, "opening it") from exc
+        try:
+            self._set_up(conn)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise _translate(exc, self.path, "opening it") from exc
+        except BaseException:
+            conn.close()
+            raise
+        if _on_read_only_fs(self.path.parent) and not self._read_only:
+            LOGGER.error("state database %s is on a read-only filesystem: every write will "
+                         "fail", self.path)
+        return conn
+
+    def _set_up(self, conn: sqlite3.Connection) -> None:
+        """Check, configure and migrate a fresh connection (see the module docstring)."""
+        conn.execute(f"PRAGMA busy_timeout = {round(self._busy_timeout_s * 1000):d}")
+        rows = [str(r[0]) for r in conn.execute("PRAGMA quick_check(3)")]
+        if rows != ["ok"]:
+            # A row may hold several lines, the first naming the schema ("*** in database
+            # main ***"); one line per problem reads better in a log and an alarm.
+            problems = [line.strip() for row in rows for line in row.splitlines()
+                        if line.strip() and not line.startswith("***")]
+            raise StoreCorrupt(f"state database {self.path} is corrupt: quick_check found "
+                               f"{'; '.join(problems[:3]) or rows[0]}")
+        if not self._read_only:
+            mode = str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            if mode.lower() != "wal":
+                if _on_read_only_fs(self.path.parent):
+                    raise StoreReadOnly(f"state database {self.path} is on a read-only "
+                                        "filesystem and cannot be switched to WAL")
+                raise StoreError(f"state database {self.path} cannot use WAL journaling "
+                                 f"(journal_mode stays {mode!r})")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        if not self._read_only:
+            migrate(conn)
+            return
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if version != len(MIGRATIONS):
+            raise StoreError(
+                f"state database {self.path} has schema version {version}, this gateway "
+                f"version uses {len(MIGRATIONS)}; start the agent once to migrate it"
+            )
+
+    @staticmethod
+    def quarantine(path: Path, *, now: float | None = None) -> Path:
+        """Move the database at ``path`` and its -wal/-shm/-journal aside; return the new path.
+
+        The new name is ``<name>.bad-<UTC timestamp>`` (plus ``-<n>`` if taken), its
+        companions keep their suffixes after it, so the set can still be opened for
+        forensics.  Companions move first (see ``_COMPANIONS``); the directory is synced
+        so the move survives a power cut.  Call it only with the store closed.
+        """
+        path = Path(path)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
+        base = path.with_name(f"{path.name}.bad-{stamp}")
+        n = 1
+        while any(Path(f"{base}{s}").exists() for s in ("", *_COMPANIONS)):
+            n += 1
+            base = path.with_name(f"{path.name}.bad-{stamp}-{n}")
+        try:
+            if not path.exists():
+                raise FileNotFoundError(f"{path} does not exist")
+            for suffix in (*_COMPANIONS, ""):
+                source = Path(f"{path}{suffix}")
+                if source.exists():
+                    os.rename(source, f"{base}{suffix}")
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise StoreError(f"cannot move state database {path} aside: {exc}") from exc
+        LOGGER.warning("state database %s moved aside to %s", path, base)
+        return base
+
+    # -- plumbing -------------------------------------------------------------------------
+    def _rollback(self) -> None:
+        """End any open transaction; SQLite may already have rolled it back itself."""
+        if self._conn.in_transaction:
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                LOGGER.exception("ROLLBACK failed on %s", self.path)
+
+    @contextlib.contextmanager
+    def _guard(self, doing: str) -> Iterator[sqlite3.Connection]:
+        """Hold the lock; translate sqlite3 errors after rolling back."""
+        with self._lock:
+            if self._closed:
+                raise StoreError(f"state database {self.path} is closed")
+            try:
+                yield self._conn
+            except sqlite3.Error as exc:
+                self._rollback()  # a no-op when transaction() has rolled back already
+                raise _translate(exc, self.path, doing) from exc
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT``; ``ROLLBACK`` if the block raises.
+
+        sqlite3 errors inside the block or at commit are raised as :class:`StoreError`
+        subclasses, after the rollback.  Transactions do not nest (``RuntimeError``).
+        """
+        with self._guard("writing") as conn:
+            if self._tx is not None:
+                raise RuntimeError("store transactions do not nest")
+            conn.execute("BEGIN IMMEDIATE")
+            tx = self._tx = Transaction(self)
+            try:
+                yield tx
+                conn.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+            finally:
+                tx._active = False
+                self._tx = None
+
+    @property
+    def in_transaction(self) -> bool:
+        """Whether the connection has a transaction open (health checks, tests)."""
+        with self._lock:
+            return not self._closed and self._conn.in_transaction
+
+    @property
+    def read_only(self) -> bool:
+        """Whether writes cannot succeed: opened read-only, or on a read-only filesystem."""
+        return self._read_only or _on_read_only_fs(self.path.parent)
+
+    def close(self) -> None:
+        """Close the database (idempotent).  A clean close checkpoints and removes the WAL."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._rollback()
+            try:
+                self._conn.close()
+            except sqlite3.Error:
+                LOGGER.exception("closing %s failed", self.path)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- reads and single writes ----------------------------------------------------------
+    def command(self, jti: str) -> CommandRow | None:
+        """The inbox row of ``jti``, or ``None``."""
+        with self._guard("reading a command") as conn:
+            r = conn.execute(_SELECT_COMMANDS + " WHERE jti = ?",
+                             (jti,)).fetchone()
+        return None if r is None else _command_row(r)
+
+    def unit(self, unit: str) -> UnitRow:
+        """The state of ``unit``; :meth:`UnitRow.unseen` if it was never recorded."""
+        with self._guard("reading a unit") as conn:
+            r = conn.execute(_SELECT_UNITS + " WHERE unit = ?",
+                             (unit,)).fetchone()
+        return UnitRow.unseen(unit) if r is None else _unit_row(r)
+
+    def units(self) -> list[UnitRow]:
+        """Every recorded unit, by unit id."""
+        with self._guard("reading units") as conn:
+            rows = conn.execute(_SELECT_UNITS + " ORDER BY unit").fetchall()
+        return [_unit_row(r) for r in rows]
+
+    def events(self, state: str | None = None, limit: int = 100) -> list[EventRow]:
+        """Outbox rows in the order they were added, optionally only those in ``state``."""
+        with self._guard("reading events") as conn:
+            if state is None:
+                rows = conn.execute(_SELECT_EVENTS + " ORDER BY seq LIMIT ?", (limit,)).fetchall()
+            else:
+                rows = conn.execute(_SELECT_EVENTS + " WHERE state = ? ORDER BY seq LIMIT ?",
+                                    (state, limit)).fetchall()
+        return [_event_row(r) for r in rows]
+
+    def event_count(self, state: str | None = None) -> int:
+        """How many outbox rows there are (in ``state``, if given)."""
+        with self._guard("counting events") as conn:
+            if state is None:
+                r = conn.execute("SELECT count(*) FROM events").fetchone()
+            else:
+                r = conn.execute("SELECT count(*) FROM events WHERE state = ?",
+                                 (state,)).fetchone()
+        return int(r[0])
+
+    def meta(self, key: str) -> str | None:
+        """The value stored under ``key``, or ``None``."""
+        with self._guard("reading meta") as conn:
+            r = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if r is None else str(r[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Store ``value`` under ``key``, in a transaction of its own (inside one, use
+        :meth:`Transaction.set_meta`)."""
+        with self.transaction() as tx:
+            tx.set_meta(key, value)
+
+    def recover_interrupted(self, now: float) -> list[CommandRow]:
+        """At start: every ``executing`` command becomes ``unknown``; they are returned.
+
+        A command still ``executing`` was interrupted by a crash between its claim and its
+        outcome: whether the hardware moved cannot be known, so it is never executed
+        again (contract §4); the agent publishes and audits the returned rows.  Their
+        ``reason`` is ``None`` and their ``result`` the unknown result payload.
+        """
+        with self.transaction() as tx:
+            found = tx._q(_SELECT_COMMANDS + " WHERE status = 'executing' "
+                          "ORDER BY received_at, jti").fetchall()
+            rows = [_command_row(r) for r in found]
+            recovered = []
+            for row in rows:
+                result = _unknown_result(row, now)
+                tx._q("UPDATE commands SET status = 'unknown', reason = NULL, "
+                      "result_json = ?, finished_at = ? WHERE jti = ?",
+                      (_dumps(result), now, row.jti))
+                recovered.append(CommandRow(
+                    jti=row.jti, cmd=row.cmd, unit=row.unit, status="unknown", reason=None,
+                    result=result, received_at=row.received_at, finished_at=now))
+        if recovered:
+            LOGGER.warning("%d command(s) interrupted by the last stop are now 'unknown'",
+                           len(recovered))
+        return recovered

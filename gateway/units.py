@@ -1,0 +1,506 @@
+"""Unit state: what each unit should be, what it is, and keeping the two together.
+
+Every action on a unit runs through ``UnitManager`` on a per-unit queue, so one
+operation at a time per unit, in arrival order, whoever asked (a signed command or a
+technician on the control socket).
+
+Durability, in the order things happen for an unlock:
+
+1. One transaction claims the command's ``jti`` in the inbox (status ``executing``) and
+   records the unit's ``relock_at`` deadline.  A ``jti`` already present is never
+   executed again.
+2. The hardware is driven and read back.
+3. One transaction records the outcome (``done``/``failed``), the unit's read-back state
+   and the Timeline Event record of the action.
+
+A crash between 1 and 3 leaves ``executing``: at the next start it becomes ``unknown``
+(never re-run) and, because ``relock_at`` was written *before* the door was touched,
+reconciliation relocks the door as soon as the agent is back.  So no door stays unlocked
+longer than its ``dur`` plus the time the agent was down plus one reconciliation pass.
+
+Lockout is desired state with a version: a ``lockout``/``clear_lockout`` whose ``ver`` is
+not above the applied one is ``stale_version``; a unit in lockout is kept locked,
+re-applied whenever a read-back shows it drifted or its controller comes back.  An
+``unlock`` of a unit in lockout is refused ``overlocked`` unless overridden with a
+reason, and that refusal is audited too.
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from drivers.base import ActionResult, DoorState, LockState, Reading
+from drivers.errors import DriverError
+from gateway.commands import Command
+from gateway.config import Config, LockConfig
+from gateway.executor import KeyedSerialExecutor
+from gateway.hardware import Site, point_of
+from gateway.store import Store, UnitRow
+from gateway.timeline import external_id_for, make_event
+
+LOGGER = logging.getLogger(__name__)
+
+#: A door open this long after its unlock ended raises ``door_held_open``.
+DOOR_HELD_OPEN_S = 60.0
+#: Extra time a self-relocking board gets past ``dur`` before the agent checks it.
+SELF_RELOCK_GRACE_S = 1.0
+
+
+def rfc3339(ts: float | None) -> str | None:
+    """``ts`` (epoch seconds) as RFC 3339 UTC, or None."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a command came to: the payload of ``P/S/cmd/result`` is built from it."""
+
+    jti: str
+    cmd: str
+    unit: str | None
+    status: str
+    reason: str | None
+    state: dict[str, Any] | None
+    at: float
+    duplicate: bool = False
+
+    def payload(self) -> dict[str, Any]:
+        """The contract §4 result payload."""
+        return {
+            "jti": self.jti,
+            "cmd": self.cmd,
+            "unit": self.unit,
+            "status": self.status,
+            "reason": self.reason,
+            "duplicate": self.duplicate,
+            "state": self.state,
+            "at": rfc3339(self.at),
+        }
+
+    @classmethod
+    def from_result(cls, result: dict[str, Any], *, duplicate: bool) -> Outcome:
+        """An outcome read back from the inbox (to answer a duplicate)."""
+        return cls(
+            jti=str(result.get("jti")),
+            cmd=str(result.get("cmd")),
+            unit=result.get("unit"),
+            status=str(result.get("status")),
+            reason=result.get("reason"),
+            state=result.get("state"),
+            at=float(result.get("at_epoch") or time.time()),
+            duplicate=duplicate,
+        )
+
+    def record(self) -> dict[str, Any]:
+        """What the inbox stores, enough to re-publish the result for a duplicate."""
+        return {**self.payload(), "at_epoch": self.at}
+
+
+Publish = Callable[[str, dict[str, Any]], None]
+Alarm = Callable[[str, str | None, str], None]
+
+
+class UnitManager:
+    """Executes actions on units and keeps hardware, desired state and audit in step."""
+
+    def __init__(
+        self,
+        config: Config,
+        site: Site,
+        store: Store,
+        *,
+        now: Callable[[], float],
+        publish_unit: Publish,
+        alarm: Alarm,
+        mono: Callable[[], float] = time.monotonic,
+        workers: int = 4,
+    ) -> None:
+        self.config = config
+        self.site = site
+        self.store = store
+        self._now = now
+        self._mono = mono
+        self._publish_unit = publish_unit
+        self._alarm = alarm
+        self._executor = KeyedSerialExecutor(workers)
+        self._locks = {lock.unit: lock for lock in config.locks}
+        self._timers: list[tuple[float, str]] = []  # (wall relock_at, unit)
+        self._timer_cv = threading.Condition()
+        self._stop = threading.Event()
+        self._timer_thread = threading.Thread(target=self._timer_loop, name="relock", daemon=True)
+        self._offline: set[str] = set()
+        self._door_open_since: dict[str, float] = {}
+        self._last_published: dict[str, dict[str, Any]] = {}
+        self.actuations = 0
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Schedule the relocks recorded before a restart, then start the timer."""
+        for row in self.store.units():
+            if row.unit in self._locks and row.relock_at is not None:
+                self._schedule(row.unit, row.relock_at)
+        self._timer_thread.start()
+
+    def stop(self) -> None:
+        """Stop timers and let queued work finish."""
+        self._stop.set()
+        with self._timer_cv:
+            self._timer_cv.notify_all()
+        if self._timer_thread.is_alive():
+            self._timer_thread.join(timeout=5)
+        self._executor.shutdown(wait=True)
+
+    def run_exclusive(self, unit: str, fn: Callable[[], Any]) -> Future[Any]:
+        """Run ``fn`` on ``unit``'s queue, serialized with its commands (a technician test)."""
+        return self._executor.submit(unit, fn)
+
+    def lock_config(self, unit: str) -> LockConfig | None:
+        """The configured lock of ``unit`` (a unit id)."""
+        return self._locks.get(unit)
+
+    # -- commands -------------------------------------------------------------------------
+    def submit(self, command: Command, *, received_at: float | None = None) -> Future[Outcome]:
+        """Queue a verified command behind the unit's other work."""
+        key = command.unit or "-"
+        return self._executor.submit(
+            key, lambda: self.execute(command, received_at=received_at or self._now())
+        )
+
+    def execute(self, command: Command, *, received_at: float) -> Outcome:
+        """Run one verified command (call through ``submit`` to keep per-unit order)."""
+        existing = self.store.command(command.jti)
+        if existing is not None:
+            return self._duplicate(existing.result, command)
+        handler = {
+            "unlock": self._unlock,
+            "lock": self._lock,
+            "lockout": self._lockout,
+            "clear_lockout": self._clear_lockout,
+        }[command.cmd]
+        return handler(command, received_at)
+
+    @staticmethod
+    def _stored(tx: Any, jti: str) -> dict[str, Any]:
+        row = tx.command(jti)
+        return dict(row.result) if row is not None else {}
+
+    def _duplicate(self, stored: dict[str, Any], command: Command) -> Outcome:
+        if stored:
+            return Outcome.from_result(stored, duplicate=True)
+        return Outcome(command.jti, command.cmd, command.unit, "unknown", None, None,
+                       self._now(), duplicate=True)
+
+    def _finish(self, tx: Any, outcome: Outcome) -> Outcome:
+        tx.finish_command(outcome.jti, outcome.status, outcome.reason, outcome.record())
+        return outcome
+
+    def _state(self, row: UnitRow) -> dict[str, Any]:
+        lock = self._locks[row.unit]
+        return {
+            "unit": row.unit,
+            "reference": lock.reference,
+            "locked": row.locked,
+            "lockout": row.lockout,
+            "door": row.door,
+            "relock_at": rfc3339(row.relock_at),
+            "confirmed": row.confirmed,
+            "updated_at": rfc3339(row.updated_at),
+        }
+
+    def _event(self, tx: Any, kind: str, lock: LockConfig, key: str,  # noqa: PLR0917
+               command: Command | None, detail: str) -> None:
+        actor = command.actor if command else None
+        parts = [p for p in (detail, f"unit {lock.reference}", f"by {actor}" if actor else "")
+                 if p]
+        tx.add_event(make_event(
+            kind,
+            app_name=self.config.site.app_name,
+            site_id=self.config.site.id,
+            unit=lock.unit,
+            reference=lock.reference,
+            external_id=external_id_for(self.config.site.id, key, kind),
+            occurred_at=self._now(),
+            contact=command.contact if command else None,
+            actor=actor,
+            detail="; ".join(parts),
+        ))
+
+    def _apply_reading(self, row: UnitRow, reading: Reading, confirmed: bool) -> UnitRow:
+        locked = None if reading.lock is LockState.UNKNOWN else reading.lock is LockState.LOCKED
+        return replace(row, locked=locked, door=str(reading.door), confirmed=confirmed,
+                       updated_at=self._now())
+
+    def _drive(self, lock: LockConfig, action: str, seconds: float = 0.0) -> tuple[
+            ActionResult | None, str | None]:
+        """Drive the hardware; (result, None) or (None, hardware error text)."""
+        controller = self.site.controller_for(lock)
+        self.actuations += 1
+        try:
+            if action == "unlock":
+                return controller.unlock(point_of(lock), seconds), None
+            return controller.lock(point_of(lock)), None
+        except DriverError as exc:
+            return None, str(exc)
+
+    def _unlock(self, command: Command, received_at: float) -> Outcome:
+        assert command.unit is not None
+        lock = self._locks[command.unit]
+        dur = float(command.dur or lock.unlock_seconds)
+        with self.store.transaction() as tx:
+            if not tx.claim_command(command.jti, command.cmd, command.unit, received_at):
+                return self._duplicate(self._stored(tx, command.jti), command)
+            row = tx.unit(lock.unit)
+            if row.lockout and not command.override:
+                self._event(tx, "unlock_refused", lock, command.jti, command,
+                            "the unit is overlocked")
+                return self._finish(tx, Outcome(command.jti, command.cmd, lock.unit,
+                                                "rejected", "overlocked", self._state(row),
+                                                self._now()))
+            # The relock deadline is durable before the door is touched (module docstring).
+            relock_at = self._now() + dur
+            tx.put_unit(replace(row, relock_at=relock_at))
+        result, error = self._drive(lock, "unlock", dur)
+        with self.store.transaction() as tx:
+            row = tx.unit(lock.unit)
+            status: str
+            reason: str | None
+            if result is None:
+                status, reason = "failed", "hardware_error"
+            else:
+                row = self._apply_reading(row, result.reading, result.confirmed)
+                status, reason = ("done", None) if result.confirmed else ("failed",
+                                                                           "not_confirmed")
+                if result.confirmed:
+                    detail = f"for {dur:g} s"
+                    if command.override:
+                        detail += f"; overlock overridden: {command.reason}"
+                    self._event(tx, "unlocked", lock, command.jti, command, detail)
+            tx.put_unit(row)
+            outcome = self._finish(tx, Outcome(command.jti, command.cmd, lock.unit, status,
+                                               reason, self._state(row), self._now()))
+        if error:
+            self._alarm("hardware_error", lock.unit, error)
+        self._schedule(lock.unit, relock_at)
+        self._publish(row)
+        return outcome
+
+    def _lock(self, command: Command, received_at: float) -> Outcome:
+        assert command.unit is not None
+        lock = self._locks[command.unit]
+        with self.store.transaction() as tx:
+            if not tx.claim_command(command.jti, command.cmd, command.unit, received_at):
+                return self._duplicate(self._stored(tx, command.jti), command)
+        return self._lock_now(lock, command.jti, command, "lock")
+
+    def _lock_now(self, lock: LockConfig, key: str, command: Command | None, why: str,
+                  *, claimed: bool = True) -> Outcome:
+        """Lock, read back, record the outcome, the state and the audit event."""
+        result, error = self._drive(lock, "lock")
+        with self.store.transaction() as tx:
+            row = tx.unit(lock.unit)
+            status: str
+            reason: str | None
+            if result is None:
+                status, reason = "failed", "hardware_error"
+            else:
+                row = self._apply_reading(row, result.reading, result.confirmed)
+                status, reason = ("done", None) if result.confirmed else ("failed",
+                                                                           "not_confirmed")
+            if result is not None and result.confirmed:
+                row = replace(row, relock_at=None)
+                if why != "reapply":
+                    self._event(tx, "locked", lock, key, command,
+                                "relocked when the unlock time ended" if why == "relock"
+                                else "")
+            tx.put_unit(row)
+            outcome = Outcome(key, command.cmd if command else "lock", lock.unit, status,
+                              reason, self._state(row), self._now())
+            if claimed and command is not None:
+                self._finish(tx, outcome)
+        if error:
+            self._alarm("hardware_error", lock.unit, error)
+        elif result is not None and not result.confirmed:
+            self._alarm("jam", lock.unit, result.detail or "lock did not confirm locked")
+        self._publish(row)
+        return outcome
+
+    def _lockout(self, command: Command, received_at: float) -> Outcome:
+        return self._set_lockout(command, received_at, lockout=True)
+
+    def _clear_lockout(self, command: Command, received_at: float) -> Outcome:
+        return self._set_lockout(command, received_at, lockout=False)
+
+    def _set_lockout(self, command: Command, received_at: float, *, lockout: bool) -> Outcome:
+        assert command.unit is not None
+        assert command.ver is not None
+        lock = self._locks[command.unit]
+        with self.store.transaction() as tx:
+            if not tx.claim_command(command.jti, command.cmd, command.unit, received_at):
+                return self._duplicate(self._stored(tx, command.jti), command)
+            row = tx.unit(lock.unit)
+            if command.ver <= row.lockout_ver:
+                return self._finish(tx, Outcome(
+                    command.jti, command.cmd, lock.unit, "rejected", "stale_version",
+                    self._state(row), self._now()))
+            row = replace(row, lockout=lockout, lockout_ver=command.ver,
+                          relock_at=None if lockout else row.relock_at,
+                          updated_at=self._now())
+            tx.put_unit(row)
+            kind = "overlocked" if lockout else "overlock_removed"
+            self._event(tx, kind, lock, command.jti, command, f"version {command.ver}")
+            if not lockout:
+                return self._finish(tx, Outcome(command.jti, command.cmd, lock.unit, "done",
+                                                None, self._state(row), self._now()))
+        # Desired state is recorded; now make the hardware match (a running unlock ends).
+        outcome = self._lock_now(lock, command.jti, command, "reapply", claimed=False)
+        with self.store.transaction() as tx:
+            return self._finish(tx, replace(outcome, cmd=command.cmd, jti=command.jti))
+
+    # -- relock timers --------------------------------------------------------------------
+    def _schedule(self, unit: str, relock_at: float) -> None:
+        with self._timer_cv:
+            heapq.heappush(self._timers, (relock_at, unit))
+            self._timer_cv.notify()
+
+    def _timer_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._timer_cv:
+                due: list[str] = []
+                now = self._now()
+                while self._timers and self._timers[0][0] <= now:
+                    due.append(heapq.heappop(self._timers)[1])
+                if not due:
+                    wait = self._timers[0][0] - now if self._timers else 1.0
+                    # Wall time can jump; never sleep long on a deadline computed from it.
+                    self._timer_cv.wait(timeout=min(max(wait, 0.01), 1.0))
+                    continue
+            for unit in due:
+                self._executor.submit(unit, functools.partial(self._relock_if_due, unit))
+
+    def _relock_if_due(self, unit: str) -> None:
+        row = self.store.unit(unit)
+        lock = self._locks[unit]
+        if row.relock_at is None or row.relock_at > self._now():
+            return  # already relocked, or a later unlock moved the deadline
+        controller = self.site.controller_for(lock)
+        if controller.self_relocking:
+            try:
+                reading = controller.read(point_of(lock))
+            except DriverError as exc:
+                self._alarm("hardware_error", unit, str(exc))
+                self._schedule(unit, self._now() + 5.0)
+                return
+            if reading.lock is LockState.LOCKED:
+                with self.store.transaction() as tx:
+                    row = self._apply_reading(tx.unit(unit), reading, True)
+                    row = replace(row, relock_at=None)
+                    tx.put_unit(row)
+                    self._event(tx, "locked", lock, external_id_for(unit, str(row.updated_at)),
+                                None, "relocked by the controller when the unlock time ended")
+                self._publish(row)
+                return
+            if self._now() < (self.store.unit(unit).relock_at or 0) + SELF_RELOCK_GRACE_S:
+                self._schedule(unit, self._now() + SELF_RELOCK_GRACE_S)
+                return
+        outcome = self._lock_now(lock, external_id_for(unit, "relock", str(row.relock_at)),
+                                 None, "relock", claimed=False)
+        if outcome.status != "done":
+            self._schedule(unit, self._now() + 5.0)  # keep trying; alarms were raised
+
+    # -- reconciliation -------------------------------------------------------------------
+    def reconcile(self) -> None:
+        """Read every controller; re-apply lockouts and overdue relocks; raise alarms.
+
+        Runs on each unit's queue, so it never races a command on that unit.
+        """
+        by_controller: dict[str, list[LockConfig]] = {}
+        for lock in self.config.locks:
+            by_controller.setdefault(lock.controller, []).append(lock)
+        for name, locks in by_controller.items():
+            controller = self.site.controllers[name]
+            try:
+                readings = controller.read_many([point_of(lock) for lock in locks])
+            except DriverError as exc:
+                if name not in self._offline:
+                    self._offline.add(name)
+                    for lock in locks:
+                        self._alarm("controller_offline", lock.unit, f"{name}: {exc}")
+                        self._mark_unknown(lock)
+                continue
+            came_back = name in self._offline
+            self._offline.discard(name)
+            for lock, reading in zip(locks, readings, strict=True):
+                self._executor.submit(
+                    lock.unit,
+                    functools.partial(self._reconcile_unit, lock, reading, came_back),
+                )
+
+    def _mark_unknown(self, lock: LockConfig) -> None:
+        with self.store.transaction() as tx:
+            row = replace(tx.unit(lock.unit), locked=None, door=str(DoorState.UNKNOWN),
+                          confirmed=False, updated_at=self._now())
+            tx.put_unit(row)
+        self._publish(row)
+
+    def _reconcile_unit(self, lock: LockConfig, reading: Reading, came_back: bool) -> None:
+        with self.store.transaction() as tx:
+            row = self._apply_reading(tx.unit(lock.unit), reading, True)
+            tx.put_unit(row)
+        self._check_door(lock, row)
+        if came_back:
+            LOGGER.info("%s: controller back online; state re-read", lock.reference)
+        if row.lockout and row.locked is not True:
+            self._alarm("lockout_drift", lock.unit,
+                        "unit in lockout read back unlocked; locking again")
+            self._lock_now(lock, external_id_for(lock.unit, "reapply", str(self._now())),
+                           None, "reapply", claimed=False)
+            return
+        if row.relock_at is not None and row.relock_at <= self._now() and row.locked is False:
+            self._relock_if_due(lock.unit)
+            return
+        self._publish(row)
+
+    def _check_door(self, lock: LockConfig, row: UnitRow) -> None:
+        if row.door != str(DoorState.OPEN):
+            self._door_open_since.pop(lock.unit, None)
+            return
+        now = self._mono()
+        since = self._door_open_since.setdefault(lock.unit, now)
+        if row.locked is True and row.relock_at is None and since == now:
+            self._alarm("door_forced", lock.unit, "door open while the lock is locked")
+        elif now - since >= DOOR_HELD_OPEN_S and row.relock_at is None:
+            self._alarm("door_held_open", lock.unit,
+                        f"door open for {now - since:.0f} s after the unlock ended")
+            self._door_open_since[lock.unit] = now  # once a minute, not every pass
+
+    # -- publishing -----------------------------------------------------------------------
+    def _publish(self, row: UnitRow) -> None:
+        state = self._state(row)
+        self._last_published[row.unit] = state
+        self._publish_unit(row.unit, state)
+
+    def republish(self) -> None:
+        """Publish every unit's retained state again (after a reconnect)."""
+        for row in self.store.units():
+            if row.unit in self._locks:
+                self._publish(row)
+        for lock in self.config.locks:
+            if lock.unit not in self._last_published:
+                self._publish(self.store.unit(lock.unit))
+
+    def states(self) -> list[dict[str, Any]]:
+        """Every unit's last known state, in config order."""
+        return [self._state(self.store.unit(lock.unit)) for lock in self.config.locks]

@@ -1,0 +1,285 @@
+"""The agent end to end: a real Mosquitto, simulators on ptys, signed commands.
+
+In-process agent here (fast, and its counters are visible); the kill -9 and restart
+tests run it as a subprocess (tests/test_agent_faults.py).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.agent import Agent
+from gateway.config import load_config
+from tests.support.broker import Broker, Client
+from tests.support.site import PREFIX, SimSite, make_site
+
+pytestmark = pytest.mark.simulator_only
+
+
+class Running:
+    """An in-process agent on a thread."""
+
+    def __init__(self, site: SimSite, **kwargs: Any) -> None:
+        self.agent = Agent(load_config(site.config_path), **kwargs)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        self.agent.start()
+        self.agent.run_forever()
+
+    def __enter__(self) -> Agent:
+        self.thread.start()
+        assert self.agent.link.wait_connected(10)
+        return self.agent
+
+    def __exit__(self, *exc: object) -> None:
+        self.agent.stop_event.set()
+        self.thread.join(timeout=10)
+        self.agent.stop()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    with Broker(tmp_path / "broker") as b:
+        yield b
+
+
+@pytest.fixture
+def site(tmp_path: Path, broker: Broker) -> Iterator[SimSite]:
+    s = make_site(tmp_path, broker)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def send(client: Client, token: bytes, *, retain: bool = False) -> None:
+    client.publish(f"{PREFIX}/cmd", token, qos=1, retain=retain)
+
+
+def result_for(client: Client, jti: str, timeout: float = 5.0,
+               count: int = 1) -> list[dict[str, Any]]:
+    msgs = client.expect(f"{PREFIX}/cmd/result", timeout, count=count,
+                         where=lambda m: json.loads(m.payload).get("jti") == jti)
+    return [json.loads(m.payload) for m in msgs]
+
+
+def test_unlock_is_executed_confirmed_audited_and_relocked(site: SimSite) -> None:
+    client = site.client()
+    with Running(site) as agent:
+        jti, token = site.signer.command("unlock", "unit_a101", dur=1, actor="tenant app",
+                                         contact="con_1")
+        send(client, token)
+        [res] = result_for(client, jti)
+        assert res["status"] == "done", res
+        assert res["reason"] is None
+        assert res["duplicate"] is False
+        assert res["state"]["locked"] is False
+        assert site.coil("unit_a101") is True
+        # The agent owns the relock timer on this board (no pulse): it relocks after dur.
+        deadline = time.monotonic() + 5
+        while site.coil("unit_a101") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert site.coil("unit_a101") is False
+        unit_states = [json.loads(m.payload) for m in client.expect(
+            f"{PREFIX}/units/unit_a101", 5, where=lambda m: json.loads(m.payload)["locked"])]
+        assert unit_states[-1]["locked"] is True
+        events = agent.store.events()
+        kinds = [e.description.split(" via ")[0] for e in events]
+        assert "Unit unlocked" in kinds
+        assert "Unit locked" in kinds
+        unlocked = next(e for e in events if e.description.startswith("Unit unlocked"))
+        assert unlocked.description.startswith("Unit unlocked via TestGate")
+        assert unlocked.contact == "con_1"
+
+
+def test_status_birth_is_retained_and_will_is_offline(site: SimSite, broker: Broker) -> None:
+    with Running(site):
+        late = Client(broker)
+        [birth] = late.expect(f"{PREFIX}/status", 5)
+        status = json.loads(birth.payload)
+        assert status["online"] is True
+        assert birth.retain
+        assert status["clock"]["trusted"] is True
+        late.close()
+    after = Client(broker)
+    [last] = after.expect(f"{PREFIX}/status", 5)
+    assert json.loads(last.payload) == {"online": False}
+    after.close()
+
+
+def test_lockout_refuses_unlock_unless_overridden_and_is_audited(site: SimSite) -> None:
+    client = site.client()
+    with Running(site) as agent:
+        j1, t1 = site.signer.command("lockout", "unit_a102", ver=1)
+        send(client, t1)
+        assert result_for(client, j1)[0]["status"] == "done"
+        j2, t2 = site.signer.command("unlock", "unit_a102")
+        send(client, t2)
+        [refused] = result_for(client, j2)
+        assert (refused["status"], refused["reason"]) == ("rejected", "overlocked")
+        assert site.coil("unit_a102") is False
+        j3, t3 = site.signer.command("unlock", "unit_a102", dur=1, override=True,
+                                     reason="fire inspection")
+        send(client, t3)
+        assert result_for(client, j3)[0]["status"] == "done"
+        j4, t4 = site.signer.command("clear_lockout", "unit_a102", ver=1)
+        send(client, t4)
+        assert result_for(client, j4)[0]["reason"] == "stale_version"
+        j5, t5 = site.signer.command("clear_lockout", "unit_a102", ver=2)
+        send(client, t5)
+        assert result_for(client, j5)[0]["status"] == "done"
+        descriptions = [e.description for e in agent.store.events()]
+        assert any(d.startswith("Unit overlocked via TestGate") for d in descriptions)
+        assert any(d.startswith("Unlock refused via TestGate") for d in descriptions)
+        assert any(d.startswith("Overlock removed via TestGate") for d in descriptions)
+        assert any("fire inspection" in d for d in descriptions)
+
+
+@pytest.mark.parametrize("first", ["lockout", "unlock"])
+def test_lockout_and_unlock_10ms_apart_end_locked(site: SimSite, first: str) -> None:
+    client = site.client()
+    with Running(site):
+        jl, lockout = site.signer.command("lockout", "unit_a103", ver=5)
+        ju, unlock = site.signer.command("unlock", "unit_a103", dur=30)
+        pair = [lockout, unlock] if first == "lockout" else [unlock, lockout]
+        send(client, pair[0])
+        time.sleep(0.01)
+        send(client, pair[1])
+        [lres] = result_for(client, jl)
+        [ures] = result_for(client, ju)
+        assert lres["status"] == "done"
+        if first == "lockout":
+            assert ures["reason"] == "overlocked"
+        time.sleep(0.3)
+        assert site.coil("unit_a103") is False  # locked, whatever the order
+
+
+def test_a_duplicate_republishes_the_original_result(site: SimSite) -> None:
+    client = site.client()
+    with Running(site) as agent:
+        jti, token = site.signer.command("unlock", "unit_b201")
+        for _ in range(3):
+            send(client, token)
+        got = result_for(client, jti, count=3)
+        assert [r["duplicate"] for r in got] == [False, True, True]
+        assert len({r["status"] for r in got}) == 1
+        assert agent.units.actuations == 1
+
+
+def test_drift_of_a_unit_in_lockout_is_corrected(site: SimSite) -> None:
+    client = site.client()
+    with Running(site) as agent:
+        jl, lockout = site.signer.command("lockout", "unit_a101", ver=1)
+        send(client, lockout)
+        assert result_for(client, jl)[0]["status"] == "done"
+        site.modbus.board(1).set_coil(0, True)  # someone energizes the relay by hand
+        agent.units.reconcile()
+        deadline = time.monotonic() + 5
+        while site.coil("unit_a101") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert site.coil("unit_a101") is False
+        client.expect(f"{PREFIX}/alarm", 5,
+                      where=lambda m: json.loads(m.payload)["kind"] == "lockout_drift")
+
+
+# -- the bad-command corpus, over the real broker -------------------------------------------
+
+CORPUS_SEEN: list[str] = []
+
+
+def _bad_commands(site: SimSite) -> st.SearchStrategy[tuple[bytes, bool, str]]:
+    """(payload, retained, expected reason) for many ways a command can be wrong."""
+    s = site.signer
+    now = int(time.time())
+
+    def signed(**claims: Any) -> bytes:
+        return s.command("unlock", "unit_a101", **claims)[1]
+
+    good = signed()
+    header, body, sig = good.split(b".")
+    return st.one_of(
+        st.binary(max_size=200).map(lambda b: (b, False, "malformed")),
+        st.integers(1, 60).map(lambda n: (good[:-n], False, "bad_signature")),
+        st.integers(0, len(sig) - 2).map(
+            lambda i: (header + b"." + body + b"." + sig[:i] + (b"A" if sig[i:i + 1] != b"A"
+                                                                 else b"B") + sig[i + 1:],
+                       False, "bad_signature")),
+        st.just((header + b"." + body + b".", False, "bad_signature")),
+        st.sampled_from(["none", "HS256", "RS256", "ES256"]).map(
+            lambda alg: (s.sign({"jti": "x", "aud": "site_test", "iat": now, "exp": now + 60,
+                                 "cmd": "unlock", "unit": "unit_a101"}, headers={"alg": alg}),
+                         False, "bad_signature")),
+        st.text(min_size=1, max_size=10).map(
+            lambda kid: (s.sign({"jti": "x", "aud": "site_test", "iat": now, "exp": now + 60,
+                                 "cmd": "unlock", "unit": "unit_a101"},
+                                headers={"kid": "nope-" + kid}), False, "unknown_key")),
+        st.text(min_size=1, max_size=12).filter(lambda a: a != "site_test").map(
+            lambda aud: (signed(aud=aud), False, "wrong_site")),
+        # times taken when drawn, not when the strategy was built: the run takes a while
+        st.integers(120, 10_000).map(lambda age: (signed(iat=int(time.time()) - age - 60,
+                                                         ttl=60), False, "expired")),
+        st.integers(60, 10_000).map(lambda ahead: (signed(iat=int(time.time()) + ahead,
+                                                          ttl=60), False, "not_yet_valid")),
+        st.integers(301, 100_000).map(lambda life: (signed(ttl=life), False,
+                                                    "lifetime_too_long")),
+        st.booleans().map(lambda _: (good, True, "retained")),
+        st.integers(4097, 20_000).map(lambda n: (b"x" * n, False, "malformed")),
+        # claims of the wrong type or out of range
+        st.sampled_from([1.5, True, [], {}, "5", 0, 3601, -1]).map(
+            lambda v: (signed(dur=v), False, "malformed")),
+        st.sampled_from([7, 1.5, [], "", "x" * 65]).map(
+            lambda v: (signed(jti=v), False, "malformed")),
+        st.sampled_from([5, ["lockout"], "open", ""]).map(
+            lambda v: (s.command(v, "unit_a101")[1], False, "malformed")),
+        st.text(min_size=1, max_size=10).map(
+            lambda u: (s.command("unlock", "unit_zz" + "".join(c for c in u if c.isalnum()))[1],
+                       False, "unknown_unit")),
+    )
+
+
+def test_a_thousand_bad_commands_actuate_nothing(site: SimSite) -> None:
+    client = site.client()
+    writes_before = dict(site.modbus.simulator.requests)
+    with Running(site, reject_rate=(10_000.0, 10_000)) as agent:
+        strategy = _bad_commands(site)
+        counts: dict[str, int] = {}
+
+        @settings(max_examples=1100, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(strategy)
+        def one(case: tuple[bytes, bool, str]) -> None:
+            payload, retained, reason = case
+            client.clear()
+            send(client, payload, retain=retained)
+            [msg] = client.expect(f"{PREFIX}/cmd/result", 5)
+            res = json.loads(msg.payload)
+            assert (res["status"], res["reason"]) == ("rejected", reason), (payload[:80], res)
+            counts[reason] = counts.get(reason, 0) + 1
+            if retained:
+                # Clear it from the broker; the (empty, retained) clearing message is
+                # itself rejected as retained.
+                client.clear()
+                client.publish(f"{PREFIX}/cmd", b"", qos=1, retain=True)
+                [msg] = client.expect(f"{PREFIX}/cmd/result", 5)
+                assert json.loads(msg.payload)["reason"] == "retained"
+
+        one()
+        total = sum(counts.values())
+        print(f"corpus: {total} bad commands over the broker: {counts}")
+        assert total >= 1000
+        assert agent.units.actuations == 0
+        assert agent.counters["rejected"] >= 1000
+    # nothing reached the lock hardware beyond the agent's own read-backs
+    after = site.modbus.simulator.requests
+    assert after[1] >= writes_before.get(1, 0)
+    assert site.coil("unit_a101") is False
