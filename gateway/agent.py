@@ -114,8 +114,12 @@ class Agent:
         )
         self.rejections = TokenBucket(*reject_rate)
         self.counters = {"received": 0, "rejected": 0, "executed": 0, "duplicates": 0}
-        from gateway.mqtt import MqttLink
+        from gateway.mqtt import LinkTimings, MqttLink
 
+        # The liveness check scales with the keepalive the site chose: half of it to
+        # send the echo, half to wait for it, so a wedged link is noticed within about
+        # one keepalive (paho's own keepalive needs up to 1.5).
+        half = max(1.0, config.mqtt.keepalive_s / 2)
         self.link = MqttLink(
             config.mqtt,
             status_topic=f"{self.prefix}/status",
@@ -124,6 +128,8 @@ class Agent:
             subscriptions=[(f"{self.prefix}/cmd", 1)],
             on_message=self.on_message,
             on_connected=self.on_connected,
+            timings=LinkTimings(liveness_interval_s=half, liveness_timeout_s=half,
+                                backoff_max_s=30.0),
         )
         self.control: Any = None
 
@@ -197,6 +203,16 @@ class Agent:
                 self._result(Outcome(rejection.jti or "", rejection.cmd or "", rejection.unit,
                                      "rejected", rejection.reason, None, time.time()))
             return
+        # Durable before this returns, so before the link acknowledges the delivery: a
+        # crash up to here means the broker delivers again; after it, the row remains.
+        with self.store.transaction() as tx:
+            tx.queue_command(command.jti, command.cmd, command.unit, time.time(),
+                             message.payload)
+        self._submit(command)
+
+    def _submit(self, command: Command) -> None:
+        # A duplicate is queued behind its original on the unit's queue, so it answers
+        # with the original's final result.
         future = self.units.submit(command)
         future.add_done_callback(functools.partial(self._done, command))
 
@@ -314,7 +330,22 @@ class Agent:
 
     # -- lifecycle ------------------------------------------------------------------------
     def recover(self) -> None:
-        """Commands interrupted by a crash become ``unknown``: published, never re-run."""
+        """After a crash: interrupted commands become ``unknown`` (published, never re-run);
+        commands received but never started are verified again and run if still fresh."""
+        for row, payload in self.store.queued_commands():
+            try:
+                command = self.verifier.verify(payload, retained=False)
+            except Rejection as rejection:
+                LOGGER.warning("queued command %s dropped at restart: %s", row.jti,
+                               rejection.reason)
+                outcome = Outcome(row.jti, row.cmd, row.unit, "rejected", rejection.reason,
+                                  None, time.time())
+                with self.store.transaction() as tx:
+                    tx.finish_command(row.jti, "rejected", rejection.reason, outcome.record())
+                self._result(outcome)
+                continue
+            LOGGER.info("running command %s received before the restart", row.jti)
+            self._submit(command)
         for row in self.store.recover_interrupted(time.time()):
             LOGGER.warning("command %s was interrupted by a restart: outcome unknown", row.jti)
             self._publish("cmd/result", {

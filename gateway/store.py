@@ -99,9 +99,12 @@ LOGGER = logging.getLogger(__name__)
 #: technician's CLI holds it for milliseconds; 5 s rides out a slow SD card's fsync.
 BUSY_TIMEOUT_S: Final = 5.0
 
-#: Every status a command row can have; ``executing`` only between claim and finish.
-COMMAND_STATUSES: Final = frozenset({"executing", "done", "rejected", "failed", "unknown"})
-_FINAL_STATUSES: Final = COMMAND_STATUSES - {"executing"}
+#: Every status a command row can have.  ``queued``: received, verified and durable
+#: (the broker was acknowledged only after this), hardware not yet touched — safe to run
+#: after a restart if still fresh.  ``executing``: only between start and finish.
+COMMAND_STATUSES: Final = frozenset(
+    {"queued", "executing", "done", "rejected", "failed", "unknown"})
+_FINAL_STATUSES: Final = COMMAND_STATUSES - {"queued", "executing"}
 
 # Primary SQLite result codes (the low byte of an extended code).
 _SQLITE_BUSY: Final = 5
@@ -215,12 +218,14 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
                 cmd TEXT NOT NULL,
                 unit TEXT,
                 status TEXT NOT NULL CHECK (status IN
-                    ('executing', 'done', 'rejected', 'failed', 'unknown')),
+                    ('queued', 'executing', 'done', 'rejected', 'failed', 'unknown')),
                 reason TEXT,
                 result_json TEXT,
                 received_at REAL NOT NULL,
-                finished_at REAL
+                finished_at REAL,
+                payload BLOB
             )""",
+            "CREATE INDEX commands_queued ON commands (received_at) WHERE status = 'queued'",
             # recover_interrupted scans for 'executing' rows at every start.
             "CREATE INDEX commands_executing ON commands (jti) WHERE status = 'executing'",
             """CREATE TABLE units (
@@ -445,6 +450,29 @@ class Transaction:
             "INSERT INTO commands (jti, cmd, unit, status, received_at) "
             "VALUES (?, ?, ?, 'executing', ?) ON CONFLICT (jti) DO NOTHING",
             (jti, cmd, unit, received_at),
+        )
+        return cur.rowcount == 1
+
+    def queue_command(self, jti: str, cmd: str, unit: str | None, received_at: float,
+                      payload: bytes) -> bool:
+        """Record a verified command as ``queued`` with its signed ``payload``.
+
+        ``False`` if the ``jti`` was ever seen before.  The agent acknowledges the MQTT
+        delivery only after this commits, so a crash before it means the broker delivers
+        again, and a crash after it leaves a row the next start can act on.
+        """
+        cur = self._q(
+            "INSERT INTO commands (jti, cmd, unit, status, received_at, payload) "
+            "VALUES (?, ?, ?, 'queued', ?, ?) ON CONFLICT (jti) DO NOTHING",
+            (jti, cmd, unit, received_at, payload),
+        )
+        return cur.rowcount == 1
+
+    def start_command(self, jti: str) -> bool:
+        """``queued`` → ``executing``; ``False`` if it was not queued (already started)."""
+        cur = self._q(
+            "UPDATE commands SET status = 'executing' WHERE jti = ? AND status = 'queued'",
+            (jti,),
         )
         return cur.rowcount == 1
 
@@ -757,6 +785,13 @@ class Store:
         :meth:`Transaction.set_meta`)."""
         with self.transaction() as tx:
             tx.set_meta(key, value)
+
+    def queued_commands(self) -> list[tuple[CommandRow, bytes]]:
+        """Commands received but never started, oldest first, with their signed payload."""
+        with self.transaction() as tx:
+            found = tx._q(_SELECT_COMMANDS.replace(" FROM", ", payload FROM", 1)
+                          + " WHERE status = 'queued' ORDER BY received_at, jti").fetchall()
+        return [(_command_row(r), bytes(r[8] or b"")) for r in found]
 
     def recover_interrupted(self, now: float) -> list[CommandRow]:
         """At start: every ``executing`` command becomes ``unknown``; they are returned.

@@ -6,13 +6,16 @@ technician on the control socket).
 
 Durability, in the order things happen for an unlock:
 
-1. One transaction claims the command's ``jti`` in the inbox (status ``executing``) and
-   records the unit's ``relock_at`` deadline.  A ``jti`` already present is never
-   executed again.
+0. At receipt (before the broker is acknowledged) the verified command is recorded
+   ``queued`` with its signed payload; a ``jti`` already present is never queued again.
+1. One transaction moves it to ``executing`` and records the unit's ``relock_at``
+   deadline.  A command that already started or ended is never executed again.
 2. The hardware is driven and read back.
 3. One transaction records the outcome (``done``/``failed``), the unit's read-back state
    and the Timeline Event record of the action.
 
+A crash between 0 and 1 leaves ``queued``: the hardware was not touched, so the next
+start verifies the payload again (it may have expired meanwhile) and runs it.
 A crash between 1 and 3 leaves ``executing``: at the next start it becomes ``unknown``
 (never re-run) and, because ``relock_at`` was written *before* the door was touched,
 reconciliation relocks the door as soon as the agent is back.  So no door stays unlocked
@@ -182,7 +185,7 @@ class UnitManager:
     def execute(self, command: Command, *, received_at: float) -> Outcome:
         """Run one verified command (call through ``submit`` to keep per-unit order)."""
         existing = self.store.command(command.jti)
-        if existing is not None:
+        if existing is not None and existing.status != "queued":
             return self._duplicate(existing.result, command)
         handler = {
             "unlock": self._unlock,
@@ -191,6 +194,14 @@ class UnitManager:
             "clear_lockout": self._clear_lockout,
         }[command.cmd]
         return handler(command, received_at)
+
+    @staticmethod
+    def _claim(tx: Any, command: Command, received_at: float) -> bool:
+        """Start a command queued at receipt, or claim one that was not (the control
+        socket's); ``False`` when it already started or ended: never run twice."""
+        if tx.start_command(command.jti):
+            return True
+        return bool(tx.claim_command(command.jti, command.cmd, command.unit, received_at))
 
     @staticmethod
     def _stored(tx: Any, jti: str) -> dict[str, Any]:
@@ -260,7 +271,7 @@ class UnitManager:
         lock = self._locks[command.unit]
         dur = float(command.dur or lock.unlock_seconds)
         with self.store.transaction() as tx:
-            if not tx.claim_command(command.jti, command.cmd, command.unit, received_at):
+            if not self._claim(tx, command, received_at):
                 return self._duplicate(self._stored(tx, command.jti), command)
             row = tx.unit(lock.unit)
             if row.lockout and not command.override:
@@ -301,7 +312,7 @@ class UnitManager:
         assert command.unit is not None
         lock = self._locks[command.unit]
         with self.store.transaction() as tx:
-            if not tx.claim_command(command.jti, command.cmd, command.unit, received_at):
+            if not self._claim(tx, command, received_at):
                 return self._duplicate(self._stored(tx, command.jti), command)
         return self._lock_now(lock, command.jti, command, "lock")
 
@@ -348,7 +359,7 @@ class UnitManager:
         assert command.ver is not None
         lock = self._locks[command.unit]
         with self.store.transaction() as tx:
-            if not tx.claim_command(command.jti, command.cmd, command.unit, received_at):
+            if not self._claim(tx, command, received_at):
                 return self._duplicate(self._stored(tx, command.jti), command)
             row = tx.unit(lock.unit)
             if command.ver <= row.lockout_ver:
