@@ -2,9 +2,22 @@
 
 The type tells the caller what to do next::
 
-    GatewayError            base of every error the gateway raises on purpose
-    └── ConfigError         the configuration file is wrong: a person must edit it
-                            (``check-config`` and every command exit with status 2)
+    GatewayError                  base of every error the gateway raises on purpose
+    ├── ConfigError               the configuration file is wrong: a person must edit it
+    │                             (``check-config`` and every command exit with status 2)
+    ├── HardwareUnavailableError  the config names a driver this build cannot drive
+    ├── Rejection                 a command failed verification or a rule; ``reason`` is
+    │                             the contract §4 code (gateway/commands.py)
+    ├── StoreError                the state database (gateway/store.py)
+    │   ├── StoreFull             disk full: retry once space is freed
+    │   ├── StoreBusy             another writer held the lock too long: retry
+    │   ├── StoreReadOnly         the filesystem or file is read-only: a person must look
+    │   └── StoreCorrupt          failed its integrity check: quarantine and start empty
+    └── (gateway/control.py)      the local control socket
+        ├── AgentUnavailable      no agent answers: the CLI works directly
+        ├── ControlDenied         the caller is not root, the agent's user or its group
+        ├── ControlError          the agent refused or failed the request (exit 1 or 2)
+        └── ControlSocketError    the socket cannot be served (another agent has it, …)
 
 Driver failures have their own tree in :mod:`drivers.errors`; the gateway never lets a
 foreign exception (``OSError``, ``tomllib.TOMLDecodeError``, …) reach the user: it is

@@ -283,3 +283,39 @@ def test_a_thousand_bad_commands_actuate_nothing(site: SimSite) -> None:
     after = site.modbus.simulator.requests
     assert after[1] >= writes_before.get(1, 0)
     assert site.coil("unit_a101") is False
+
+
+def test_the_cli_acts_through_the_running_agent_and_is_audited(site: SimSite) -> None:
+    import io
+
+    from gateway.cli import main
+
+    client = site.client()
+    with Running(site) as agent:
+        j1, t1 = site.signer.command("lockout", "unit_a102", ver=1)
+        send(client, t1)
+        assert result_for(client, j1)[0]["status"] == "done"
+        out = io.StringIO()
+        assert main(["locks", "--json", "--config", str(site.config_path)], out=out) == 0
+        rows = {r["unit"]: r for r in json.loads(out.getvalue())}
+        assert rows["unit_a102"]["lockout"] is True  # only the agent knows: not direct mode
+        assert rows["unit_a101"]["lockout"] is False
+        # a unit in lockout needs --force --reason, through the agent too
+        err = io.StringIO()
+        assert main(["unlock", "A-102", "--config", str(site.config_path)], out=io.StringIO(),
+                    err=err) == 1
+        assert "lockout" in err.getvalue()
+        assert site.coil("unit_a102") is False
+        out = io.StringIO()
+        status = main(["unlock", "A-101", "--seconds", "1", "--json", "--config",
+                       str(site.config_path)], out=out)
+        assert status == 0, out.getvalue()
+        assert site.coil("unit_a101") is True  # the agent keeps the relock timer
+        unlocked = [e for e in agent.store.events()
+                    if e.description.startswith("Unit unlocked") and e.unit == "unit_a101"]
+        assert unlocked
+        assert "technician" in (unlocked[-1].actor or "")
+        deadline = time.monotonic() + 5
+        while site.coil("unit_a101") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert site.coil("unit_a101") is False
