@@ -235,6 +235,11 @@ class Recorder:
             self._cond.wait_for(lambda: seen() is not None, timeout)
             return seen()
 
+    def count(self, prefix: str) -> int:
+        """How many messages arrived on topics starting with ``prefix`` (results aside)."""
+        with self._cond:
+            return sum(len(v) for k, v in self.other.items() if k.startswith(prefix))
+
     def wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Wait (on arrivals) until ``predicate()`` holds; whether it does."""
         with self._cond:

@@ -112,6 +112,15 @@ class Outcome:
         return {**self.payload(), "at_epoch": self.at}
 
 
+def _verdict(result: ActionResult | None) -> tuple[str, str | None]:
+    """Contract §4 status and reason of a hardware action (None: no answer at all)."""
+    if result is None:
+        return "failed", "hardware_error"
+    if result.confirmed:
+        return "done", None
+    return "failed", "not_confirmed"
+
+
 Publish = Callable[[str, dict[str, Any]], None]
 Alarm = Callable[[str, str | None, str], None]
 
@@ -286,14 +295,9 @@ class UnitManager:
         result, error = self._drive(lock, "unlock", dur)
         with self.store.transaction() as tx:
             row = tx.unit(lock.unit)
-            status: str
-            reason: str | None
-            if result is None:
-                status, reason = "failed", "hardware_error"
-            else:
+            status, reason = _verdict(result)
+            if result is not None:
                 row = self._apply_reading(row, result.reading, result.confirmed)
-                status, reason = ("done", None) if result.confirmed else ("failed",
-                                                                           "not_confirmed")
                 if result.confirmed:
                     detail = f"for {dur:g} s"
                     if command.override:
@@ -322,14 +326,9 @@ class UnitManager:
         result, error = self._drive(lock, "lock")
         with self.store.transaction() as tx:
             row = tx.unit(lock.unit)
-            status: str
-            reason: str | None
-            if result is None:
-                status, reason = "failed", "hardware_error"
-            else:
+            status, reason = _verdict(result)
+            if result is not None:
                 row = self._apply_reading(row, result.reading, result.confirmed)
-                status, reason = ("done", None) if result.confirmed else ("failed",
-                                                                           "not_confirmed")
             if result is not None and result.confirmed:
                 row = replace(row, relock_at=None)
                 if why != "reapply":
