@@ -10,6 +10,11 @@ The simulator runs in the benchmark's process, so the moment it receives a coil 
 (``CoilWatch``: taken when the bytes reach ``ModbusSimulator.feed``) and the moment the
 benchmark published a command are read from one clock, ``time.perf_counter``.
 
+With ``acl=True`` the broker requires a password and an ACL lets only the agent's and
+the relay's accounts near the site's topics (``relay`` alone may publish on ``P/S/cmd``);
+a third account, ``intruder``, may connect and publish but reaches nothing.  Only
+bench/agent_flood.py ``--acl`` uses it, to show the deployment fix for the flood.
+
 The test helpers are loaded with ``importlib`` so that mypy does not type-check them
 as part of ``bench/`` (tests/support/broker.py has one strict-mode error of its own).
 """
@@ -57,14 +62,43 @@ class Unit:
     coil: int
 
 
+#: Broker accounts of ``BenchSite(acl=True)``: name -> password.
+ACCOUNTS = {"agent": "agent-pw", "relay": "relay-pw", "intruder": "intruder-pw"}
+
+
+def write_acl(path: Path) -> Path:
+    """The site's ACL: the agent owns ``P/S/#``, the relay commands and reads it."""
+    path.write_text(f"""\
+user agent
+topic readwrite {PREFIX}/#
+
+user relay
+topic write {CMD_TOPIC}
+topic read {PREFIX}/#
+topic read $SYS/#
+
+user intruder
+""")
+    return path
+
+
 def write_config(directory: Path, host: str, port: int, bus_path: Path, public_key: str,
-                 *, boards: int, coils: int, inputs: int) -> tuple[Path, Path, list[Unit]]:
+                 *, boards: int, coils: int, inputs: int,
+                 account: str | None = None) -> tuple[Path, Path, list[Unit]]:
     """An agent config with ``boards`` Modbus boards (slave ids 1…) on one bus and one lock
     per coil (door contact on the input of the same number when there is one).
 
-    Modelled on ``tests.support.site.write_agent_config``.  Returns (config, control
+    Modelled on ``tests.support.site.write_agent_config``.  With ``account`` the agent
+    logs in to the broker as that user of :data:`ACCOUNTS`.  Returns (config, control
     socket, units).
     """
+    login = ""
+    if account is not None:
+        password = directory / "mqtt-password"
+        password.write_text(ACCOUNTS[account] + "\n")
+        password.chmod(0o600)
+        login = f'username = "{account}"\npassword_file = "{password}"\n'
+
     token = directory / "token"
     token.write_text("bench-token\n")
     token.chmod(0o600)
@@ -96,7 +130,7 @@ host = "{host}"
 port = {port}
 client_id = "agent-under-bench"
 keepalive_s = 30
-
+{login}
 [commands]
 trusted_keys = {{ bench-2026 = "{public_key}" }}
 clock = "system"
@@ -181,7 +215,8 @@ class Recorder:
     topic keeps (time, payload) in arrival order.
     """
 
-    def __init__(self, host: str, port: int, topics: Sequence[str], name: str) -> None:
+    def __init__(self, host: str, port: int, topics: Sequence[str], name: str,
+                 account: str | None = None) -> None:
         self._cond = threading.Condition()
         self.results: dict[str, tuple[float, dict[str, Any]]] = {}
         self.result_count = 0
@@ -190,6 +225,8 @@ class Recorder:
         self._paho = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
                                  client_id=f"bench-{name}-{os.getpid()}",
                                  protocol=paho.MQTTv311)
+        if account is not None:
+            self._paho.username_pw_set(account, ACCOUNTS[account])
         self._paho.on_message = self._on_message
         self._paho.on_subscribe = lambda *_: self._subscribed.set()
         self._paho.connect(host, port, keepalive=60)
@@ -265,6 +302,7 @@ class BenchSite:
     coils: int = 8
     inputs: int = 8
     broker_conf: Sequence[str] = ()
+    acl: bool = False
     directory: Path = field(init=False)
     broker: Any = field(init=False)
     sim: ModbusSimBus = field(init=False)
@@ -289,8 +327,13 @@ class BenchSite:
         stack = self._stack
         self.directory = Path(tempfile.mkdtemp(prefix="stora-bench-"))
         stack.callback(shutil.rmtree, self.directory, ignore_errors=True)
-        self.broker = _broker_support.Broker(self.directory / "broker",
-                                             extra_conf=list(self.broker_conf))
+        conf = list(self.broker_conf)
+        users = None
+        if self.acl:
+            users = ACCOUNTS
+            conf.append(f"acl_file {write_acl(self.directory / 'acl')}")
+        self.broker = _broker_support.Broker(self.directory / "broker", users=users,
+                                             extra_conf=conf)
         self.broker.start()
         stack.callback(self.broker.close)
         slaves = tuple(range(1, self.boards + 1))
@@ -302,7 +345,8 @@ class BenchSite:
         self.signer = CommandSigner(private, "bench-2026", SITE)
         self.config_path, self.socket_path, self.units = write_config(
             self.directory, self.broker.host, self.broker.port, self.sim.path, public,
-            boards=self.boards, coils=self.coils, inputs=self.inputs)
+            boards=self.boards, coils=self.coils, inputs=self.inputs,
+            account="agent" if self.acl else None)
         self.agent = _site_support.AgentProcess(self)
         stack.callback(self._stop_agent)
         self.agent.start()
@@ -322,14 +366,17 @@ class BenchSite:
         return int(self.agent.proc.pid)
 
     def publisher(self) -> Any:
-        """A ``tests.support.broker.Client`` (its ``publish`` waits for the PUBACK)."""
-        client = _broker_support.Client(self.broker)
+        """A ``tests.support.broker.Client`` (its ``publish`` waits for the PUBACK); the
+        relay's account under ``acl``."""
+        login = {"username": "relay", "password": ACCOUNTS["relay"]} if self.acl else {}
+        client = _broker_support.Client(self.broker, **login)
         self._clients.append(client)
         return client
 
     def recorder(self, topics: Iterable[str], name: str) -> Recorder:
         """A ``Recorder`` on this broker, closed with the site."""
-        recorder = Recorder(self.broker.host, self.broker.port, list(topics), name)
+        recorder = Recorder(self.broker.host, self.broker.port, list(topics), name,
+                            "relay" if self.acl else None)
         self._clients.append(recorder)
         return recorder
 

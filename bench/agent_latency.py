@@ -69,6 +69,7 @@ def main() -> None:
                 commands.append(written - started)
                 rtts.append(received - sent)
         status = site.status()
+        writes = site.watch.count
     counters = status["commands"]
     if counters["executed"] != total or counters["rejected"] or counters["duplicates"]:
         raise SystemExit(f"agent counters do not match {total} executed commands: {counters}")
@@ -77,7 +78,7 @@ def main() -> None:
     print(f"agent subprocess, mosquitto, Modbus simulator on a pty in the bench process; "
           f"{args.commands} commands + {args.commands} round trips interleaved "
           f"(after {args.warmup} warm-up pairs); {args.locks} locks, unlock/lock alternating")
-    print(f"agent counters: {counters}; coil writes seen {site.watch.count}")
+    print(f"agent counters: {counters}; coil writes seen {writes}")
     print(f"{'':28} {'p50':>10} {'p99':>10} {'max':>10}")
     print(f"{'MQTT round trip (QoS 1)':28} {ms(r50)} {ms(r99)} {ms(max(rtts))}")
     print(f"{'command -> coil write':28} {ms(c50)} {ms(c99)} {ms(max(commands))}")

@@ -26,11 +26,11 @@ import signal
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from drivers.errors import DriverError
 from gateway import __version__
 from gateway.commands import Command, CommandVerifier, Rejection
 from gateway.config import Config, LockConfig
@@ -48,6 +48,8 @@ REJECT_RATE_PER_S = 20.0
 REJECT_BURST = 50
 #: How long a control-socket request waits for its unit's queue.
 CONTROL_WAIT_S = 120.0
+#: Results kept while the broker is unreachable (the oldest go first beyond this).
+UNSENT_RESULTS_MAX = 1000
 
 
 class TokenBucket:
@@ -132,6 +134,7 @@ class Agent:
                                 backoff_max_s=30.0),
         )
         self.control: Any = None
+        self._restart_results: deque[Outcome] = deque(maxlen=UNSENT_RESULTS_MAX)
 
     # -- publishing -----------------------------------------------------------------------
     def _publish(self, suffix: str, payload: Mapping[str, Any], *, retain: bool = False) -> None:
@@ -148,7 +151,12 @@ class Agent:
                                 "at": rfc3339(time.time())})
 
     def _result(self, outcome: Outcome) -> None:
-        self._publish("cmd/result", outcome.payload())
+        data = json.dumps(outcome.payload(), separators=(",", ":")).encode()
+        if not self.link.publish(f"{self.prefix}/cmd/result", data, qos=1):
+            # Not connected: kept (bounded) and sent on the next connect, so a result
+            # is not lost to a broker outage; the sender can also re-send the command
+            # and get it as a duplicate.
+            self._restart_results.append(outcome)
 
     def status(self) -> dict[str, Any]:
         """Everything ``status`` shows; also the retained birth payload."""
@@ -186,6 +194,11 @@ class Agent:
         """After every (re)connect: retained unit state again, then pending alarms."""
         LOGGER.info("broker connected (session present: %s)", session_present)
         self.units.republish()
+        while self._restart_results:
+            outcome = self._restart_results.popleft()
+            self._result(outcome)
+            if not self.link.connected:
+                break
         for alarm in self._pending_alarms:
             self.alarm(*alarm)
         self._pending_alarms = []
@@ -199,15 +212,31 @@ class Agent:
         except Rejection as rejection:
             self.counters["rejected"] += 1
             LOGGER.info("command rejected: %s (%s)", rejection.reason, rejection.detail)
+            stored = (self.store.command(rejection.jti)
+                      if rejection.claims_verified and rejection.jti else None)
+            if stored is not None and stored.result:
+                # A genuine command we already answered, redelivered after it expired:
+                # the original result, as a duplicate (contract §4).
+                self._result(Outcome.from_result(stored.result, duplicate=True))
+                return
             if self.rejections.take():
                 self._result(Outcome(rejection.jti or "", rejection.cmd or "", rejection.unit,
                                      "rejected", rejection.reason, None, time.time()))
             return
         # Durable before this returns, so before the link acknowledges the delivery: a
         # crash up to here means the broker delivers again; after it, the row remains.
-        with self.store.transaction() as tx:
-            tx.queue_command(command.jti, command.cmd, command.unit, time.time(),
-                             message.payload)
+        from gateway.store import StoreError
+
+        try:
+            with self.store.transaction() as tx:
+                tx.queue_command(command.jti, command.cmd, command.unit, time.time(),
+                                 message.payload)
+        except StoreError as exc:
+            # Without a durable inbox, at-most-once cannot be promised: refuse, loudly.
+            self.alarm("storage", command.unit, f"command {command.jti} refused: {exc}")
+            self._result(Outcome(command.jti, command.cmd, command.unit, "failed",
+                                 "hardware_error", None, time.time()))
+            return
         self._submit(command)
 
     def _submit(self, command: Command) -> None:
@@ -217,13 +246,23 @@ class Agent:
         future.add_done_callback(functools.partial(self._done, command))
 
     def _done(self, command: Command, future: Any) -> None:
+        if future.cancelled():
+            return  # shutting down: still `queued` in SQLite, run at the next start
         try:
             outcome = future.result()
-        except Exception as exc:  # a bug must still answer the sender, never hang it
-            LOGGER.exception("command %s failed", command.jti)
-            outcome = Outcome(command.jti, command.cmd, command.unit, "failed",
-                              "hardware_error", None, time.time())
-            del exc
+        except Exception:
+            # A bug or a storage failure, possibly after the door moved: the honest
+            # answer is `unknown`, and the row says so too, so it is never run again.
+            LOGGER.exception("command %s failed inside the agent", command.jti)
+            outcome = Outcome(command.jti, command.cmd, command.unit, "unknown", None, None,
+                              time.time())
+            try:
+                with self.store.transaction() as tx:
+                    row = tx.command(command.jti)
+                    if row is not None and row.status in ("queued", "executing"):
+                        tx.finish_command(command.jti, "unknown", None, outcome.record())
+            except Exception:  # the store itself may be what failed
+                LOGGER.exception("could not record %s as unknown", command.jti)
         if outcome.duplicate:
             self.counters["duplicates"] += 1
         else:
@@ -246,9 +285,17 @@ class Agent:
             return {"locks": self._locks_rows()}
         if method in ("unlock", "lock"):
             lock = self._find(str(params.get("unit", "")))
+            seconds = params.get("seconds")
+            if method == "unlock" and seconds is not None and not (
+                    isinstance(seconds, (int, float)) and 0 < seconds <= 3600):
+                raise ControlError("seconds must be between 1 and 3600", 2)
+            if params.get("force") and not str(params.get("reason") or "").strip():
+                raise ControlError("--force needs --reason TEXT (it is audited)", 2)
+            now = int(self.clock.now())
             cmd = Command(
                 jti=f"local-{uuid.uuid4().hex}", cmd=method, unit=lock.unit, kid="local",
-                iat=int(time.time()), exp=int(time.time()) + 60,
+                # Valid while the technician waits for the unit's queue, not after.
+                iat=now, exp=now + int(CONTROL_WAIT_S),
                 # Whole seconds on the wire (contract §5); never round an unlock down to 0.
                 dur=max(1, math.ceil(float(params["seconds"])))
                 if method == "unlock" and params.get("seconds") else None,
@@ -256,10 +303,15 @@ class Agent:
                 actor=actor,
             )
             started = time.monotonic()
+            future = self.units.submit(cmd)
             try:
-                outcome = self.units.submit(cmd).result(timeout=CONTROL_WAIT_S)
+                outcome = future.result(timeout=CONTROL_WAIT_S)
             except FutureTimeout:
-                raise ControlError("the unit is busy; try again", 1) from None
+                if future.cancel():  # never ran: a retry cannot make it run twice
+                    raise ControlError("the unit is busy; nothing was done; try again",
+                                       1) from None
+                raise ControlError("the unit is busy and the action is still running; "
+                                   "check with `locks`", 1) from None
             if outcome.reason == "overlocked":
                 raise ControlError(
                     f"{lock.reference} is in lockout (overlocked): use --force --reason TEXT", 1)
@@ -301,7 +353,6 @@ class Agent:
                  "lockout": self.store.unit(r.unit).lockout, "error": r.error} for r in rows]
 
     def _test(self, params: Mapping[str, Any], actor: str) -> dict[str, Any]:
-        from gateway.technician import run_test_cycle
 
         if params.get("all"):
             locks = list(self.config.locks)
@@ -311,27 +362,59 @@ class Agent:
         relock_timeout = float(params.get("relock_timeout") or 10.0)
         results = []
         for lock in locks:
-            if self.store.unit(lock.unit).lockout:
+            # On the unit's queue: a lockout queued ahead of the test is seen, and no
+            # command runs in the middle of the cycle.
+            future = self.units.run_exclusive(
+                lock.unit, functools.partial(self._test_one, lock, seconds, relock_timeout,
+                                             actor))
+            try:
+                results.append(future.result(timeout=CONTROL_WAIT_S + seconds +
+                                             relock_timeout))
+            except FutureTimeout:
+                future.cancel()
                 results.append({"unit": lock.unit, "reference": lock.reference,
                                 "passed": False, "unlock_ms": None, "relock_ms": None,
-                                "detail": "in lockout: not tested (clear the lockout first)"})
-                continue
-            future = self.units.run_exclusive(
-                lock.unit,
-                functools.partial(run_test_cycle, self.site, lock, seconds,
-                                  relock_timeout_s=relock_timeout))
-            r = future.result(timeout=CONTROL_WAIT_S)
-            results.append({"unit": r.unit, "reference": r.reference, "passed": r.passed,
-                            "unlock_ms": r.unlock_ms, "relock_ms": r.relock_ms,
-                            "detail": r.detail})
-            LOGGER.info("test of %s by %s: %s", lock.reference, actor,
-                        "pass" if r.passed else "FAIL")
+                                "detail": "the unit stayed busy; not tested"})
         return {"passed": all(r["passed"] for r in results), "results": results}
+
+    def _test_one(self, lock: LockConfig, seconds: float, relock_timeout: float,
+                  actor: str) -> dict[str, Any]:
+        """One technician test cycle, refused in lockout, audited like any unlock."""
+        from gateway.technician import run_test_cycle
+        from gateway.timeline import external_id_for, make_event
+
+        if self.store.unit(lock.unit).lockout:
+            return {"unit": lock.unit, "reference": lock.reference, "passed": False,
+                    "unlock_ms": None, "relock_ms": None,
+                    "detail": "in lockout: not tested (clear the lockout first)"}
+        r = run_test_cycle(self.site, lock, seconds, relock_timeout_s=relock_timeout)
+        if r.unlock_ms is not None:  # the door was driven: audit both halves
+            key = uuid.uuid4().hex
+            with self.store.transaction() as tx:
+                for kind, detail in (("unlocked", "technician test"),
+                                     ("locked", "technician test: relocked" if r.passed
+                                      else f"technician test failed: {r.detail}")):
+                    tx.add_event(make_event(
+                        kind, app_name=self.config.site.app_name, site_id=self.config.site.id,
+                        unit=lock.unit, reference=lock.reference,
+                        external_id=external_id_for(self.config.site.id, "test", key, kind),
+                        occurred_at=self.clock.now(), actor=actor,
+                        detail=f"{detail}; unit {lock.reference}; by {actor}"))
+        LOGGER.info("test of %s by %s: %s", lock.reference, actor, "pass" if r.passed else "FAIL")
+        return {"unit": r.unit, "reference": r.reference, "passed": r.passed,
+                "unlock_ms": r.unlock_ms, "relock_ms": r.relock_ms, "detail": r.detail}
 
     # -- lifecycle ------------------------------------------------------------------------
     def recover(self) -> None:
-        """After a crash: interrupted commands become ``unknown`` (published, never re-run);
-        commands received but never started are verified again and run if still fresh."""
+        """After a crash: interrupted commands become ``unknown`` (never re-run); commands
+        received but never started are verified again and run if still fresh.
+
+        Runs before the link starts, so nothing of this run is mistaken for last run's;
+        the results go out once the broker is connected (``on_connected``).
+        """
+        for row in self.store.recover_interrupted(time.time()):
+            LOGGER.warning("command %s was interrupted by a restart: outcome unknown", row.jti)
+            self._restart_results.append(Outcome.from_result(row.result, duplicate=False))
         for row, payload in self.store.queued_commands():
             try:
                 command = self.verifier.verify(payload, retained=False)
@@ -340,17 +423,14 @@ class Agent:
                                rejection.reason)
                 outcome = Outcome(row.jti, row.cmd, row.unit, "rejected", rejection.reason,
                                   None, time.time())
+                if rejection.reason == "clock_untrusted":
+                    continue  # not final: it is tried again once the clock is trusted
                 with self.store.transaction() as tx:
                     tx.finish_command(row.jti, "rejected", rejection.reason, outcome.record())
-                self._result(outcome)
+                self._restart_results.append(outcome)
                 continue
             LOGGER.info("running command %s received before the restart", row.jti)
             self._submit(command)
-        for row in self.store.recover_interrupted(time.time()):
-            LOGGER.warning("command %s was interrupted by a restart: outcome unknown", row.jti)
-            self._publish("cmd/result", {
-                "jti": row.jti, "cmd": row.cmd, "unit": row.unit, "status": "unknown",
-                "reason": None, "duplicate": False, "state": None, "at": rfc3339(time.time())})
 
     def start(self) -> None:
         """Start everything; returns at once."""
@@ -361,9 +441,9 @@ class Agent:
         self.control = ControlServer(self.config.control.socket, self)
         self.control.start()
         self.units.start()
-        self.link.start()
         self.recover()
-        self.units.reconcile()
+        self.link.start()
+        self._guarded("reconciliation", self.units.reconcile)
 
     def run_forever(self) -> None:
         """Periodic jobs until ``stop_event``."""
@@ -372,15 +452,21 @@ class Agent:
             now = time.monotonic()
             if now >= next_reconcile:
                 next_reconcile = now + RECONCILE_INTERVAL_S
-                try:
-                    self.units.reconcile()
-                except (DriverError, OSError):
-                    LOGGER.exception("reconciliation failed")
+                self._guarded("reconciliation", self.units.reconcile)
             if now >= next_status:
                 next_status = now + STATUS_INTERVAL_S
-                self._persist_trusted_time()
-                self.link.publish(f"{self.prefix}/status", self._birth(), qos=1, retain=True)
+                self._guarded("saving the trusted time", self._persist_trusted_time)
+                self._guarded("status", lambda: self.link.publish(
+                    f"{self.prefix}/status", self._birth(), qos=1, retain=True))
             self.stop_event.wait(timeout=min(next_reconcile, next_status) - time.monotonic())
+
+    def _guarded(self, what: str, job: Any) -> None:
+        """Run a periodic job; a failure is an alarm, never the end of the agent."""
+        try:
+            job()
+        except Exception as exc:  # a full disk, a driver bug: keep the locks going
+            LOGGER.exception("%s failed", what)
+            self.alarm("agent_error", None, f"{what} failed: {type(exc).__name__}: {exc}")
 
     def _persist_trusted_time(self) -> None:
         trusted, _ = self.clock.trusted()
@@ -388,15 +474,24 @@ class Agent:
             self.store.set_meta("last_trusted_time", repr(self.clock.now()))
 
     def stop(self) -> None:
-        """Clean shutdown: offline status, sockets closed, queued work finished."""
+        """Clean shutdown, each step best effort: no new requests, running work finished
+        (and its results published), pending relocks done, offline status, ports closed."""
         self.stop_event.set()
-        self._persist_trusted_time()
-        if self.control is not None:
-            self.control.stop()
-        self.link.stop()
-        self.units.stop()
-        self.site.close()
-        self.store.close()
+        steps: list[tuple[str, Any]] = [
+            ("control socket", self.control.stop if self.control is not None else None),
+            ("units", self.units.stop),
+            ("saving the trusted time", self._persist_trusted_time),
+            ("broker link", self.link.stop),
+            ("hardware", self.site.close),
+            ("store", self.store.close),
+        ]
+        for what, step in steps:
+            if step is None:
+                continue
+            try:
+                step()
+            except Exception:
+                LOGGER.exception("stopping %s failed", what)
 
 
 def _sd_notify(message: str) -> None:

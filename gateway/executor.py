@@ -60,6 +60,12 @@ class KeyedSerialExecutor:
         with self._lock:
             return sum(len(q) for q in self._queues.values())
 
-    def shutdown(self, wait: bool = True) -> None:
-        """Stop accepting work; with ``wait``, finish what is queued."""
-        self._pool.shutdown(wait=wait)
+    def shutdown(self, *, cancel_pending: bool = False) -> None:
+        """Stop; wait for running tasks.  With ``cancel_pending``, tasks not yet started
+        are cancelled (their futures say so) instead of run."""
+        if cancel_pending:
+            with self._lock:
+                for queue in self._queues.values():
+                    for _, future in queue:
+                        future.cancel()
+        self._pool.shutdown(wait=True)

@@ -149,31 +149,57 @@ class UnitManager:
         self._alarm = alarm
         self._executor = KeyedSerialExecutor(workers)
         self._locks = {lock.unit: lock for lock in config.locks}
-        self._timers: list[tuple[float, str]] = []  # (wall relock_at, unit)
+        # Relock deadlines run on the monotonic clock: a wall-clock step (NTP at boot,
+        # `date -s`) must not postpone a relock.  The wall-clock `relock_at` in SQLite is
+        # only for finding overdue doors after a restart.
+        self._timers: list[tuple[float, str]] = []  # (monotonic deadline, unit)
+        self._deadline: dict[str, float] = {}  # unit -> its current monotonic deadline
         self._timer_cv = threading.Condition()
         self._stop = threading.Event()
         self._timer_thread = threading.Thread(target=self._timer_loop, name="relock", daemon=True)
         self._offline: set[str] = set()
+        self._grace: set[str] = set()
         self._door_open_since: dict[str, float] = {}
         self._last_published: dict[str, dict[str, Any]] = {}
         self.actuations = 0
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
-        """Schedule the relocks recorded before a restart, then start the timer."""
+        """Forget last run's read-backs, schedule recorded relocks, start the timer.
+
+        The state published before the first read-back says "unknown" (contract §4:
+        never guessed); relocks recorded before a restart are due at their wall time, or
+        at once when overdue.
+        """
         for row in self.store.units():
-            if row.unit in self._locks and row.relock_at is not None:
+            if row.unit not in self._locks:
+                continue
+            with self.store.transaction() as tx:
+                tx.put_unit(replace(row, locked=None, confirmed=False))
+            if row.relock_at is not None:
                 self._schedule(row.unit, row.relock_at)
         self._timer_thread.start()
 
     def stop(self) -> None:
-        """Stop timers and let queued work finish."""
+        """Shut down without leaving a door open.
+
+        Commands not yet started stay ``queued`` in SQLite (verified again at the next
+        start); running ones finish; then every door still waiting for its relock is
+        locked now, early rather than left open while the agent is down.
+        """
+        self._executor.shutdown(cancel_pending=True)
         self._stop.set()
         with self._timer_cv:
             self._timer_cv.notify_all()
         if self._timer_thread.is_alive():
             self._timer_thread.join(timeout=5)
-        self._executor.shutdown(wait=True)
+        for unit in list(self._deadline):
+            try:
+                self._lock_now(self._locks[unit], external_id_for(unit, "shutdown",
+                                                                  str(self._now())),
+                               None, "relock", claimed=False)
+            except Exception:  # best effort at shutdown; the next start relocks from SQLite
+                LOGGER.exception("%s: relock at shutdown failed", unit)
 
     def run_exclusive(self, unit: str, fn: Callable[[], Any]) -> Future[Any]:
         """Run ``fn`` on ``unit``'s queue, serialized with its commands (a technician test)."""
@@ -196,6 +222,11 @@ class UnitManager:
         existing = self.store.command(command.jti)
         if existing is not None and existing.status != "queued":
             return self._duplicate(existing.result, command)
+        if command.cmd in ("unlock", "lock") and (
+                self._now() >= command.exp + self.config.commands.clock_skew_s):
+            # It was fresh when verified but waited on the unit's queue past its expiry:
+            # a momentary action never runs late (contract §5).
+            return self._reject_late(command, received_at)
         handler = {
             "unlock": self._unlock,
             "lock": self._lock,
@@ -203,6 +234,15 @@ class UnitManager:
             "clear_lockout": self._clear_lockout,
         }[command.cmd]
         return handler(command, received_at)
+
+    def _reject_late(self, command: Command, received_at: float) -> Outcome:
+        with self.store.transaction() as tx:
+            if not self._claim(tx, command, received_at):
+                return self._duplicate(self._stored(tx, command.jti), command)
+            row = tx.unit(command.unit) if command.unit else None
+            return self._finish(tx, Outcome(
+                command.jti, command.cmd, command.unit, "rejected", "expired",
+                self._state(row) if row is not None else None, self._now()))
 
     @staticmethod
     def _claim(tx: Any, command: Command, received_at: float) -> bool:
@@ -292,6 +332,9 @@ class UnitManager:
             # The relock deadline is durable before the door is touched (module docstring).
             relock_at = self._now() + dur
             tx.put_unit(replace(row, relock_at=relock_at))
+        # Armed before the door is driven, so no failure after this point (a full disk
+        # at the next write, say) can leave the door open without a relock coming.
+        self._schedule_in(lock.unit, dur)
         result, error = self._drive(lock, "unlock", dur)
         with self.store.transaction() as tx:
             row = tx.unit(lock.unit)
@@ -308,7 +351,6 @@ class UnitManager:
                                                reason, self._state(row), self._now()))
         if error:
             self._alarm("hardware_error", lock.unit, error)
-        self._schedule(lock.unit, relock_at)
         self._publish(row)
         return outcome
 
@@ -331,6 +373,7 @@ class UnitManager:
                 row = self._apply_reading(row, result.reading, result.confirmed)
             if result is not None and result.confirmed:
                 row = replace(row, relock_at=None)
+                self._deadline.pop(lock.unit, None)
                 if why != "reapply":
                     self._event(tx, "locked", lock, key, command,
                                 "relocked when the unlock time ended" if why == "relock"
@@ -368,6 +411,8 @@ class UnitManager:
             row = replace(row, lockout=lockout, lockout_ver=command.ver,
                           relock_at=None if lockout else row.relock_at,
                           updated_at=self._now())
+            if lockout:
+                self._deadline.pop(lock.unit, None)  # the lock below ends any unlock
             tx.put_unit(row)
             kind = "overlocked" if lockout else "overlock_removed"
             self._event(tx, kind, lock, command.jti, command, f"version {command.ver}")
@@ -381,20 +426,36 @@ class UnitManager:
 
     # -- relock timers --------------------------------------------------------------------
     def _schedule(self, unit: str, relock_at: float) -> None:
+        """Relock ``unit`` at wall time ``relock_at`` (converted to the monotonic clock)."""
+        self._schedule_in(unit, relock_at - self._now())
+
+    def _schedule_in(self, unit: str, seconds: float) -> None:
+        deadline = self._mono() + max(0.0, seconds)
         with self._timer_cv:
-            heapq.heappush(self._timers, (relock_at, unit))
+            self._deadline[unit] = deadline
+            heapq.heappush(self._timers, (deadline, unit))
             self._timer_cv.notify()
+
+    def _is_due(self, unit: str, row: UnitRow) -> bool:
+        """Whether ``unit``'s unlock time is over (monotonic deadline; wall as fallback)."""
+        if row.relock_at is None:
+            return False
+        deadline = self._deadline.get(unit)
+        if deadline is not None:
+            return deadline <= self._mono()
+        return row.relock_at <= self._now()
 
     def _timer_loop(self) -> None:
         while not self._stop.is_set():
             with self._timer_cv:
                 due: list[str] = []
-                now = self._now()
+                now = self._mono()
                 while self._timers and self._timers[0][0] <= now:
-                    due.append(heapq.heappop(self._timers)[1])
+                    deadline, unit = heapq.heappop(self._timers)
+                    if self._deadline.get(unit) == deadline:  # else superseded
+                        due.append(unit)
                 if not due:
                     wait = self._timers[0][0] - now if self._timers else 1.0
-                    # Wall time can jump; never sleep long on a deadline computed from it.
                     self._timer_cv.wait(timeout=min(max(wait, 0.01), 1.0))
                     continue
             for unit in due:
@@ -403,7 +464,7 @@ class UnitManager:
     def _relock_if_due(self, unit: str) -> None:
         row = self.store.unit(unit)
         lock = self._locks[unit]
-        if row.relock_at is None or row.relock_at > self._now():
+        if not self._is_due(unit, row):
             return  # already relocked, or a later unlock moved the deadline
         controller = self.site.controller_for(lock)
         if controller.self_relocking:
@@ -411,7 +472,7 @@ class UnitManager:
                 reading = controller.read(point_of(lock))
             except DriverError as exc:
                 self._alarm("hardware_error", unit, str(exc))
-                self._schedule(unit, self._now() + 5.0)
+                self._schedule_in(unit, 5.0)
                 return
             if reading.lock is LockState.LOCKED:
                 with self.store.transaction() as tx:
@@ -420,15 +481,18 @@ class UnitManager:
                     tx.put_unit(row)
                     self._event(tx, "locked", lock, external_id_for(unit, str(row.updated_at)),
                                 None, "relocked by the controller when the unlock time ended")
+                self._deadline.pop(unit, None)
                 self._publish(row)
                 return
-            if self._now() < (self.store.unit(unit).relock_at or 0) + SELF_RELOCK_GRACE_S:
-                self._schedule(unit, self._now() + SELF_RELOCK_GRACE_S)
+            if unit not in self._grace:
+                self._grace.add(unit)  # one grace period for the board's own relock
+                self._schedule_in(unit, SELF_RELOCK_GRACE_S)
                 return
+        self._grace.discard(unit)
         outcome = self._lock_now(lock, external_id_for(unit, "relock", str(row.relock_at)),
                                  None, "relock", claimed=False)
         if outcome.status != "done":
-            self._schedule(unit, self._now() + 5.0)  # keep trying; alarms were raised
+            self._schedule_in(unit, 5.0)  # keep trying; alarms were raised
 
     # -- reconciliation -------------------------------------------------------------------
     def reconcile(self) -> None:
@@ -443,7 +507,11 @@ class UnitManager:
             controller = self.site.controllers[name]
             try:
                 readings = controller.read_many([point_of(lock) for lock in locks])
-            except DriverError as exc:
+                if len(readings) != len(locks):
+                    raise DriverError(  # noqa: TRY301 - same handling as a driver error
+                        f"{name}: {len(readings)} readings for {len(locks)} locks")
+            # A driver bug must not stop the other controllers from being reconciled.
+            except Exception as exc:  # noqa: BLE001
                 if name not in self._offline:
                     self._offline.add(name)
                     for lock in locks:
@@ -472,13 +540,14 @@ class UnitManager:
         self._check_door(lock, row)
         if came_back:
             LOGGER.info("%s: controller back online; state re-read", lock.reference)
-        if row.lockout and row.locked is not True:
+        running_override = row.relock_at is not None and not self._is_due(lock.unit, row)
+        if row.lockout and row.locked is not True and not running_override:
             self._alarm("lockout_drift", lock.unit,
                         "unit in lockout read back unlocked; locking again")
             self._lock_now(lock, external_id_for(lock.unit, "reapply", str(self._now())),
                            None, "reapply", claimed=False)
             return
-        if row.relock_at is not None and row.relock_at <= self._now() and row.locked is False:
+        if self._is_due(lock.unit, row) and row.locked is False:
             self._relock_if_due(lock.unit)
             return
         self._publish(row)
