@@ -1,0 +1,122 @@
+"""UnitManager against the Modbus simulator, with a wall clock the test can step."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.commands import Command
+from gateway.config import load_config
+from gateway.hardware import build_site
+from gateway.store import Store
+from gateway.units import UnitManager
+from tests.support.broker import Broker
+from tests.support.site import SimSite, make_site
+
+pytestmark = pytest.mark.simulator_only
+
+
+class Wall:
+    """A wall clock that follows real time but can be stepped like NTP or `date -s`."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+class Rig:
+    def __init__(self, site: SimSite) -> None:
+        self.site = site
+        self.config = load_config(site.config_path)
+        self.hw = build_site(self.config)
+        self.config.storage.path.parent.mkdir(parents=True, exist_ok=True)
+        self.store = Store(self.config.storage.path)
+        self.wall = Wall()
+        self.alarms: list[tuple[str, str | None, str]] = []
+        self.units = UnitManager(self.config, self.hw, self.store, now=self.wall,
+                                 publish_unit=lambda u, s: None,
+                                 alarm=lambda k, u, d: self.alarms.append((k, u, d)))
+        self.units.start()
+        self.n = 0
+
+    def command(self, cmd: str, unit: str, **kw: Any) -> Command:
+        self.n += 1
+        now = int(self.wall())
+        fields: dict[str, Any] = {"jti": f"t{self.n}", "cmd": cmd, "unit": unit, "kid": "k",
+                                  "iat": now, "exp": now + 60}
+        fields.update(kw)
+        return Command(**fields)
+
+    def run(self, command: Command) -> Any:
+        return self.units.submit(command).result(timeout=10)
+
+    def wait_locked(self, unit: str, timeout: float) -> float | None:
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            if not self.site.coil(unit):
+                return time.monotonic() - start
+            time.sleep(0.02)
+        return None
+
+    def close(self) -> None:
+        self.units.stop()
+        self.hw.close()
+        self.store.close()
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    with Broker(tmp_path / "broker") as broker:
+        site = make_site(tmp_path, broker)
+        r = Rig(site)
+        try:
+            yield r
+        finally:
+            r.close()
+            site.close()
+
+
+def test_a_command_that_expired_while_queued_is_not_run(rig: Rig) -> None:
+    now = int(rig.wall())
+    late = rig.command("unlock", "unit_a101", iat=now - 400, exp=now - 100)
+    outcome = rig.run(late)
+    assert (outcome.status, outcome.reason) == ("rejected", "expired")
+    assert rig.site.coil("unit_a101") is False
+    again = rig.run(late)  # and a redelivery answers the same, as a duplicate
+    assert again.duplicate
+    assert again.reason == "expired"
+
+
+def test_a_wall_clock_step_back_does_not_postpone_a_relock(rig: Rig) -> None:
+    outcome = rig.run(rig.command("unlock", "unit_a101", dur=1))
+    assert outcome.status == "done"
+    rig.wall.offset = -3600.0  # NTP steps the clock back an hour mid-unlock
+    took = rig.wait_locked("unit_a101", 5)
+    assert took is not None, "the door stayed unlocked after a wall-clock step"
+    assert took < 2.5
+
+
+def test_reconciliation_does_not_cut_short_an_override_unlock(rig: Rig) -> None:
+    assert rig.run(rig.command("lockout", "unit_a102", ver=1)).status == "done"
+    opened = rig.run(rig.command("unlock", "unit_a102", dur=2, override=True,
+                                 reason="fire inspection"))
+    assert opened.status == "done"
+    rig.units.reconcile()
+    time.sleep(0.5)
+    assert rig.site.coil("unit_a102") is True, "the override was undone by reconciliation"
+    assert not [a for a in rig.alarms if a[0] == "lockout_drift"]
+    took = rig.wait_locked("unit_a102", 5)
+    assert took is not None  # and the lockout holds again once the time is over
+
+
+def test_stopping_the_agent_locks_doors_waiting_for_their_relock(rig: Rig) -> None:
+    assert rig.run(rig.command("unlock", "unit_a103", dur=600)).status == "done"
+    assert rig.site.coil("unit_a103") is True
+    rig.units.stop()
+    assert rig.site.coil("unit_a103") is False
