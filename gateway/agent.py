@@ -48,6 +48,8 @@ REJECT_RATE_PER_S = 20.0
 REJECT_BURST = 50
 #: How long a control-socket request waits for its unit's queue.
 CONTROL_WAIT_S = 120.0
+#: Command ids remembered in memory to answer a late duplicate without a query.
+RECENT_JTIS_MAX = 10_000
 #: Results kept while the broker is unreachable (the oldest go first beyond this).
 UNSENT_RESULTS_MAX = 1000
 
@@ -134,6 +136,8 @@ class Agent:
                                 backoff_max_s=30.0),
         )
         self.control: Any = None
+        self.rejected_by_reason: dict[str, int] = {}
+        self._recent_jtis: dict[str, None] = {}  # insertion-ordered, bounded
         self._restart_results: deque[Outcome] = deque(maxlen=UNSENT_RESULTS_MAX)
 
     # -- publishing -----------------------------------------------------------------------
@@ -179,7 +183,7 @@ class Agent:
             "broker": {"connected": self.link.connected, **self.link.stats()},
             "controllers": controllers,
             "outbox": {"pending": pending, "oldest_age_s": oldest_age},
-            "commands": dict(self.counters),
+            "commands": {**self.counters, "rejected_by_reason": dict(self.rejected_by_reason)},
         }
 
     def _birth(self) -> bytes:
@@ -211,9 +215,16 @@ class Agent:
             command = self.verifier.verify(message.payload, retained=message.retain)
         except Rejection as rejection:
             self.counters["rejected"] += 1
-            LOGGER.info("command rejected: %s (%s)", rejection.reason, rejection.detail)
+            # Debug only: a flood would otherwise write thousands of lines a second; the
+            # counts per reason are in `status`.
+            LOGGER.debug("command rejected: %s (%s)", rejection.reason, rejection.detail)
+            self.rejected_by_reason[rejection.reason] = (
+                self.rejected_by_reason.get(rejection.reason, 0) + 1)
+            # Only a jti this agent answered recently can be a late duplicate; anything
+            # else (a flood of replayed tokens) costs no database lookup.
             stored = (self.store.command(rejection.jti)
-                      if rejection.claims_verified and rejection.jti else None)
+                      if rejection.claims_verified and rejection.jti in self._recent_jtis
+                      else None)
             if stored is not None and stored.result:
                 # A genuine command we already answered, redelivered after it expired:
                 # the original result, as a duplicate (contract §4).
@@ -231,6 +242,9 @@ class Agent:
             with self.store.transaction() as tx:
                 tx.queue_command(command.jti, command.cmd, command.unit, time.time(),
                                  message.payload)
+            self._recent_jtis[command.jti] = None
+            if len(self._recent_jtis) > RECENT_JTIS_MAX:
+                del self._recent_jtis[next(iter(self._recent_jtis))]
         except StoreError as exc:
             # Without a durable inbox, at-most-once cannot be promised: refuse, loudly.
             self.alarm("storage", command.unit, f"command {command.jti} refused: {exc}")

@@ -534,9 +534,15 @@ class UnitManager:
         self._publish(row)
 
     def _reconcile_unit(self, lock: LockConfig, reading: Reading, came_back: bool) -> None:
-        with self.store.transaction() as tx:
-            row = self._apply_reading(tx.unit(lock.unit), reading, True)
-            tx.put_unit(row)
+        before = self.store.unit(lock.unit)
+        row = self._apply_reading(before, reading, True)
+        changed = (row.locked, row.door, row.confirmed) != (before.locked, before.door,
+                                                             before.confirmed)
+        if changed:
+            # Written and published only on change: an idle site costs no SQLite write
+            # (no SD-card wear) and no MQTT traffic every pass.
+            with self.store.transaction() as tx:
+                tx.put_unit(row)
         self._check_door(lock, row)
         if came_back:
             LOGGER.info("%s: controller back online; state re-read", lock.reference)
@@ -550,7 +556,8 @@ class UnitManager:
         if self._is_due(lock.unit, row) and row.locked is False:
             self._relock_if_due(lock.unit)
             return
-        self._publish(row)
+        if changed or lock.unit not in self._last_published:
+            self._publish(row)
 
     def _check_door(self, lock: LockConfig, row: UnitRow) -> None:
         if row.door != str(DoorState.OPEN):
