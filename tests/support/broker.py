@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -444,7 +445,7 @@ class Client:
         self._paho.on_message = self._on_message
         self._paho.on_subscribe = self._on_subscribe
         self._paho.connect(host or broker.host, broker.port, keepalive=30)
-        sock = self._paho.socket()
+        sock: Any = self._paho.socket()
         if sock is not None:  # paho leaves Nagle on; see gateway/mqtt.py
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._paho.loop_start()
