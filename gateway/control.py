@@ -42,7 +42,6 @@ import itertools
 import json
 import logging
 import os
-import platform
 import pwd
 import selectors
 import socket
@@ -101,7 +100,7 @@ _UCRED: Final = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t
 #: at connect time, with no race on the pid.  Python lacks the constant; 59 is its value
 #: on every architecture but parisc and sparc, which fall back to ``/proc``.
 _SO_PEERGROUPS: Final[int | None] = getattr(socket, "SO_PEERGROUPS", None) or (
-    59 if sys.platform == "linux" and not platform.machine().startswith(("parisc", "sparc"))
+    59 if sys.platform == "linux" and not os.uname().machine.startswith(("parisc", "sparc"))
     else None
 )
 #: CPython refuses a larger ``getsockopt`` buffer; 256 groups fit, more fall back.
