@@ -232,7 +232,8 @@ def _bad_commands(site: SimSite) -> st.SearchStrategy[tuple[bytes, bool, str]]:
                                                           ttl=60), False, "not_yet_valid")),
         st.integers(301, 100_000).map(lambda life: (signed(ttl=life), False,
                                                     "lifetime_too_long")),
-        st.booleans().map(lambda _: (good, True, "retained")),
+        # a fresh, validly signed command each time, published retained: refused anyway
+        st.integers(0, 10**9).map(lambda _: (signed(), True, "retained")),
         st.integers(4097, 20_000).map(lambda n: (b"x" * n, False, "malformed")),
         # claims of the wrong type or out of range
         st.sampled_from([1.5, True, [], {}, "5", 0, 3601, -1]).map(
