@@ -160,6 +160,11 @@ class UnitManager:
         self._offline: set[str] = set()
         self._grace: set[str] = set()
         self._door_open_since: dict[str, float] = {}
+        # Monotonic times of the last hardware action and of the last relock per unit:
+        # a reconciliation reading older than an action is stale, and a door still open
+        # just after a relock is someone in the doorway, not a forced door.
+        self._acted_at: dict[str, float] = {}
+        self._relocked_at: dict[str, float] = {}
         self._last_published: dict[str, dict[str, Any]] = {}
         self.actuations = 0
 
@@ -308,6 +313,7 @@ class UnitManager:
         """Drive the hardware; (result, None) or (None, hardware error text)."""
         controller = self.site.controller_for(lock)
         self.actuations += 1
+        self._acted_at[lock.unit] = self._mono()
         try:
             if action == "unlock":
                 return controller.unlock(point_of(lock), seconds), None
@@ -374,6 +380,8 @@ class UnitManager:
             if result is not None and result.confirmed:
                 row = replace(row, relock_at=None)
                 self._deadline.pop(lock.unit, None)
+                if why == "relock":
+                    self._relocked_at[lock.unit] = self._mono()
                 if why != "reapply":
                     self._event(tx, "locked", lock, key, command,
                                 "relocked when the unlock time ended" if why == "relock"
@@ -534,6 +542,8 @@ class UnitManager:
         self._publish(row)
 
     def _reconcile_unit(self, lock: LockConfig, reading: Reading, came_back: bool) -> None:
+        if reading.at < self._acted_at.get(lock.unit, float("-inf")):
+            return  # read before a command on this unit ran; its own read-back is newer
         before = self.store.unit(lock.unit)
         row = self._apply_reading(before, reading, True)
         changed = (row.locked, row.door, row.confirmed) != (before.locked, before.door,
@@ -565,7 +575,8 @@ class UnitManager:
             return
         now = self._mono()
         since = self._door_open_since.setdefault(lock.unit, now)
-        if row.locked is True and row.relock_at is None and since == now:
+        just_relocked = now - self._relocked_at.get(lock.unit, float("-inf")) < DOOR_HELD_OPEN_S
+        if row.locked is True and row.relock_at is None and since == now and not just_relocked:
             self._alarm("door_forced", lock.unit, "door open while the lock is locked")
         elif now - since >= DOOR_HELD_OPEN_S and row.relock_at is None:
             self._alarm("door_held_open", lock.unit,

@@ -104,8 +104,13 @@ def test_unlock_is_executed_confirmed_audited_and_relocked(site: SimSite) -> Non
 
 def test_status_birth_is_retained_and_will_is_offline(site: SimSite, broker: Broker) -> None:
     with Running(site):
+        # The birth follows the SUBACK by a moment; wait until the broker holds it, then a
+        # newcomer must get it from the broker's retained store.
+        first = Client(broker)
+        first.expect(f"{PREFIX}/status", 5)
+        first.close()
         late = Client(broker)
-        [birth] = late.expect(f"{PREFIX}/status", 5)
+        [birth] = late.expect(f"{PREFIX}/status", 5)[:1]
         status = json.loads(birth.payload)
         assert status["online"] is True
         assert birth.retain

@@ -120,3 +120,22 @@ def test_stopping_the_agent_locks_doors_waiting_for_their_relock(rig: Rig) -> No
     assert rig.site.coil("unit_a103") is True
     rig.units.stop()
     assert rig.site.coil("unit_a103") is False
+
+
+def test_a_reading_older_than_a_command_does_not_overwrite_its_read_back(rig: Rig) -> None:
+    from drivers.base import DoorState, LockState, Reading
+
+    stale = Reading(LockState.LOCKED, DoorState.CLOSED, time.monotonic())
+    assert rig.run(rig.command("unlock", "unit_a101", dur=30)).status == "done"
+    rig.units._reconcile_unit(rig.units.lock_config("unit_a101"), stale, False)  # type: ignore[arg-type]
+    assert rig.store.unit("unit_a101").locked is False  # still the unlock's read-back
+
+
+def test_a_door_still_open_right_after_the_relock_is_not_called_forced(rig: Rig) -> None:
+    assert rig.run(rig.command("unlock", "unit_a101", dur=1)).status == "done"
+    rig.site.modbus.board(1).hold_door_open(0)  # the tenant is still in the doorway
+    assert rig.wait_locked("unit_a101", 5) is not None
+    rig.units.reconcile()
+    time.sleep(0.5)
+    assert not [a for a in rig.alarms if a[0] == "door_forced"]
+    rig.site.modbus.board(1).hold_door_open(0, held=False)
