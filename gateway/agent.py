@@ -12,11 +12,35 @@ Threads, and why each exists:
 
 Rejections are published with their reason code through a token bucket, so a flood of
 garbage cannot make the agent amplify it onto the broker.
+
+Load shedding
+-------------
+One Ed25519 verification costs more than everything else a message costs the agent
+(about 170 µs on this project's x86 test machine, more on a Pi), so a flood of tokens
+that each need one would outrun a core.  Two cheap steps come before it:
+
+* **Refused before.**  A payload refused for a reason that cannot change
+  (:data:`LASTING_REASONS`) is remembered by its BLAKE2b-128 hash, the last
+  :data:`REFUSED_CACHE_MAX` of them; a repeat gets the same rejection without parsing.
+  Replaying captured traffic, the cheapest flood there is, costs a hash per message.
+* **Claims first while results are throttled.**  When the rejection bucket is empty no
+  result would be published, so the exact reason no longer matters: a token whose
+  claims could never be accepted (expired, another site, unknown unit, bad shape…) is
+  dropped before its signature is checked (``CommandVerifier.screen``) and counted as
+  ``shed``.  A token that passes still gets the full check, so nothing that could be
+  accepted is ever shed here; a late duplicate of a command this agent answered still
+  gets its original result.
+
+What remains is a flood of *distinct* forgeries whose claims are all plausible (right
+site, fresh, a configured unit): each needs a full check, and the agent is then bound by
+the curve.  The defence for that is the broker's ACL on ``P/S/cmd`` (README, "Broker"),
+which stops foreign publishers before they cost the agent anything.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -29,10 +53,10 @@ import uuid
 from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
+from typing import Any, Final
 
 from gateway import __version__
-from gateway.commands import Command, CommandVerifier, Rejection
+from gateway.commands import MAX_COMMAND_BYTES, Command, CommandVerifier, Rejection
 from gateway.config import Config, LockConfig
 from gateway.hardware import Site, build_site
 from gateway.units import Outcome, UnitManager, rfc3339
@@ -48,6 +72,16 @@ REJECT_RATE_PER_S = 20.0
 REJECT_BURST = 50
 #: How long a control-socket request waits for its unit's queue.
 CONTROL_WAIT_S = 120.0
+#: Refused payloads remembered (by a 16-byte hash) to refuse a repeat without parsing it.
+REFUSED_CACHE_MAX = 4096
+#: Rejection reasons that no later moment can change for the same bytes under the same
+#: configuration.  Not ``not_yet_valid`` or ``clock_untrusted`` (time cures those) and not
+#: ``retained`` (the same bytes may come live).  ``expired`` is final: the clock is
+#: trusted only at or above its floor, which follows trusted time forward.
+LASTING_REASONS = frozenset({"malformed", "bad_signature", "unknown_key", "wrong_site",
+                             "expired", "lifetime_too_long", "unknown_unit"})
+#: Marks a payload whose claims were refused while its signature was not checked.
+_SHED: Final = object()
 #: Command ids remembered in memory to answer a late duplicate without a query.
 RECENT_JTIS_MAX = 10_000
 #: Results kept while the broker is unreachable (the oldest go first beyond this).
@@ -65,6 +99,13 @@ class TokenBucket:
         self._at = clock()
         self._lock = threading.Lock()
         self.dropped = 0
+
+    def ready(self) -> bool:
+        """True if :meth:`take` would succeed now (takes nothing)."""
+        with self._lock:
+            now = self._clock()
+            tokens: float = min(self.burst, self.tokens + (now - self._at) * self.rate)
+            return tokens >= 1
 
     def take(self) -> bool:
         """True if a token was available."""
@@ -117,7 +158,8 @@ class Agent:
             publish_unit=self._publish_unit, alarm=self.alarm,
         )
         self.rejections = TokenBucket(*reject_rate)
-        self.counters = {"received": 0, "rejected": 0, "executed": 0, "duplicates": 0}
+        self.counters = {"received": 0, "rejected": 0, "executed": 0, "duplicates": 0,
+                         "refused_again": 0, "shed": 0}
         from gateway.mqtt import LinkTimings, MqttLink
 
         # The liveness check scales with the keepalive the site chose: half of it to
@@ -138,6 +180,9 @@ class Agent:
         self.control: Any = None
         self.rejected_by_reason: dict[str, int] = {}
         self._recent_jtis: dict[str, None] = {}  # insertion-ordered, bounded
+        # BLAKE2b-128 of refused payloads -> their rejection, or _SHED when only the
+        # claims were judged (the reason is then unknown); insertion-ordered, bounded.
+        self._refused: dict[bytes, Rejection | object] = {}
         self._restart_results: deque[Outcome] = deque(maxlen=UNSENT_RESULTS_MAX)
 
     # -- publishing -----------------------------------------------------------------------
@@ -209,30 +254,42 @@ class Agent:
 
     # -- commands -------------------------------------------------------------------------
     def on_message(self, message: Any) -> None:
-        """A message on ``P/S/cmd``: verify, then queue on the unit (or reject)."""
+        """A message on ``P/S/cmd``: verify, then queue on the unit (or reject).
+
+        Under a flood most of the cost is the Ed25519 check, so two cheap steps come
+        first (see "Load shedding" in the module docstring): a repeat of a payload
+        already refused for a lasting reason gets that same rejection back without any
+        parsing, and while rejections cannot be published anyway a payload whose claims
+        could never be accepted is dropped before its signature is checked.
+        """
         self.counters["received"] += 1
-        try:
-            command = self.verifier.verify(message.payload, retained=message.retain)
-        except Rejection as rejection:
-            self.counters["rejected"] += 1
-            # Debug only: a flood would otherwise write thousands of lines a second; the
-            # counts per reason are in `status`.
-            LOGGER.debug("command rejected: %s (%s)", rejection.reason, rejection.detail)
-            self.rejected_by_reason[rejection.reason] = (
-                self.rejected_by_reason.get(rejection.reason, 0) + 1)
-            # Only a jti this agent answered recently can be a late duplicate; anything
-            # else (a flood of replayed tokens) costs no database lookup.
-            stored = (self.store.command(rejection.jti)
-                      if rejection.claims_verified and rejection.jti in self._recent_jtis
-                      else None)
-            if stored is not None and stored.result:
-                # A genuine command we already answered, redelivered after it expired:
-                # the original result, as a duplicate (contract §4).
-                self._result(Outcome.from_result(stored.result, duplicate=True))
+        payload: bytes = message.payload
+        # Oversized payloads fail on their length alone; hashing them would cost more.
+        digest = (hashlib.blake2b(payload, digest_size=16).digest()
+                  if not message.retain and len(payload) <= MAX_COMMAND_BYTES else None)
+        known = self._refused.get(digest) if digest is not None else None
+        if isinstance(known, Rejection):
+            self.counters["refused_again"] += 1
+            self._rejected(known)
+            return
+        if not self.rejections.ready():
+            if known is None:
+                screened = self.verifier.screen(payload, retained=message.retain)
+                if screened is not None and screened.jti not in self._recent_jtis:
+                    known = _SHED
+                    if screened.reason in LASTING_REASONS:  # not_yet_valid may pass later
+                        self._remember(digest, _SHED)
+            if known is _SHED:
+                self.counters["shed"] += 1
+                self.rejections.take()  # counted as a result not published
                 return
-            if self.rejections.take():
-                self._result(Outcome(rejection.jti or "", rejection.cmd or "", rejection.unit,
-                                     "rejected", rejection.reason, None, time.time()))
+        try:
+            command = self.verifier.verify(payload, retained=message.retain)
+        except Rejection as exc:
+            rejection = exc.with_traceback(None)  # kept below: no frames held alive
+            if rejection.reason in LASTING_REASONS:
+                self._remember(digest, rejection)
+            self._rejected(rejection)
             return
         # Durable before this returns, so before the link acknowledges the delivery: a
         # crash up to here means the broker delivers again; after it, the row remains.
@@ -252,6 +309,36 @@ class Agent:
                                  "hardware_error", None, time.time()))
             return
         self._submit(command)
+
+    def _remember(self, digest: bytes | None, verdict: Rejection | object) -> None:
+        if digest is None:
+            return
+        refused = self._refused
+        refused.pop(digest, None)  # re-inserted last: a precise verdict replaces _SHED
+        refused[digest] = verdict
+        if len(refused) > REFUSED_CACHE_MAX:
+            del refused[next(iter(refused))]
+
+    def _rejected(self, rejection: Rejection) -> None:
+        self.counters["rejected"] += 1
+        # Debug only: a flood would otherwise write thousands of lines a second; the
+        # counts per reason are in `status`.
+        LOGGER.debug("command rejected: %s (%s)", rejection.reason, rejection.detail)
+        self.rejected_by_reason[rejection.reason] = (
+            self.rejected_by_reason.get(rejection.reason, 0) + 1)
+        # Only a jti this agent answered recently can be a late duplicate; anything
+        # else (a flood of replayed tokens) costs no database lookup.
+        stored = (self.store.command(rejection.jti)
+                  if rejection.claims_verified and rejection.jti in self._recent_jtis
+                  else None)
+        if stored is not None and stored.result:
+            # A genuine command we already answered, redelivered after it expired:
+            # the original result, as a duplicate (contract §4).
+            self._result(Outcome.from_result(stored.result, duplicate=True))
+            return
+        if self.rejections.take():
+            self._result(Outcome(rejection.jti or "", rejection.cmd or "", rejection.unit,
+                                 "rejected", rejection.reason, None, time.time()))
 
     def _submit(self, command: Command) -> None:
         # A duplicate is queued behind its original on the unit's queue, so it answers

@@ -279,23 +279,41 @@ class _Inbox:
     Messages queue in order up to ``maxlen``; the "online" event jumps the queue and only
     the newest one is kept, because birth must not wait behind a thousand commands and
     an event of a connection already gone is worthless.
+
+    QoS 0 messages wait in a lane of their own, served only when no QoS 1 message
+    waits, and a QoS 1 message that finds the inbox full takes the place of the newest
+    QoS 0 one.  Every inbound topic of the contract is QoS 1, so a QoS 0 publish there
+    comes from something other than the relay; under a flood, it is what goes first.
     """
 
     def __init__(self, maxlen: int) -> None:
         self._maxlen = maxlen
         self._messages: deque[_Inbound] = deque()
+        self._best_effort: deque[_Inbound] = deque()  # QoS 0
         self._online: _Online | None = None
         self._closed = False
         self._cond = threading.Condition()
         self.peak = 0
+        self.evicted: list[_Inbound] = []  # QoS 0 messages pushed out; the caller counts
 
     def put(self, item: _Inbound) -> bool:
         """Queue a message; False (and nothing queued) when full or closed."""
         with self._cond:
-            if self._closed or len(self._messages) >= self._maxlen:
+            if self._closed:
                 return False
-            self._messages.append(item)
-            self.peak = max(self.peak, len(self._messages))
+            size = len(self._messages) + len(self._best_effort)
+            if item.message.qos == 0:
+                if size >= self._maxlen:
+                    return False
+                self._best_effort.append(item)
+            else:
+                if size >= self._maxlen:
+                    if not self._best_effort:
+                        return False
+                    self.evicted.append(self._best_effort.pop())
+                    size -= 1
+                self._messages.append(item)
+            self.peak = max(self.peak, size + 1)
             self._cond.notify()
             return True
 
@@ -316,6 +334,8 @@ class _Inbox:
                     return event
                 if self._messages:
                     return self._messages.popleft()
+                if self._best_effort:
+                    return self._best_effort.popleft()
                 self._cond.wait()
 
     def close(self) -> None:
@@ -331,10 +351,107 @@ class _Inbox:
 
     def __len__(self) -> int:
         with self._cond:
-            return len(self._messages)
+            return len(self._messages) + len(self._best_effort)
 
 
 # --------------------------------------------------------------------------- the link
+
+
+def _variable_int(data: bytes | bytearray, at: int) -> tuple[int, int]:
+    """An MQTT variable byte integer at ``data[at:]``: (value, offset after it)."""
+    value = 0
+    for shift in (0, 7, 14, 21):
+        if at >= len(data):
+            raise ValueError("truncated variable byte integer")
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, at
+    raise ValueError("variable byte integer longer than four bytes")
+
+
+class _ReadAheadClient(paho.Client):
+    """paho's client, reading the socket in large chunks.
+
+    paho reads a packet as its type byte, then its length one byte at a time, then the
+    rest: four or more ``recv`` system calls per message, each of which releases and
+    retakes the GIL.  Under a flood that cost more than the messages themselves.  This
+    serves paho's small reads from one buffered ``recv`` of up to :data:`READ_AHEAD`
+    bytes.  paho reads until the socket would block; it only blocks once this buffer
+    is empty too, and :meth:`buffered` tells the network loop to go on reading when a
+    packet limit stopped paho first.  (Relies on paho 2.x's private ``_sock_recv``,
+    which every read goes through; tests/test_mqtt_link.py checks it still does.)
+    """
+
+    READ_AHEAD: Final = 65536
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ahead = bytearray()
+        self._ahead_sock: object = None
+        self.recv_calls = 0
+        self._publish_handler: Callable[[bytes, bytes, int, bool, bool, int], None] | None = None
+
+    def set_publish_handler(
+        self, handler: Callable[[bytes, bytes, int, bool, bool, int], None] | None
+    ) -> None:
+        """Take every QoS 0/1 PUBLISH as ``handler(topic, payload, qos, retain, dup,
+        mid)`` instead of through ``on_message``; ``None`` restores paho's path."""
+        self._publish_handler = handler
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        """A lean PUBLISH decoder for MQTT 5, QoS 0 and 1.
+
+        paho's own builds a ``Properties`` object, a ``MQTTMessage`` and a debug line
+        for every message and matches it against every subscription: about 100 µs, nine
+        tenths of what a flood of commands cost the agent.  The link needs none of the
+        properties (it never allows topic aliases, so the broker sends none, MQTT 5
+        §3.1.2.11.8), so they are skipped by their length.  Anything unusual (QoS 2,
+        MQTT 3, an empty topic) goes to paho's decoder, which stays the reference.
+        """
+        handler = self._publish_handler
+        header: int = self._in_packet["command"]
+        qos = (header & 0x06) >> 1
+        if handler is None or qos == 2 or self._protocol != paho.MQTTv5:
+            return super()._handle_publish()
+        packet: bytes | bytearray = self._in_packet["packet"]
+        try:
+            topic_len = int.from_bytes(packet[0:2], "big")
+            at = 2 + topic_len
+            topic = packet[2:at]
+            mid = 0
+            if qos:
+                mid = int.from_bytes(packet[at:at + 2], "big")
+                at += 2
+            props_len, at = _variable_int(packet, at)
+        except ValueError:
+            return MQTTErrorCode.MQTT_ERR_PROTOCOL
+        at += props_len
+        if not topic or len(topic) != topic_len or at > len(packet) or (qos and not mid):
+            return super()._handle_publish()
+        handler(bytes(topic), bytes(packet[at:]), qos, bool(header & 0x01),
+                bool(header & 0x08), mid)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def buffered(self) -> int:
+        """Bytes read from the socket that paho has not taken yet."""
+        return len(self._ahead) if self._ahead_sock is self._sock else 0
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        ahead = self._ahead
+        if self._ahead_sock is not self._sock:  # a new connection: forget the old bytes
+            ahead.clear()
+            self._ahead_sock = self._sock
+        if not ahead:
+            data = super()._sock_recv(self.READ_AHEAD)  # raises BlockingIOError when dry
+            self.recv_calls += 1
+            if len(data) <= bufsize:
+                return data  # also b"" at end of stream, which paho must see
+            ahead += data
+        chunk = bytes(ahead[:bufsize])
+        del ahead[:bufsize]  # O(1) at the front of a bytearray
+        return chunk
 
 
 class MqttLink:
@@ -405,7 +522,7 @@ class MqttLink:
         # subscriber, so a command someone published *retained* would look like any
         # other, execute, and then replay on every reconnect.  With v5 the flag
         # survives and the verifier rejects it (contract §5: `retained`).
-        client = paho.Client(
+        client = _ReadAheadClient(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=cfg.client_id,
             protocol=paho.MQTTv5,
@@ -423,6 +540,7 @@ class MqttLink:
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
+        client.set_publish_handler(self._on_publish)
         client.on_disconnect = self._on_disconnect
         # With no callback here, paho writes a packet published from another thread
         # straight to the socket from that thread, racing the network thread's writes.
@@ -683,6 +801,10 @@ class MqttLink:
                 return "stopped"
             try:
                 rc = self._client.loop(timeout=self._tick)
+                # paho stops after a packet or two per call; bytes already read ahead
+                # would otherwise wait for the next select() to time out.
+                while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._client.buffered():
+                    rc = self._client.loop_read()
             except Exception as exc:  # paho or one of our callbacks: never kill the thread
                 LOGGER.exception("MQTT network loop failed; reconnecting")
                 return f"network loop error: {type(exc).__name__}"
@@ -863,22 +985,39 @@ class MqttLink:
             self._count("inbound_invalid")
 
     def _receive(self, msg: paho.MQTTMessage) -> None:
+        self._take(msg._topic, bytes(msg.payload), msg.qos, bool(msg.retain), bool(msg.dup),
+                   msg.mid)
+
+    def _on_publish(self, raw_topic: bytes, payload: bytes, qos: int,  # noqa: PLR0917
+                    retain: bool, dup: bool, mid: int) -> None:
+        """paho's lean PUBLISH path (``_ReadAheadClient``): positional, no object made."""
         try:
-            topic = msg.topic
+            self._take(raw_topic, payload, qos, retain, dup, mid)
+        except Exception:
+            # The payload stays out of the log; the traceback says where it broke.
+            LOGGER.exception("internal error receiving a message; it is dropped")
+            self._count("inbound_invalid")
+
+    def _take(self, raw_topic: bytes, payload: bytes, qos: int,  # noqa: PLR0917
+              retain: bool, dup: bool, mid: int) -> None:
+        try:
+            topic = raw_topic.decode("utf-8")
         except UnicodeDecodeError:
             self._count("inbound_invalid")
             LOGGER.warning("dropped a message whose topic is not UTF-8")
-            self._ack(msg.mid, msg.qos, self._generation)
+            self._ack(mid, qos, self._generation)
             return
         if topic == self._liveness_topic:
-            self._on_echo(bytes(msg.payload))
+            self._on_echo(payload)
             return
-        message = Message(topic=topic, payload=bytes(msg.payload), qos=msg.qos,
-                          retain=bool(msg.retain), dup=bool(msg.dup),
+        message = Message(topic=topic, payload=payload, qos=qos, retain=retain, dup=dup,
                           received_at=self._clock())
         if self._inbox.closed:
             return  # stop() is under way: left unacknowledged, the session keeps it
-        if self._inbox.put(_Inbound(message, msg.mid, self._generation)):
+        if self._inbox.put(_Inbound(message, mid, self._generation)):
+            if self._inbox.evicted:
+                self._count("inbound_dropped", len(self._inbox.evicted))
+                self._inbox.evicted.clear()  # QoS 0: nothing to acknowledge
             if self._shedding:
                 self._shedding = False
                 LOGGER.info("inbound queue has room again; %d message(s) dropped so far",
@@ -892,7 +1031,7 @@ class MqttLink:
         LOGGER.debug("dropped message on %s (%d bytes)", topic, len(message.payload))
         # Acknowledge the shed message: unacknowledged, it would hold one of the
         # broker's in-flight slots until the next reconnect.
-        self._ack(msg.mid, msg.qos, self._generation)
+        self._ack(mid, qos, self._generation)
 
     def _on_echo(self, payload: bytes) -> None:
         if self._ping_token is None or payload != self._ping_token:

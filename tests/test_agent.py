@@ -181,6 +181,48 @@ def test_a_duplicate_republishes_the_original_result(site: SimSite) -> None:
         assert agent.units.actuations == 1
 
 
+def test_a_repeated_bad_payload_gets_its_rejection_again_without_reverification(
+    site: SimSite,
+) -> None:
+    client = site.client()
+    with Running(site) as agent:
+        jti, token = site.signer.command("unlock", "unit_a101")
+        forged = token[:-4] + (b"AAAA" if not token.endswith(b"AAAA") else b"BBBB")
+        for _ in range(3):
+            send(client, forged)
+        got = result_for(client, jti, count=3)
+        assert [r["reason"] for r in got] == ["bad_signature"] * 3
+        assert agent.counters["refused_again"] == 2
+        # The genuine token is not confused with its forged twin.
+        send(client, token)
+        assert result_for(client, jti, count=4)[-1]["status"] == "done"
+        assert agent.units.actuations == 1
+
+
+def test_while_rejections_are_throttled_hopeless_claims_are_shed_unverified(
+    site: SimSite,
+) -> None:
+    client = site.client()
+    # An empty bucket that never refills: no rejection is published, so none needs
+    # its exact reason, and a token whose claims fail is dropped before the curve.
+    with Running(site, reject_rate=(0.0, 0)) as agent:
+        for i in range(5):
+            _, stale = site.signer.command("unlock", "unit_a101", iat=int(time.time()) - 900,
+                                           jti=f"stale-{i}")
+            send(client, stale)
+        _, elsewhere = site.signer.command("unlock", "unit_a101", aud="site_other")
+        send(client, elsewhere)
+        send(client, elsewhere)
+        jti, token = site.signer.command("unlock", "unit_a101")
+        send(client, token)
+        assert result_for(client, jti)[0]["status"] == "done"
+        assert agent.counters["shed"] == 7
+        assert agent.counters["rejected"] == 0
+        assert agent.units.actuations == 1
+        assert not [m for m in client.messages(f"{PREFIX}/cmd/result")
+                    if json.loads(m.payload)["jti"] != jti]
+
+
 def test_drift_of_a_unit_in_lockout_is_corrected(site: SimSite) -> None:
     client = site.client()
     with Running(site) as agent:

@@ -1126,3 +1126,71 @@ def test_nan_in_claims_is_signed_as_given_and_refused() -> None:
     token = SIGNER_A.sign(base_claims(dur=math.nan))
     assert b"NaN" in unb64(split(token)[1])
     assert reject(VERIFIER, token).reason == "malformed"
+
+
+# --------------------------------------------------------------------------- screen()
+
+
+def test_screen_passes_what_verify_accepts_and_forged_fresh_tokens() -> None:
+    for signer in (SIGNER_A, FORGER):
+        _, token = signer.command("unlock", "unit_abc", dur=5)
+        assert VERIFIER.screen(token, retained=False) is None
+    _, token = SIGNER_A.command("lockout", "unit_def", ver=7)
+    VERIFIER.verify(token, retained=False)
+    assert VERIFIER.screen(token, retained=False) is None
+
+
+@pytest.mark.parametrize(("claims", "reason"), [
+    ({"iat": NOW - 1000, "exp": NOW - 900}, "expired"),
+    ({"aud": "site_elsewhere"}, "wrong_site"),
+    ({"unit": "unit_nowhere"}, "unknown_unit"),
+    ({"iat": NOW, "exp": NOW + LIFETIME + 1}, "lifetime_too_long"),
+    ({"iat": NOW + 600, "exp": NOW + 660}, "not_yet_valid"),
+    ({"dur": "five"}, "malformed"),
+])
+def test_screen_judges_the_claims_without_checking_the_signature(
+    claims: dict[str, Any], reason: str
+) -> None:
+    # A forged token: verify() must say bad_signature whatever the claims, while
+    # screen() refuses it on the claims alone and never calls it verified.
+    token = FORGER.sign(base_claims(**claims))
+    assert reject(VERIFIER, token).reason == "bad_signature"
+    screened = VERIFIER.screen(token, retained=False)
+    assert screened is not None
+    assert (screened.reason, screened.claims_verified) == (reason, False)
+    # The same claims honestly signed get the same reason from verify().
+    assert reject(VERIFIER, SIGNER_A.sign(base_claims(**claims))).reason == reason
+
+
+def test_screen_refuses_what_fails_before_the_signature() -> None:
+    assert VERIFIER.screen(b"x" * (MAX_COMMAND_BYTES + 1), retained=False) is not None
+    assert VERIFIER.screen(b"not a token", retained=False) is not None
+    _, token = SIGNER_A.command("lock", "unit_abc")
+    screened = VERIFIER.screen(token, retained=True)
+    assert screened is not None
+    assert screened.reason == "retained"
+    truncated = token[:-3]
+    screened = VERIFIER.screen(truncated, retained=False)
+    assert screened is not None
+    assert screened.reason == "bad_signature"
+
+
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(cmd=st.sampled_from(sorted(COMMANDS)), unit=st.sampled_from((*UNITS, "unit_x")),
+       iat_offset=st.integers(-700, 700), ttl=st.integers(0, 400),
+       aud=st.sampled_from([SITE, "site_other"]), ver=st.integers(0, 5))
+def test_screen_never_refuses_what_verify_accepts(
+    cmd: str, unit: str, iat_offset: int, ttl: int, aud: str, ver: int
+) -> None:
+    extra: dict[str, Any] = {"ver": ver} if cmd in ("lockout", "clear_lockout") else {}
+    _, token = SIGNER_A.command(cmd, unit, iat=NOW + iat_offset, ttl=ttl, aud=aud, **extra)
+    try:
+        VERIFIER.verify(token, retained=False)
+    except Rejection as rejection:
+        verdict: str | None = rejection.reason
+    else:
+        verdict = None
+    screened = VERIFIER.screen(token, retained=False)
+    # Honestly signed: the claims decide, so both give the same reason (or none).
+    assert (screened.reason if screened is not None else None) == verdict

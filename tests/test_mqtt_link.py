@@ -40,6 +40,8 @@ from gateway.mqtt import (
     LinkTimings,
     Message,
     MqttLink,
+    _Inbound,
+    _Inbox,
     full_jitter_delay,
     liveness_topic,
 )
@@ -481,6 +483,102 @@ def test_a_retained_message_on_the_command_topic_is_flagged(
     _, agent = make_link(broker)
     agent.wait(lambda: len(agent.messages) == 1)
     assert agent.messages[0].retain is True  # the agent rejects it (contract §5)
+
+
+def _v5_publisher(broker: Broker) -> Any:
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                         client_id="v5-publisher", protocol=paho.MQTTv5)
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    return client
+
+
+def test_the_lean_publish_decoder_skips_mqtt5_properties(
+    broker: Broker, make_link: LinkFactory
+) -> None:
+    # The link decodes PUBLISH itself (gateway/mqtt.py, _ReadAheadClient); properties
+    # a publisher sets must be skipped by their length, never read as payload.
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    link, agent = make_link(broker)
+    assert link.wait_connected(5)
+    publisher = _v5_publisher(broker)
+    try:
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = [("k" * 40, "v" * 300), ("trace", "1")]
+        props.MessageExpiryInterval = 60
+        props.ContentType = "application/jwt"
+        props.CorrelationData = b"\x00\xff" * 100
+        payloads = [b"", b"x", bytes(range(256)) * 3, "ünïcode".encode()]
+        for i, payload in enumerate(payloads):
+            publisher.publish(CMD, payload, qos=i % 2, properties=props).wait_for_publish(5)
+        publisher.publish(CMD, b"plain", qos=1).wait_for_publish(5)
+        agent.wait(lambda: len(agent.messages) == len(payloads) + 1)
+    finally:
+        publisher.loop_stop()
+        publisher.disconnect()
+    assert sorted(agent.payloads()) == sorted([*payloads, b"plain"])
+    assert {m.qos for m in agent.messages} == {0, 1}
+    assert not any(m.retain for m in agent.messages)
+    assert link.stats()["inbound_invalid"] == 0
+
+
+def test_a_burst_is_read_in_few_system_calls(broker: Broker, make_link: LinkFactory) -> None:
+    # paho alone reads type, length and body separately: at least three recv() calls a
+    # message.  The read-ahead must serve a burst from far fewer, and lose nothing.
+    release = threading.Event()
+    handled: list[bytes] = []
+
+    def blocked(message: Message) -> None:
+        release.wait(10)
+        handled.append(message.payload)
+
+    link, _ = make_link(broker, on_message=blocked, inbound_max=1000)
+    assert link.wait_connected(5)
+    client: Any = link._client
+    before = client.recv_calls
+    burst = [b"burst-%04d" % i for i in range(400)]
+    with Client(broker) as sender:
+        sender.publish_many(CMD, burst, qos=0)
+        wait_until(lambda: link.stats()["inbound_queued"] >= len(burst) - 1, 10)
+    calls = client.recv_calls - before
+    print(f"\n{calls} recv() calls for a burst of {len(burst)} messages")
+    release.set()
+    wait_until(lambda: len(handled) >= len(burst), 10)
+    assert handled == burst
+    # Read as they arrive, a message may come alone; paho alone needs three reads each.
+    assert calls < 1.5 * len(burst), f"{calls} recv() calls for {len(burst)} messages"
+
+
+def _item(qos: int, n: int) -> _Inbound:
+    return _Inbound(Message(topic=CMD, payload=b"%d" % n, qos=qos, retain=False, dup=False,
+                            received_at=0.0), n, 1)
+
+
+def test_inbox_serves_qos1_first_and_lets_it_push_out_qos0() -> None:
+    inbox = _Inbox(3)
+    assert inbox.put(_item(0, 1))
+    assert inbox.put(_item(0, 2))
+    assert inbox.put(_item(1, 3))
+    assert not inbox.put(_item(0, 4))  # full: a QoS 0 arrival is refused
+    assert inbox.put(_item(1, 5))  # full: a QoS 1 arrival takes the newest QoS 0's place
+    assert [i.mid for i in inbox.evicted] == [2]
+    assert inbox.put(_item(1, 6))  # and again
+    assert [i.mid for i in inbox.evicted] == [2, 1]
+    assert not inbox.put(_item(1, 7))  # full of QoS 1: refused
+    assert len(inbox) == 3
+    assert inbox.peak == 3
+    got = [inbox.get() for _ in range(3)]
+    assert [g.mid for g in got if isinstance(g, _Inbound)] == [3, 5, 6]
+    inbox2 = _Inbox(5)
+    for item in (_item(0, 1), _item(1, 2), _item(0, 3), _item(1, 4)):
+        inbox2.put(item)
+    order = [inbox2.get() for _ in range(4)]
+    assert [g.mid for g in order if isinstance(g, _Inbound)] == [2, 4, 1, 3]
 
 
 # --------------------------------------------------------------------------- frozen broker
