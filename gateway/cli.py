@@ -57,6 +57,7 @@ COMMANDS: dict[str, str] = {
     "lock": "lock a unit now and confirm by read-back",
     "test": "unlock, confirm, relock, confirm: a pass/fail table with timings",
     "demo": "run the whole loop on this machine with simulated lock controllers",
+    "sandbox": "run a local stand-in for the Stora API, for tests and benchmarks",
 }
 
 
@@ -142,6 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = add("demo", plain)
     p.add_argument("--pace", type=float, default=0.4, help="seconds between demo steps")
+    p = add("sandbox", plain)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8089, help="TCP port; 0 picks a free one "
+                   "(default 8089)")
+    p.add_argument("--client-id", default=None, metavar="ID",
+                   help="OAuth client id that /oauth2/token accepts")
+    p.add_argument("--client-secret-file", default=None, metavar="FILE",
+                   help="file holding that client's secret")
+    p.add_argument("--static-token-file", default=None, metavar="FILE",
+                   help="file of long-lived Bearer tokens to accept, one per line")
+    p.add_argument("--max-per-second", type=int, default=10, metavar="N",
+                   help="requests allowed in any 1-second window (default 10)")
+    p.add_argument("--max-per-minute", type=int, default=60, metavar="N",
+                   help="requests allowed in any 60-second window (default 60)")
+    p.add_argument("--token-ttl", type=int, default=7200, metavar="S",
+                   help="lifetime of issued access tokens in seconds (default 7200)")
     return parser
 
 
@@ -657,6 +674,34 @@ def cmd_demo(ctx: Context) -> int:
     return run_demo(ctx.out, pace=ctx.args.pace)
 
 
+def cmd_sandbox(ctx: Context) -> int:
+    """``sandbox``: a local Stora API in the foreground until SIGTERM or Ctrl-C.
+
+    Secrets come from files only, so they stay out of ``ps`` and shell history.
+    """
+    from gateway.sandbox import Sandbox, read_secret_file, read_token_file, serve
+
+    a = ctx.args
+    if (a.client_id is None) != (a.client_secret_file is None):
+        raise CliError("--client-id and --client-secret-file go together")
+    try:
+        clients = {a.client_id: read_secret_file(a.client_secret_file)} if a.client_id else {}
+        tokens = read_token_file(a.static_token_file) if a.static_token_file else []
+        sandbox = Sandbox(host=a.host, port=a.port, clients=clients, static_tokens=tokens,
+                          max_per_second=a.max_per_second, max_per_minute=a.max_per_minute,
+                          token_ttl_s=a.token_ttl)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    if not clients and not tokens:
+        ctx.err.write(f"{PROG}: no --client-id or --static-token-file: every API call will "
+                      "be answered 401\n")
+    try:
+        return serve(sandbox, ctx.out)
+    except OSError as exc:
+        raise CliError(f"cannot listen on {a.host}:{a.port}: {exc.strerror or exc}",
+                       EXIT_FAILED) from exc
+
+
 HANDLERS: dict[str, Callable[[Context], int]] = {
     "run": cmd_run,
     "status": cmd_status,
@@ -668,6 +713,7 @@ HANDLERS: dict[str, Callable[[Context], int]] = {
     "lock": cmd_lock,
     "test": cmd_test,
     "demo": cmd_demo,
+    "sandbox": cmd_sandbox,
 }
 
 
