@@ -158,6 +158,7 @@ class Agent:
             publish_unit=self._publish_unit, alarm=self.alarm,
         )
         self.rejections = TokenBucket(*reject_rate)
+        self._counters_lock = threading.Lock()
         self.counters = {"received": 0, "rejected": 0, "executed": 0, "duplicates": 0,
                          "refused_again": 0, "shed": 0}
         from gateway.mqtt import LinkTimings, MqttLink
@@ -297,8 +298,9 @@ class Agent:
 
         try:
             with self.store.transaction() as tx:
-                tx.queue_command(command.jti, command.cmd, command.unit, time.time(),
-                                 message.payload)
+                fresh = tx.queue_command(command.jti, command.cmd, command.unit, time.time(),
+                                         message.payload)
+                first = None if fresh else tx.command(command.jti)
             self._recent_jtis[command.jti] = None
             if len(self._recent_jtis) > RECENT_JTIS_MAX:
                 del self._recent_jtis[next(iter(self._recent_jtis))]
@@ -307,6 +309,12 @@ class Agent:
             self.alarm("storage", command.unit, f"command {command.jti} refused: {exc}")
             self._result(Outcome(command.jti, command.cmd, command.unit, "failed",
                                  "hardware_error", None, time.time()))
+            return
+        if first is not None:
+            # Seen before: answered from the first outcome, behind the first command's
+            # unit, whatever unit this copy names (a reused jti never moves a lock).
+            future = self.units.answer_duplicate(command, first.unit)
+            future.add_done_callback(functools.partial(self._done, command))
             return
         self._submit(command)
 
@@ -364,10 +372,8 @@ class Agent:
                         tx.finish_command(command.jti, "unknown", None, outcome.record())
             except Exception:  # the store itself may be what failed
                 LOGGER.exception("could not record %s as unknown", command.jti)
-        if outcome.duplicate:
-            self.counters["duplicates"] += 1
-        else:
-            self.counters["executed"] += 1
+        with self._counters_lock:  # this runs on the unit threads, several at once
+            self.counters["duplicates" if outcome.duplicate else "executed"] += 1
         self._result(outcome)
 
     # -- control socket -------------------------------------------------------------------
@@ -513,7 +519,7 @@ class Agent:
         Runs before the link starts, so nothing of this run is mistaken for last run's;
         the results go out once the broker is connected (``on_connected``).
         """
-        for row in self.store.recover_interrupted(time.time()):
+        for row in self.store.recover_interrupted(time.time(), self.units.audit_interrupted):
             LOGGER.warning("command %s was interrupted by a restart: outcome unknown", row.jti)
             self._restart_results.append(Outcome.from_result(row.result, duplicate=False))
         for row, payload in self.store.queued_commands():

@@ -486,13 +486,18 @@ class Transaction:
         if status not in _FINAL_STATUSES:
             raise ValueError(f"a finished command's status is one of {sorted(_FINAL_STATUSES)}, "
                              f"not {status!r}")
+        # Only a command still in flight can end: an outcome, once written, is what every
+        # duplicate is answered with, so nothing may overwrite it.
         cur = self._q(
             "UPDATE commands SET status = ?, reason = ?, result_json = ?, finished_at = ? "
-            "WHERE jti = ?",
+            "WHERE jti = ? AND status IN ('queued', 'executing')",
             (status, reason, _dumps(result), self._store._clock(), jti),
         )
         if cur.rowcount != 1:
-            raise LookupError(f"command {jti!r} was never claimed")
+            row = self.command(jti)
+            if row is None:
+                raise LookupError(f"command {jti!r} was never claimed")
+            raise LookupError(f"command {jti!r} already ended as {row.status!r}")
 
     def command(self, jti: str) -> CommandRow | None:
         """The inbox row of ``jti``, or ``None``."""
@@ -793,13 +798,17 @@ class Store:
                           + " WHERE status = 'queued' ORDER BY received_at, jti").fetchall()
         return [(_command_row(r), bytes(r[8] or b"")) for r in found]
 
-    def recover_interrupted(self, now: float) -> list[CommandRow]:
+    def recover_interrupted(
+        self, now: float, audit: Callable[[Transaction, CommandRow], None] | None = None
+    ) -> list[CommandRow]:
         """At start: every ``executing`` command becomes ``unknown``; they are returned.
 
         A command still ``executing`` was interrupted by a crash between its claim and its
         outcome: whether the hardware moved cannot be known, so it is never executed
         again (contract §4); the agent publishes and audits the returned rows.  Their
         ``reason`` is ``None`` and their ``result`` the unknown result payload.
+        ``audit(tx, row)`` is called for each in the same transaction, so the record of
+        an action that may have happened is written together with its ``unknown``.
         """
         with self.transaction() as tx:
             found = tx._q(_SELECT_COMMANDS + " WHERE status = 'executing' "
@@ -811,9 +820,12 @@ class Store:
                 tx._q("UPDATE commands SET status = 'unknown', reason = NULL, "
                       "result_json = ?, finished_at = ? WHERE jti = ?",
                       (_dumps(result), now, row.jti))
-                recovered.append(CommandRow(
+                ended = CommandRow(
                     jti=row.jti, cmd=row.cmd, unit=row.unit, status="unknown", reason=None,
-                    result=result, received_at=row.received_at, finished_at=now))
+                    result=result, received_at=row.received_at, finished_at=now)
+                if audit is not None:
+                    audit(tx, ended)
+                recovered.append(ended)
         if recovered:
             LOGGER.warning("%d command(s) interrupted by the last stop are now 'unknown'",
                            len(recovered))

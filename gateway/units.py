@@ -39,7 +39,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Final
 
 from drivers.base import ActionResult, DoorState, LockState, Reading
 from drivers.errors import DriverError
@@ -56,6 +57,11 @@ LOGGER = logging.getLogger(__name__)
 DOOR_HELD_OPEN_S = 60.0
 #: Extra time a self-relocking board gets past ``dur`` before the agent checks it.
 SELF_RELOCK_GRACE_S = 1.0
+#: The Timeline Event kind of each command, for one a restart interrupted.
+_INTERRUPTED_KINDS: Final = MappingProxyType({
+    "unlock": "unlocked", "lock": "locked", "lockout": "overlocked",
+    "clear_lockout": "overlock_removed",
+})
 
 
 def rfc3339(ts: float | None) -> str | None:
@@ -221,6 +227,33 @@ class UnitManager:
         return self._executor.submit(
             key, lambda: self.execute(command, received_at=received_at or self._now())
         )
+
+    def answer_duplicate(self, command: Command, first_unit: str | None) -> Future[Outcome]:
+        """Answer a redelivered ``jti`` with its first outcome, never running it.
+
+        Queued behind the *first* command's unit, so the answer waits for that outcome
+        when it is still running; a token that reuses the ``jti`` for another unit (or
+        another action) is answered the same way and moves nothing.
+        """
+        def answer() -> Outcome:
+            row = self.store.command(command.jti)
+            return self._duplicate(dict(row.result) if row is not None and row.result else {},
+                                   command)
+
+        return self._executor.submit(first_unit or "-", answer)
+
+    def audit_interrupted(self, tx: Any, row: Any) -> None:
+        """The Timeline Event record of a command a restart interrupted (``unknown``).
+
+        The hardware may have moved, so staff must see the attempt; the detail says the
+        outcome is unknown.  Same external id as a finished command's event would have.
+        """
+        kind = _INTERRUPTED_KINDS.get(row.cmd)
+        lock = self._locks.get(row.unit) if row.unit else None
+        if kind is None or lock is None:
+            return  # not an action on a configured lock (or the lock left the config)
+        self._event(tx, kind, lock, row.jti, None,
+                    "outcome unknown: the gateway restarted while this was under way")
 
     def execute(self, command: Command, *, received_at: float) -> Outcome:
         """Run one verified command (call through ``submit`` to keep per-unit order)."""

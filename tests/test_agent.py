@@ -223,6 +223,22 @@ def test_while_rejections_are_throttled_hopeless_claims_are_shed_unverified(
                     if json.loads(m.payload)["jti"] != jti]
 
 
+def test_a_jti_reused_for_another_unit_moves_nothing_and_gets_the_first_outcome(
+    site: SimSite,
+) -> None:
+    client = site.client()
+    with Running(site) as agent:
+        jti, first = site.signer.command("unlock", "unit_a101", dur=2)
+        _, second = site.signer.command("unlock", "unit_a102", dur=2, jti=jti)
+        send(client, first)
+        send(client, second)  # while the first may still be running
+        got = result_for(client, jti, count=2)
+        assert [r["duplicate"] for r in got] == [False, True]
+        assert {r["unit"] for r in got} == {"unit_a101"}
+        assert agent.units.actuations == 1
+        assert site.coil("unit_a102") is False
+
+
 def test_drift_of_a_unit_in_lockout_is_corrected(site: SimSite) -> None:
     client = site.client()
     with Running(site) as agent:

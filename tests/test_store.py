@@ -231,6 +231,19 @@ def test_finish_command_refuses_programming_errors(store: Store) -> None:
     assert store.command("j").status == "executing"  # type: ignore[union-attr]
 
 
+def test_an_outcome_once_written_is_never_overwritten(store: Store) -> None:
+    first = {"jti": "j", "status": "done"}
+    with store.transaction() as tx:
+        tx.claim_command("j", "unlock", "unit_abc", T0)
+        tx.finish_command("j", "done", None, first)
+    with pytest.raises(LookupError, match="already ended as 'done'"), \
+            store.transaction() as tx:
+        tx.finish_command("j", "unknown", None, {"jti": "j", "status": "unknown"})
+    row = store.command("j")
+    assert row is not None
+    assert (row.status, row.result) == ("done", first)
+
+
 def test_recover_interrupted_makes_executing_unknown_once(db: Path) -> None:
     with Store(db) as s, s.transaction() as tx:
         tx.claim_command("a", "unlock", "unit_abc", T0)

@@ -139,3 +139,20 @@ def test_a_door_still_open_right_after_the_relock_is_not_called_forced(rig: Rig)
     time.sleep(0.5)
     assert not [a for a in rig.alarms if a[0] == "door_forced"]
     rig.site.modbus.board(1).hold_door_open(0, held=False)
+
+
+def test_a_command_interrupted_by_a_restart_is_audited_as_outcome_unknown(rig: Rig) -> None:
+    with rig.store.transaction() as tx:
+        tx.claim_command("cut-1", "unlock", "unit_a101", rig.wall())
+        tx.claim_command("cut-2", "lockout", "unit_a102", rig.wall())
+        tx.claim_command("cut-3", "lock", "unit_gone", rig.wall())  # lock left the config
+    rows = rig.store.recover_interrupted(rig.wall(), rig.units.audit_interrupted)
+    assert sorted(r.jti for r in rows) == ["cut-1", "cut-2", "cut-3"]
+    events = {e.kind: e for e in rig.store.events()}
+    assert sorted(events) == ["overlocked", "unlocked"]
+    assert events["unlocked"].description.startswith(
+        f"Unit unlocked via {rig.config.site.app_name} — outcome unknown")
+    assert events["unlocked"].unit == "unit_a101"
+    # Recovering again finds nothing and records nothing twice.
+    assert rig.store.recover_interrupted(rig.wall(), rig.units.audit_interrupted) == []
+    assert len(rig.store.events()) == 2
