@@ -111,6 +111,16 @@ def _bad_signature(signer: CommandSigner, forger: CommandSigner, rng: random.Ran
                        headers={"alg": "none" if i % 8 == 3 else "HS256"})
 
 
+def make_forgeries(signer: CommandSigner, count: int, seed: int = 1) -> list[bytes]:
+    """``count`` distinct forgeries that only the curve can refuse: the claims of a fresh
+    unlock of a configured unit under the trusted kid, each with its own random
+    64-byte signature, so no cache and no claim rule can stop one early."""
+    rng = random.Random(seed)
+    _, token = signer.command("unlock", "unit_100", ttl=300)
+    head = token.rpartition(b".")[0]
+    return [head + b"." + _b64(rng.randbytes(64)) for _ in range(count)]
+
+
 def make_pool(signer: CommandSigner, count: int, seed: int = 1) -> list[bytes]:
     """``count`` invalid payloads: garbage, bad signatures and expired, in turn."""
     rng = random.Random(seed)
@@ -247,6 +257,9 @@ def main() -> None:
     parser.add_argument("--legit", type=int, default=200)
     parser.add_argument("--acl", action="store_true",
                         help="broker ACL: only the relay may publish commands (the fix)")
+    parser.add_argument("--forgeries", action="store_true",
+                        help="worst case: every message a distinct well-formed forgery "
+                             "(not the acceptance mix)")
     parser.add_argument("--flood-worker", nargs=7, metavar="ARG", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.flood_worker:
@@ -256,17 +269,22 @@ def main() -> None:
         return
     with BenchSite(boards=1, coils=16, inputs=16, broker_conf=["sys_interval 1"],
                    acl=args.acl) as site:
+        if args.forgeries:
+            print("--forgeries: every flood message is a distinct, fresh, well-formed "
+                  "forgery, refused only by the signature check (NOT the acceptance mix)")
         if args.acl:
             print("--acl: broker ACL, the flooder logs in as 'intruder' (NOT the acceptance "
                   "run; it shows the proposed fix)")
-        run(site, args.rate, args.seconds, args.legit)
+        run(site, args.rate, args.seconds, args.legit, forgeries=args.forgeries)
 
 
-def run(site: BenchSite, rate: float, seconds: float, legit: int) -> None:
+def run(site: BenchSite, rate: float, seconds: float, legit: int, *,
+        forgeries: bool = False) -> None:
     """The flood, the legitimate commands, and the report."""
     pool_path = site.directory / "flood.bin"
-    pool_path.write_bytes(b"".join(struct.pack(">I", len(p)) + p
-                                   for p in make_pool(site.signer, POOL)))
+    pool = (make_forgeries(site.signer, int(rate * seconds) + 1) if forgeries
+            else make_pool(site.signer, POOL))
+    pool_path.write_bytes(b"".join(struct.pack(">I", len(p)) + p for p in pool))
     publisher = site.publisher()
     recorder = site.recorder([RESULT_TOPIC, SYS_DROPPED], "flood")
     before = site.status()
@@ -357,9 +375,12 @@ def report(rate: float, seconds: float, legit: int, flood: dict[str, Any],
           f"{during / cpu_flood[1]:,.0f}/s), rejected {delta('commands', 'rejected'):,}, executed "
           f"{delta('commands', 'executed')}; link inbound_dropped {link_dropped:,}, "
           f"inbox peak {after['broker']['inbound_queued_peak']}")
+    print(f"agent shedding: {delta('commands', 'refused_again'):,} refused again from the "
+          f"cache of refused payloads, {delta('commands', 'shed'):,} shed on their claims "
+          f"before the signature check")
     b0, b1 = sys_dropped
     broker_dropped = "n/a" if b0 is None or b1 is None else f"{b1 - b0:,}"
-    unaccounted = flood["sent"] - reached - link_dropped
+    unaccounted = flood["sent"] + legit - reached - link_dropped
     print(f"broker: $SYS publish/messages/dropped during the run {broker_dropped}; sent but "
           f"never delivered to the agent (dropped by the broker or refused by its ACL): "
           f"{unaccounted:,}")

@@ -47,10 +47,11 @@ import math
 import os
 import pwd
 import signal
+import sys
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Mapping
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Final
@@ -72,6 +73,8 @@ REJECT_RATE_PER_S = 20.0
 REJECT_BURST = 50
 #: How long a control-socket request waits for its unit's queue.
 CONTROL_WAIT_S = 120.0
+#: The interpreter's thread switch interval while the agent runs (default 5 ms).
+SWITCH_INTERVAL_S = 0.001
 #: Refused payloads remembered (by a 16-byte hash) to refuse a repeat without parsing it.
 REFUSED_CACHE_MAX = 4096
 #: Rejection reasons that no later moment can change for the same bytes under the same
@@ -180,10 +183,12 @@ class Agent:
         )
         self.control: Any = None
         self.rejected_by_reason: dict[str, int] = {}
-        self._recent_jtis: dict[str, None] = {}  # insertion-ordered, bounded
+        # Bounded FIFOs.  OrderedDict, not dict: popping a dict's oldest key scans the
+        # slots its earlier deletions left behind, which a flood turns quadratic.
+        self._recent_jtis: OrderedDict[str, None] = OrderedDict()
         # BLAKE2b-128 of refused payloads -> their rejection, or _SHED when only the
         # claims were judged (the reason is then unknown); insertion-ordered, bounded.
-        self._refused: dict[bytes, Rejection | object] = {}
+        self._refused: OrderedDict[bytes, Rejection | object] = OrderedDict()
         self._restart_results: deque[Outcome] = deque(maxlen=UNSENT_RESULTS_MAX)
 
     # -- publishing -----------------------------------------------------------------------
@@ -287,7 +292,7 @@ class Agent:
         try:
             command = self.verifier.verify(payload, retained=message.retain)
         except Rejection as exc:
-            rejection = exc.with_traceback(None)  # kept below: no frames held alive
+            rejection = exc
             if rejection.reason in LASTING_REASONS:
                 self._remember(digest, rejection)
             self._rejected(rejection)
@@ -303,7 +308,7 @@ class Agent:
                 first = None if fresh else tx.command(command.jti)
             self._recent_jtis[command.jti] = None
             if len(self._recent_jtis) > RECENT_JTIS_MAX:
-                del self._recent_jtis[next(iter(self._recent_jtis))]
+                self._recent_jtis.popitem(last=False)
         except StoreError as exc:
             # Without a durable inbox, at-most-once cannot be promised: refuse, loudly.
             self.alarm("storage", command.unit, f"command {command.jti} refused: {exc}")
@@ -321,11 +326,17 @@ class Agent:
     def _remember(self, digest: bytes | None, verdict: Rejection | object) -> None:
         if digest is None:
             return
+        if isinstance(verdict, Rejection):
+            # Kept for long: drop what would keep the verifier's frames (and with them
+            # the payload and parsed JSON) alive, the traceback of the exception that
+            # was being handled when it was raised included.
+            verdict.__context__ = verdict.__cause__ = None
+            verdict.__traceback__ = None
         refused = self._refused
         refused.pop(digest, None)  # re-inserted last: a precise verdict replaces _SHED
         refused[digest] = verdict
         if len(refused) > REFUSED_CACHE_MAX:
-            del refused[next(iter(refused))]
+            refused.popitem(last=False)
 
     def _rejected(self, rejection: Rejection) -> None:
         self.counters["rejected"] += 1
@@ -337,8 +348,8 @@ class Agent:
         # Only a jti this agent answered recently can be a late duplicate; anything
         # else (a flood of replayed tokens) costs no database lookup.
         stored = (self.store.command(rejection.jti)
-                  if rejection.claims_verified and rejection.jti in self._recent_jtis
-                  else None)
+                  if rejection.claims_verified and rejection.jti is not None
+                  and rejection.jti in self._recent_jtis else None)
         if stored is not None and stored.result:
             # A genuine command we already answered, redelivered after it expired:
             # the original result, as a duplicate (contract §4).
@@ -623,6 +634,11 @@ def run_agent(config: Config, *, debug: bool = False) -> int:
     )
     if not debug:
         logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    # Threads hand the GIL over every 5 ms by default.  The worker's signature checks
+    # release it (inside OpenSSL) and must then wait for the network thread to give it
+    # back, which a flood keeps busy: up to one interval per command.  1 ms keeps that
+    # wait short at a small cost in switches (bench/agent_flood.py --forgeries).
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     agent = Agent(config)
 
     def on_signal(signum: int, frame: object) -> None:

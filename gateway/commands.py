@@ -4,7 +4,7 @@ A command is a JWS compact serialization (``header.payload.signature``, base64ur
 padding) signed with Ed25519 by a key named in ``[commands] trusted_keys``.
 :meth:`CommandVerifier.verify` turns the raw MQTT payload into a :class:`Command` or
 raises a :class:`Rejection` carrying exactly one reason code of contract §4.  Nothing
-else ever escapes it: PyJWT, cryptography and json errors are translated here, at one
+else ever escapes it: cryptography and json errors are translated here, at one
 boundary.
 
 Order of the checks, and why
@@ -26,7 +26,8 @@ cannot silently change which reason a relay or an operator sees):
    ``unknown_key``.  These choose the algorithm and the key, so they are judged before
    the signature and never by the token itself (RFC 8725 §3.1, §3.2).
 5. ``bad_signature``: the signature segment must be exactly 64 bytes (86 characters)
-   and verify, through PyJWT pinned to ``EdDSA``, with the pre-built key of that kid.
+   and verify with the pre-built Ed25519 key of that kid (``cryptography`` directly:
+   PyJWT re-parsed the token and cost three times the curve itself).
    Empty, truncated, extended or bit-flipped signatures all land here, and so does a
    signature segment that is not canonical base64url (the token's shape is fine, its
    signature is not).  Nothing in the claims is judged before this point, so a forger
@@ -95,7 +96,6 @@ from gateway.errors import GatewayError, one_line
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-    from jwt import PyJWS
 
     from gateway.config import Config
 
@@ -241,10 +241,9 @@ class CommandVerifier:
     def __init__(
         self, config: Config, clock: TrustedClockLike, *, kind: Literal["cmd", "mgmt"] = "cmd"
     ) -> None:
-        # Imported here: cryptography and PyJWT cost a Pi noticeable start-up time, and
+        # Imported here: cryptography costs a Pi noticeable start-up time, and
         # CLI commands that never verify a token should not pay it.
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-        from jwt import PyJWS
 
         if kind not in ("cmd", "mgmt"):
             raise ValueError(f"kind must be 'cmd' or 'mgmt', not {kind!r}")
@@ -263,9 +262,6 @@ class CommandVerifier:
         # Exact unit ids only; equivalent to config.lock_by_id(u) with .unit == u, but
         # without its reference fallback and linear scan.
         self._units = frozenset(lock.unit for lock in config.locks)
-        # A PyJWS that knows no algorithm but EdDSA: even a path that skipped our header
-        # check could not be talked into HMAC or "none".
-        self._jws: PyJWS = PyJWS(algorithms=[_ALGORITHM])
 
     def verify(self, payload: bytes, *, retained: bool) -> Command:
         """The verified :class:`Command` in ``payload``; raises :class:`Rejection`."""
@@ -352,23 +348,27 @@ class CommandVerifier:
         *, curve: bool = True,
     ) -> None:
         # An Ed25519 signature is 64 bytes; anything else cannot verify, so skip the
-        # curve arithmetic (and PyJWT) for truncated, extended or missing signatures.
+        # curve arithmetic for truncated, extended or missing signatures.
         if len(signature_seg) != _ED25519_SIGNATURE_CHARS or _b64decode(signature_seg) is None:
             raise _rejection("bad_signature", f"the signature is not 64 bytes of canonical "
                                               f"base64url ({len(signature_seg)} characters)",
                              _peek_claims(body))
         if not curve:
             return
-        from jwt import PyJWTError
+        from cryptography.exceptions import InvalidSignature
 
+        signature = _b64decode(signature_seg)
+        assert signature is not None  # checked above
+        # The algorithm is not the token's to choose: the header check above accepted
+        # only EdDSA, and this is an Ed25519 key, so there is nothing else it could be
+        # (RFC 8725 §3.1).  The signing input is the token up to its second dot, as
+        # received: no re-encoding, so what is verified is exactly what was sent.
+        signing_input = token[: len(token) - len(signature_seg) - 1]
         try:
-            # Signature only: PyJWS never reads the claims, so exp/iat/aud are judged by
-            # the rules below, each with its own reason code.
-            self._jws.decode_complete(token, key=key, algorithms=[_ALGORITHM])
-        except (PyJWTError, ValueError, TypeError, KeyError, RecursionError) as exc:
+            key.verify(signature, signing_input)
+        except InvalidSignature:
             raise _rejection("bad_signature", f"the signature does not verify with key "
-                                              f"{_show(kid)} ({type(exc).__name__})",
-                             _peek_claims(body)) from None
+                                              f"{_show(kid)}", _peek_claims(body)) from None
 
     def _parse_claims(self, claims: Any, kid: str) -> Command:
         if not isinstance(claims, dict):

@@ -385,6 +385,8 @@ class _ReadAheadClient(paho.Client):
     """
 
     READ_AHEAD: Final = 65536
+    #: Whole PUBLISH packets taken from the buffer per read call, at most.
+    BATCH: Final = 256
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -401,37 +403,78 @@ class _ReadAheadClient(paho.Client):
         self._publish_handler = handler
 
     def _handle_publish(self) -> MQTTErrorCode:
-        """A lean PUBLISH decoder for MQTT 5, QoS 0 and 1.
-
-        paho's own builds a ``Properties`` object, a ``MQTTMessage`` and a debug line
-        for every message and matches it against every subscription: about 100 µs, nine
-        tenths of what a flood of commands cost the agent.  The link needs none of the
-        properties (it never allows topic aliases, so the broker sends none, MQTT 5
-        §3.1.2.11.8), so they are skipped by their length.  Anything unusual (QoS 2,
-        MQTT 3, an empty topic) goes to paho's decoder, which stays the reference.
-        """
-        handler = self._publish_handler
+        """paho's PUBLISH handler, for the packets its own reader assembled."""
         header: int = self._in_packet["command"]
-        qos = (header & 0x06) >> 1
-        if handler is None or qos == 2 or self._protocol != paho.MQTTv5:
+        if self._publish_handler is None or not self._lean(header, self._in_packet["packet"]):
             return super()._handle_publish()
-        packet: bytes | bytearray = self._in_packet["packet"]
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _lean(self, header: int, packet: bytes | bytearray) -> bool:
+        """Decode and hand over a QoS 0/1 MQTT 5 PUBLISH; ``False`` if it is unusual.
+
+        paho's own decoder builds a ``Properties`` object, a ``MQTTMessage`` and a debug
+        line for every message and matches it against every subscription: about 100 µs,
+        nine tenths of what a flood of commands cost the agent.  The link needs none of
+        the properties (it never allows topic aliases, so the broker sends none, MQTT 5
+        §3.1.2.11.8), so they are skipped by their length.  Anything unusual (QoS 2,
+        MQTT 3, an empty topic, a bad length) is left to paho, which stays the reference.
+        """
+        qos = (header & 0x06) >> 1
+        handler = self._publish_handler
+        if handler is None or qos == 2 or self._protocol != paho.MQTTv5:
+            return False
+        topic_len = int.from_bytes(packet[0:2], "big")
+        at = 2 + topic_len
+        topic = packet[2:at]
+        mid = 0
+        if qos:
+            mid = int.from_bytes(packet[at:at + 2], "big")
+            at += 2
         try:
-            topic_len = int.from_bytes(packet[0:2], "big")
-            at = 2 + topic_len
-            topic = packet[2:at]
-            mid = 0
-            if qos:
-                mid = int.from_bytes(packet[at:at + 2], "big")
-                at += 2
             props_len, at = _variable_int(packet, at)
         except ValueError:
-            return MQTTErrorCode.MQTT_ERR_PROTOCOL
+            return False
         at += props_len
         if not topic or len(topic) != topic_len or at > len(packet) or (qos and not mid):
-            return super()._handle_publish()
+            return False
         handler(bytes(topic), bytes(packet[at:]), qos, bool(header & 0x01),
                 bool(header & 0x08), mid)
+        return True
+
+    def _packet_read(self) -> MQTTErrorCode:
+        """Take whole PUBLISH packets straight from the read-ahead buffer.
+
+        paho assembles each packet through a state machine of several reads and a dict
+        reset; under a flood that is most of what is left.  Whole QoS 0/1 PUBLISH
+        packets at the head of the buffer are cut out here, up to :data:`BATCH` a call
+        so the loop still turns for keepalive and writes; anything else (another packet
+        type, a packet still arriving, paho half-way through one) goes to paho's reader.
+        """
+        ahead = self._ahead
+        if (self._publish_handler is None or self._in_packet["command"] != 0
+                or self._ahead_sock is not self._sock or len(ahead) < 2):
+            return super()._packet_read()
+        taken = 0
+        while taken < self.BATCH and len(ahead) >= 2:
+            header = ahead[0]
+            if header & 0xF0 != 0x30 or header & 0x06 == 0x06:
+                break  # not a PUBLISH, or a malformed QoS: paho's to judge
+            try:
+                length, at = _variable_int(ahead, 1)
+            except ValueError:
+                break  # not all here yet, or malformed: paho's to judge
+            end = at + length
+            if end > len(ahead):
+                break
+            packet = bytes(ahead[at:end])
+            if not self._lean(header, packet):
+                break  # unusual: paho reads it from the buffer, untouched
+            del ahead[:end]
+            taken += 1
+        if not taken:
+            return super()._packet_read()
+        with self._msgtime_mutex:
+            self._last_bytes_received = paho.time_func()
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def buffered(self) -> int:
