@@ -27,7 +27,7 @@ cannot silently change which reason a relay or an operator sees):
    the signature and never by the token itself (RFC 8725 §3.1, §3.2).
 5. ``bad_signature``: the signature segment must be exactly 64 bytes (86 characters)
    and verify with the pre-built Ed25519 key of that kid (``cryptography`` directly:
-   PyJWT re-parsed the token and cost three times the curve itself).
+   PyJWT re-parsed the whole token, about 85 µs a message on top of the check).
    Empty, truncated, extended or bit-flipped signatures all land here, and so does a
    signature segment that is not canonical base64url (the token's shape is fine, its
    signature is not).  Nothing in the claims is judged before this point, so a forger
