@@ -89,6 +89,10 @@ _SHED: Final = object()
 RECENT_JTIS_MAX = 10_000
 #: Results kept while the broker is unreachable (the oldest go first beyond this).
 UNSENT_RESULTS_MAX = 1000
+#: A storage alarm of one kind (disk full, read-only) at most this often.
+STORAGE_ALARM_INTERVAL_S = 60.0
+#: ``outbox.list`` returns at most this many rows of each state by default.
+OUTBOX_LIST_MAX = 100
 
 
 class TokenBucket:
@@ -140,13 +144,22 @@ class Agent:
         try:
             self.store = Store(config.storage.path)
         except StoreCorrupt as exc:
+            # What was lost, counted before the move (best effort, read-only): the
+            # alarm must tell staff how many actions Stora will never hear about.
+            lost = Store.count_pending(config.storage.path)
             moved = Store.quarantine(config.storage.path)
-            LOGGER.error(  # noqa: TRY400 - the cause is in the message; no traceback wanted
-                "state database corrupt (%s); moved aside to %s; starting empty", exc, moved)
+            lost_text = "an unknown number of" if lost is None else str(lost)
+            detail = (f"{exc}; moved to {moved}; {lost_text} undelivered Timeline Event(s) "
+                      "lost with it; starting with an empty database")
+            LOGGER.error("%s", detail)  # noqa: TRY400 - no traceback wanted
             self.store = Store(config.storage.path)
-            self._pending_alarms = [("storage_corrupt", None, f"{exc}; moved to {moved}")]
+            self._pending_alarms = [("storage_corrupt", None, detail)]
         else:
             self._pending_alarms = []
+        self.store.on_events_added = self._events_added
+        self.store.on_write_failed = self._write_failed
+        self._storage_alarmed_at: dict[str, float] = {}
+        self.outbox: Any = None
         self.clock = TrustedClock(
             "system" if config.commands.clock == "system" else "ntp",
             synced=clock_synced or kernel_synchronized,
@@ -205,6 +218,33 @@ class Agent:
         self._publish("alarm", {"kind": kind, "unit": unit, "detail": detail,
                                 "at": rfc3339(time.time())})
 
+    # -- storage and outbox hooks ---------------------------------------------------------
+    def _events_added(self, count: int) -> None:
+        """A transaction committed ``count`` new Timeline Events: wake the drainer."""
+        del count
+        if self.outbox is not None:
+            self.outbox.wake()
+
+    def _write_failed(self, exc: Exception, refused: int) -> None:
+        """A transaction failed (disk full, read-only, …): a clear alarm, rate limited.
+
+        Lock control goes on (units drive the hardware outside transactions, and a
+        relock or lockout is driven even when its record cannot be written); what is
+        refused is the record, and Timeline Events refused are counted and reported.
+        """
+        try:
+            kind = {"StoreFull": "storage_full", "StoreReadOnly": "storage_read_only",
+                    "StoreBusy": "storage_busy"}.get(type(exc).__name__, "storage")
+            now = time.monotonic()
+            if now - self._storage_alarmed_at.get(kind, -math.inf) < STORAGE_ALARM_INTERVAL_S:
+                return
+            self._storage_alarmed_at[kind] = now
+            self.alarm(kind, None,
+                       f"{exc}; {self.store.events_refused} Timeline Event(s) refused so far "
+                       f"({refused} just now); lock control continues")
+        except Exception:  # the hook must never turn a storage failure into a crash
+            LOGGER.exception("raising the storage alarm failed")
+
     def _result(self, outcome: Outcome) -> None:
         data = json.dumps(outcome.payload(), separators=(",", ":")).encode()
         if not self.link.publish(f"{self.prefix}/cmd/result", data, qos=1):
@@ -221,9 +261,6 @@ class Agent:
             health = controller.health()
             controllers.append({"name": name, "online": health.online, "detail": health.detail,
                                 "last_error": health.last_error})
-        pending = self.store.event_count("pending")
-        oldest = self.store.events(state="pending", limit=1)
-        oldest_age = round(time.time() - oldest[0].created_at) if oldest else None
         return {
             "online": True,
             "version": __version__,
@@ -233,9 +270,15 @@ class Agent:
             "clock": {"trusted": trusted, "why": why, **self.clock.status()},
             "broker": {"connected": self.link.connected, **self.link.stats()},
             "controllers": controllers,
-            "outbox": {"pending": pending, "oldest_age_s": oldest_age},
+            "outbox": self._outbox_status(),
             "commands": {**self.counters, "rejected_by_reason": dict(self.rejected_by_reason)},
         }
+
+    def _outbox_status(self) -> dict[str, Any]:
+        """Depth, oldest pending age, dead letters, drain state, events refused."""
+        summary = self.store.outbox_summary(time.time())
+        drain = self.outbox.status() if self.outbox is not None else {"drain": "not started"}
+        return {**summary, **drain, "events_refused": self.store.events_refused}
 
     def _birth(self) -> bytes:
         try:
@@ -278,24 +321,13 @@ class Agent:
             self.counters["refused_again"] += 1
             self._rejected(known)
             return
-        if not self.rejections.ready():
-            if known is None:
-                screened = self.verifier.screen(payload, retained=message.retain)
-                if screened is not None and screened.jti not in self._recent_jtis:
-                    known = _SHED
-                    if screened.reason in LASTING_REASONS:  # not_yet_valid may pass later
-                        self._remember(digest, _SHED)
-            if known is _SHED:
-                self.counters["shed"] += 1
-                self.rejections.take()  # counted as a result not published
-                return
-        try:
-            command = self.verifier.verify(payload, retained=message.retain)
-        except Rejection as exc:
-            rejection = exc
-            if rejection.reason in LASTING_REASONS:
-                self._remember(digest, rejection)
-            self._rejected(rejection)
+        throttled = not self.rejections.ready()
+        if throttled and known is _SHED:
+            self.counters["shed"] += 1
+            self.rejections.take()  # counted as a result not published
+            return
+        command = self._check(payload, message.retain, digest, throttled=throttled)
+        if command is None:
             return
         # Durable before this returns, so before the link acknowledges the delivery: a
         # crash up to here means the broker delivers again; after it, the row remains.
@@ -322,6 +354,30 @@ class Agent:
             future.add_done_callback(functools.partial(self._done, command))
             return
         self._submit(command)
+
+    def _check(self, payload: bytes, retained: bool, digest: bytes | None, *,
+               throttled: bool) -> Command | None:
+        """Verify; ``None`` when refused (answered, shed or remembered as needed)."""
+        try:
+            if throttled:  # no result could be published: claims first, one parse
+                return self.verifier.verify_claims_first(payload, retained=retained)
+            return self.verifier.verify(payload, retained=retained)
+        except Rejection as exc:
+            rejection = exc
+        if rejection.screened:
+            if rejection.jti is not None and rejection.jti in self._recent_jtis:
+                # Maybe a late duplicate of a command run here: it gets its original
+                # result, which takes the signature check.
+                return self._check(payload, retained, digest, throttled=False)
+            self.counters["shed"] += 1
+            self.rejections.take()  # counted as a result not published
+            if rejection.reason in LASTING_REASONS:  # not_yet_valid may pass later
+                self._remember(digest, _SHED)
+            return None
+        if rejection.reason in LASTING_REASONS:
+            self._remember(digest, rejection)
+        self._rejected(rejection)
+        return None
 
     def _remember(self, digest: bytes | None, verdict: Rejection | object) -> None:
         if digest is None:
@@ -438,7 +494,42 @@ class Agent:
             return {"outcomes": [entry]} if method == "unlock" else {"outcome": entry}
         if method == "test":
             return self._test(params, actor)
+        if method == "outbox.list":
+            return self._outbox_list(params)
+        if method == "outbox.retry":
+            return self._outbox_retry(params, actor)
         raise ControlError(f"unknown request {method!r}", 2)
+
+    def _outbox_list(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        from gateway.control import ControlError
+
+        limit = params.get("limit", OUTBOX_LIST_MAX)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit <= 10_000:
+            raise ControlError("limit must be an integer from 1 to 10000", 2)
+        dead_only = bool(params.get("dead"))
+        rows = self.store.events(state="dead", limit=limit)
+        if not dead_only:
+            rows = self.store.events(state="pending", limit=limit) + rows
+        return {"summary": self._outbox_status(), "events": [r.as_dict() for r in rows]}
+
+    def _outbox_retry(self, params: Mapping[str, Any], actor: str) -> dict[str, Any]:
+        from gateway.control import ControlError
+
+        seq = params.get("seq")
+        if params.get("all_dead"):
+            if seq is not None:
+                raise ControlError("give an event id or --all-dead, not both", 2)
+            retried = self.store.retry_dead(None)
+        elif isinstance(seq, int) and not isinstance(seq, bool):
+            retried = self.store.retry_dead(seq)
+            if not retried:
+                raise ControlError(f"no dead-lettered event {seq} (see `outbox --dead`)", 1)
+        else:
+            raise ControlError("outbox.retry needs an event id (seq) or all_dead", 2)
+        LOGGER.info("outbox: %s retried dead-lettered event(s) %s", actor, retried)
+        if self.outbox is not None and retried:
+            self.outbox.wake(resume=True)
+        return {"retried": retried}
 
     def _find(self, text: str) -> LockConfig:
         from gateway.control import ControlError
@@ -561,6 +652,10 @@ class Agent:
         self.units.start()
         self.recover()
         self.link.start()
+        from gateway.outbox import build_drainer
+
+        self.outbox = build_drainer(self.config, self.store, self.alarm)
+        self.outbox.start()
         self._guarded("reconciliation", self.units.reconcile)
 
     def run_forever(self) -> None:
@@ -598,6 +693,7 @@ class Agent:
         steps: list[tuple[str, Any]] = [
             ("control socket", self.control.stop if self.control is not None else None),
             ("units", self.units.stop),
+            ("outbox", self.outbox.stop if self.outbox is not None else None),
             ("saving the trusted time", self._persist_trusted_time),
             ("broker link", self.link.stop),
             ("hardware", self.site.close),

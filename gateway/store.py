@@ -78,7 +78,9 @@ from gateway.timeline import EventRecord
 __all__ = [
     "BUSY_TIMEOUT_S",
     "COMMAND_STATUSES",
+    "EVENT_STATES",
     "MIGRATIONS",
+    "SEND_HISTORY_KEEP_S",
     "CommandRow",
     "EventRow",
     "Migration",
@@ -264,7 +266,39 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
         ),
     ),
+    Migration(
+        "outbox delivery bookkeeping, dead letters, rate-limiter send history",
+        (
+            # The Idempotency-Key of the next attempt is f"{external_id}.{generation}";
+            # generation and unanswered_since are written after every outcome, before
+            # the next attempt (gateway/stora.py, "Idempotency key policy").
+            "ALTER TABLE events ADD COLUMN generation INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE events ADD COLUMN unanswered_since REAL",
+            # Wall time the event is next due; 0 = due now (every existing row).
+            "ALTER TABLE events ADD COLUMN next_attempt_at REAL NOT NULL DEFAULT 0",
+            "ALTER TABLE events ADD COLUMN delivered_at REAL",
+            "ALTER TABLE events ADD COLUMN stora_event_id TEXT",
+            # Dead letters: what Stora said (HTTP status, error code, and the message,
+            # details, request id and key as JSON), and when.
+            "ALTER TABLE events ADD COLUMN dead_status INTEGER",
+            "ALTER TABLE events ADD COLUMN dead_code TEXT",
+            "ALTER TABLE events ADD COLUMN dead_json TEXT",
+            "ALTER TABLE events ADD COLUMN dead_at REAL",
+            "CREATE INDEX events_due ON events (next_attempt_at, seq) WHERE state = 'pending'",
+            # Wall times of the requests sent to Stora in the last minute or so, so a
+            # restarted agent (or a crash loop) never exceeds the rate limits.
+            "CREATE TABLE send_history (at REAL NOT NULL)",
+            "CREATE INDEX send_history_at ON send_history (at)",
+        ),
+    ),
 )
+
+#: Event states: ``pending`` until delivered; ``dead`` when Stora refused it for good
+#: (kept with the error until a person retries it); ``delivered`` once Stora has it.
+EVENT_STATES: Final = frozenset({"pending", "delivered", "dead"})
+#: Send times older than this are pruned: the 60 s window plus the limiter's margin and
+#: room for clock noise.
+SEND_HISTORY_KEEP_S: Final = 120.0
 
 
 def migrate(conn: sqlite3.Connection, migrations: Sequence[Migration] = MIGRATIONS) -> int:
@@ -363,6 +397,33 @@ class EventRow:
     attempts: int
     last_error: str | None
     created_at: float
+    generation: int = 0
+    unanswered_since: float | None = None
+    next_attempt_at: float = 0.0
+    delivered_at: float | None = None
+    stora_event_id: str | None = None
+    dead_status: int | None = None
+    dead_code: str | None = None
+    dead: dict[str, Any] | None = None
+    dead_at: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready data for ``stora-gateway outbox --json`` and the control socket."""
+        return {
+            "seq": self.seq, "external_id": self.external_id, "kind": self.kind,
+            "unit": self.unit, "reference": self.reference,
+            "description": self.description, "state": self.state,
+            "occurred_at": rfc3339(self.occurred_at), "created_at": rfc3339(self.created_at),
+            "attempts": self.attempts, "last_error": self.last_error,
+            "generation": self.generation,
+            "next_attempt_at": rfc3339(self.next_attempt_at) if self.next_attempt_at else None,
+            "delivered_at": rfc3339(self.delivered_at) if self.delivered_at else None,
+            "stora_event_id": self.stora_event_id,
+            "error": None if self.state != "dead" else {
+                "status": self.dead_status, "code": self.dead_code, **(self.dead or {}),
+                "dead_at": rfc3339(self.dead_at) if self.dead_at else None,
+            },
+        }
 
     def record(self) -> EventRecord:
         """The :class:`EventRecord` this row was added from."""
@@ -384,7 +445,9 @@ _SELECT_UNITS: Final = (
 )
 _SELECT_EVENTS: Final = (
     "SELECT seq, external_id, kind, unit, reference, site_id, description, contact, actor, "
-    "occurred_at, body_json, state, attempts, last_error, created_at FROM events"
+    "occurred_at, body_json, state, attempts, last_error, created_at, generation, "
+    "unanswered_since, next_attempt_at, delivered_at, stora_event_id, dead_status, "
+    "dead_code, dead_json, dead_at FROM events"
 )
 
 
@@ -404,7 +467,11 @@ def _event_row(r: sqlite3.Row | tuple[Any, ...]) -> EventRow:
     return EventRow(seq=r[0], external_id=r[1], kind=r[2], unit=r[3], reference=r[4],
                     site_id=r[5], description=r[6], contact=r[7], actor=r[8],
                     occurred_at=r[9], body=json.loads(r[10]) if r[10] else None,
-                    state=r[11], attempts=r[12], last_error=r[13], created_at=r[14])
+                    state=r[11], attempts=r[12], last_error=r[13], created_at=r[14],
+                    generation=r[15], unanswered_since=r[16], next_attempt_at=r[17],
+                    delivered_at=r[18], stora_event_id=r[19], dead_status=r[20],
+                    dead_code=r[21], dead=json.loads(r[22]) if r[22] else None,
+                    dead_at=r[23])
 
 
 def _dumps(value: dict[str, Any]) -> str:
@@ -433,6 +500,8 @@ class Transaction:
         self._store = store
         self._conn = store._conn
         self._active = True
+        #: Events this transaction added (for the store's hooks).
+        self.events_added = 0
 
     def _q(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
         if not self._active:
@@ -537,7 +606,86 @@ class Transaction:
              record.description, record.contact, record.actor, record.occurred_at,
              self._store._clock()),
         )
-        return cur.rowcount == 1
+        if cur.rowcount == 1:
+            self.events_added += 1
+            return True
+        return False
+
+    # -- outbox delivery (gateway/outbox.py) ----------------------------------------------
+    def due_event(self, now: float) -> EventRow | None:
+        """The oldest ``pending`` event whose ``next_attempt_at`` has come, or ``None``."""
+        r = self._q(_SELECT_EVENTS + " WHERE state = 'pending' AND next_attempt_at <= ? "
+                    "ORDER BY seq LIMIT 1", (now,)).fetchone()
+        return None if r is None else _event_row(r)
+
+    def event(self, seq: int) -> EventRow | None:
+        """The outbox row ``seq``, or ``None``."""
+        r = self._q(_SELECT_EVENTS + " WHERE seq = ?", (seq,)).fetchone()
+        return None if r is None else _event_row(r)
+
+    def freeze_body(self, seq: int, body: dict[str, Any]) -> dict[str, Any]:
+        """Keep ``body`` as the event's POST body unless one is kept already; the kept one.
+
+        Every attempt under one Idempotency-Key must send the same bytes, so the body is
+        written before the first attempt and never replaced while the event is pending.
+        """
+        self._q("UPDATE events SET body_json = ? WHERE seq = ? AND body_json IS NULL",
+                (_dumps(body), seq))
+        r = self._q("SELECT body_json FROM events WHERE seq = ?", (seq,)).fetchone()
+        if r is None or r[0] is None:
+            raise LookupError(f"no outbox event {seq}")
+        return json.loads(r[0])  # type: ignore[no-any-return]
+
+    def record_attempt(self, seq: int, *, generation: int, unanswered_since: float | None,
+                       next_attempt_at: float, attempts: int, last_error: str | None) -> None:
+        """A pending event's key, schedule and attempt count after an attempt."""
+        self._q("UPDATE events SET generation = ?, unanswered_since = ?, next_attempt_at = ?, "
+                "attempts = ?, last_error = ? WHERE seq = ? AND state = 'pending'",
+                (generation, unanswered_since, next_attempt_at, attempts, last_error, seq))
+
+    def mark_delivered(self, seq: int, *, generation: int, attempts: int, delivered_at: float,
+                       stora_event_id: str | None) -> None:
+        """Stora has the event: ``delivered``, with its ``aevt_…`` id when Stora gave one."""
+        self._q("UPDATE events SET state = 'delivered', generation = ?, attempts = ?, "
+                "delivered_at = ?, stora_event_id = ?, last_error = NULL "
+                "WHERE seq = ? AND state = 'pending'",
+                (generation, attempts, delivered_at, stora_event_id, seq))
+
+    def mark_dead(self, seq: int, *, generation: int, unanswered_since: float | None,
+                  attempts: int, status: int | None, code: str, error: dict[str, Any],
+                  dead_at: float) -> None:
+        """Stora refused the event for good: ``dead``, with what it said (``error``)."""
+        self._q("UPDATE events SET state = 'dead', generation = ?, unanswered_since = ?, "
+                "attempts = ?, dead_status = ?, dead_code = ?, dead_json = ?, dead_at = ?, "
+                "last_error = ? WHERE seq = ? AND state = 'pending'",
+                (generation, unanswered_since, attempts, status, code, _dumps(error), dead_at,
+                 f"{status or '-'} {code}", seq))
+
+    def retry_dead(self, seq: int | None = None) -> list[int]:
+        """Dead event ``seq`` (every dead event when ``None``) back to ``pending``; the seqs.
+
+        The key generation is **rotated**: Stora answered the dead event's key with a
+        definitive error, which it would replay for 24 hours.  The kept body is dropped
+        too (the new key has never been sent, so a body built afresh from the current
+        configuration is safe, and it says the event is late).
+        """
+        # "? IS NULL OR seq = ?": one literal statement for one seq or all of them.
+        params = (seq, seq)
+        seqs = [int(r[0]) for r in self._q(
+            "SELECT seq FROM events WHERE state = 'dead' AND (? IS NULL OR seq = ?) "
+            "ORDER BY seq", params).fetchall()]
+        self._q("UPDATE events SET state = 'pending', generation = generation + 1, "
+                "unanswered_since = NULL, next_attempt_at = 0, body_json = NULL, "
+                "last_error = 'retried after: ' || coalesce(dead_status, '-') || ' ' || "
+                "coalesce(dead_code, '?'), dead_status = NULL, dead_code = NULL, "
+                "dead_json = NULL, dead_at = NULL "
+                "WHERE state = 'dead' AND (? IS NULL OR seq = ?)", params)
+        return seqs
+
+    def record_send(self, at: float) -> None:
+        """One request sent to Stora at wall time ``at``; prunes what no window needs."""
+        self._q("INSERT INTO send_history (at) VALUES (?)", (at,))
+        self._q("DELETE FROM send_history WHERE at < ?", (at - SEND_HISTORY_KEEP_S,))
 
     def meta(self, key: str) -> str | None:
         """The value stored under ``key``, or ``None``."""
@@ -571,6 +719,14 @@ class Store:
         self._lock = threading.RLock()
         self._tx: Transaction | None = None
         self._closed = False
+        #: Called with the number of events after a transaction that added some commits
+        #: (the agent wakes the outbox drainer).
+        self.on_events_added: Callable[[int], None] | None = None
+        #: Called with the error and the number of events it refused after a transaction
+        #: failed with a :class:`StoreError` (the agent raises a storage alarm).
+        self.on_write_failed: Callable[[StoreError, int], None] | None = None
+        #: Events refused because their transaction failed (disk full, read-only, …).
+        self.events_refused = 0
         self._conn = self._open()
 
     # -- opening --------------------------------------------------------------------------
@@ -694,20 +850,31 @@ class Store:
         sqlite3 errors inside the block or at commit are raised as :class:`StoreError`
         subclasses, after the rollback.  Transactions do not nest (``RuntimeError``).
         """
-        with self._guard("writing") as conn:
-            if self._tx is not None:
-                raise RuntimeError("store transactions do not nest")
-            conn.execute("BEGIN IMMEDIATE")
-            tx = self._tx = Transaction(self)
-            try:
-                yield tx
-                conn.execute("COMMIT")
-            except BaseException:
-                self._rollback()
-                raise
-            finally:
-                tx._active = False
-                self._tx = None
+        tx: Transaction | None = None
+        try:
+            with self._guard("writing") as conn:
+                if self._tx is not None:
+                    raise RuntimeError("store transactions do not nest")
+                conn.execute("BEGIN IMMEDIATE")
+                tx = self._tx = Transaction(self)
+                try:
+                    yield tx
+                    conn.execute("COMMIT")
+                except BaseException:
+                    self._rollback()
+                    raise
+                finally:
+                    tx._active = False
+                    self._tx = None
+        except StoreError as exc:
+            # Outside the lock: the hook may publish an alarm.
+            refused = tx.events_added if tx is not None else 0
+            self.events_refused += refused
+            if self.on_write_failed is not None:
+                self.on_write_failed(exc, refused)
+            raise
+        if tx.events_added and self.on_events_added is not None:
+            self.on_events_added(tx.events_added)
 
     @property
     def in_transaction(self) -> bool:
@@ -830,3 +997,76 @@ class Store:
             LOGGER.warning("%d command(s) interrupted by the last stop are now 'unknown'",
                            len(recovered))
         return recovered
+
+    # -- outbox (gateway/outbox.py, ``stora-gateway outbox``) -------------------------------
+    def due_event(self, now: float) -> EventRow | None:
+        """The oldest pending event due at ``now`` (read only; see :meth:`Transaction.due_event`)."""
+        with self._guard("reading the outbox") as conn:
+            r = conn.execute(_SELECT_EVENTS + " WHERE state = 'pending' AND next_attempt_at <= ? "
+                             "ORDER BY seq LIMIT 1", (now,)).fetchone()
+        return None if r is None else _event_row(r)
+
+    def next_due_at(self) -> float | None:
+        """The earliest ``next_attempt_at`` of a pending event, or ``None`` when none is."""
+        with self._guard("reading the outbox") as conn:
+            r = conn.execute("SELECT min(next_attempt_at) FROM events "
+                             "WHERE state = 'pending'").fetchone()
+        return None if r[0] is None else float(r[0])
+
+    def outbox_summary(self, now: float) -> dict[str, Any]:
+        """Pending depth, the oldest pending event's age (s, ``None`` when empty), dead count."""
+        with self._guard("reading the outbox") as conn:
+            pending, oldest = conn.execute(
+                "SELECT count(*), min(created_at) FROM events WHERE state = 'pending'"
+            ).fetchone()
+            dead = conn.execute("SELECT count(*) FROM events WHERE state = 'dead'").fetchone()[0]
+        return {"pending": int(pending),
+                "oldest_age_s": None if oldest is None else round(max(0.0, now - oldest), 1),
+                "dead": int(dead)}
+
+    def event(self, seq: int) -> EventRow | None:
+        """The outbox row ``seq``, or ``None``."""
+        with self._guard("reading events") as conn:
+            r = conn.execute(_SELECT_EVENTS + " WHERE seq = ?", (seq,)).fetchone()
+        return None if r is None else _event_row(r)
+
+    def retry_dead(self, seq: int | None = None) -> list[int]:
+        """:meth:`Transaction.retry_dead` in a transaction of its own."""
+        with self.transaction() as tx:
+            return tx.retry_dead(seq)
+
+    def send_history(self, since: float) -> list[float]:
+        """Wall times of the requests sent to Stora at or after ``since`` (for RateLimiter)."""
+        with self._guard("reading the send history") as conn:
+            rows = conn.execute("SELECT at FROM send_history WHERE at >= ? ORDER BY at",
+                                (since,)).fetchall()
+        return [float(r[0]) for r in rows]
+
+    def record_send(self, at: float) -> None:
+        """:meth:`Transaction.record_send` in a transaction of its own (before the request)."""
+        with self.transaction() as tx:
+            tx.record_send(at)
+
+    @staticmethod
+    def count_pending(path: Path) -> int | None:
+        """Best effort, read-only: how many undelivered events the file at ``path`` holds.
+
+        For the alarm about a corrupt file: ``None`` when that cannot be read at all.
+        Never writes, never raises.
+        """
+        uri = Path(path).resolve().as_uri()
+        for suffix in ("?mode=ro", "?mode=ro&immutable=1"):
+            try:
+                conn = sqlite3.connect(uri + suffix, uri=True, isolation_level=None)
+            except sqlite3.Error:
+                continue
+            try:
+                conn.execute("PRAGMA query_only = ON")
+                r = conn.execute("SELECT count(*) FROM events WHERE state != 'delivered'"
+                                 ).fetchone()
+                return int(r[0])
+            except sqlite3.Error:
+                continue
+            finally:
+                conn.close()
+        return None

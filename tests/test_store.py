@@ -141,7 +141,7 @@ def test_a_failing_migration_leaves_the_previous_version(db: Path) -> None:
     migrate(conn)
     broken = (
         *MIGRATIONS,
-        Migration("step 2", ("ALTER TABLE events ADD COLUMN next_attempt_at REAL",
+        Migration("step n", ("ALTER TABLE events ADD COLUMN future_column REAL",
                              "THIS IS NOT SQL")),
     )
     with pytest.raises(sqlite3.OperationalError):
@@ -149,7 +149,7 @@ def test_a_failing_migration_leaves_the_previous_version(db: Path) -> None:
     assert not conn.in_transaction
     assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     columns = {r[1] for r in conn.execute("PRAGMA table_info(events)")}
-    assert "next_attempt_at" not in columns  # the half-applied step was rolled back
+    assert "future_column" not in columns  # the half-applied step was rolled back
     conn.close()
 
 
@@ -160,11 +160,11 @@ def test_a_later_migration_extends_an_existing_file(store: Store, db: Path) -> N
     conn = raw(db)
     extended = (
         *MIGRATIONS,
-        Migration("outbox scheduling", ("ALTER TABLE events ADD COLUMN next_attempt_at REAL",)),
+        Migration("a later step", ("ALTER TABLE events ADD COLUMN future_column REAL",)),
     )
     assert migrate(conn, extended) == 1
     assert migrate(conn, extended) == 0  # idempotent
-    assert conn.execute("SELECT count(*), max(next_attempt_at) FROM events").fetchone() == (1, None)
+    assert conn.execute("SELECT count(*), max(future_column) FROM events").fetchone() == (1, None)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == len(extended)
     conn.close()
 

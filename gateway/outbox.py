@@ -1,0 +1,397 @@
+"""The outbox drainer: posts the Timeline Events waiting in SQLite to Stora, exactly once.
+
+Units write an event record in the same transaction as the state change it reports
+(gateway/units.py); this module delivers them.  One :class:`Drainer` thread per agent
+takes the oldest due ``pending`` event, posts it with :meth:`StoraClient.post_event`
+(gateway/stora.py decides what one attempt proved) and persists the outcome before the
+next attempt.  No retry policy is written twice: *how long* to wait and *which key* to
+use come from the client's outcome; this module decides *what to hold up*.
+
+Per event
+---------
+1. **Body.**  At the first attempt the POST body is built (``event_body`` with
+   ``delivered_at`` = now, so a late event says when it happened) and frozen in the row
+   (``body_json``) in a transaction of its own, *before* it is sent: every attempt under
+   one ``Idempotency-Key`` sends the same bytes, across restarts too.
+2. **Key.**  The key is ``IdempotencyKey(external_id, generation, unanswered_since)`` read
+   from the row.  After every outcome the key it carries (same, marked unanswered, or
+   rotated) is written together with ``attempts``, ``next_attempt_at`` and
+   ``last_error``, in one transaction, before anything else is sent.  A crash between
+   the answer and that write costs one replayed answer under the old key, never a
+   duplicate (stora.py: generations are deterministic).
+3. **Send times.**  The rate limiter's ``on_record`` writes each send's wall time to
+   ``send_history`` *before* the request goes out; at start the limiter is rebuilt from
+   it, so a restart (or a crash loop) never exceeds ``max_per_second`` /
+   ``max_per_minute``.  The drainer asks the limiter first and waits on its own event
+   instead of sleeping inside the client, so a stop is never blocked by the limiter.
+
+Outcomes
+--------
+=====================  ===================================================================
+``Delivered``          ``delivered`` with Stora's event id; the queue moves on.
+``Retry``              ``next_attempt_at`` = now + the outcome's delay (full-jitter
+                       backoff growing with ``attempts``, capped in stora.py; 429s wait
+                       for the reset).  If the cause is the *connection* (no answer, not
+                       sent, a proxy's 5xx, 429, no token) the whole drain holds for that
+                       delay ("backing off"): one probe per backoff step during an outage,
+                       not one per queued event.  If the cause is *this event* (a stored
+                       5xx escaped by rotating the key, a request still in progress) only
+                       this event waits and the others flow.
+``Dead``               ``dead`` with status, code, message, details, request id and key;
+                       alarm ``timeline_dead_letter``; the queue moves on.  A person
+                       retries it (``stora-gateway outbox retry``), which rotates the key.
+``Dead`` 403 / 404     A missing scope or a wrong ``base_url``: every event would get it,
+``invalid_endpoint``   so this is the configuration, not the event.  Not dead-lettered:
+                       alarm ``timeline_config`` once, the drain pauses ("paused:
+                       config") and retries slowly (60 s doubling to 15 min).  The key is
+                       rotated when every attempt under it was answered (nothing was
+                       created under it, and a stored 403 would be replayed for a day),
+                       else kept (stora.py's 401 reasoning).
+``AuthFailed``         The credential is refused: posting stops ("paused: auth"), alarm
+                       ``timeline_auth`` once, retried after ``retry_after_s`` (60 s
+                       doubling to 15 min): no tight loop.  Events keep buffering.
+=====================  ===================================================================
+
+A :class:`~gateway.store.StoreError` while draining (disk full, read-only filesystem)
+is logged, raises alarm ``timeline_outbox_storage`` once per episode and backs off (1 s
+doubling to 60 s); the drainer never crashes the agent, and the lock control around it
+never waits on it.
+
+Waiting
+-------
+The thread waits on an ``Event`` with a timeout until the next due time (the limiter's
+free slot, a hold, or the earliest ``next_attempt_at``), at most :data:`IDLE_WAIT_S`; it
+is woken at once when a transaction adds events (``Store.on_events_added``) and after a
+``outbox.retry``.  Nothing polls in a tight loop.  Times in SQLite are wall-clock; a
+clock stepped far ahead makes waits due early (harmless), one stepped back makes them
+late by at most the step, bounded by :data:`MAX_SCHEDULE_S`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+from gateway.stora import (
+    AuthFailed,
+    Dead,
+    Delivered,
+    IdempotencyKey,
+    PostOutcome,
+    Retry,
+    StoraClient,
+    credential_retry_delay,
+)
+from gateway.store import SEND_HISTORY_KEEP_S, EventRow, Store, StoreError
+from gateway.timeline import event_body
+
+__all__ = [
+    "DRAIN_STATES",
+    "IDLE_WAIT_S",
+    "Drainer",
+    "build_drainer",
+    "is_config_problem",
+]
+
+LOGGER = logging.getLogger(__name__)
+
+#: The longest the thread sleeps without a reason (a safety net: adds wake it anyway).
+IDLE_WAIT_S: Final = 60.0
+#: A scheduled attempt never lies further ahead than this (a wall clock stepped back
+#: must not silence an event for days); above the longest wait stora.py asks for.
+MAX_SCHEDULE_S: Final = 1_800.0
+#: Storage failures while draining: wait 1 s doubling to 60 s before trying again.
+STORE_RETRY_BASE_S: Final = 1.0
+STORE_RETRY_CAP_S: Final = 60.0
+#: How long :meth:`Drainer.stop` waits for the thread (an attempt in flight ends within
+#: the client's deadline; the thread is a daemon either way).
+STOP_JOIN_S: Final = 5.0
+#: Retry reasons that are about the connection to Stora, not the event: hold the drain.
+CONNECTION_REASONS: Final = frozenset({
+    "not_sent", "no_answer", "gateway_error", "rate_limited", "local_rate_limit",
+    "token_unavailable",
+})
+#: What ``status`` shows as the drain state.
+DRAIN_STATES: Final = ("ok", "backing off", "paused: auth", "paused: config",
+                       "paused: storage", "stopped")
+
+Alarm = Callable[[str, str | None, str], None]
+WallClock = Callable[[], float]
+
+
+def is_config_problem(outcome: Dead) -> bool:
+    """A refusal every event would get: a missing scope (403) or a wrong ``base_url``."""
+    return outcome.status == 403 or (outcome.status == 404 and outcome.code == "invalid_endpoint")
+
+
+def _no_alarm(kind: str, unit: str | None, detail: str) -> None:
+    LOGGER.warning("alarm %s %s: %s", kind, unit or "-", detail)
+
+
+class Drainer:
+    """Delivers the outbox; see the module docstring for the policy.
+
+    ``step`` is the whole algorithm and may be driven directly (tests compress time
+    with a fake ``clock`` shared with the client and the sandbox, see
+    :meth:`run_until_idle`); :meth:`start` runs it on a daemon thread.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        client: StoraClient,
+        *,
+        source_id: str,
+        template_id: str | None,
+        alarm: Alarm | None = None,
+        clock: WallClock = time.time,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.source_id = source_id
+        self.template_id = template_id or None
+        self._alarm = alarm or _no_alarm
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._state = "ok"
+        self._hold_until = -math.inf
+        self._config_pauses = 0
+        self._store_failures = 0
+        self._last_error: str | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        #: Counts since start: attempts sent, delivered, dead-lettered.
+        self.counters = {"attempts": 0, "delivered": 0, "dead_lettered": 0}
+
+    # -- thread ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Run the drain on a daemon thread until :meth:`stop`."""
+        if self._thread is not None:
+            raise RuntimeError("the drainer is already running")
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread: at once when idle, after the attempt in flight otherwise."""
+        self._stop.set()
+        self._wake.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=STOP_JOIN_S)
+            if thread.is_alive():
+                LOGGER.warning("the outbox drainer did not stop within %.0f s", STOP_JOIN_S)
+        with self._lock:
+            self._state = "stopped"
+
+    def wake(self, *, resume: bool = False) -> None:
+        """Look at the outbox now (new events); ``resume`` also ends a hold (a retry)."""
+        if resume:
+            with self._lock:
+                self._hold_until = -math.inf
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            delay = self.guarded_step()
+            if self._stop.is_set():
+                break
+            if delay > 0:
+                self._wake.wait(min(delay, IDLE_WAIT_S))
+                self._wake.clear()
+
+    # -- the algorithm --------------------------------------------------------------------
+    def guarded_step(self) -> float:
+        """:meth:`step`, with any failure turned into an alarm and a backoff."""
+        try:
+            delay = self.step()
+        except StoreError as exc:
+            return self._failed(exc, "paused: storage", "timeline_outbox_storage")
+        except Exception as exc:  # a bug must not end the drain, let alone the agent
+            LOGGER.exception("outbox drain failed")
+            return self._failed(exc, "paused: storage", "timeline_outbox_error")
+        if self._store_failures:
+            LOGGER.info("outbox storage works again; draining")
+            self._store_failures = 0
+            with self._lock:
+                if self._state == "paused: storage":
+                    self._state = "ok"
+        return delay
+
+    def _failed(self, exc: Exception, state: str, kind: str) -> float:
+        self._store_failures += 1
+        delay = min(STORE_RETRY_CAP_S, STORE_RETRY_BASE_S * 2.0 ** (self._store_failures - 1))
+        LOGGER.error("outbox: %s; retrying in %.0f s", exc, delay)
+        with self._lock:
+            self._state = state
+            self._last_error = f"{type(exc).__name__}: {exc}"
+        if self._store_failures == 1:
+            self._alarm(kind, None, f"Timeline Event delivery paused: {exc}")
+        return delay
+
+    def step(self) -> float:
+        """At most one attempt; the seconds until there may be more to do (``inf``: none).
+
+        ``0.0`` means "call again now".  Raises :class:`StoreError` when the database
+        fails (the outcome of an attempt already sent is then lost, which costs one
+        replayed answer under the same key at the next attempt, never a duplicate).
+        """
+        now = self._clock()
+        with self._lock:
+            hold = self._hold_until - now
+        if hold > 0:
+            return hold
+        wait = self.client.limiter.delay()
+        if wait > 0:
+            return wait
+        row = self.store.due_event(now)
+        if row is None:
+            due = self.store.next_due_at()
+            return math.inf if due is None else min(max(due - now, 0.0), MAX_SCHEDULE_S)
+        body = row.body
+        if body is None:
+            built = event_body(row.record(), source_id=self.source_id,
+                               template_id=self.template_id, delivered_at=now)
+            with self.store.transaction() as tx:
+                body = tx.freeze_body(row.seq, built)
+        key = IdempotencyKey(row.external_id, row.generation, row.unanswered_since)
+        outcome = self.client.post_event(body, key, attempt=row.attempts)
+        self._settle(row, outcome)
+        return 0.0
+
+    def _settle(self, row: EventRow, outcome: PostOutcome) -> None:
+        """Persist ``outcome`` of an attempt at ``row`` (one transaction), then react."""
+        now = self._clock()
+        sent = not (isinstance(outcome, Retry) and not outcome.sent)
+        attempts = row.attempts + (1 if sent else 0)
+        if sent:
+            self.counters["attempts"] += 1
+        key = outcome.key
+        if isinstance(outcome, Delivered):
+            with self.store.transaction() as tx:
+                tx.mark_delivered(row.seq, generation=key.generation, attempts=attempts,
+                                  delivered_at=now, stora_event_id=outcome.event_id)
+            self.counters["delivered"] += 1
+            with self._lock:
+                if self._state != "ok":
+                    LOGGER.info("Stora accepts events again (was %s)", self._state)
+                self._state, self._last_error = "ok", None
+                self._config_pauses = 0
+            return
+        if isinstance(outcome, Dead) and not is_config_problem(outcome):
+            error = outcome.as_record()
+            with self.store.transaction() as tx:
+                tx.mark_dead(row.seq, generation=key.generation,
+                             unanswered_since=key.unanswered_since, attempts=attempts,
+                             status=outcome.status, code=outcome.code, error=error,
+                             dead_at=now)
+            self.counters["dead_lettered"] += 1
+            self._alarm("timeline_dead_letter", row.unit,
+                        f"event {row.seq} ({row.kind}, {row.reference}) refused by Stora: "
+                        f"{outcome.status or '-'} {outcome.code}: {outcome.message}; kept as a "
+                        "dead letter (stora-gateway outbox --dead)")
+            return
+        if isinstance(outcome, Dead):  # the configuration: pause, keep the event
+            if key.unanswered_since is None:
+                key = key.rotated()  # nothing was created under it; a stored 403 replays
+            delay = credential_retry_delay(self._config_pauses)
+            self._config_pauses += 1
+            why = f"{outcome.status} {outcome.code}: {outcome.message}"
+            self._record(row, key, now + delay, attempts, why)
+            self._pause("paused: config", now + delay, "timeline_config", row.unit,
+                        f"Stora refuses every event ({why}); check [stora] base_url and the "
+                        f"scope; delivery paused, retrying in {delay:.0f} s")
+            return
+        if isinstance(outcome, AuthFailed):
+            delay = outcome.retry_after_s
+            self._record(row, key, now + delay, attempts, f"auth: {outcome.reason}")
+            self._pause("paused: auth", now + delay, "timeline_auth", None,
+                        f"Stora credential refused ({outcome.reason}); events keep "
+                        f"buffering; retrying in {delay:.0f} s")
+            return
+        assert isinstance(outcome, Retry)
+        delay = max(0.0, outcome.delay_s)
+        why = outcome.reason + (f" {outcome.status}" if outcome.status else "")
+        if sent or key != IdempotencyKey(row.external_id, row.generation, row.unanswered_since):
+            self._record(row, key, now + delay, attempts, why)
+        if outcome.reason in CONNECTION_REASONS:
+            with self._lock:
+                self._hold_until = max(self._hold_until, now + delay)
+                if self._state == "ok":
+                    self._state = "backing off"
+                self._last_error = why
+
+    def _record(self, row: EventRow, key: IdempotencyKey, at: float, attempts: int,
+                why: str) -> None:
+        with self.store.transaction() as tx:
+            tx.record_attempt(row.seq, generation=key.generation,
+                              unanswered_since=key.unanswered_since,
+                              next_attempt_at=at, attempts=attempts, last_error=why)
+
+    def _pause(self, state: str, until: float, kind: str, unit: str | None,
+               detail: str) -> None:
+        with self._lock:
+            first = self._state != state
+            self._state = state
+            self._hold_until = max(self._hold_until, until)
+            self._last_error = detail
+        if first:
+            self._alarm(kind, unit, detail)
+        else:
+            LOGGER.warning("%s", detail)
+
+    # -- reporting and driving --------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        """One of :data:`DRAIN_STATES`."""
+        with self._lock:
+            return self._state
+
+    def status(self) -> dict[str, Any]:
+        """The drain's part of ``status`` and ``outbox``: state, hold, last error, counts."""
+        now = self._clock()
+        with self._lock:
+            hold = self._hold_until - now
+            return {
+                "drain": self._state,
+                "resumes_in_s": round(hold, 1) if hold > 0 else None,
+                "last_error": self._last_error,
+                **self.counters,
+            }
+
+    def run_until_idle(self, sleep: Callable[[float], None], *, max_steps: int = 100_000,
+                       stop_when: Callable[[], bool] | None = None) -> int:
+        """Step until nothing is pending (or ``stop_when()``), sleeping with ``sleep``.
+
+        For tests and benchmarks that compress time: ``sleep`` advances the fake clock
+        shared by this drainer, its client's limiter and the sandbox.  Returns the number
+        of steps; raises ``RuntimeError`` after ``max_steps``.
+        """
+        for steps in range(1, max_steps + 1):
+            if stop_when is not None and stop_when():
+                return steps - 1
+            delay = self.guarded_step()
+            if math.isinf(delay):
+                return steps
+            if delay > 0:
+                sleep(delay)
+        raise RuntimeError(f"the outbox was not drained within {max_steps} steps")
+
+
+def build_drainer(config: Any, store: Store, alarm: Alarm | None = None) -> Drainer:
+    """The drainer ``[stora]`` describes, its limiter loaded from the persisted history.
+
+    ``config`` is the whole :class:`~gateway.config.Config`.  The config loader has
+    already refused missing secret files and ones open to group or others (contract §3);
+    a token file that disappears later is a refused credential ("paused: auth").
+    """
+    history = store.send_history(time.time() - SEND_HISTORY_KEEP_S)
+    client = StoraClient.from_config(config.stora, history=history,
+                                     on_record=store.record_send)
+    return Drainer(store, client, source_id=config.stora.timeline_source_id,
+                   template_id=config.stora.timeline_template_id, alarm=alarm)
