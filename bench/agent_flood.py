@@ -163,10 +163,11 @@ def flood_worker(host: str, port: int, topic: str, pool_path: Path, rate: float,
     """
     data = pool_path.read_bytes()
     payloads: list[bytes] = []
-    while data:
-        (size,) = struct.unpack(">I", data[:4])
-        payloads.append(data[4:4 + size])
-        data = data[4 + size:]
+    at = 0
+    while at < len(data):
+        (size,) = struct.unpack_from(">I", data, at)
+        payloads.append(data[at + 4:at + 4 + size])
+        at += 4 + size
     topic_bytes = _string(topic.encode())
     packets: list[tuple[bytes, bytes, int]] = []  # (fixed header + topic, payload, qos)
     for i, payload in enumerate(payloads):

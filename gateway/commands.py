@@ -213,6 +213,8 @@ class Rejection(GatewayError):  # noqa: N818 - the name is the published API
         self.unit = unit
         self.claims_verified = claims_verified
         self.retryable = reason == "clock_untrusted"
+        #: Judged on the claims without the signature check (``screen``); not published.
+        self.screened = False
         super().__init__(reason, self.detail)
 
     def __str__(self) -> str:
@@ -269,6 +271,18 @@ class CommandVerifier:
         assert command is not None  # _run returns a Command whenever it checks the curve
         return command
 
+    def verify_claims_first(self, payload: bytes, *, retained: bool) -> Command:
+        """:meth:`verify` with the claims judged before the signature, in one pass.
+
+        Accepts exactly what :meth:`verify` accepts.  A rejection earned by the claims
+        alone has ``screened`` set (its reason may differ from :meth:`verify`'s, see
+        :meth:`screen`); any other rejection is :meth:`verify`'s own.  For load shedding:
+        one parse instead of :meth:`screen` followed by :meth:`verify`.
+        """
+        command = self._run(payload, retained=retained, signature=True, claims_first=True)
+        assert command is not None  # _run returns a Command whenever it checks the curve
+        return command
+
     def screen(self, payload: bytes, *, retained: bool) -> Rejection | None:
         """Every rule but the Ed25519 arithmetic: a :class:`Rejection` when ``payload``
         can never be accepted, else ``None`` (it may still fail its signature).
@@ -287,7 +301,8 @@ class CommandVerifier:
             return rejection
         return None
 
-    def _run(self, payload: bytes, *, retained: bool, signature: bool) -> Command | None:
+    def _run(self, payload: bytes, *, retained: bool, signature: bool,
+             claims_first: bool = False) -> Command | None:
         if retained:
             raise _rejection("retained", "a retained message on a command topic is refused",
                              _peek_token(payload))
@@ -313,16 +328,26 @@ class CommandVerifier:
             raise _rejection("malformed", "header is not a JSON object", _peek_claims(body))
 
         key, kid = self._check_header(header, body)
+        if claims_first:
+            # Claims before the curve, in one pass: a failure here is ``screened``.
+            self._check_signature(payload, signature_seg, key, kid, body, curve=False)
+            command = self._judge_claims(body, kid, verified=False)
+            if signature:
+                self._check_signature(payload, signature_seg, key, kid, body)
+            return command if signature else None
         self._check_signature(payload, signature_seg, key, kid, body, curve=signature)
+        command = self._judge_claims(body, kid, verified=signature)
+        return command if signature else None
 
+    def _judge_claims(self, body: bytes, kid: str, *, verified: bool) -> Command:
         try:
             claims = _strict_json(body)
             command = self._parse_claims(claims, kid)
         except _BadClaimError as exc:
-            raise _rejection("malformed", str(exc), _peek_claims(body),
-                             verified=signature) from None
-        self._check_context(claims, command, verified=signature)
-        return command if signature else None
+            raise _rejection("malformed", str(exc), _peek_claims(body), verified=verified,
+                             screened=not verified) from None
+        self._check_context(claims, command, verified=verified)
+        return command
 
     # ------------------------------------------------------------------ the rules
 
@@ -430,7 +455,7 @@ class CommandVerifier:
         ids = (command.jti, command.cmd, command.unit)
 
         def reject(reason: RejectReason, detail: str) -> NoReturn:
-            raise _rejection(reason, detail, ids, verified=verified)
+            raise _rejection(reason, detail, ids, verified=verified, screened=not verified)
 
         aud = claims["aud"]
         if aud != self._site:
@@ -465,9 +490,12 @@ def _rejection(
     ids: tuple[str | None, str | None, str | None],
     *,
     verified: bool = False,
+    screened: bool = False,
 ) -> Rejection:
     jti, cmd, unit = ids
-    return Rejection(reason, detail, jti=jti, cmd=cmd, unit=unit, claims_verified=verified)
+    rejection = Rejection(reason, detail, jti=jti, cmd=cmd, unit=unit, claims_verified=verified)
+    rejection.screened = screened
+    return rejection
 
 
 def _b64decode(segment: bytes) -> bytes | None:

@@ -371,6 +371,10 @@ def _variable_int(data: bytes | bytearray, at: int) -> tuple[int, int]:
     raise ValueError("variable byte integer longer than four bytes")
 
 
+#: At most one "inbound queue full" / "has room again" pair of log lines per this long.
+_SHED_LOG_INTERVAL_S: Final = 10.0
+
+
 class _ReadAheadClient(paho.Client):
     """paho's client, reading the socket in large chunks.
 
@@ -640,6 +644,7 @@ class MqttLink:
             "publish_refused": 0,
         }
         self._shedding = False
+        self._shed_log_at = 0.0
 
     # ----------------------------------------------------------------- public API
 
@@ -1061,7 +1066,9 @@ class MqttLink:
             if self._inbox.evicted:
                 self._count("inbound_dropped", len(self._inbox.evicted))
                 self._inbox.evicted.clear()  # QoS 0: nothing to acknowledge
-            if self._shedding:
+            if self._shedding and message.received_at >= self._shed_log_at:
+                # Under a flood the queue fills and drains many times a second: one line
+                # per transition would be a flood of its own, so at most one per window.
                 self._shedding = False
                 LOGGER.info("inbound queue has room again; %d message(s) dropped so far",
                             self.stats()["inbound_dropped"])
@@ -1069,9 +1076,9 @@ class MqttLink:
         self._count("inbound_dropped")
         if not self._shedding:
             self._shedding = True
+            self._shed_log_at = message.received_at + _SHED_LOG_INTERVAL_S
             LOGGER.warning("inbound queue full (%d messages): dropping new messages until "
                            "the handler catches up", self._inbox.peak)
-        LOGGER.debug("dropped message on %s (%d bytes)", topic, len(message.payload))
         # Acknowledge the shed message: unacknowledged, it would hold one of the
         # broker's in-flight slots until the next reconnect.
         self._ack(mid, qos, self._generation)

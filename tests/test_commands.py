@@ -1194,3 +1194,26 @@ def test_screen_never_refuses_what_verify_accepts(
     screened = VERIFIER.screen(token, retained=False)
     # Honestly signed: the claims decide, so both give the same reason (or none).
     assert (screened.reason if screened is not None else None) == verdict
+    try:
+        VERIFIER.verify_claims_first(token, retained=False)
+    except Rejection as rejection:
+        first: tuple[str, bool] | None = (rejection.reason, rejection.screened)
+    else:
+        first = None
+    assert first == (None if verdict is None else (verdict, True))
+
+
+def test_claims_first_refuses_a_forgery_by_its_claims_or_else_by_its_signature() -> None:
+    stale = FORGER.sign(base_claims(iat=NOW - 1000, exp=NOW - 900))
+    with pytest.raises(Rejection) as info:
+        VERIFIER.verify_claims_first(stale, retained=False)
+    assert (info.value.reason, info.value.screened, info.value.claims_verified) == (
+        "expired", True, False)
+    _, fresh = FORGER.command("unlock", "unit_abc")
+    with pytest.raises(Rejection) as info:
+        VERIFIER.verify_claims_first(fresh, retained=False)
+    assert (info.value.reason, info.value.screened) == ("bad_signature", False)
+    _, good = SIGNER_A.command("unlock", "unit_abc", dur=5)
+    assert VERIFIER.verify_claims_first(good, retained=False) == VERIFIER.verify(
+        good, retained=False)
+    assert reject(VERIFIER, stale).screened is False  # verify() never screens
