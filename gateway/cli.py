@@ -56,6 +56,7 @@ COMMANDS: dict[str, str] = {
     "unlock": "unlock a unit for N seconds, confirm by read-back, then relock",
     "lock": "lock a unit now and confirm by read-back",
     "test": "unlock, confirm, relock, confirm: a pass/fail table with timings",
+    "outbox": "queued and dead-lettered Timeline Events; `outbox retry ID|--all-dead`",
     "demo": "run the whole loop on this machine with simulated lock controllers",
     "sandbox": "run a local stand-in for the Stora API, for tests and benchmarks",
 }
@@ -141,6 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long to wait for a board that relocks by itself (default 10; shut the "
         "door of a locker latch meanwhile)",
     )
+    p = add("outbox", data)
+    p.add_argument("action", nargs="?", choices=["retry"], metavar="retry",
+                   help="put dead-lettered events back in the queue (a new Idempotency-Key)")
+    p.add_argument("id", nargs="?", type=int, metavar="ID",
+                   help="with retry: the event id (seq) to retry")
+    p.add_argument("--dead", action="store_true", help="list only dead-lettered events")
+    p.add_argument("--all-dead", action="store_true",
+                   help="with retry: every dead-lettered event")
+    p.add_argument("--limit", type=int, default=100, metavar="N",
+                   help="at most N events of each state (default 100)")
     p = add("demo", plain)
     p.add_argument("--pace", type=float, default=0.4, help="seconds between demo steps")
     p = add("sandbox", plain)
@@ -659,6 +670,98 @@ def cmd_status(ctx: Context) -> int:
     return EXIT_OK
 
 
+def _age(seconds: object) -> str:
+    if not isinstance(seconds, int | float):
+        return "-"
+    s = int(seconds)
+    if s < 120:
+        return f"{s} s"
+    if s < 7200:
+        return f"{s // 60} min"
+    return f"{s // 3600} h {s % 3600 // 60} min"
+
+
+def _event_error(event: Mapping[str, Any]) -> str:
+    error = event.get("error")
+    if isinstance(error, dict):
+        text = f"{error.get('status') or '-'} {error.get('code')}: {error.get('message')}"
+        details = "; ".join(f"{d.get('pointer') or '-'} {d.get('message')}"
+                            for d in error.get("details") or () if isinstance(d, dict))
+        return f"{text} ({details})" if details else text
+    return str(event.get("last_error") or "-")
+
+
+def _outbox_direct_list(ctx: Context, dead_only: bool, limit: int) -> dict[str, Any]:
+    """The outbox read straight from the database, read-only (no agent running)."""
+    import time
+
+    from gateway.store import Store
+
+    path = ctx.config().storage.path
+    if not path.exists():
+        return {"summary": {"pending": 0, "oldest_age_s": None, "dead": 0,
+                            "drain": "agent not running"}, "events": []}
+    with Store(path, read_only=True) as store:
+        summary = {**store.outbox_summary(time.time()), "drain": "agent not running"}
+        rows = store.events(state="dead", limit=limit)
+        if not dead_only:
+            rows = store.events(state="pending", limit=limit) + rows
+        return {"summary": summary, "events": [r.as_dict() for r in rows]}
+
+
+def cmd_outbox(ctx: Context) -> int:
+    """``outbox [--dead]`` lists; ``outbox retry ID|--all-dead`` re-queues dead letters.
+
+    Through the agent when it runs; else straight on the database (read-only to list).
+    """
+    a = ctx.args
+    if a.action == "retry":
+        if (a.id is None) == (not a.all_dead):
+            raise CliError("outbox retry needs an event ID or --all-dead (one of them)")
+        params: dict[str, Any] = {"all_dead": True} if a.all_dead else {"seq": a.id}
+        answer = ctx.through_agent("outbox.retry", AGENT_READ_S, **params)
+        if answer is None:
+            from gateway.store import Store
+
+            with Store(ctx.config().storage.path) as store:
+                retried = store.retry_dead(None if a.all_dead else a.id)
+            if a.id is not None and not retried:
+                raise CliError(f"no dead-lettered event {a.id} (see `outbox --dead`)",
+                               EXIT_FAILED)
+            answer = {"retried": retried}
+        retried = list(answer.get("retried") or [])
+        if ctx.json:
+            _print_json({"retried": retried}, ctx.out)
+        elif retried:
+            ctx.out.write(f"{len(retried)} event(s) queued again under a new key: "
+                          f"{', '.join(str(r) for r in retried)}\n")
+        else:
+            ctx.out.write("no dead-lettered events\n")
+        return EXIT_OK
+    if a.id is not None or a.all_dead:
+        raise CliError("an event ID and --all-dead go with `outbox retry`")
+    if not 0 < a.limit <= 10_000:
+        raise CliError("--limit must be from 1 to 10000")
+    answer = ctx.through_agent("outbox.list", AGENT_READ_S, dead=bool(a.dead), limit=a.limit)
+    if answer is None:
+        answer = _outbox_direct_list(ctx, bool(a.dead), a.limit)
+    if ctx.json:
+        _print_json(answer, ctx.out)
+        return EXIT_OK
+    summary = answer.get("summary") or {}
+    oldest = _age(summary.get("oldest_age_s"))
+    ctx.out.write(f"pending {summary.get('pending', 0)} (oldest {oldest}), "
+                  f"dead {summary.get('dead', 0)}, drain: {summary.get('drain', '-')}\n")
+    events = list(answer.get("events") or [])
+    if events:
+        ctx.out.write(table(
+            ["id", "state", "unit", "reference", "kind", "occurred", "attempts", "error"],
+            [[e.get("seq"), e.get("state"), e.get("unit"), e.get("reference"), e.get("kind"),
+              e.get("occurred_at"), e.get("attempts"), _event_error(e)] for e in events])
+            + "\n")
+    return EXIT_OK
+
+
 def cmd_run(ctx: Context) -> int:
     """``run``: the agent in the foreground until SIGTERM or Ctrl-C."""
     config = ctx.config()  # a bad config is exit 2 before anything starts
@@ -712,6 +815,7 @@ HANDLERS: dict[str, Callable[[Context], int]] = {
     "unlock": cmd_unlock,
     "lock": cmd_lock,
     "test": cmd_test,
+    "outbox": cmd_outbox,
     "demo": cmd_demo,
     "sandbox": cmd_sandbox,
 }

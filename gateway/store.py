@@ -1000,10 +1000,10 @@ class Store:
 
     # -- outbox (gateway/outbox.py, ``stora-gateway outbox``) -------------------------------
     def due_event(self, now: float) -> EventRow | None:
-        """The oldest pending event due at ``now`` (read only; see :meth:`Transaction.due_event`)."""
+        """The oldest pending event due at ``now`` (a read; see :meth:`Transaction.due_event`)."""
         with self._guard("reading the outbox") as conn:
-            r = conn.execute(_SELECT_EVENTS + " WHERE state = 'pending' AND next_attempt_at <= ? "
-                             "ORDER BY seq LIMIT 1", (now,)).fetchone()
+            r = conn.execute(_SELECT_EVENTS + " WHERE state = 'pending' "
+                             "AND next_attempt_at <= ? ORDER BY seq LIMIT 1", (now,)).fetchone()
         return None if r is None else _event_row(r)
 
     def next_due_at(self) -> float | None:

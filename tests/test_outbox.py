@@ -1,0 +1,451 @@
+"""The outbox drainer (gateway/outbox.py) against the sandbox over real HTTP.
+
+The guarantee is counted at the server: every event queued in SQLite exists exactly once
+at the sandbox (``count_by_external_id``), no 1-second or 60-second window holds more
+requests than allowed, no fault leaves an event stuck, and a refused one is kept as a
+dead letter with Stora's error.  Time is one fake clock shared by the sandbox, the store,
+the client's limiter and the drainer, which "sleeps" by advancing it
+(``Drainer.run_until_idle``): a two-hour outage costs nothing.  Only the thread test
+uses real time, a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.cli import main
+from gateway.outbox import Drainer
+from gateway.sandbox import EVENT_SCOPE, Sandbox, max_in_window
+from gateway.stora import (
+    USER_AGENT,
+    ClientCredentialsTokens,
+    FileTokens,
+    PostOutcome,
+    RateLimiter,
+    StoraClient,
+)
+from gateway.store import SEND_HISTORY_KEEP_S, Store
+from gateway.timeline import external_id_for, make_event
+
+T0 = 1_800_000_000.5
+PER_S, PER_MIN = 10, 60  # Stora's documented limits (stora-api §5), sandbox and client alike
+CLIENT_ID, SECRET = "cid", "s3cr3t-value"
+STATIC = "static-1"
+EVENTS_PATH = "/2025-09/timeline/events"
+
+
+class FakeClock:
+    """Epoch seconds that move only when told to (thread-safe)."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.now += max(seconds, 0.0)
+
+
+def record(n: int | str, unit: str = "unit_a101") -> Any:
+    return make_event(
+        "unlocked", app_name="TestGate", site_id="site_test", unit=unit, reference="A-101",
+        external_id=external_id_for("site_test", "outbox-test", str(n)), occurred_at=T0,
+        actor="tenant app", detail="for 8 s; unit A-101",
+    )
+
+
+@dataclass
+class Rig:
+    """A sandbox, a store, a drainer, one fake clock; what the alarms said."""
+
+    sandbox: Sandbox
+    clock: FakeClock
+    db: Path
+    http: httpx.Client
+    tmp: Path
+    store: Store = field(init=False)
+    drainer: Drainer = field(init=False)
+    alarms: list[tuple[str, str | None, str]] = field(default_factory=list)
+
+    def open(self, *, auth: str = "static", base_url: str | None = None,
+             drainer_cls: type[Drainer] = Drainer) -> Drainer:
+        """(Re)open the store and build a drainer whose limiter starts from the history."""
+        self.store = Store(self.db, clock=self.clock)
+        history = self.store.send_history(self.clock() - SEND_HISTORY_KEEP_S)
+        limiter = RateLimiter(PER_S, PER_MIN, history, clock=self.clock, monotonic=self.clock,
+                              sleep=self.clock.advance, on_record=self.store.record_send)
+        tokens: ClientCredentialsTokens | FileTokens
+        if auth == "client_credentials":
+            (self.tmp / "secret").write_text(SECRET + "\n")
+            tokens = ClientCredentialsTokens(
+                token_url=self.sandbox.token_url, client_id=CLIENT_ID,
+                secret_file=self.tmp / "secret", scope=EVENT_SCOPE, http=self.http,
+                limiter=limiter, monotonic=self.clock, clock=self.clock,
+                rng=random.Random(7))
+        else:
+            (self.tmp / "token").write_text(STATIC + "\n")
+            tokens = FileTokens(self.tmp / "token", "static")
+        client = StoraClient(base_url or self.sandbox.api_url, tokens, limiter, http=self.http,
+                             clock=self.clock, rng=random.Random(11))
+        self.drainer = drainer_cls(self.store, client, source_id="tsrc_test", template_id=None,
+                                   alarm=lambda *a: self.alarms.append(a), clock=self.clock)
+        return self.drainer
+
+    def add(self, count: int, start: int = 0) -> list[str]:
+        """Queue ``count`` events (one transaction each, as units do); their external ids."""
+        ids = []
+        for n in range(start, start + count):
+            rec = record(n)
+            with self.store.transaction() as tx:
+                assert tx.add_event(rec)
+            ids.append(rec.external_id)
+        return ids
+
+    def drain(self, stop_when: Callable[[], bool] | None = None,
+              max_steps: int = 20_000) -> int:
+        return self.drainer.run_until_idle(self.clock.advance, stop_when=stop_when,
+                                           max_steps=max_steps)
+
+    def delivered(self) -> int:
+        return self.store.event_count("delivered")
+
+    def posts(self) -> list[Any]:
+        return [r for r in self.sandbox.requests if r.path == EVENTS_PATH]
+
+    def statuses(self) -> list[int | None]:
+        return [r.status for r in self.sandbox.requests]
+
+    def assert_windows(self) -> None:
+        times = self.sandbox.request_times()
+        assert max_in_window(times, 1.0) <= PER_S
+        assert max_in_window(times, 60.0) <= PER_MIN
+
+    def assert_exactly_once(self, ids: list[str], missing: frozenset[str] = frozenset()) -> None:
+        counts = self.sandbox.count_by_external_id()
+        assert {i: counts.get(i, 0) for i in ids} == {i: 0 if i in missing else 1 for i in ids}
+        assert self.sandbox.state()["body_mismatches"] == 0  # one body per key, always
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def http() -> Iterator[httpx.Client]:
+    # TCP_NODELAY: httpx writes the headers and the body of a POST separately, and with
+    # Nagle's algorithm the body then waits for the server's delayed ACK (~40 ms a request).
+    transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+    with httpx.Client(timeout=httpx.Timeout(connect=2.0, read=2.0, write=2.0, pool=2.0),
+                      headers={"User-Agent": USER_AGENT}, transport=transport) as client:
+        yield client
+
+
+@pytest.fixture
+def sandbox(clock: FakeClock) -> Iterator[Sandbox]:
+    with Sandbox(clients={CLIENT_ID: SECRET}, static_tokens={STATIC}, max_per_second=PER_S,
+                 max_per_minute=PER_MIN, clock=clock) as sb:
+        yield sb
+
+
+@pytest.fixture
+def rig(sandbox: Sandbox, clock: FakeClock, http: httpx.Client, tmp_path: Path) -> Iterator[Rig]:
+    r = Rig(sandbox, clock, tmp_path / "gateway.db", http, tmp_path)
+    r.open()
+    yield r
+    r.store.close()
+
+
+# -- the acceptance cases -----------------------------------------------------------------
+def test_two_hour_outage_then_500_events_delivered_once_within_the_limits(rig: Rig) -> None:
+    rig.sandbox.set_outage(True)
+    ids = rig.add(500)
+    rig.drain(stop_when=lambda: rig.clock() >= T0 + 7200)
+    outage_probes = [r for r in rig.sandbox.requests if r.refused]
+    # The whole drain backs off on a dead connection: one probe per backoff step (capped
+    # at 5 min), not one per queued event.
+    assert 0 < len(outage_probes) < 150
+    assert rig.drainer.state == "backing off"
+    assert rig.store.outbox_summary(rig.clock())["pending"] == 500
+    rig.sandbox.set_outage(False)
+    rig.drain()
+    rig.assert_exactly_once(ids)
+    assert rig.store.event_count("pending") == 0
+    assert rig.delivered() == 500
+    assert rig.drainer.state == "ok"
+    rig.assert_windows()
+    assert 429 not in rig.statuses()  # the limits equal the sandbox's: never refused
+    # The limit is the bottleneck, and it is used: 500 events at 60/min take about
+    # 8 1/3 minutes from the first success to the last.
+    created = [r.at for r in rig.posts() if r.status == 201]
+    assert len(created) == 500
+    assert created[-1] - created[0] < (500 / PER_MIN) * 60 * 1.05
+    # Delivered two hours late: each one says when it happened, except the one whose
+    # body was frozen at its first attempt, at the start of the outage (every attempt
+    # under one key sends the same bytes).
+    events = rig.sandbox.events()
+    assert "happened at" not in events[0]["description"]
+    assert all("happened at" in e["description"] for e in events[1:])
+    assert all(e["variables"]["delivered_late"] is True for e in events[1:])
+
+
+def test_faults_with_events_flowing_each_event_once_422_dead_lettered(rig: Rig) -> None:
+    rig.store.close()
+    rig.open(auth="client_credentials")
+    ids = rig.add(40)
+    rejected = ids[25]
+    rig.sandbox.reject_external_ids([rejected])
+    rig.sandbox.fail_next(1, 500)  # stored under the first event's key: escaped by rotating
+    rig.drain(stop_when=lambda: rig.delivered() >= 5)
+    rig.sandbox.storm(20)  # 429 storm
+    rig.drain(stop_when=lambda: rig.delivered() >= 10)
+    rig.sandbox.drop_after_commit(1)  # committed, then the response is lost
+    rig.drain(stop_when=lambda: rig.delivered() >= 15)
+    rig.sandbox.expire_tokens()  # token expiry mid-drain
+    rig.drain()
+
+    statuses = rig.statuses()
+    assert statuses.count(500) == 1
+    assert 429 in statuses
+    assert 401 in statuses
+    assert sum(r.dropped for r in rig.sandbox.requests) == 1
+    assert sum(r.replayed and r.status == 201 for r in rig.sandbox.requests) == 1
+    rig.assert_exactly_once(ids, missing=frozenset({rejected}))
+    rig.assert_windows()
+    # Nothing stuck: everything delivered but the refused one, kept with its error.
+    assert rig.store.event_count("pending") == 0
+    (dead,) = rig.store.events(state="dead")
+    assert dead.external_id == rejected
+    assert dead.attempts == 1  # dead-lettered after one attempt
+    assert (dead.dead_status, dead.dead_code) == (422, "invalid_content")
+    assert dead.dead is not None
+    assert dead.dead["idempotency_key"] == f"{rejected}.0"
+    assert dead.dead["details"][0]["pointer"] == "/external/id"
+    assert dead.as_dict()["error"]["status"] == 422
+    (alarm,) = [a for a in rig.alarms if a[0] == "timeline_dead_letter"]
+    assert alarm[1] == "unit_a101"
+    assert "422 invalid_content" in alarm[2]
+    first = rig.store.events(state="delivered", limit=1)[0]
+    assert first.generation == 1  # the stored 500 was left behind under key .0
+    assert rig.store.outbox_summary(rig.clock())["dead"] == 1
+
+    # A person fixes the cause and retries it: delivered once, under a new key.
+    rig.sandbox.reject_external_ids([])
+    assert rig.store.retry_dead(dead.seq) == [dead.seq]
+    assert rig.store.retry_dead(dead.seq) == []  # no longer dead
+    rig.drain()
+    rig.assert_exactly_once(ids)
+    again = rig.store.event(dead.seq)
+    assert again is not None
+    assert again.state == "delivered"
+    assert again.generation == 1
+    keys = [r.idempotency_key for r in rig.posts() if r.idempotency_key
+            and r.idempotency_key.startswith(rejected)]
+    assert keys == [f"{rejected}.0", f"{rejected}.1"]
+    rig.assert_windows()
+
+
+class Crash(BaseException):
+    """Stands in for kill -9 between the answer and the write of the outcome."""
+
+
+class CrashingDrainer(Drainer):
+    crash_after = 70
+
+    def _settle(self, row: Any, outcome: PostOutcome) -> None:
+        if self.counters["attempts"] + 1 >= self.crash_after:
+            raise Crash
+        super()._settle(row, outcome)
+
+
+def test_restart_mid_drain_keeps_the_limits_and_duplicates_nothing(rig: Rig) -> None:
+    ids = rig.add(150)
+    rig.store.close()
+    rig.open(drainer_cls=CrashingDrainer)
+    with pytest.raises(Crash):
+        rig.drain()
+    # The 70th event reached Stora but its outcome was never written.
+    assert rig.delivered() == 69
+    assert len(rig.sandbox.events()) == 70
+    rig.open()  # a new store on the same file and a limiter from the persisted history
+    rig.drain()
+    rig.assert_exactly_once(ids)
+    replays = [r for r in rig.posts() if r.replayed]
+    assert len(replays) == 1  # the lost outcome came back as a replayed 201
+    assert rig.delivered() == 150
+    # The restart came right after a full minute's worth of sends: without the history
+    # a fresh limiter would send 10 at once and break the 60-second window.
+    rig.assert_windows()
+    assert 429 not in rig.statuses()
+
+
+# -- pauses -----------------------------------------------------------------------------
+def test_refused_credential_pauses_without_a_tight_loop_then_resumes(rig: Rig) -> None:
+    rig.store.close()
+    rig.open(auth="client_credentials")
+    (rig.tmp / "secret").write_text("wrong\n")
+    ids = rig.add(5)
+    rig.drain(stop_when=lambda: rig.clock() >= T0 + 3600)
+    assert rig.drainer.state == "paused: auth"
+    token_calls = [r for r in rig.sandbox.requests if r.path == "/oauth2/token"]
+    assert 1 <= len(token_calls) <= 10  # an hour: retried slowly (60 s doubling to 15 min)
+    assert not rig.posts()
+    assert [a[0] for a in rig.alarms] == ["timeline_auth"]  # once
+    assert rig.store.event_count("pending") == 5  # events keep buffering
+    rig.add(2, start=5)
+    (rig.tmp / "secret").write_text(SECRET + "\n")  # fixed; no restart needed
+    rig.drain()
+    assert rig.drainer.state == "ok"
+    rig.assert_exactly_once([*ids, record(5).external_id, record(6).external_id])
+
+
+def test_wrong_base_url_pauses_as_config_without_dead_letters(rig: Rig) -> None:
+    rig.store.close()
+    rig.open(base_url=rig.sandbox.url + "/2024-01")  # 404 invalid_endpoint for every event
+    rig.add(3)
+    rig.drain(stop_when=lambda: rig.clock() >= T0 + 3600)
+    assert rig.drainer.state == "paused: config"
+    assert rig.store.event_count("dead") == 0
+    assert rig.store.event_count("pending") == 3
+    posts = [r for r in rig.sandbox.requests if r.path.endswith("/timeline/events")]
+    assert 1 <= len(posts) <= 10  # an hour: retried slowly
+    assert all(r.status == 404 for r in posts)
+    assert [a[0] for a in rig.alarms] == ["timeline_config"]
+    assert "invalid_endpoint" in rig.alarms[0][2]
+
+
+def test_storage_failure_while_draining_is_an_alarm_and_a_backoff(rig: Rig) -> None:
+    rig.add(1)
+    rig.store.close()  # every read and write now fails with StoreError
+    delays = [rig.drainer.guarded_step() for _ in range(4)]
+    assert delays == [1.0, 2.0, 4.0, 8.0]
+    assert rig.drainer.state == "paused: storage"
+    assert [a[0] for a in rig.alarms] == ["timeline_outbox_storage"]
+    rig.open()
+
+
+def test_thread_is_woken_by_new_events_and_stops_promptly(tmp_path: Path,
+                                                          http: httpx.Client) -> None:
+    with Sandbox(static_tokens={STATIC}, max_per_second=PER_S,
+                 max_per_minute=PER_MIN) as sandbox, Store(tmp_path / "g.db") as store:
+        (tmp_path / "token").write_text(STATIC)
+        client = StoraClient(sandbox.api_url, FileTokens(tmp_path / "token"),
+                             RateLimiter(PER_S, PER_MIN, on_record=store.record_send),
+                             http=http)
+        drainer = Drainer(store, client, source_id="tsrc_test", template_id=None)
+        store.on_events_added = lambda n: drainer.wake()
+        drainer.start()
+        time.sleep(0.2)  # idle: waiting up to IDLE_WAIT_S (60 s) unless woken
+        with store.transaction() as tx:
+            tx.add_event(record(1))
+        deadline = time.monotonic() + 5
+        while store.event_count("delivered") < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert store.event_count("delivered") == 1
+        started = time.monotonic()
+        drainer.stop()
+        assert time.monotonic() - started < 1.0
+        assert drainer.state == "stopped"
+        assert len(store.send_history(0)) == 1  # the send was persisted
+
+
+# -- the CLI (direct mode: no agent running) ------------------------------------------------
+def write_config(tmp: Path) -> Path:
+    token = tmp / "token"
+    token.write_text(STATIC)
+    token.chmod(0o600)
+    config = tmp / "gateway.toml"
+    config.write_text(f"""\
+[site]
+id = "site_test"
+app_name = "TestGate"
+
+[mqtt]
+host = "127.0.0.1"
+
+[commands]
+trusted_keys = {{ k = "{'A' * 43}" }}
+
+[stora]
+base_url = "http://127.0.0.1:9/2025-09"
+auth = "static"
+token_file = "{token}"
+timeline_source_id = "tsrc_test"
+
+[storage]
+path = "{tmp / 'gateway.db'}"
+
+[control]
+socket = "{tmp / 'no-agent.sock'}"
+
+[[controllers]]
+name = "bus1"
+driver = "modbus"
+port = "loop://"
+address = 1
+
+[[locks]]
+unit = "unit_a101"
+reference = "A-101"
+controller = "bus1"
+channel = 0
+""")
+    return config
+
+
+def cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = main(list(argv), out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_cli_outbox_lists_and_retries_directly(rig: Rig) -> None:
+    ids = rig.add(4)
+    rig.sandbox.reject_external_ids([ids[1]])
+    rig.drain(stop_when=lambda: rig.delivered() >= 2)
+    rig.store.close()
+    config = write_config(rig.tmp)
+    code, out, err = cli("outbox", "--config", str(config), "--json")
+    assert (code, err) == (0, "")
+    listing = json.loads(out)
+    assert listing["summary"]["pending"] == 1
+    assert listing["summary"]["dead"] == 1
+    assert listing["summary"]["drain"] == "agent not running"
+    assert [(e["state"], e["external_id"]) for e in listing["events"]] == [
+        ("pending", ids[3]), ("dead", ids[1])]
+    code, out, _ = cli("outbox", "--dead", "--config", str(config))
+    assert code == 0
+    assert "pending 1" in out
+    assert "dead 1" in out
+    assert "422 invalid_content" in out
+    assert "/external/id" in out
+    dead_seq = next(e["seq"] for e in listing["events"] if e["state"] == "dead")
+    code, _, err = cli("outbox", "retry", str(dead_seq + 100), "--config", str(config))
+    assert code == 1
+    assert "no dead-lettered event" in err
+    code, _, err = cli("outbox", "retry", "--config", str(config))
+    assert code == 2
+    code, out, _ = cli("outbox", "retry", str(dead_seq), "--config", str(config), "--json")
+    assert (code, json.loads(out)) == (0, {"retried": [dead_seq]})
+    rig.sandbox.reject_external_ids([])
+    rig.open()
+    assert rig.store.event_count("dead") == 0
+    rig.drain()
+    rig.assert_exactly_once(ids)
+    code, out, _ = cli("outbox", "retry", "--all-dead", "--config", str(config))
+    assert (code, out) == (0, "no dead-lettered events\n")
