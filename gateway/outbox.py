@@ -186,6 +186,8 @@ class Drainer:
             thread.join(timeout=STOP_JOIN_S)
             if thread.is_alive():
                 LOGGER.warning("the outbox drainer did not stop within %.0f s", STOP_JOIN_S)
+                return  # an attempt is in flight; the daemon thread ends with the process
+        self.client.close()  # the connection pool, when the client made it
         with self._lock:
             self._state = "stopped"
 

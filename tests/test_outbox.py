@@ -449,3 +449,132 @@ def test_cli_outbox_lists_and_retries_directly(rig: Rig) -> None:
     rig.assert_exactly_once(ids)
     code, out, _ = cli("outbox", "retry", "--all-dead", "--config", str(config))
     assert (code, out) == (0, "no dead-lettered events\n")
+
+
+# -- the agent: wiring, status, control socket, storage faults ------------------------------
+class Running:
+    """An in-process agent on a thread."""
+
+    def __init__(self, config_path: Path) -> None:
+        from gateway.agent import Agent
+        from gateway.config import load_config
+
+        self.agent = Agent(load_config(config_path))
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        self.agent.start()
+        self.agent.run_forever()
+
+    def __enter__(self) -> Any:
+        self.thread.start()
+        assert self.agent.link.wait_connected(10)
+        return self.agent
+
+    def __exit__(self, *exc: object) -> None:
+        self.agent.stop_event.set()
+        self.thread.join(timeout=10)
+        self.agent.stop()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Any]:
+    from tests.support.broker import Broker
+
+    with Broker(tmp_path / "broker") as b:
+        yield b
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)
+
+
+@pytest.mark.simulator_only
+def test_agent_delivers_dead_letters_and_retries_through_the_control_socket(
+        tmp_path: Path, broker: Any) -> None:
+    from gateway.control import ControlClient
+    from tests.support.site import PREFIX, SITE, STORA_TOKEN, make_site
+
+    with Sandbox(static_tokens={STORA_TOKEN}) as sandbox:
+        site = make_site(tmp_path, broker, stora_url=sandbox.api_url)
+        try:
+            watcher = site.client()
+            with Running(site.config_path) as agent:
+                jti, token = site.signer.command("unlock", "unit_a101", dur=1)
+                unlocked = external_id_for(SITE, jti, "unlocked")
+                sandbox.reject_external_ids([unlocked])
+                watcher.publish(f"{PREFIX}/cmd", token, qos=1)
+                # The unlock is refused (422) and dead-lettered; its relock is delivered.
+                wait_for(lambda: agent.store.event_count("dead") == 1
+                         and agent.store.event_count("pending") == 0
+                         and len(sandbox.events()) == 1)
+                [alarm] = watcher.expect(f"{PREFIX}/alarm", 5, where=lambda m: json.loads(
+                    m.payload)["kind"] == "timeline_dead_letter")
+                assert json.loads(alarm.payload)["unit"] == "unit_a101"
+                status = ControlClient(site.socket_path, timeout=5).call("status")["outbox"]
+                assert (status["pending"], status["dead"], status["drain"]) == (0, 1, "ok")
+                code, out, _ = cli("outbox", "--dead", "--json", "--config",
+                                   str(site.config_path))
+                assert code == 0
+                listing = json.loads(out)
+                assert listing["summary"]["drain"] == "ok"  # the agent answered
+                [dead] = listing["events"]
+                assert dead["external_id"] == unlocked
+                assert dead["error"]["code"] == "invalid_content"
+                sandbox.reject_external_ids([])
+                code, out, _ = cli("outbox", "retry", "--all-dead", "--json", "--config",
+                                   str(site.config_path))
+                assert (code, json.loads(out)) == (0, {"retried": [dead["seq"]]})
+                wait_for(lambda: sandbox.count_by_external_id().get(unlocked) == 1)
+                wait_for(lambda: agent.store.event_count("delivered") == 2)
+            counts = sandbox.count_by_external_id()
+            assert sorted(counts.values()) == [1, 1]
+            assert 429 not in [r.status for r in sandbox.requests]
+        finally:
+            site.close()
+
+
+def corrupt_freelist(db: Path) -> None:
+    """Damage the header's freelist count: quick_check fails, the tables stay readable."""
+    data = bytearray(db.read_bytes())
+    data[36:40] = (3).to_bytes(4, "big")
+    db.write_bytes(bytes(data))
+
+
+@pytest.mark.simulator_only
+@pytest.mark.parametrize(("damage", "said"), [
+    (corrupt_freelist, "3 undelivered Timeline Event(s) lost"),
+    (lambda db: db.write_bytes(bytes(db.stat().st_size)),
+     "an unknown number of undelivered Timeline Event(s) lost"),
+])
+def test_a_corrupt_database_at_start_is_quarantined_and_the_loss_counted(
+        tmp_path: Path, broker: Any, damage: Callable[[Path], None], said: str) -> None:
+    from tests.support.site import PREFIX, make_site
+
+    site = make_site(tmp_path, broker)
+    try:
+        db = tmp_path / "state" / "gateway.db"
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with Store(db) as store:
+            for n in range(3):
+                with store.transaction() as tx:
+                    tx.add_event(record(n))
+        damage(db)
+        watcher = site.client()
+        with Running(site.config_path) as agent:
+            [alarm] = watcher.expect(f"{PREFIX}/alarm", 5, where=lambda m: json.loads(
+                m.payload)["kind"] == "storage_corrupt")
+            assert said in json.loads(alarm.payload)["detail"]
+            assert agent.store.event_count() == 0  # started empty
+            assert list(db.parent.glob("gateway.db.bad-*"))
+            jti, token = site.signer.command("lock", "unit_a101")  # locks keep working
+            watcher.publish(f"{PREFIX}/cmd", token, qos=1)
+            [res] = watcher.expect(f"{PREFIX}/cmd/result", 5, where=lambda m: json.loads(
+                m.payload)["jti"] == jti)
+            assert json.loads(res.payload)["status"] == "done"
+    finally:
+        site.close()

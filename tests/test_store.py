@@ -644,3 +644,148 @@ def test_disk_full_rolls_back_keeps_reads_and_recovers(tiny_fs: Path) -> None:
             tx.add_event(record("after"))
         assert s.event_count() == accepted + 1
     assert integrity(db) == ["ok"]
+
+
+# --------------------------------------------------------------------------- outbox
+
+
+def test_migration_2_upgrades_a_version_1_file_keeping_its_events_due(db: Path) -> None:
+    conn = raw(db)
+    migrate(conn, MIGRATIONS[:1])
+    conn.execute(
+        "INSERT INTO events (external_id, kind, unit, reference, site_id, description, "
+        "occurred_at, created_at) VALUES ('sgw-old', 'locked', 'unit_abc', 'A-101', "
+        "'site_123', 'Unit locked via YourApp', ?, ?)", (T0, T0))
+    conn.close()
+    with Store(db, clock=lambda: T0 + 5) as s:
+        row = s.due_event(T0 + 5)
+        assert row is not None
+        assert (row.external_id, row.state, row.generation, row.next_attempt_at) == (
+            "sgw-old", "pending", 0, 0.0)
+        assert s.send_history(0) == []
+    assert raw(db).execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 2
+
+
+def test_due_event_is_oldest_first_and_honours_next_attempt_at(store: Store) -> None:
+    with store.transaction() as tx:
+        for i in range(3):
+            tx.add_event(record(i))
+    first, second, third = store.events()
+    with store.transaction() as tx:
+        tx.record_attempt(first.seq, generation=1, unanswered_since=None,
+                          next_attempt_at=T0 + 60, attempts=1, last_error="server_error 500")
+    assert store.due_event(T0) == store.events()[1]
+    assert store.next_due_at() == 0.0
+    with store.transaction() as tx:
+        tx.mark_delivered(second.seq, generation=0, attempts=1, delivered_at=T0,
+                          stora_event_id="aevt_1")
+        tx.mark_delivered(third.seq, generation=0, attempts=1, delivered_at=T0,
+                          stora_event_id=None)
+    assert store.due_event(T0) is None
+    assert store.next_due_at() == T0 + 60
+    due = store.due_event(T0 + 60)
+    assert due is not None
+    assert (due.seq, due.generation, due.attempts, due.last_error) == (
+        first.seq, 1, 1, "server_error 500")
+    assert store.outbox_summary(T0 + 11) == {"pending": 1, "oldest_age_s": 10.0, "dead": 0}
+
+
+def test_a_body_is_frozen_once(store: Store) -> None:
+    with store.transaction() as tx:
+        tx.add_event(record(1))
+        (row,) = tx._store.events()
+        assert tx.freeze_body(row.seq, {"n": 1}) == {"n": 1}
+        assert tx.freeze_body(row.seq, {"n": 2}) == {"n": 1}  # every attempt, same bytes
+    assert store.events()[0].body == {"n": 1}
+
+
+def test_retry_dead_rotates_the_key_and_forgets_the_body(store: Store) -> None:
+    with store.transaction() as tx:
+        for i in range(3):
+            tx.add_event(record(i))
+    rows = store.events()
+    error = {"message": "external.id is rejected", "details": [], "request_id": None,
+             "idempotency_key": f"{rows[0].external_id}.0"}
+    with store.transaction() as tx:
+        tx.freeze_body(rows[0].seq, {"b": 1})
+        for row in rows[:2]:
+            tx.mark_dead(row.seq, generation=0, unanswered_since=None, attempts=1,
+                         status=422, code="invalid_content", error=error, dead_at=T0)
+    dead = store.event(rows[0].seq)
+    assert dead is not None
+    assert (dead.state, dead.dead_status, dead.dead_code, dead.dead) == (
+        "dead", 422, "invalid_content", error)
+    assert dead.as_dict()["error"]["message"] == "external.id is rejected"
+    assert store.outbox_summary(T0)["dead"] == 2
+    assert store.retry_dead(rows[2].seq) == []  # pending, not dead: untouched
+    assert store.retry_dead(rows[0].seq) == [rows[0].seq]
+    again = store.event(rows[0].seq)
+    assert again is not None
+    assert (again.state, again.generation, again.body, again.dead_code, again.next_attempt_at) == (
+        "pending", 1, None, None, 0.0)
+    assert again.last_error == "retried after: 422 invalid_content"
+    assert store.retry_dead() == [rows[1].seq]
+    assert store.retry_dead() == []
+
+
+def test_send_history_is_pruned_to_the_windows(store: Store) -> None:
+    for t in (T0, T0 + 50, T0 + 130, T0 + 200):
+        store.record_send(t)
+    assert store.send_history(0) == [T0 + 130, T0 + 200]  # older than 120 s: gone
+    assert store.send_history(T0 + 150) == [T0 + 200]
+
+
+def test_hooks_see_committed_events_and_refused_ones(store: Store) -> None:
+    added: list[int] = []
+    failed: list[tuple[str, int]] = []
+    store.on_events_added = added.append
+    store.on_write_failed = lambda exc, n: failed.append((type(exc).__name__, n))
+    with store.transaction() as tx:
+        tx.add_event(record(1))
+        tx.add_event(record(1))  # the same id: not added twice
+        tx.add_event(record(2))
+    with store.transaction() as tx:
+        tx.set_meta("k", "v")  # no event: no wake
+    assert added == [2]
+    store.close()
+    with pytest.raises(StoreError):  # noqa: SIM117 - the error comes from the open
+        with store.transaction() as tx:
+            tx.add_event(record(3))
+    assert failed == [("StoreError", 0)]
+
+
+def test_count_pending_of_a_damaged_file_is_best_effort(db: Path, populated: bytes) -> None:
+    assert Store.count_pending(db) == 300
+    db.write_bytes(bytes(len(populated)))  # zero-filled: nothing readable
+    assert Store.count_pending(db) is None
+    db.write_bytes(overwrite_pages(populated, 1))
+    counted = Store.count_pending(db)
+    assert counted is None or 0 <= counted <= 300
+    assert Store.count_pending(db.with_name("missing.db")) is None
+    assert not db.with_name("missing.db").exists()  # read-only: nothing created
+
+
+def test_disk_full_refuses_events_loudly_and_counts_them(tiny_fs: Path) -> None:
+    db = tiny_fs / "gateway.db"
+    filler = tiny_fs / "filler"
+    filler.write_bytes(os.urandom(64 * 1024))
+    failures: list[tuple[type[Exception], int]] = []
+    with Store(db) as s:
+        s.on_write_failed = lambda exc, n: failures.append((type(exc), n))
+        accepted = 0
+        for i in range(10_000):
+            try:
+                with s.transaction() as tx:
+                    tx.add_event(record(i, detail="x" * 400))
+                    tx.add_event(record(f"{i}b", detail="x" * 400))
+            except StoreFull:
+                break
+            accepted += 2
+        assert failures == [(StoreFull, 2)]
+        assert s.events_refused == 2
+        assert s.event_count() == accepted  # refused, not accepted-then-lost
+        filler.unlink()
+        with s.transaction() as tx:
+            tx.add_event(record("after"))
+        assert s.events_refused == 2
+    assert integrity(db) == ["ok"]

@@ -65,11 +65,24 @@ class SimSite:
         return self.modbus.board(1).coil(MODBUS_UNITS[unit][1])
 
 
+#: The static token the agent's ``[stora]`` uses (a Sandbox accepts it with
+#: ``static_tokens={STORA_TOKEN}``).
+STORA_TOKEN = "test-token"
+#: A ``base_url`` where nothing listens: events stay queued (connection refused).
+NO_STORA_URL = "http://127.0.0.1:9/2025-09"
+
+
 def write_agent_config(directory: Path, broker: Broker, modbus_port: Path, lockboard_port: Path,
-                       public_key: str, *, pulse: bool = False) -> tuple[Path, Path]:
-    """The agent's config for the simulated site; returns (config, control socket)."""
+                       public_key: str, *, pulse: bool = False, stora_url: str = NO_STORA_URL,
+                       stora_limits: tuple[int, int] = (10, 60)) -> tuple[Path, Path]:
+    """The agent's config for the simulated site; returns (config, control socket).
+
+    ``stora_url`` is ``[stora] base_url`` (a sandbox's ``api_url``), with the static
+    token :data:`STORA_TOKEN`; ``stora_limits`` are ``max_per_second`` and
+    ``max_per_minute``.
+    """
     token = directory / "token"
-    token.write_text("test-token\n")
+    token.write_text(f"{STORA_TOKEN}\n")
     token.chmod(0o600)
     socket_path = directory / "run" / "control.sock"
     locks = "".join(
@@ -98,10 +111,12 @@ trusted_keys = {{ test-2026 = "{public_key}" }}
 clock = "system"
 
 [stora]
-base_url = "http://127.0.0.1:9/2025-09"
+base_url = "{stora_url}"
 auth = "static"
 token_file = "{token}"
 timeline_source_id = "tsrc_test"
+max_per_second = {stora_limits[0]}
+max_per_minute = {stora_limits[1]}
 
 [storage]
 path = "{directory / 'state' / 'gateway.db'}"
@@ -132,14 +147,16 @@ timeout_ms = 100
 
 
 def make_site(directory: Path, broker: Broker, *, pulse: bool = False,
-              hold_s: float = 1.0) -> SimSite:
-    """Simulators, signer and config in ``directory``."""
+              hold_s: float = 1.0, stora_url: str = NO_STORA_URL,
+              stora_limits: tuple[int, int] = (10, 60)) -> SimSite:
+    """Simulators, signer and config in ``directory`` (``[stora]`` at ``stora_url``)."""
     modbus = ModbusSimBus(directory / "ttyMB", slaves=(1,), coils=4, inputs=4)
     lockers = start_lockboard_sim(directory / "ttyLB", (0,), 8, hold_s=hold_s)
     private, public = generate_keypair()
     signer = CommandSigner(private, "test-2026", SITE)
     config, socket_path = write_agent_config(directory, broker, modbus.path, lockers.port.path,
-                                             public, pulse=pulse)
+                                             public, pulse=pulse, stora_url=stora_url,
+                                             stora_limits=stora_limits)
     return SimSite(directory, broker, modbus, lockers, signer, config, socket_path)
 
 
