@@ -344,6 +344,10 @@ class Agent:
         except StoreError as exc:
             # Without a durable inbox, at-most-once cannot be promised: refuse, loudly.
             self.alarm("storage", command.unit, f"command {command.jti} refused: {exc}")
+            if command.cmd in ("lock", "lockout") and command.unit is not None:
+                # Locking is safe to repeat and must never wait for the disk: the door
+                # is locked anyway; the command is still answered "failed" (not kept).
+                self.units.lock_unrecorded(command.unit, f"{command.cmd} {command.jti}")
             self._result(Outcome(command.jti, command.cmd, command.unit, "failed",
                                  "hardware_error", None, time.time()))
             return

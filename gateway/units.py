@@ -48,7 +48,7 @@ from gateway.commands import Command
 from gateway.config import Config, LockConfig
 from gateway.executor import KeyedSerialExecutor
 from gateway.hardware import Site, point_of
-from gateway.store import Store, UnitRow
+from gateway.store import Store, StoreError, UnitRow
 from gateway.timeline import external_id_for, make_event
 
 LOGGER = logging.getLogger(__name__)
@@ -211,6 +211,28 @@ class UnitManager:
                                None, "relock", claimed=False)
             except Exception:  # best effort at shutdown; the next start relocks from SQLite
                 LOGGER.exception("%s: relock at shutdown failed", unit)
+
+    def lock_unrecorded(self, unit: str, why: str) -> Future[Any]:
+        """Lock ``unit`` now without recording anything (the store is failing).
+
+        For a ``lock`` or ``lockout`` command whose inbox write failed: the command is
+        answered ``failed`` (nothing durable says it ran, so it may come again, and
+        locking twice is harmless), but the door is locked, on the unit's queue.
+        """
+        lock = self._locks[unit]
+
+        def run() -> ActionResult | None:
+            result, error = self._drive(lock, "lock")
+            LOGGER.warning("%s: locked without a record (%s): %s", lock.reference, why,
+                           "confirmed" if result is not None and result.confirmed
+                           else error or "not confirmed")
+            if error:
+                self._alarm("hardware_error", unit, error)
+            elif result is not None and not result.confirmed:
+                self._alarm("jam", unit, result.detail or "lock did not confirm locked")
+            return result
+
+        return self._executor.submit(unit, run)
 
     def run_exclusive(self, unit: str, fn: Callable[[], Any]) -> Future[Any]:
         """Run ``fn`` on ``unit``'s queue, serialized with its commands (a technician test)."""
@@ -403,27 +425,46 @@ class UnitManager:
 
     def _lock_now(self, lock: LockConfig, key: str, command: Command | None, why: str,
                   *, claimed: bool = True) -> Outcome:
-        """Lock, read back, record the outcome, the state and the audit event."""
+        """Lock, read back, record the outcome, the state and the audit event.
+
+        The door is driven first, so a storage failure (disk full, read-only) can only
+        cost the record: a relock or a lockout's lock is applied regardless.  Without a
+        claimed command the failure is logged (the store's hook raised the alarm) and
+        the unrecorded outcome returned; a claimed command's failure propagates, so its
+        outcome becomes ``unknown``.
+        """
         result, error = self._drive(lock, "lock")
-        with self.store.transaction() as tx:
-            row = tx.unit(lock.unit)
-            status, reason = _verdict(result)
+        status, reason = _verdict(result)
+        try:
+            with self.store.transaction() as tx:
+                row = tx.unit(lock.unit)
+                if result is not None:
+                    row = self._apply_reading(row, result.reading, result.confirmed)
+                if result is not None and result.confirmed:
+                    row = replace(row, relock_at=None)
+                    if why != "reapply":
+                        self._event(tx, "locked", lock, key, command,
+                                    "relocked when the unlock time ended" if why == "relock"
+                                    else "")
+                tx.put_unit(row)
+                outcome = Outcome(key, command.cmd if command else "lock", lock.unit, status,
+                                  reason, self._state(row), self._now())
+                if claimed and command is not None:
+                    self._finish(tx, outcome)
+        except StoreError as exc:
+            if claimed and command is not None:
+                raise
+            LOGGER.error("%s: locked (%s) but not recorded: %s",  # noqa: TRY400
+                         lock.reference, status, exc)
+            row = self.store.unit(lock.unit)
             if result is not None:
                 row = self._apply_reading(row, result.reading, result.confirmed)
-            if result is not None and result.confirmed:
-                row = replace(row, relock_at=None)
-                self._deadline.pop(lock.unit, None)
-                if why == "relock":
-                    self._relocked_at[lock.unit] = self._mono()
-                if why != "reapply":
-                    self._event(tx, "locked", lock, key, command,
-                                "relocked when the unlock time ended" if why == "relock"
-                                else "")
-            tx.put_unit(row)
             outcome = Outcome(key, command.cmd if command else "lock", lock.unit, status,
                               reason, self._state(row), self._now())
-            if claimed and command is not None:
-                self._finish(tx, outcome)
+        if result is not None and result.confirmed:
+            self._deadline.pop(lock.unit, None)
+            if why == "relock":
+                self._relocked_at[lock.unit] = self._mono()
         if error:
             self._alarm("hardware_error", lock.unit, error)
         elif result is not None and not result.confirmed:
@@ -583,9 +624,13 @@ class UnitManager:
                                                              before.confirmed)
         if changed:
             # Written and published only on change: an idle site costs no SQLite write
-            # (no SD-card wear) and no MQTT traffic every pass.
-            with self.store.transaction() as tx:
-                tx.put_unit(row)
+            # (no SD-card wear) and no MQTT traffic every pass.  A storage failure here
+            # must not stop a lockout from being re-applied below.
+            try:
+                with self.store.transaction() as tx:
+                    tx.put_unit(row)
+            except StoreError as exc:
+                LOGGER.error("%s: read-back not recorded: %s", lock.reference, exc)  # noqa: TRY400
         self._check_door(lock, row)
         if came_back:
             LOGGER.info("%s: controller back online; state re-read", lock.reference)

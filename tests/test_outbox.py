@@ -578,3 +578,89 @@ def test_a_corrupt_database_at_start_is_quarantined_and_the_loss_counted(
             assert json.loads(res.payload)["status"] == "done"
     finally:
         site.close()
+
+
+@pytest.fixture
+def small_state_fs(tmp_path: Path) -> Iterator[Path]:
+    """``tmp_path/state`` (the site's database directory) on a 1 MiB tmpfs; needs root."""
+    import os
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root and mount(8); disk-full agent test skipped")
+    state = tmp_path / "state"
+    state.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs",
+                           str(state)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield state
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Write a file until the filesystem is full; return it (delete it to free space)."""
+    import os
+
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+@pytest.mark.simulator_only
+def test_disk_full_locks_keep_working_and_events_are_refused_loudly(
+        tmp_path: Path, broker: Any, small_state_fs: Path) -> None:
+    from gateway.control import ControlClient
+    from tests.support.site import PREFIX, make_site
+
+    site = make_site(tmp_path, broker)
+    try:
+        watcher = site.client()
+
+        def result(jti: str) -> dict[str, Any]:
+            [msg] = watcher.expect(f"{PREFIX}/cmd/result", 5, where=lambda m: json.loads(
+                m.payload)["jti"] == jti)
+            return dict(json.loads(msg.payload))
+
+        with Running(site.config_path) as agent:
+            j1, t1 = site.signer.command("unlock", "unit_a101", dur=2)
+            j2, t2 = site.signer.command("unlock", "unit_a102", dur=60)
+            watcher.publish(f"{PREFIX}/cmd", t1, qos=1)
+            watcher.publish(f"{PREFIX}/cmd", t2, qos=1)
+            assert result(j1)["status"] == result(j2)["status"] == "done"
+            assert site.coil("unit_a101")
+            assert site.coil("unit_a102")
+            filler = fill(small_state_fs)
+            # A lockout cannot be recorded, but the door is locked all the same.
+            j3, t3 = site.signer.command("lockout", "unit_a102", ver=1)
+            watcher.publish(f"{PREFIX}/cmd", t3, qos=1)
+            assert result(j3)["status"] == "failed"
+            wait_for(lambda: not site.coil("unit_a102"), 5)
+            # The relock timer fires on a full disk: locked, its event refused.
+            wait_for(lambda: not site.coil("unit_a101"), 5)
+            wait_for(lambda: agent.store.events_refused >= 1, 5)
+            alarms = [json.loads(m.payload) for m in watcher.messages(f"{PREFIX}/alarm")]
+            full = [a for a in alarms if a["kind"] == "storage_full"]
+            assert full
+            assert "Timeline Event(s) refused so far" in full[0]["detail"]
+            status = ControlClient(site.socket_path, timeout=5).call("status")
+            assert status["outbox"]["events_refused"] >= 1  # the agent is alive and says so
+            # Space freed: everything works again, without a restart.
+            filler.unlink()
+            j4, t4 = site.signer.command("lock", "unit_a103")
+            watcher.publish(f"{PREFIX}/cmd", t4, qos=1)
+            assert result(j4)["status"] == "done"
+            assert any(e.external_id == external_id_for("site_test", j4, "locked")
+                       for e in agent.store.events(limit=1000))
+    finally:
+        site.close()
