@@ -7,8 +7,16 @@ Threads, and why each exists:
 * the link's worker: verifies each command (signature, audience, freshness, size — all
   before anything touches hardware) and hands verified ones to ``UnitManager``;
 * the unit pool: one operation at a time per unit, in arrival order;
+* the outbox drainer (gateway/outbox.py): posts Timeline Events to Stora, woken when a
+  transaction adds events; its waits and failures never touch lock control;
 * the relock timer, the control socket, and this main thread, which runs the periodic
   jobs (reconciliation, status, persisting the last trusted time) and waits for a signal.
+
+Storage that fails (fault matrix #23-25) never stops lock control: a corrupt database is
+moved aside with an alarm counting the undelivered events it held; a read-only or full
+one at start gives an in-memory database with an alarm; a write failing while running
+raises a rate-limited alarm counting the Timeline Events refused, and relocks and
+lockouts are driven even when their record cannot be written (gateway/units.py).
 
 Rejections are published with their reason code through a token bucket, so a flood of
 garbage cannot make the agent amplify it onto the broker.
@@ -134,28 +142,13 @@ class Agent:
                  clock_synced: Any = None,
                  reject_rate: tuple[float, int] = (REJECT_RATE_PER_S, REJECT_BURST)) -> None:
         from gateway.clock import TrustedClock, kernel_synchronized
-        from gateway.store import Store, StoreCorrupt
 
         self.config = config
         self.prefix = f"{config.mqtt.topic_prefix}/{config.site.id}"
         self.started_at = time.time()
         self.stop_event = threading.Event()
-        config.storage.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.store = Store(config.storage.path)
-        except StoreCorrupt as exc:
-            # What was lost, counted before the move (best effort, read-only): the
-            # alarm must tell staff how many actions Stora will never hear about.
-            lost = Store.count_pending(config.storage.path)
-            moved = Store.quarantine(config.storage.path)
-            lost_text = "an unknown number of" if lost is None else str(lost)
-            detail = (f"{exc}; moved to {moved}; {lost_text} undelivered Timeline Event(s) "
-                      "lost with it; starting with an empty database")
-            LOGGER.error("%s", detail)  # noqa: TRY400 - no traceback wanted
-            self.store = Store(config.storage.path)
-            self._pending_alarms = [("storage_corrupt", None, detail)]
-        else:
-            self._pending_alarms = []
+        self._pending_alarms: list[tuple[str, str | None, str]] = []
+        self.store = self._open_store(config.storage.path)
         self.store.on_events_added = self._events_added
         self.store.on_write_failed = self._write_failed
         self._storage_alarmed_at: dict[str, float] = {}
@@ -219,6 +212,51 @@ class Agent:
                                 "at": rfc3339(time.time())})
 
     # -- storage and outbox hooks ---------------------------------------------------------
+    def _open_store(self, path: Any) -> Any:
+        """The state database; never a crash loop over a broken disk (fault matrix #23-25).
+
+        A corrupt file is moved aside (the alarm says how many undelivered events it
+        held) and a fresh one started.  A file or directory that cannot be written
+        (read-only filesystem, full disk, a corrupt file that cannot be moved) gives an
+        in-memory database instead, with an alarm: locks keep working, and nothing is
+        kept across a restart until the storage is fixed.  Anything else (a schema
+        newer than this version) stops the start with a clear error.
+        """
+        from gateway.store import Store, StoreCorrupt, StoreError, StoreFull, StoreReadOnly
+
+        def ephemeral(why: str) -> Store:
+            detail = (f"{why}; running on a temporary in-memory database: commands and "
+                      "Timeline Events are NOT kept across a restart until the storage "
+                      "is fixed")
+            LOGGER.error("%s", detail)
+            self._pending_alarms.append(("storage_unavailable", None, detail))
+            return Store(path, ephemeral=True)
+
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return ephemeral(f"cannot create {path.parent}: {exc.strerror or exc}")
+        try:
+            return Store(path)
+        except StoreCorrupt as exc:
+            # What was lost, counted before the move (best effort, read-only): the
+            # alarm must tell staff how many actions Stora will never hear about.
+            lost = Store.count_pending(path)
+            lost_text = "an unknown number of" if lost is None else str(lost)
+            try:
+                moved = Store.quarantine(path)
+                store = Store(path)
+            except StoreError as again:
+                return ephemeral(f"{exc}; {lost_text} undelivered Timeline Event(s) in it; "
+                                 f"it cannot be replaced: {again}")
+            detail = (f"{exc}; moved to {moved}; {lost_text} undelivered Timeline Event(s) "
+                      "lost with it; starting with an empty database")
+            LOGGER.error("%s", detail)  # noqa: TRY400 - no traceback wanted
+            self._pending_alarms.append(("storage_corrupt", None, detail))
+            return store
+        except (StoreReadOnly, StoreFull) as exc:
+            return ephemeral(str(exc))
+
     def _events_added(self, count: int) -> None:
         """A transaction committed ``count`` new Timeline Events: wake the drainer."""
         del count

@@ -57,6 +57,15 @@ is logged, raises alarm ``timeline_outbox_storage`` once per episode and backs o
 doubling to 60 s); the drainer never crashes the agent, and the lock control around it
 never waits on it.
 
+Known limits
+------------
+* The body is frozen at the first attempt, so an event whose first attempt went out
+  just before an outage does not say "happened at …" when it is finally delivered:
+  its key may already hold a stored reply, and changing the bytes under it is unsafe.
+* Order: the oldest due event goes first, but one waiting on its own backoff (a stored
+  5xx escaped by rotating its key) is overtaken by later ones.  Stora orders a
+  timeline by arrival, and each description says when it happened when it is late.
+
 Waiting
 -------
 The thread waits on an ``Event`` with a timeout until the next due time (the limiter's

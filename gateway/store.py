@@ -7,7 +7,13 @@ What lives here
 ``units``     each unit's desired state (lockout and its version, the relock deadline)
               and last read-back state.
 ``events``    the Timeline Event outbox (contract §6): records wait here, ``pending``,
-              until the drainer has delivered them.
+              until the drainer (gateway/outbox.py) has delivered them, or ``dead``
+              with Stora's error until a person retries them.  Each row carries its
+              delivery bookkeeping: the frozen POST body, the Idempotency-Key
+              ``generation`` and ``unanswered_since``, ``next_attempt_at``,
+              ``attempts``, ``delivered_at`` and Stora's event id, or the dead letter.
+``send_history``  wall times of the requests sent to Stora in the last two minutes, so
+              a restarted rate limiter honours the windows (gateway/stora.py).
 ``meta``      small key/value facts, e.g. the last trusted wall time (gateway/clock.py).
 
 Durability
@@ -38,6 +44,11 @@ Foreign exceptions are translated here, at one boundary::
         ├── StoreReadOnly   the file or its filesystem is read-only: a person must fix it
         ├── StoreCorrupt    quick_check failed or the file is not a database: quarantine it
         └── StoreBusy       another process held the write lock past busy_timeout: retryable
+
+Hooks: ``on_events_added(n)`` after a commit that added events (the agent wakes the
+drainer), ``on_write_failed(error, n)`` after a transaction that failed with a
+:class:`StoreError`, ``n`` being the events it refused (counted in ``events_refused``;
+the agent raises a storage alarm).  Both run outside the store's lock.
 
 Whenever a statement fails inside a transaction the transaction is rolled back with an
 explicit ``ROLLBACK`` (SQLite leaves some failures, e.g. SQLITE_READONLY, with the
@@ -711,11 +722,15 @@ class Store:
     """
 
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time,
-                 read_only: bool = False, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
+                 read_only: bool = False, busy_timeout_s: float = BUSY_TIMEOUT_S,
+                 ephemeral: bool = False) -> None:
         self.path = Path(path)
         self._clock = clock
         self._busy_timeout_s = busy_timeout_s
         self._read_only = read_only
+        #: An in-memory database standing in for ``path`` (which cannot be written):
+        #: the agent keeps driving locks, nothing survives a restart.
+        self.ephemeral = ephemeral
         self._lock = threading.RLock()
         self._tx: Transaction | None = None
         self._closed = False
@@ -732,7 +747,9 @@ class Store:
     # -- opening --------------------------------------------------------------------------
     def _open(self) -> sqlite3.Connection:
         try:
-            if self._read_only:
+            if self.ephemeral:
+                target, uri = ":memory:", False
+            elif self._read_only:
                 if not self.path.exists():
                     raise StoreError(f"state database {self.path} does not exist")
                 target, uri = self.path.resolve().as_uri() + "?mode=ro", True
@@ -753,7 +770,7 @@ class Store:
         except BaseException:
             conn.close()
             raise
-        if _on_read_only_fs(self.path.parent) and not self._read_only:
+        if _on_read_only_fs(self.path.parent) and not self._read_only and not self.ephemeral:
             LOGGER.error("state database %s is on a read-only filesystem: every write will "
                          "fail", self.path)
         return conn
@@ -769,7 +786,7 @@ class Store:
                         if line.strip() and not line.startswith("***")]
             raise StoreCorrupt(f"state database {self.path} is corrupt: quick_check found "
                                f"{'; '.join(problems[:3]) or rows[0]}")
-        if not self._read_only:
+        if not self._read_only and not self.ephemeral:
             mode = str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
             if mode.lower() != "wal":
                 if _on_read_only_fs(self.path.parent):
@@ -885,6 +902,8 @@ class Store:
     @property
     def read_only(self) -> bool:
         """Whether writes cannot succeed: opened read-only, or on a read-only filesystem."""
+        if self.ephemeral:
+            return False
         return self._read_only or _on_read_only_fs(self.path.parent)
 
     def close(self) -> None:

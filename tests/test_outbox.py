@@ -664,3 +664,32 @@ def test_disk_full_locks_keep_working_and_events_are_refused_loudly(
                        for e in agent.store.events(limit=1000))
     finally:
         site.close()
+
+
+@pytest.mark.simulator_only
+def test_read_only_storage_at_start_runs_on_memory_with_an_alarm(
+        tmp_path: Path, broker: Any, small_state_fs: Path) -> None:
+    import subprocess
+
+    from tests.support.site import PREFIX, make_site
+
+    site = make_site(tmp_path, broker)
+    try:
+        Store(small_state_fs / "gateway.db").close()
+        subprocess.run(["mount", "-o", "remount,ro", str(small_state_fs)], check=True)
+        watcher = site.client()
+        with Running(site.config_path) as agent:  # no crash, no crash loop
+            [alarm] = watcher.expect(f"{PREFIX}/alarm", 5, where=lambda m: json.loads(
+                m.payload)["kind"] == "storage_unavailable")
+            detail = json.loads(alarm.payload)["detail"]
+            assert "read-only" in detail
+            assert "NOT kept across a restart" in detail
+            assert agent.store.ephemeral
+            jti, token = site.signer.command("unlock", "unit_a101", dur=1)
+            watcher.publish(f"{PREFIX}/cmd", token, qos=1)  # locks keep working
+            [res] = watcher.expect(f"{PREFIX}/cmd/result", 5, where=lambda m: json.loads(
+                m.payload)["jti"] == jti)
+            assert json.loads(res.payload)["status"] == "done"
+            wait_for(lambda: not site.coil("unit_a101"), 5)  # and relock
+    finally:
+        site.close()
