@@ -72,8 +72,9 @@ The thread waits on an ``Event`` with a timeout until the next due time (the lim
 free slot, a hold, or the earliest ``next_attempt_at``), at most :data:`IDLE_WAIT_S`; it
 is woken at once when a transaction adds events (``Store.on_events_added``) and after a
 ``outbox.retry``.  Nothing polls in a tight loop.  Times in SQLite are wall-clock; a
-clock stepped far ahead makes waits due early (harmless), one stepped back makes them
-late by at most the step, bounded by :data:`MAX_SCHEDULE_S`.
+clock stepped far ahead makes waits due early (harmless); one stepped back would make
+them late by the step, so anything scheduled more than :data:`MAX_SCHEDULE_S` ahead
+(nothing is, normally) is taken as due now.
 """
 
 from __future__ import annotations
@@ -254,6 +255,8 @@ class Drainer:
         """
         now = self._clock()
         with self._lock:
+            if self._hold_until - now > MAX_SCHEDULE_S:  # the wall clock went back
+                self._hold_until = now
             hold = self._hold_until - now
         if hold > 0:
             return hold
@@ -263,7 +266,14 @@ class Drainer:
         row = self.store.due_event(now)
         if row is None:
             due = self.store.next_due_at()
-            return math.inf if due is None else min(max(due - now, 0.0), MAX_SCHEDULE_S)
+            if due is not None and due - now > MAX_SCHEDULE_S:
+                # Nothing here schedules that far ahead: the wall clock went back.
+                with self.store.transaction() as tx:
+                    moved = tx.pull_forward(now + MAX_SCHEDULE_S, now)
+                LOGGER.warning("outbox: %d event(s) scheduled beyond %.0f s from now (wall "
+                               "clock stepped back?) are due now", moved, MAX_SCHEDULE_S)
+                return 0.0
+            return math.inf if due is None else max(due - now, 0.0)
         body = row.body
         if body is None:
             built = event_body(row.record(), source_id=self.source_id,

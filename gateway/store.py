@@ -693,6 +693,16 @@ class Transaction:
                 "WHERE state = 'dead' AND (? IS NULL OR seq = ?)", params)
         return seqs
 
+    def pull_forward(self, later_than: float, to: float) -> int:
+        """Pending events due after ``later_than`` become due at ``to``; how many.
+
+        For a wall clock stepped back: a schedule written before the step must not hold
+        an event for as long as the step.
+        """
+        cur = self._q("UPDATE events SET next_attempt_at = ? "
+                      "WHERE state = 'pending' AND next_attempt_at > ?", (to, later_than))
+        return cur.rowcount
+
     def record_send(self, at: float) -> None:
         """One request sent to Stora at wall time ``at``; prunes what no window needs."""
         self._q("INSERT INTO send_history (at) VALUES (?)", (at,))

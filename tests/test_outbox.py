@@ -693,3 +693,59 @@ def test_read_only_storage_at_start_runs_on_memory_with_an_alarm(
             wait_for(lambda: not site.coil("unit_a101"), 5)  # and relock
     finally:
         site.close()
+
+
+@pytest.mark.simulator_only
+def test_agent_process_killed_mid_drain_delivers_each_event_once(
+        tmp_path: Path, broker: Any) -> None:
+    """The harness the kill -9 x300 test builds on: a real agent, a real sandbox."""
+    import sqlite3
+
+    from tests.support.site import PREFIX, SITE, STORA_TOKEN, AgentProcess, make_site
+
+    with Sandbox(static_tokens={STORA_TOKEN}) as sandbox:
+        site = make_site(tmp_path, broker, stora_url=sandbox.api_url)
+        agent = AgentProcess(site)
+        try:
+            watcher = site.client()
+            expected = []
+            agent.start()
+            for round_ in range(2):
+                for unit in ("unit_a101", "unit_a102", "unit_b201"):
+                    jti, token = site.signer.command("lock", unit)
+                    watcher.publish(f"{PREFIX}/cmd", token, qos=1)
+                    watcher.expect(f"{PREFIX}/cmd/result", 10, where=lambda m, j=jti: json.loads(
+                        m.payload)["jti"] == j)
+                    expected.append(external_id_for(SITE, jti, "locked"))
+                if round_ == 0:
+                    agent.kill()  # kill -9, whatever the drainer was doing
+                    agent.start()
+            wait_for(lambda: set(expected) <= set(sandbox.count_by_external_id()), 15)
+            agent.stop()
+            counts = sandbox.count_by_external_id()
+            assert [counts[e] for e in expected] == [1] * len(expected)
+            assert max(counts.values()) == 1
+            times = sandbox.request_times()
+            assert max_in_window(times, 1.0) <= PER_S
+            assert max_in_window(times, 60.0) <= PER_MIN
+            conn = sqlite3.connect(tmp_path / "state" / "gateway.db")
+            try:
+                assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+                pending = conn.execute(
+                    "SELECT count(*) FROM events WHERE state = 'pending'").fetchone()[0]
+                assert pending == 0
+            finally:
+                conn.close()
+        finally:
+            agent.kill()
+            site.close()
+
+
+def test_a_wall_clock_stepped_back_does_not_hold_events(rig: Rig) -> None:
+    ids = rig.add(2)
+    rig.sandbox.fail_next(1, 500)
+    assert rig.drainer.guarded_step() == 0.0  # 500: the first event waits its backoff
+    rig.clock.now -= 86_400  # the wall clock goes back a day
+    rig.sandbox.advance(86_400)  # (the sandbox's own time is not the gateway's)
+    rig.drain(max_steps=10)  # without the pull-forward: a day of 30-minute waits
+    rig.assert_exactly_once(ids)
