@@ -496,7 +496,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
 @pytest.mark.simulator_only
 def test_agent_delivers_dead_letters_and_retries_through_the_control_socket(
         tmp_path: Path, broker: Any) -> None:
-    from gateway.control import ControlClient
+    from gateway.control import ControlClient, ControlError
     from tests.support.site import PREFIX, SITE, STORA_TOKEN, make_site
 
     with Sandbox(static_tokens={STORA_TOKEN}) as sandbox:
@@ -525,6 +525,13 @@ def test_agent_delivers_dead_letters_and_retries_through_the_control_socket(
                 [dead] = listing["events"]
                 assert dead["external_id"] == unlocked
                 assert dead["error"]["code"] == "invalid_content"
+                control = ControlClient(site.socket_path, timeout=5)
+                with pytest.raises(ControlError, match="no dead-lettered event") as info:
+                    control.call("outbox.retry", seq=dead["seq"] + 99)
+                assert info.value.status == 1
+                with pytest.raises(ControlError, match="needs an event id") as info:
+                    control.call("outbox.retry", seq="all")
+                assert info.value.status == 2
                 sandbox.reject_external_ids([])
                 code, out, _ = cli("outbox", "retry", "--all-dead", "--json", "--config",
                                    str(site.config_path))
