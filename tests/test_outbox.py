@@ -756,3 +756,28 @@ def test_a_wall_clock_stepped_back_does_not_hold_events(rig: Rig) -> None:
     rig.sandbox.advance(86_400)  # (the sandbox's own time is not the gateway's)
     rig.drain(max_steps=10)  # without the pull-forward: a day of 30-minute waits
     rig.assert_exactly_once(ids)
+
+
+def test_missing_scope_pauses_then_a_fixed_scope_delivers_under_a_new_key(rig: Rig) -> None:
+    rig.store.close()
+    rig.open(auth="client_credentials")
+    tokens = rig.drainer.client.tokens
+    assert isinstance(tokens, ClientCredentialsTokens)
+    tokens.scope = "public.site:read"  # a token without public.timeline_event:write
+    (ext,) = rig.add(1)
+    rig.drain(stop_when=lambda: rig.clock() >= T0 + 600)
+    assert rig.drainer.state == "paused: config"
+    assert rig.store.event_count("dead") == 0
+    assert [a[0] for a in rig.alarms] == ["timeline_config"]
+    assert "403 forbidden" in rig.alarms[0][2]
+    # The operator grants the scope.  The 403 is stored under the first key for a day,
+    # so only a new key can get through; nothing was created under the old one.
+    tokens.scope = EVENT_SCOPE
+    tokens.invalidate(tokens.token())
+    rig.drain()
+    rig.assert_exactly_once([ext])
+    assert rig.drainer.state == "ok"
+    row = rig.store.events()[0]
+    assert row.state == "delivered"
+    assert row.generation >= 1
+    assert [r.status for r in rig.posts()][-1] == 201
