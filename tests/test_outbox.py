@@ -774,8 +774,11 @@ def test_missing_scope_pauses_then_a_fixed_scope_delivers_under_a_new_key(rig: R
     # so only a new key can get through; nothing was created under the old one.
     tokens.scope = EVENT_SCOPE
     tokens.invalidate(tokens.token())
+    fixed_at = rig.clock()
     rig.drain()
     rig.assert_exactly_once([ext])
+    # At the next slow retry, not after the stored 403 expires a day later.
+    assert rig.clock() - fixed_at < 1800
     assert rig.drainer.state == "ok"
     row = rig.store.events()[0]
     assert row.state == "delivered"
