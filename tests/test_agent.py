@@ -7,7 +7,6 @@ tests run it as a subprocess (tests/test_agent_faults.py).
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,34 +16,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.agent import Agent
-from gateway.config import load_config
 from tests.support.broker import Broker, Client
-from tests.support.site import PREFIX, SimSite, make_site
+from tests.support.site import PREFIX, RunningAgent, SimSite, make_site
 
 pytestmark = pytest.mark.simulator_only
 
 
-class Running:
-    """An in-process agent on a thread."""
+class Running(RunningAgent):
+    """An in-process agent on a thread, built from a :class:`SimSite`."""
 
     def __init__(self, site: SimSite, **kwargs: Any) -> None:
-        self.agent = Agent(load_config(site.config_path), **kwargs)
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        self.agent.start()
-        self.agent.run_forever()
-
-    def __enter__(self) -> Agent:
-        self.thread.start()
-        assert self.agent.link.wait_connected(10)
-        return self.agent
-
-    def __exit__(self, *exc: object) -> None:
-        self.agent.stop_event.set()
-        self.thread.join(timeout=10)
-        self.agent.stop()
+        super().__init__(site.config_path, **kwargs)
 
 
 @pytest.fixture

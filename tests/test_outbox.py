@@ -38,6 +38,7 @@ from gateway.stora import (
 )
 from gateway.store import SEND_HISTORY_KEEP_S, Store
 from gateway.timeline import external_id_for, make_event
+from tests.support.site import RunningAgent
 
 T0 = 1_800_000_000.5
 PER_S, PER_MIN = 10, 60  # Stora's documented limits (stora-api §5), sandbox and client alike
@@ -452,31 +453,6 @@ def test_cli_outbox_lists_and_retries_directly(rig: Rig) -> None:
 
 
 # -- the agent: wiring, status, control socket, storage faults ------------------------------
-class Running:
-    """An in-process agent on a thread."""
-
-    def __init__(self, config_path: Path) -> None:
-        from gateway.agent import Agent
-        from gateway.config import load_config
-
-        self.agent = Agent(load_config(config_path))
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        self.agent.start()
-        self.agent.run_forever()
-
-    def __enter__(self) -> Any:
-        self.thread.start()
-        assert self.agent.link.wait_connected(10)
-        return self.agent
-
-    def __exit__(self, *exc: object) -> None:
-        self.agent.stop_event.set()
-        self.thread.join(timeout=10)
-        self.agent.stop()
-
-
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Any]:
     from tests.support.broker import Broker
@@ -503,7 +479,7 @@ def test_agent_delivers_dead_letters_and_retries_through_the_control_socket(
         site = make_site(tmp_path, broker, stora_url=sandbox.api_url)
         try:
             watcher = site.client()
-            with Running(site.config_path) as agent:
+            with RunningAgent(site.config_path) as agent:
                 jti, token = site.signer.command("unlock", "unit_a101", dur=1)
                 unlocked = external_id_for(SITE, jti, "unlocked")
                 sandbox.reject_external_ids([unlocked])
@@ -572,7 +548,7 @@ def test_a_corrupt_database_at_start_is_quarantined_and_the_loss_counted(
                     tx.add_event(record(n))
         damage(db)
         watcher = site.client()
-        with Running(site.config_path) as agent:
+        with RunningAgent(site.config_path) as agent:
             [alarm] = watcher.expect(f"{PREFIX}/alarm", 5, where=lambda m: json.loads(
                 m.payload)["kind"] == "storage_corrupt")
             assert said in json.loads(alarm.payload)["detail"]
@@ -639,7 +615,7 @@ def test_disk_full_locks_keep_working_and_events_are_refused_loudly(
                 m.payload)["jti"] == jti)
             return dict(json.loads(msg.payload))
 
-        with Running(site.config_path) as agent:
+        with RunningAgent(site.config_path) as agent:
             j1, t1 = site.signer.command("unlock", "unit_a101", dur=2)
             j2, t2 = site.signer.command("unlock", "unit_a102", dur=60)
             watcher.publish(f"{PREFIX}/cmd", t1, qos=1)
@@ -685,7 +661,7 @@ def test_read_only_storage_at_start_runs_on_memory_with_an_alarm(
         Store(small_state_fs / "gateway.db").close()
         subprocess.run(["mount", "-o", "remount,ro", str(small_state_fs)], check=True)
         watcher = site.client()
-        with Running(site.config_path) as agent:  # no crash, no crash loop
+        with RunningAgent(site.config_path) as agent:  # no crash, no crash loop
             [alarm] = watcher.expect(f"{PREFIX}/alarm", 5, where=lambda m: json.loads(
                 m.payload)["kind"] == "storage_unavailable")
             detail = json.loads(alarm.payload)["detail"]

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,3 +233,28 @@ class AgentProcess:
 def results(client: Client) -> list[dict[str, Any]]:
     """Every command result received so far, decoded."""
     return [json.loads(m.payload) for m in client.messages(f"{PREFIX}/cmd/result")]
+
+
+class RunningAgent:
+    """An in-process agent on a thread (``with RunningAgent(config_path) as agent``)."""
+
+    def __init__(self, config_path: Path, **kwargs: Any) -> None:
+        from gateway.agent import Agent
+        from gateway.config import load_config
+
+        self.agent = Agent(load_config(config_path), **kwargs)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        self.agent.start()
+        self.agent.run_forever()
+
+    def __enter__(self) -> Any:
+        self.thread.start()
+        assert self.agent.link.wait_connected(10)
+        return self.agent
+
+    def __exit__(self, *exc: object) -> None:
+        self.agent.stop_event.set()
+        self.thread.join(timeout=10)
+        self.agent.stop()
