@@ -181,7 +181,7 @@ class Agent:
             status_topic=f"{self.prefix}/status",
             birth=self._birth,
             will=json.dumps({"online": False}).encode(),
-            subscriptions=[(f"{self.prefix}/cmd", 1)],
+            subscriptions=[(f"{self.prefix}/cmd", 1), (f"{self.prefix}/mgmt", 1)],
             on_message=self.on_message,
             on_connected=self.on_connected,
             timings=LinkTimings(liveness_interval_s=half, liveness_timeout_s=half,
@@ -196,6 +196,16 @@ class Agent:
         # claims were judged (the reason is then unknown); insertion-ordered, bounded.
         self._refused: OrderedDict[bytes, Rejection | object] = OrderedDict()
         self._restart_results: deque[Outcome] = deque(maxlen=UNSENT_RESULTS_MAX)
+        from gateway.mgmt import Management
+
+        self._mgmt_topic = f"{self.prefix}/mgmt"
+        self.mgmt = Management(self)
+        # Held by every message while it is handled and by apply_config while it swaps
+        # parts: a message waits in the link's inbox (unacknowledged) during a swap.
+        self._intake = threading.Lock()
+        #: Set (with the reason) when the agent must stop and be started again, e.g. a
+        #: config.set that changed [mqtt]; run_agent exits with RESTART_EXIT_STATUS.
+        self.restart_reason: str | None = None
 
     # -- publishing -----------------------------------------------------------------------
     def _publish(self, suffix: str, payload: Mapping[str, Any], *, retain: bool = False) -> None:
@@ -341,6 +351,14 @@ class Agent:
 
     # -- commands -------------------------------------------------------------------------
     def on_message(self, message: Any) -> None:
+        """A message on ``P/S/cmd`` or ``P/S/mgmt`` (the link's worker thread)."""
+        with self._intake:
+            if message.topic == self._mgmt_topic:
+                self.mgmt.on_message(message)
+            else:
+                self._on_command(message)
+
+    def _on_command(self, message: Any) -> None:
         """A message on ``P/S/cmd``: verify, then queue on the unit (or reject).
 
         Under a flood most of the cost is the Ed25519 check, so two cheap steps come
@@ -655,6 +673,68 @@ class Agent:
         return {"unit": r.unit, "reference": r.reference, "passed": r.passed,
                 "unlock_ms": r.unlock_ms, "relock_ms": r.relock_ms, "detail": r.detail}
 
+    # -- remote management (gateway/mgmt.py) ----------------------------------------------
+    def publish_status(self) -> None:
+        """The status, retained on ``P/S/status`` now (``state.republish``)."""
+        self.link.publish(f"{self.prefix}/status", self._birth(), qos=1, retain=True)
+
+    def apply_config(self, new: Config) -> tuple[list[str], str]:
+        """Apply a validated configuration; the changed sections and ``"live"`` or
+        ``"restart"``.
+
+        Applied live, while the link holds incoming messages unacknowledged in its
+        inbox (nothing is dropped, nothing runs half under the old rules): ``[commands]``
+        (keys, skew, lifetime: a new verifier), ``[site]`` (its app name), ``[stora]`` (a
+        new drainer; the outbox itself stays), ``[[controllers]]`` and ``[[locks]]`` (the
+        unit manager and the hardware are rebuilt: commands already running finish, the
+        ones waiting are run by the new manager from the inbox, and a door waiting for
+        its relock is locked at once, early rather than late).  ``[mqtt]``,
+        ``[storage]``, ``[control]`` and ``commands.clock`` need a new process: the
+        agent stops cleanly and exits with ``RESTART_EXIT_STATUS``, which the systemd
+        unit restarts (``RestartForceExitStatus``); the broker keeps the session's
+        commands meanwhile.
+        """
+        import dataclasses
+
+        old = self.config
+        changed = [f.name for f in dataclasses.fields(old)
+                   if f.name != "path" and getattr(old, f.name) != getattr(new, f.name)]
+        if not changed:
+            return changed, "live"
+        if {"mqtt", "storage", "control"} & set(changed) or \
+                old.commands.clock != new.commands.clock:
+            return changed, "restart"
+        with self._intake:
+            self.config = new
+            self.verifier = CommandVerifier(new, self.clock)
+            self.mgmt.reconfigure()
+            self._refused.clear()  # verdicts of the old keys, units and site
+            if {"controllers", "locks", "site"} & set(changed):
+                self.units.stop()
+                self._guarded("closing the old hardware", self.site.close)
+                self.site = build_site(new)
+                self.units = UnitManager(new, self.site, self.store, now=self.clock.now,
+                                         publish_unit=self._publish_unit, alarm=self.alarm)
+                self.units.start()
+                self._guarded("reconciliation", self.units.reconcile)
+                self._run_queued()
+                for _ in range(len(self._restart_results)):  # answers of dropped ones
+                    self._result(self._restart_results.popleft())
+            if {"stora", "site"} & set(changed) and self.outbox is not None:
+                from gateway.outbox import build_drainer
+
+                self.outbox.stop()
+                self.outbox = build_drainer(new, self.store, self.alarm)
+                self.outbox.start()
+        LOGGER.warning("configuration applied live: %s changed", ", ".join(changed))
+        return changed, "live"
+
+    def request_restart(self, why: str) -> None:
+        """Stop cleanly and exit for a restart (see :meth:`apply_config`)."""
+        LOGGER.warning("restarting: %s", why)
+        self.restart_reason = why
+        self.stop_event.set()
+
     # -- lifecycle ------------------------------------------------------------------------
     def recover(self) -> None:
         """After a crash: interrupted commands become ``unknown`` (never re-run); commands
@@ -663,9 +743,17 @@ class Agent:
         Runs before the link starts, so nothing of this run is mistaken for last run's;
         the results go out once the broker is connected (``on_connected``).
         """
+        from gateway.mgmt import MGMT_PREFIX
+
         for row in self.store.recover_interrupted(time.time(), self.units.audit_interrupted):
             LOGGER.warning("command %s was interrupted by a restart: outcome unknown", row.jti)
+            if row.cmd.startswith(MGMT_PREFIX):
+                continue  # a re-send gets `unknown` from the store; never re-run
             self._restart_results.append(Outcome.from_result(row.result, duplicate=False))
+        self._run_queued()
+
+    def _run_queued(self) -> None:
+        """Commands received but never started: verified again and run if still fresh."""
         for row, payload in self.store.queued_commands():
             try:
                 command = self.verifier.verify(payload, retained=False)

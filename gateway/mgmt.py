@@ -1,0 +1,423 @@
+"""Remote management over MQTT: signed requests on ``P/S/mgmt`` (contract §4, §5).
+
+A request is a command token like any other (same envelope, keys, site, freshness and
+size checks, by :class:`~gateway.commands.CommandVerifier` with ``kind="mgmt"``); its
+``cmd`` names the request and its parameters travel in ``args``.  Results go to
+``P/S/mgmt/result`` as ``{"jti","cmd","status","result","reason","duplicate","at"}``.
+
+At most once, like commands
+---------------------------
+A verified request is claimed in the same ``commands`` table as commands, under
+``cmd = "mgmt:<name>"``, before the MQTT delivery is acknowledged, and its result is
+stored when it ends.  A re-sent ``jti`` is never run again: it gets the stored result
+with ``"duplicate": true`` (or, while the first copy is still running, that copy's
+result when it ends).  A request interrupted by a crash ends ``unknown`` at the next
+start and is not re-run (a half-applied ``config.set`` or an interrupted ``locks.test``
+must be looked at, not repeated blindly).  Requests run one at a time on their own
+thread, so a ``locks.test`` never holds up the command path.
+
+Statuses and reasons
+--------------------
+``done``; ``rejected`` with a contract §4 reason: every verification reason, plus
+``malformed`` for bad ``args`` or an invalid configuration (``result.error`` says what
+and where), ``unknown_unit`` for a unit that is not configured, ``stale_version`` when
+``config.set`` names an ``expect_sha256`` that is no longer the file's; ``failed`` when
+the request could not be carried out (``result.error``).
+
+The requests and their ``args``
+-------------------------------
+``status``
+    no args; the agent's status (the retained ``P/S/status`` payload).
+``config.get``
+    no args; ``{"path", "sha256", "config"}``: the configuration as loaded, redacted
+    (secrets are never in the file, only the paths of their files), and the SHA-256 of
+    the file's bytes.
+``config.set``
+    ``toml`` (the whole new file, UTF-8, at most 256 KiB), optional ``expect_sha256``.
+    The text is validated exactly as at start (``check-config``); an invalid one is
+    ``rejected``/``malformed`` with the file's error and the old file and config stay.
+    A valid one is written atomically (temporary file in the same directory, fsync,
+    rename, fsync of the directory) with the old file's mode, then applied (see
+    :meth:`gateway.agent.Agent.apply_config`): ``result`` is ``{"sha256", "changed",
+    "applied": "live" | "restart"}``.  ``site.id`` cannot change remotely: the request
+    itself is addressed to it.
+``locks.test``
+    ``units`` (a list of unit ids or references) or ``all: true``; optional
+    ``seconds`` (0.2–30, default 1) and ``relock_timeout`` (1–60, default 10).  The
+    technician's test cycle (contract §2 ``test``), audited the same way; ``result`` is
+    the pass/fail table.  Units in lockout are not tested.
+``outbox.retry``
+    ``seq`` (one dead-lettered event) or ``all_dead: true``.
+``state.republish``
+    no args; every unit's retained state and the status are published again.
+``log.level``
+    ``level``: ``DEBUG``, ``INFO``, ``WARNING`` or ``ERROR``; the agent's log level
+    from now until the next change or restart; ``result`` gives the previous one.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from gateway.commands import Command, CommandVerifier, Rejection
+from gateway.units import rfc3339
+
+if TYPE_CHECKING:
+    from gateway.agent import Agent
+
+LOGGER = logging.getLogger(__name__)
+
+#: How management requests are told apart from commands in the ``commands`` table.
+MGMT_PREFIX: Final = "mgmt:"
+#: ``config.set``: the largest file accepted (the config loader's own limit is 1 MiB).
+MAX_CONFIG_BYTES: Final = 256 * 1024
+#: ``log.level``: the levels a remote operator may choose.
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
+#: ``locks.test``: bounds on the unlock time and the relock wait of one cycle.
+TEST_SECONDS: Final = (0.2, 30.0)
+TEST_RELOCK_TIMEOUT: Final = (1.0, 60.0)
+
+
+class RequestError(Exception):
+    """A request that cannot be carried out as asked: ``status`` with a contract reason."""
+
+    def __init__(self, status: str, reason: str | None, error: str) -> None:
+        super().__init__(error)
+        self.status = status
+        self.reason = reason
+        self.error = error
+
+
+def _bad_args(error: str) -> RequestError:
+    return RequestError("rejected", "malformed", error)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file's bytes, hex."""
+    with open(path, "rb") as fp:
+        return hashlib.sha256(fp.read()).hexdigest()
+
+
+def write_atomically(path: Path, data: bytes, mode: int) -> None:
+    """Replace ``path`` with ``data`` so that a reader sees the old or the new file, whole.
+
+    Temporary file in the same directory (same filesystem, so the rename is atomic),
+    fsync, rename, fsync of the directory (so the rename survives a power cut).
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fp:
+            fp.write(data)
+            fp.flush()
+            os.fsync(fp.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class Management:
+    """Verifies, records, runs and answers management requests for one agent."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.verifier = CommandVerifier(agent.config, agent.clock, kind="mgmt")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mgmt")
+        self._running: dict[str, Future[dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+        self._handlers: dict[str, Callable[[Command], dict[str, Any]]] = {
+            "status": self._status,
+            "config.get": self._config_get,
+            "config.set": self._config_set,
+            "locks.test": self._locks_test,
+            "outbox.retry": self._outbox_retry,
+            "state.republish": self._state_republish,
+            "log.level": self._log_level,
+        }
+        #: Requests handled, by outcome (shown in ``status``).
+        self.counters = {"received": 0, "done": 0, "rejected": 0, "failed": 0,
+                         "duplicates": 0}
+
+    def reconfigure(self) -> None:
+        """The agent's configuration changed: verify with its new keys and site."""
+        self.verifier = CommandVerifier(self.agent.config, self.agent.clock, kind="mgmt")
+
+    def stop(self) -> None:
+        """Let a running request end; queued ones are dropped (they stay claimed and end
+        ``unknown`` at the next start)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- receiving --------------------------------------------------------------------
+    def on_message(self, message: Any) -> None:
+        """A message on ``P/S/mgmt`` (the link's worker thread): verify, claim, queue."""
+        from gateway.store import StoreError
+
+        self.counters["received"] += 1
+        try:
+            request = self.verifier.verify(message.payload, retained=bool(message.retain))
+        except Rejection as rejection:
+            self._rejected(rejection)
+            return
+        try:
+            with self.agent.store.transaction() as tx:
+                fresh = tx.claim_command(request.jti, MGMT_PREFIX + request.cmd, request.unit,
+                                         time.time())
+                first = None if fresh else tx.command(request.jti)
+        except StoreError as exc:
+            # Without a durable claim at-most-once cannot be promised: refuse.
+            self._answer(request.jti, request.cmd, "failed", None,
+                         {"error": f"storage: {exc}"})
+            return
+        if first is not None:
+            self._duplicate(request, first)
+            return
+        with self._lock:
+            future = self._pool.submit(self._run, request)
+            self._running[request.jti] = future
+        future.add_done_callback(functools.partial(self._forget, request.jti))
+
+    def _forget(self, jti: str, future: Future[dict[str, Any]]) -> None:
+        del future
+        with self._lock:
+            self._running.pop(jti, None)
+
+    def _rejected(self, rejection: Rejection) -> None:
+        if rejection.claims_verified and rejection.jti is not None:
+            row = self.agent.store.command(rejection.jti)
+            if row is not None and row.result and row.cmd.startswith(MGMT_PREFIX):
+                # An expired re-send of a request already answered: its result again.
+                self.counters["duplicates"] += 1
+                self._publish(_stored_payload(row))
+                return
+        self.counters["rejected"] += 1
+        LOGGER.info("management request %s rejected: %s", rejection.jti or "-", rejection)
+        if self.agent.rejections.take():  # a flood is not amplified onto the broker
+            self._answer(rejection.jti or "", rejection.cmd or "", "rejected",
+                         rejection.reason, None, store=False)
+
+    def _duplicate(self, request: Command, first: Any) -> None:
+        self.counters["duplicates"] += 1
+        if not first.cmd.startswith(MGMT_PREFIX):
+            # The id of a command, reused for a management request: never run it.
+            self._publish(self._payload(request.jti, request.cmd, "rejected", "malformed",
+                                        {"error": "this jti was already used by a command"},
+                                        duplicate=True))
+            return
+        with self._lock:
+            running = self._running.get(request.jti)
+        if running is not None:
+            running.add_done_callback(
+                lambda f: self._publish({**f.result(), "duplicate": True})
+                if not f.cancelled() and f.exception() is None else None)
+            return
+        if first.result:
+            self._publish(_stored_payload(first))
+
+    # -- running ----------------------------------------------------------------------
+    def _run(self, request: Command) -> dict[str, Any]:
+        handler = self._handlers[request.cmd]
+        LOGGER.info("management request %s: %s", request.jti, request.cmd)
+        try:
+            result = handler(request)
+            status, reason = "done", None
+        except RequestError as exc:
+            status, reason, result = exc.status, exc.reason, {"error": exc.error}
+        except Exception as exc:  # a bug or a failing part: answered, never silent
+            LOGGER.exception("management request %s (%s) failed", request.jti, request.cmd)
+            status, reason, result = "failed", None, {"error": f"{type(exc).__name__}: {exc}"}
+        payload = self._answer(request.jti, request.cmd, status, reason, result)
+        if status == "done" and request.cmd == "config.set" and result.get("applied") == "restart":
+            self.agent.request_restart(f"config.set {request.jti}")
+        return payload
+
+    def _answer(self, jti: str, cmd: str, status: str, reason: str | None,
+                result: Any, *, store: bool = True) -> dict[str, Any]:
+        payload = self._payload(jti, cmd, status, reason, result)
+        self.counters[status] = self.counters.get(status, 0) + 1
+        if store:
+            try:
+                with self.agent.store.transaction() as tx:
+                    tx.finish_command(jti, status, reason, payload)
+            except Exception:  # the answer still goes out; a re-send gets `unknown` later
+                LOGGER.exception("could not record the result of management request %s", jti)
+        self._publish(payload)
+        return payload
+
+    @staticmethod
+    def _payload(jti: str, cmd: str, status: str, reason: str | None, result: Any, *,
+                 duplicate: bool = False) -> dict[str, Any]:
+        return {"jti": jti, "cmd": cmd, "status": status, "result": result, "reason": reason,
+                "duplicate": duplicate, "at": rfc3339(time.time())}
+
+    def _publish(self, payload: Mapping[str, Any]) -> None:
+        data = json.dumps(payload, separators=(",", ":"), default=str).encode()
+        if not self.agent.link.publish(f"{self.agent.prefix}/mgmt/result", data, qos=1):
+            LOGGER.warning("management result %s not sent: broker not connected (a re-send "
+                           "of the request gets it)", payload.get("jti"))
+
+    # -- the requests -----------------------------------------------------------------
+    @staticmethod
+    def _no_args(request: Command) -> None:
+        if request.args:
+            raise _bad_args(f"{request.cmd} takes no args; got {sorted(request.args)}")
+
+    def _status(self, request: Command) -> dict[str, Any]:
+        self._no_args(request)
+        return self.agent.status()
+
+    def _config_get(self, request: Command) -> dict[str, Any]:
+        self._no_args(request)
+        config = self.agent.config
+        return {"path": str(config.path), "sha256": file_sha256(config.path),
+                "config": config.redacted()}
+
+    def _config_set(self, request: Command) -> dict[str, Any]:
+        from gateway.config import load_config
+        from gateway.errors import ConfigError
+
+        args = request.args
+        unknown = set(args) - {"toml", "expect_sha256"}
+        if unknown:
+            raise _bad_args(f"unknown args for config.set: {sorted(unknown)}")
+        text = args.get("toml")
+        if not isinstance(text, str) or not text.strip():
+            raise _bad_args("config.set needs 'toml': the whole new config file as text")
+        data = text.encode("utf-8")
+        if len(data) > MAX_CONFIG_BYTES:
+            raise _bad_args(f"the config is {len(data)} bytes, over {MAX_CONFIG_BYTES}")
+        path = Path(self.agent.config.path)
+        current = file_sha256(path)
+        expected = args.get("expect_sha256")
+        if expected is not None and expected != current:
+            raise RequestError("rejected", "stale_version",
+                               f"the config file's sha256 is {current}, not {expected}: "
+                               "it changed since it was read; get it again")
+        mode = path.stat().st_mode & 0o777
+        # Validated from a file beside the real one, so relative *_file paths and the
+        # secret-file permission checks resolve exactly as they will at the next start.
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".check", dir=path.parent)
+        try:
+            os.fchmod(fd, mode)
+            with os.fdopen(fd, "wb") as fp:
+                fp.write(data)
+            try:
+                new = load_config(tmp)
+            except ConfigError as exc:
+                raise _bad_args(f"invalid config: {exc.key or 'file'}: {exc.reason}; "
+                                "the current config is kept") from None
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        if new.site.id != self.agent.config.site.id:
+            raise _bad_args(f"site.id cannot be changed remotely ({self.agent.config.site.id!r}"
+                            f" to {new.site.id!r}); the current config is kept")
+        new = _with_path(new, path)
+        write_atomically(path, data, mode)
+        LOGGER.warning("config.set %s: %s written (sha256 %s)", request.jti, path,
+                       hashlib.sha256(data).hexdigest())
+        changed, applied = self.agent.apply_config(new)
+        return {"sha256": hashlib.sha256(data).hexdigest(), "previous_sha256": current,
+                "changed": changed, "applied": applied}
+
+    def _locks_test(self, request: Command) -> dict[str, Any]:
+        from gateway.control import ControlError
+
+        args = dict(request.args)
+        unknown = set(args) - {"units", "all", "seconds", "relock_timeout"}
+        if unknown:
+            raise _bad_args(f"unknown args for locks.test: {sorted(unknown)}")
+        units = args.get("units")
+        if args.get("all") is True:
+            if units is not None:
+                raise _bad_args("give 'units' or 'all', not both")
+        elif not (isinstance(units, (list, tuple)) and units
+                  and all(isinstance(u, str) for u in units)):
+            raise _bad_args("locks.test needs 'units' (a list of unit ids or references) "
+                            "or 'all': true")
+        for name, (lo, hi) in (("seconds", TEST_SECONDS),
+                               ("relock_timeout", TEST_RELOCK_TIMEOUT)):
+            value = args.get(name)
+            if value is not None and not (isinstance(value, (int, float))
+                                          and not isinstance(value, bool) and lo <= value <= hi):
+                raise _bad_args(f"{name} must be a number from {lo:g} to {hi:g}")
+        params = {"all": args.get("all") is True, "units": list(units or ()),
+                  "seconds": args.get("seconds"), "relock_timeout": args.get("relock_timeout")}
+        actor = f"remote {request.actor or request.kid}"
+        try:
+            return self.agent._test(params, actor)
+        except ControlError as exc:
+            raise RequestError("rejected", "unknown_unit", str(exc)) from None
+
+    def _outbox_retry(self, request: Command) -> dict[str, Any]:
+        from gateway.control import ControlError
+
+        args = request.args
+        unknown = set(args) - {"seq", "all_dead"}
+        if unknown:
+            raise _bad_args(f"unknown args for outbox.retry: {sorted(unknown)}")
+        params: dict[str, Any] = {}
+        if args.get("all_dead") is True and "seq" not in args:
+            params["all"] = True
+        elif isinstance(args.get("seq"), int) and not isinstance(args.get("seq"), bool) \
+                and "all_dead" not in args:
+            params["seq"] = args["seq"]
+        else:
+            raise _bad_args("outbox.retry needs 'seq' (an event number) or 'all_dead': true")
+        try:
+            return self.agent._outbox_retry(params, f"remote {request.actor or request.kid}")
+        except ControlError as exc:
+            raise _bad_args(str(exc)) from None
+
+    def _state_republish(self, request: Command) -> dict[str, Any]:
+        self._no_args(request)
+        self.agent.units.republish()
+        self.agent.publish_status()
+        return {"units": len(self.agent.config.locks)}
+
+    def _log_level(self, request: Command) -> dict[str, Any]:
+        args = request.args
+        level = args.get("level")
+        if set(args) != {"level"} or not isinstance(level, str) or level.upper() not in LOG_LEVELS:
+            raise _bad_args(f"log.level needs 'level', one of {', '.join(LOG_LEVELS)}")
+        root = logging.getLogger()
+        previous = logging.getLevelName(root.level)
+        root.setLevel(level.upper())
+        LOGGER.warning("log level %s -> %s by management request %s", previous, level.upper(),
+                       request.jti)
+        return {"level": level.upper(), "previous": previous}
+
+
+def _stored_payload(row: Any) -> dict[str, Any]:
+    """The stored result of a request, as a duplicate.
+
+    A request interrupted by a restart was stored as ``unknown`` by the store in the
+    shape of a command result; it is answered in the management shape all the same.
+    """
+    result = row.result
+    if "result" in result:
+        return {**result, "duplicate": True}
+    return Management._payload(row.jti, row.cmd.removeprefix(MGMT_PREFIX), row.status,
+                               row.reason, None, duplicate=True)
+
+
+def _with_path(config: Any, path: Path) -> Any:
+    """``config`` as if loaded from ``path`` (it was validated from a file beside it)."""
+    import dataclasses
+
+    return dataclasses.replace(config, path=path)
