@@ -373,7 +373,7 @@ class Management:
             raise _bad_args(f"unknown args for outbox.retry: {sorted(unknown)}")
         params: dict[str, Any] = {}
         if args.get("all_dead") is True and "seq" not in args:
-            params["all"] = True
+            params["all_dead"] = True
         elif isinstance(args.get("seq"), int) and not isinstance(args.get("seq"), bool) \
                 and "all_dead" not in args:
             params["seq"] = args["seq"]
