@@ -108,7 +108,7 @@ def test_forged_expired_and_retained_requests_are_rejected_like_commands(
         site: SimSite, client: Client) -> None:
     stranger = CommandSigner(generate_keypair()[0], "test-2026", SITE)  # same kid, other key
     unknown = CommandSigner(generate_keypair()[0], "nobody", SITE)
-    other_site = CommandSigner(site.signer._key, "test-2026", "site_other")  # noqa: SLF001
+    other_site = CommandSigner(site.signer._key, "test-2026", "site_other")
     level = logging.getLogger().level
     with RunningAgent(site.config_path) as agent:
         cases = {
