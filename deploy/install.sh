@@ -7,7 +7,7 @@
 # What it does (deploy/README.md has the why):
 #   - system user and group "stora-gateway", member of "dialout" (the serial ports);
 #   - /opt/stora-gateway/venv with this package in it, and /usr/local/bin/stora-gateway;
-#   - /etc/stora-gateway (root:stora-gateway 0750) and its secrets/ directory, fixing
+#   - /etc/stora-gateway (stora-gateway 0750: config.set writes it) and its secrets/, fixing
 #     the owner and mode of what is already there;
 #   - /etc/systemd/system/stora-gateway.service, enabled;
 #   - loads the USB serial drivers at boot, so the unit's DeviceAllow= can name them.
@@ -93,12 +93,15 @@ install -m 0644 "$SRC/deploy/README.md" "$PREFIX/deploy/README.md"
 ln -sfn "$VENV/bin/stora-gateway" /usr/local/bin/stora-gateway
 
 # --- configuration directory ---------------------------------------------------------------
-# The agent reads its config through the group; secrets are the agent user's alone: it
-# refuses to start when a *_file secret is open to group or others (fault matrix #48).
-install -d -m 0750 -o root -g "$NAME" "$CONF_DIR"
+# The agent owns its config directory: a signed config.set request (README "Remote
+# management") replaces gateway.toml atomically, which needs write access to the
+# directory (the unit's ReadWritePaths= opens only this one under /etc).  Nobody else can
+# read it.  Secrets are the agent user's alone: it refuses to start when a *_file secret
+# is open to group or others (fault matrix #48).
+install -d -m 0750 -o "$NAME" -g "$NAME" "$CONF_DIR"
 install -d -m 0700 -o "$NAME" -g "$NAME" "$SECRETS"
 if [ -f "$CONFIG" ]; then
-  chown root:"$NAME" "$CONFIG"
+  chown "$NAME:$NAME" "$CONFIG"
   chmod 0640 "$CONFIG"
 fi
 find "$SECRETS" -mindepth 1 -maxdepth 1 -type f -exec chown "$NAME:$NAME" {} + \
