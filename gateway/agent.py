@@ -302,13 +302,28 @@ class Agent:
             self._restart_results.append(outcome)
 
     def status(self) -> dict[str, Any]:
-        """Everything ``status`` shows; also the retained birth payload."""
+        """Everything ``status`` shows; also the retained ``P/S/status`` payload.
+
+        ``online`` and ``version`` come first (contract §4).  A part that cannot be read
+        (the database failing) says so under ``error`` instead of failing the report.
+        """
+        from gateway.store import StoreError
+        from gateway.telemetry import host_status
+
         trusted, why = self.clock.trusted()
         controllers = []
         for name, controller in self.site.controllers.items():
             health = controller.health()
-            controllers.append({"name": name, "online": health.online, "detail": health.detail,
-                                "last_error": health.last_error})
+            controllers.append({
+                "name": name, "online": health.online, "detail": health.detail,
+                "last_error": health.last_error,
+                "last_ok_at": rfc3339(health.last_ok_at) if health.last_ok_at else None,
+                "consecutive_failures": health.consecutive_failures,
+            })
+        try:
+            outbox = self._outbox_status()
+        except StoreError as exc:
+            outbox = {"error": str(exc), "events_refused": self.store.events_refused}
         return {
             "online": True,
             "version": __version__,
@@ -318,15 +333,24 @@ class Agent:
             "clock": {"trusted": trusted, "why": why, **self.clock.status()},
             "broker": {"connected": self.link.connected, **self.link.stats()},
             "controllers": controllers,
-            "outbox": self._outbox_status(),
+            "outbox": outbox,
             "commands": {**self.counters, "rejected_by_reason": dict(self.rejected_by_reason)},
+            "host": host_status(self.config.storage.path),
         }
 
     def _outbox_status(self) -> dict[str, Any]:
-        """Depth, oldest pending age, dead letters, drain state, events refused."""
-        summary = self.store.outbox_summary(time.time())
+        """Depth, oldest pending age, dead letters, drain state, events refused, and when
+        Stora last accepted an event (``last_post_at``, from the database: survives a
+        restart)."""
+        from gateway.telemetry import last_delivered_at
+
+        now = time.time()
+        summary = self.store.outbox_summary(now)
         drain = self.outbox.status() if self.outbox is not None else {"drain": "not started"}
-        return {**summary, **drain, "events_refused": self.store.events_refused}
+        last = last_delivered_at(self.store)
+        return {**summary, **drain, "events_refused": self.store.events_refused,
+                "last_post_at": None if last is None else rfc3339(last),
+                "last_post_age_s": None if last is None else round(max(0.0, now - last), 1)}
 
     def _birth(self) -> bytes:
         try:
@@ -335,6 +359,27 @@ class Agent:
             LOGGER.exception("status failed; publishing a minimal birth")
             payload = {"online": True, "version": __version__}
         return json.dumps(payload, separators=(",", ":"), default=str).encode()
+
+    def publish_telemetry(self) -> None:
+        """The periodic health report (every ``[telemetry] interval_s``): the status
+        retained (QoS 1) on ``P/S/status``, and the Prometheus textfile when configured.
+
+        The textfile is rendered from the very payload published, and written even while
+        the broker is unreachable (a scraping site sees the outage); failing to write it
+        is logged, never raised, so it can neither stop the MQTT report nor become an
+        alarm every interval.
+        """
+        payload = self._birth()
+        self.link.publish(f"{self.prefix}/status", payload, qos=1, retain=True)
+        textfile = self.config.telemetry.prometheus_textfile
+        if textfile is None:
+            return
+        from gateway.telemetry import render_prometheus, write_textfile
+
+        try:
+            write_textfile(textfile, render_prometheus(json.loads(payload)))
+        except (OSError, ValueError) as exc:
+            LOGGER.warning("cannot write the Prometheus textfile %s: %s", textfile, exc)
 
     def on_connected(self, session_present: bool) -> None:
         """After every (re)connect: retained unit state again, then pending alarms."""

@@ -608,7 +608,7 @@ def _test_direct(ctx: Context) -> list[dict[str, Any]]:
 
 
 #: The order of ``status`` sections; any other section the agent sends follows them.
-STATUS_SECTIONS = ("agent", "broker", "outbox", "controllers", "clock")
+STATUS_SECTIONS = ("agent", "broker", "outbox", "controllers", "clock", "host", "commands")
 
 
 def _value(value: object) -> str:
@@ -621,6 +621,29 @@ def _value(value: object) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k}={_value(v)}" for k, v in value.items()) or "-"
     return str(value)
+
+
+def _bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError  # not reached
+
+
+def _field(key: object, value: object) -> str:
+    """A status value for people: sizes in KiB/MiB/GiB, ages in s/min/h, °C."""
+    name = str(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return _value(value)
+    if name.endswith("_bytes"):
+        return _bytes(int(value))
+    if name == "uptime_s" or name.endswith("_age_s"):
+        return _age(value)
+    if name == "cpu_temp_c":
+        return f"{value:.1f} °C"
+    return _value(value)
 
 
 def render_status(status: Mapping[str, Any]) -> str:
@@ -644,10 +667,11 @@ def render_status(status: Mapping[str, Any]) -> str:
             if not body:
                 continue
             width = max(len(str(k)) for k in body)
-            lines = [f"  {str(k).ljust(width)}  {_value(v)}" for k, v in body.items()]
+            lines = [f"  {str(k).ljust(width)}  {_field(k, v)}" for k, v in body.items()]
         elif body and all(isinstance(item, dict) for item in body):
             headers = list(dict.fromkeys(k for item in body for k in item))
-            rendered = table(headers, [[_value(item.get(h)) for h in headers] for item in body])
+            rendered = table(headers, [[_field(h, item.get(h)) for h in headers]
+                                       for item in body])
             lines = ["  " + line for line in rendered.splitlines()]
         else:
             lines = [f"  {_value(body)}"]

@@ -57,6 +57,7 @@ __all__ = [
     "SiteConfig",
     "StoraConfig",
     "StorageConfig",
+    "TelemetryConfig",
     "config_path_from_env",
     "load_config",
     "parse_config",
@@ -66,6 +67,10 @@ DEFAULT_CONFIG_PATH: Final = "/etc/stora-gateway/gateway.toml"
 CONFIG_ENV_VAR: Final = "STORA_GATEWAY_CONFIG"
 _DEFAULT_DB: Final = "/var/lib/stora-gateway/gateway.db"
 _DEFAULT_SOCKET: Final = "/run/stora-gateway/control.sock"
+#: ``[telemetry] interval_s``: default and bounds.  Under 5 s the status would cost the
+#: broker and the SD card more than it tells; over an hour a dead gateway looks alive.
+TELEMETRY_INTERVAL_S: Final = 30
+TELEMETRY_INTERVAL_RANGE: Final = (5, 3600)
 
 # A config file is a few kilobytes; refusing anything huge keeps a wrong --config (a log
 # file, /dev/zero) from eating the memory of a small box.
@@ -155,6 +160,19 @@ class ControlConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TelemetryConfig:
+    """``[telemetry]``: the periodic health report (gateway/telemetry.py).
+
+    ``interval_s`` is how often the retained ``P/S/status`` is refreshed;
+    ``prometheus_textfile``, when set, is a ``*.prom`` file rewritten atomically at the
+    same interval for node_exporter's textfile collector (``None``: off).
+    """
+
+    interval_s: int = TELEMETRY_INTERVAL_S
+    prometheus_textfile: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ControllerConfig:
     """One ``[[controllers]]`` entry.
 
@@ -223,6 +241,7 @@ class Config:
     control: ControlConfig
     controllers: tuple[ControllerConfig, ...]
     locks: tuple[LockConfig, ...]
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def lock_by_id(self, text: str) -> LockConfig | None:
         """The lock whose unit id is ``text``, else whose reference is ``text`` (any case).
@@ -364,6 +383,7 @@ def parse_config(data: Mapping[str, Any], file: str, base_dir: Path) -> Config:
     control_table = root.table("control")
     control_table.check_keys({"socket"})
     control = ControlConfig(socket=control_table.get_path("socket", _DEFAULT_SOCKET))
+    telemetry = _parse_telemetry(root.table("telemetry"))
     controllers = _parse_controllers(root.tables("controllers"))
     locks = _parse_locks(root.tables("locks"), {c.name: c for c in controllers})
     return Config(
@@ -376,14 +396,15 @@ def parse_config(data: Mapping[str, Any], file: str, base_dir: Path) -> Config:
         control=control,
         controllers=controllers,
         locks=locks,
+        telemetry=telemetry,
     )
 
 
 # --------------------------------------------------------------------------- reading helper
 
 
-_SECTIONS: Final = ("site", "mqtt", "commands", "stora", "storage", "control", "controllers",
-                    "locks")
+_SECTIONS: Final = ("site", "mqtt", "commands", "stora", "storage", "control", "telemetry",
+                    "controllers", "locks")
 _TOPIC_FORBIDDEN: Final = frozenset("+#\0")
 
 
@@ -706,6 +727,19 @@ def _parse_commands(t: _Table) -> CommandsConfig:
 
 
 _B64URL: Final = re.compile(r"[A-Za-z0-9_-]+={0,2}")
+
+
+def _parse_telemetry(t: _Table) -> TelemetryConfig:
+    t.check_keys({"interval_s", "prometheus_textfile"})
+    interval = t.get_int("interval_s", TELEMETRY_INTERVAL_S, *TELEMETRY_INTERVAL_RANGE)
+    textfile = t.get_opt_path("prometheus_textfile")
+    # node_exporter's textfile collector reads only *.prom (Path(".prom").suffix is ""):
+    # any other name would be written faithfully and never scraped, unnoticed.
+    if textfile is not None and textfile.suffix != ".prom":
+        t.fail("prometheus_textfile",
+               "must name a *.prom file (node_exporter's textfile collector reads no "
+               f"other), found {_show(t.get_str('prometheus_textfile'))}")
+    return TelemetryConfig(interval_s=interval, prometheus_textfile=textfile)
 
 
 def _parse_public_key(t: _Table, kid: str, text: str) -> bytes:

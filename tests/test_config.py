@@ -226,6 +226,23 @@ def test_minimal_config_takes_the_contract_defaults(tmp_path: Path) -> None:
     assert config.control.socket == Path("/run/stora-gateway/control.sock")
     assert config.controllers == ()
     assert config.locks == ()
+    assert config.telemetry.interval_s == 30
+    assert config.telemetry.prometheus_textfile is None
+
+
+def test_telemetry_section_loads_with_the_textfile_relative_to_the_config(
+        tmp_path: Path) -> None:
+    path = write_config(tmp_path, VALID_TOML + '\n[telemetry]\ninterval_s = 5\n'
+                                               'prometheus_textfile = "prom/gateway.prom"\n')
+    config = load_config(path)
+    assert config.telemetry.interval_s == 5
+    assert config.telemetry.prometheus_textfile == tmp_path / "prom/gateway.prom"
+    assert config.redacted()["telemetry"] == {
+        "interval_s": 5, "prometheus_textfile": str(tmp_path / "prom/gateway.prom")}
+    # An empty path means "off", as every other optional path in the file.
+    off = load_config(write_config(tmp_path, VALID_TOML + '\n[telemetry]\n'
+                                                          'prometheus_textfile = ""\n'))
+    assert off.telemetry.prometheus_textfile is None
 
 
 def test_relative_config_path_resolves_files_against_its_directory(
@@ -478,6 +495,25 @@ MISTAKES: list[tuple[str, Mutation, str, str]] = [
     ("tasmota-topic-wildcard",
      append('[[controllers]]\nname = "t"\ndriver = "tasmota"\ntopic = "a/+"\n'),
      "controllers[2].topic", "wildcards"),
+    ("telemetry-misspelt", append("[telemetri]\ninterval_s = 30\n"), "telemetri",
+     "did you mean [telemetry]?"),
+    ("telemetry-unknown-key", append("[telemetry]\ninterval = 30\n"), "telemetry.interval",
+     "unknown key; did you mean 'interval_s'?"),
+    ("telemetry-interval-too-short", append("[telemetry]\ninterval_s = 4\n"),
+     "telemetry.interval_s", "must be between 5 and 3600, found 4"),
+    ("telemetry-interval-too-long", append("[telemetry]\ninterval_s = 3601\n"),
+     "telemetry.interval_s", "must be between 5 and 3600, found 3601"),
+    ("telemetry-interval-float", append("[telemetry]\ninterval_s = 30.0\n"),
+     "telemetry.interval_s", "expected an integer"),
+    ("telemetry-textfile-not-prom",
+     append('[telemetry]\nprometheus_textfile = "metrics/gateway.txt"\n'),
+     "telemetry.prometheus_textfile",
+     "must name a *.prom file (node_exporter's textfile collector reads no other), "
+     "found string 'metrics/gateway.txt'"),
+    ("telemetry-textfile-bare-suffix", append('[telemetry]\nprometheus_textfile = "m/.prom"\n'),
+     "telemetry.prometheus_textfile", "must name a *.prom file"),
+    ("telemetry-textfile-not-string", append("[telemetry]\nprometheus_textfile = true\n"),
+     "telemetry.prometheus_textfile", "expected a string"),
 ]
 
 

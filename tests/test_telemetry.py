@@ -1,0 +1,515 @@
+"""Health telemetry (gateway/telemetry.py, ``Agent.publish_telemetry``).
+
+The retained ``P/S/status`` on a real Mosquitto, read by a subscriber that connects
+afterwards; the Prometheus text read back by a strict parser of the exposition format
+(below) and compared with that same status; the textfile watched by a reader while it is
+rewritten; the CPU temperature read from a fake sysfs tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway import __version__
+from gateway.telemetry import (
+    cpu_temperature,
+    disk_usage,
+    host_status,
+    render_prometheus,
+    write_textfile,
+)
+from tests.support.broker import Broker, Client
+from tests.support.site import PREFIX, STORA_TOKEN, RunningAgent, SimSite, make_site
+
+# --------------------------------------------------------------------------- a strict parser
+
+_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+_HELP = re.compile(rf"# HELP ({_NAME}) (.*)")
+_TYPE = re.compile(rf"# TYPE ({_NAME}) (counter|gauge|histogram|summary|untyped)")
+_SAMPLE = re.compile(rf"({_NAME})(?:\{{(.*)\}})? (\S+)")
+_PAIR = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"(,|$)')
+_VALUE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|Inf|NaN)")
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def _labels(text: str, line: str) -> frozenset[tuple[str, str]]:
+    pairs: dict[str, str] = {}
+    at = 0
+    while at < len(text):
+        match = _PAIR.match(text, at)
+        assert match, f"bad labels in {line!r}"
+        name, raw, _ = match.groups()
+        assert name not in pairs, f"label {name} twice in {line!r}"
+        pairs[name] = re.sub(r"\\(.)", lambda m: "\n" if m[1] == "n" else m[1], raw)
+        at = match.end()
+    return frozenset(pairs.items())
+
+
+def parse_exposition(text: str) -> tuple[Samples, dict[str, str]]:
+    """Samples and types from Prometheus text format 0.0.4, asserting every rule we rely on.
+
+    One HELP and one TYPE per family, both before its samples; a family's samples
+    together; no sample twice; label values escaped (only ``\\\\``, ``\\"``, ``\\n``);
+    numbers Go can parse; counters named ``*_total`` and never negative; a final newline.
+    """
+    assert text.endswith("\n")
+    assert "\r" not in text
+    samples: Samples = {}
+    types: dict[str, str] = {}
+    helps: set[str] = set()
+    done: set[str] = set()
+    current: str | None = None
+    for line in text.splitlines():
+        assert line, "blank line"
+        if line.startswith("#"):
+            if m := _HELP.fullmatch(line):
+                assert m[1] not in helps, f"second HELP for {m[1]}"
+                helps.add(m[1])
+            elif m := _TYPE.fullmatch(line):
+                assert m[1] not in types, f"second TYPE for {m[1]}"
+                assert m[1] in helps, f"TYPE before HELP for {m[1]}"
+                types[m[1]] = m[2]
+            else:
+                raise AssertionError(f"unexpected comment {line!r}")
+            if current is not None and current != m[1]:
+                done.add(current)
+            current = m[1]
+            assert current not in done, f"{current} split"
+            continue
+        m = _SAMPLE.fullmatch(line)
+        assert m, f"bad sample line {line!r}"
+        name, labels, value = m[1], m[2] or "", m[3]
+        assert name == current, f"{name} outside its family"
+        assert name in types, f"{name} has no TYPE"
+        assert _VALUE.fullmatch(value), f"bad value in {line!r}"
+        key = (name, _labels(labels, line))
+        assert key not in samples, f"duplicate sample {line!r}"
+        samples[key] = float(value)
+    for name, kind in types.items():
+        assert name.startswith("stora_gateway_"), name
+        assert (kind == "counter") == name.endswith("_total"), f"{name} is a {kind}"
+        if kind == "counter":
+            assert all(v >= 0 for (n, _), v in samples.items() if n == name), name
+    return samples, types
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(f"stora_gateway_{name}", frozenset(labels.items()))]
+
+
+def has(samples: Samples, name: str) -> bool:
+    return any(n == f"stora_gateway_{name}" for n, _ in samples)
+
+
+def epoch(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def check_matches(samples: Samples, status: dict[str, Any]) -> None:
+    """Every metric says what the JSON status says."""
+    assert value(samples, "info", version=status["version"], site=status["site"]) == 1
+    assert value(samples, "uptime_seconds") == status["uptime_s"]
+    assert value(samples, "start_time_seconds") == pytest.approx(epoch(status["started_at"]))
+    assert value(samples, "clock_trusted") == status["clock"]["trusted"]
+    assert value(samples, "broker_connected") == status["broker"]["connected"]
+    assert value(samples, "broker_connects_total") == status["broker"]["connects"]
+    for c in status["controllers"]:
+        assert value(samples, "controller_online", controller=c["name"]) == c["online"]
+        assert value(samples, "controller_consecutive_failures",
+                     controller=c["name"]) == c["consecutive_failures"]
+    outbox = status["outbox"]
+    assert value(samples, "outbox_pending") == outbox["pending"]
+    assert value(samples, "outbox_oldest_age_seconds") == (outbox["oldest_age_s"] or 0)
+    assert value(samples, "outbox_dead_letters") == outbox["dead"]
+    assert value(samples, "outbox_drain_state", state=outbox["drain"]) == 1
+    if outbox["last_post_at"] is None:
+        assert not has(samples, "outbox_last_delivery_timestamp_seconds")
+    else:
+        assert value(samples, "outbox_last_delivery_timestamp_seconds") == pytest.approx(
+            epoch(outbox["last_post_at"]), abs=1e-3)
+    for key in ("received", "executed", "rejected"):
+        assert value(samples, f"commands_{key}_total") == status["commands"][key]
+    host = status["host"]
+    assert value(samples, "disk_free_bytes") == host["disk_free_bytes"]
+    assert value(samples, "disk_size_bytes") == host["disk_total_bytes"]
+    if host["cpu_temp_c"] is None:
+        assert not has(samples, "cpu_temperature_celsius")
+    else:
+        assert value(samples, "cpu_temperature_celsius") == host["cpu_temp_c"]
+
+
+# --------------------------------------------------------------------------- probes
+
+
+def fake_sysfs(root: Path, zones: dict[str, str | None]) -> Path:
+    """``thermal_zone<N>/temp`` files under ``root``; ``None`` makes ``temp`` unreadable."""
+    for zone, text in zones.items():
+        directory = root / zone
+        directory.mkdir(parents=True)
+        (directory / "type").write_text("cpu-thermal\n")
+        if text is None:
+            (directory / "temp").mkdir()  # reading it fails (EISDIR), like a sensor off
+        else:
+            (directory / "temp").write_text(text)
+    return root
+
+
+def test_cpu_temperature_is_the_hottest_readable_zone(tmp_path: Path) -> None:
+    root = fake_sysfs(tmp_path / "thermal", {
+        "thermal_zone0": "45123\n",
+        "thermal_zone1": "61550\n",
+        "thermal_zone2": None,            # unreadable: skipped
+        "thermal_zone3": "garbage\n",     # not a number: skipped
+        "thermal_zone4": "-273150\n",     # a placeholder, not a temperature: skipped
+        "cooling_device0": "200000\n",    # not a thermal zone
+    })
+    assert cpu_temperature(root) == 61.5  # 61.55 rounded to 0.1 °C
+    assert host_status(tmp_path / "gateway.db", thermal_root=root)["cpu_temp_c"] == 61.5
+
+
+def test_cpu_temperature_is_none_where_nothing_is_readable(tmp_path: Path) -> None:
+    assert cpu_temperature(tmp_path / "missing") is None
+    assert cpu_temperature(fake_sysfs(tmp_path / "empty", {})) is None
+    assert cpu_temperature(fake_sysfs(tmp_path / "off", {"thermal_zone0": None})) is None
+
+
+def test_disk_usage_is_of_the_storage_filesystem_even_before_it_exists(tmp_path: Path) -> None:
+    st = os.statvfs(tmp_path)
+    usage = disk_usage(tmp_path / "not" / "yet")
+    assert usage is not None
+    assert usage["total_bytes"] == st.f_blocks * st.f_frsize
+    assert 0 < usage["free_bytes"] <= usage["total_bytes"]
+    host = host_status(tmp_path / "state" / "gateway.db")
+    assert host["disk_path"] == str(tmp_path / "state")
+    assert host["disk_total_bytes"] == usage["total_bytes"]
+    assert host["rss_bytes"] is None or host["rss_bytes"] > 1024 * 1024  # a Python process
+    assert host["load_1m"] is None or host["load_1m"] >= 0
+
+
+# --------------------------------------------------------------------------- rendering
+
+#: A status as ``Agent.status`` makes it, with the awkward cases.
+STATUS: dict[str, Any] = {
+    "online": True, "version": "1.2.3", "site": "site_x",
+    "started_at": "2026-11-29T08:00:00.250Z", "uptime_s": 3600,
+    "clock": {"trusted": False, "why": "not synchronized", "synced": False},
+    "broker": {"connected": True, "connects": 2, "connect_failures": 5, "disconnects": 1,
+               "liveness_failures": 0, "published": 40, "inbound_dropped": 0,
+               "reconnect_delays": [0.5, 1.2], "last_disconnect_reason": "keepalive"},
+    "controllers": [
+        {"name": "bus1", "online": True, "detail": "ok", "last_error": None,
+         "last_ok_at": "2026-11-29T08:59:59Z", "consecutive_failures": 0},
+        {"name": 'odd "name"\\\nx', "online": False, "detail": "timeout",
+         "last_error": 'no reply "from" board\n', "last_ok_at": None,
+         "consecutive_failures": 7},
+    ],
+    "outbox": {"pending": 3, "oldest_age_s": 12.5, "dead": 1, "drain": "backing off",
+               "resumes_in_s": 4.0, "last_error": "no_answer", "attempts": 9, "delivered": 5,
+               "dead_lettered": 1, "events_refused": 0,
+               "last_post_at": "2026-11-29T08:58:00.125Z", "last_post_age_s": 120.0},
+    "commands": {"received": 10, "rejected": 3, "executed": 7, "duplicates": 0,
+                 "refused_again": 0, "shed": 0,
+                 "rejected_by_reason": {"expired": 2, "bad_signature": 1}},
+    "host": {"disk_path": "/var/lib/stora-gateway", "disk_free_bytes": 7_500_000_000,
+             "disk_total_bytes": 31_000_000_000, "cpu_temp_c": 48.3, "load_1m": 0.21,
+             "rss_bytes": 41_000_000},
+}
+
+
+def test_prometheus_text_parses_strictly_and_says_what_the_status_says() -> None:
+    text = render_prometheus(STATUS)
+    samples, types = parse_exposition(text)
+    check_matches(samples, STATUS)
+    # Names, label values and types that a scrape config or alert would rely on.
+    assert value(samples, "controller_online", controller='odd "name"\\\nx') == 0
+    assert r'controller="odd \"name\"\\\nx"' in text  # escaped, on one line
+    assert value(samples, "commands_rejected_by_reason_total", reason="expired") == 2
+    assert value(samples, "outbox_last_delivery_timestamp_seconds") == 1795942680.125
+    assert value(samples, "start_time_seconds") == 1795939200.25
+    assert value(samples, "cpu_temperature_celsius") == 48.3
+    assert value(samples, "load1") == 0.21
+    assert types["stora_gateway_outbox_pending"] == "gauge"
+    assert types["stora_gateway_outbox_dead_letters"] == "gauge"  # a retry lowers it
+    assert types["stora_gateway_outbox_delivered_total"] == "counter"
+    assert types["stora_gateway_disk_free_bytes"] == "gauge"
+    # Error texts stay in the JSON: unbounded label values would grow the series forever.
+    assert "no reply" not in text
+    assert "keepalive" not in text
+
+
+def test_unknown_values_are_left_out_not_written_as_zero() -> None:
+    status = json.loads(json.dumps(STATUS))
+    status["host"].update(cpu_temp_c=None, load_1m=None, rss_bytes=None)
+    status["outbox"].update(pending=0, oldest_age_s=None, last_post_at=None)
+    samples, _ = parse_exposition(render_prometheus(status))
+    check_matches(samples, status)
+    for name in ("cpu_temperature_celsius", "load1", "resident_memory_bytes",
+                 "outbox_last_delivery_timestamp_seconds"):
+        assert not has(samples, name), name
+    assert value(samples, "outbox_oldest_age_seconds") == 0  # nothing waits: age 0
+    # The minimal birth (a probe failed) still renders.
+    minimal, _ = parse_exposition(render_prometheus({"online": True, "version": "1"}))
+    assert value(minimal, "online") == 1
+
+
+def test_the_status_table_shows_the_new_fields_readably() -> None:
+    from gateway.cli import render_status
+
+    text = render_status(STATUS)
+    sections = {part.split("\n", 1)[0]: part for part in text.strip().split("\n\n")}
+    assert list(sections)[:7] == ["agent", "broker", "outbox", "controllers", "clock", "host",
+                                  "commands"]
+    assert re.search(r"disk_free_bytes\s+7\.0 GiB", sections["host"])
+    assert re.search(r"disk_total_bytes\s+28\.9 GiB", sections["host"])
+    assert re.search(r"cpu_temp_c\s+48\.3 °C", sections["host"])
+    assert re.search(r"rss_bytes\s+39\.1 MiB", sections["host"])
+    assert re.search(r"last_post_at\s+2026-11-29T08:58:00\.125Z", sections["outbox"])
+    assert re.search(r"last_post_age_s\s+2 min", sections["outbox"])
+    assert re.search(r"oldest_age_s\s+12 s", sections["outbox"])
+    assert re.search(r"dead\s+1\n", sections["outbox"])
+    assert re.search(r"uptime_s\s+60 min", sections["agent"])
+    assert "consecutive_failures" in sections["controllers"]
+    assert re.search(r"timeout\s+no reply", sections["controllers"])  # the last error
+    no_temp = render_status({**STATUS, "host": {**STATUS["host"], "cpu_temp_c": None}})
+    assert re.search(r"cpu_temp_c\s+-\n", no_temp)
+
+
+# --------------------------------------------------------------------------- the textfile
+
+
+def test_textfile_is_replaced_atomically_never_seen_half_written(tmp_path: Path) -> None:
+    target = tmp_path / "gateway.prom"
+    # Big enough that a plain open-and-write would be caught half-way many times over.
+    versions = [render_prometheus(STATUS) * 40, render_prometheus({**STATUS, "uptime_s": 1}) * 60]
+    seen: set[str] = set()
+    torn: list[int] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                text = target.read_text()
+            except FileNotFoundError:
+                continue  # before the first write
+            if text not in versions:
+                torn.append(len(text))
+            seen.add(text)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for n in range(300):
+            write_textfile(target, versions[n % 2])
+    finally:
+        stop.set()
+        thread.join()
+    assert not torn, f"a reader saw {len(torn)} partial files"
+    assert len(seen) == 2  # it did see both versions come and go
+    assert [p.name for p in tmp_path.iterdir()] == ["gateway.prom"]  # no temporary left
+    assert target.stat().st_mode & 0o777 == 0o644  # node_exporter runs as another user
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    target = tmp_path / "gateway.prom"
+    write_textfile(target, "# HELP x y\n")
+    with pytest.raises(UnicodeEncodeError):
+        write_textfile(target, "a lone surrogate \ud800 cannot be written\n")
+    assert target.read_text() == "# HELP x y\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["gateway.prom"]
+    with pytest.raises(FileNotFoundError):
+        write_textfile(tmp_path / "no-such-dir" / "gateway.prom", "x\n")
+
+
+# --------------------------------------------------------------------------- the agent
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    with Broker(tmp_path / "broker") as b:
+        yield b
+
+
+def with_telemetry(site: SimSite, textfile: Path) -> None:
+    site.config_path.write_text(site.config_path.read_text() + "\n[telemetry]\ninterval_s = 5\n"
+                                f'prometheus_textfile = "{textfile}"\n')
+
+
+@pytest.fixture
+def site(tmp_path: Path, broker: Broker) -> Iterator[SimSite]:
+    s = make_site(tmp_path, broker)
+    with_telemetry(s, tmp_path / "prom" / "gateway.prom")
+    (tmp_path / "prom").mkdir()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def retained_status(broker: Broker) -> dict[str, Any]:
+    """What a subscriber that connects now gets on ``P/S/status``: the retained message."""
+    with Client(broker) as late:
+        late.subscribe(f"{PREFIX}/status")
+        [message] = late.expect(f"{PREFIX}/status", 5)
+        assert message.retain
+        return dict(json.loads(message.payload))
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def textfile_samples(site: SimSite) -> Samples:
+    samples, _ = parse_exposition((site.directory / "prom" / "gateway.prom").read_text())
+    return samples
+
+
+@pytest.mark.simulator_only
+def test_retained_status_and_textfile_report_queue_and_controller_health(
+        site: SimSite, broker: Broker) -> None:
+    client = site.client()
+    with RunningAgent(site.config_path) as agent:
+        wait_for(lambda: all(c["online"] for c in agent.status()["controllers"]))
+        agent.publish_telemetry()
+        before = retained_status(broker)
+        assert list(before)[:2] == ["online", "version"]  # contract §4
+        assert (before["online"], before["version"]) == (True, __version__)
+        assert before["outbox"]["pending"] == 0
+        assert before["outbox"]["oldest_age_s"] is None
+        check_matches(textfile_samples(site), before)
+
+        # Stora is down (nothing listens at its URL): the unlock's event waits.
+        jti, token = site.signer.command("unlock", "unit_a101", dur=1)
+        client.publish(f"{PREFIX}/cmd", token, qos=1)
+        client.expect(f"{PREFIX}/cmd/result", 5,
+                      where=lambda m: json.loads(m.payload)["jti"] == jti)
+        time.sleep(1.1)  # the oldest event ages
+        agent.publish_telemetry()
+        status = retained_status(broker)
+        assert list(status)[:2] == ["online", "version"]
+        assert status["uptime_s"] >= 1
+        assert abs(epoch(status["started_at"]) - agent.started_at) < 1
+        assert status["broker"]["connected"] is True
+        assert status["clock"]["trusted"] is True
+        outbox = status["outbox"]
+        assert outbox["pending"] == agent.store.event_count("pending") >= 1
+        assert 1.0 <= outbox["oldest_age_s"] < 30
+        assert (outbox["dead"], outbox["last_post_at"], outbox["last_post_age_s"]) == (0, None,
+                                                                                       None)
+        assert outbox["drain"] in ("ok", "backing off")
+        assert status["commands"]["executed"] == 1
+        assert {c["name"]: (c["online"], c["last_error"]) for c in status["controllers"]} == {
+            "bus1": (True, None), "lockers": (True, None)}
+        host = status["host"]
+        st = os.statvfs(site.directory)
+        assert host["disk_total_bytes"] == st.f_blocks * st.f_frsize
+        assert 0 < host["disk_free_bytes"] <= host["disk_total_bytes"]
+        temp = host["cpu_temp_c"]
+        assert temp is None or (isinstance(temp, float) and -40 <= temp <= 150)
+        samples = textfile_samples(site)
+        check_matches(samples, status)
+        assert value(samples, "outbox_pending") >= 1
+
+        # The Modbus board stops answering: after a reconciliation, bus1 is offline
+        # with its last error, in the retained status and in the textfile alike.
+        site.modbus.faults.ignore_requests = True
+        wait_for(lambda: not agent.status()["controllers"][0]["online"])
+        agent.publish_telemetry()
+        status = retained_status(broker)
+        bus1, lockers = status["controllers"]
+        assert (bus1["name"], bus1["online"]) == ("bus1", False)
+        assert isinstance(bus1["last_error"], str)
+        assert bus1["last_error"]
+        assert bus1["consecutive_failures"] >= 1
+        assert lockers["online"] is True
+        samples = textfile_samples(site)
+        check_matches(samples, status)
+        assert value(samples, "controller_online", controller="bus1") == 0
+        assert value(samples, "controller_online", controller="lockers") == 1
+
+        # The CLI: --json is the status itself; the table shows the new fields.
+        from gateway.cli import main
+
+        out = io.StringIO()
+        assert main(["status", "--json", "--config", str(site.config_path)], out=out) == 0
+        answer = json.loads(out.getvalue())
+        assert list(answer) == list(status)
+        assert answer["outbox"]["pending"] == status["outbox"]["pending"]
+        assert answer["host"]["disk_total_bytes"] == host["disk_total_bytes"]
+        out = io.StringIO()
+        assert main(["status", "--config", str(site.config_path)], out=out) == 0
+        assert re.search(r"disk_free_bytes\s+[\d.]+ [KMG]iB", out.getvalue())
+        assert re.search(r"last_post_at\s+-", out.getvalue())
+
+
+@pytest.mark.simulator_only
+def test_last_successful_post_is_reported_and_survives_a_restart(
+        tmp_path: Path, broker: Broker) -> None:
+    from gateway.sandbox import Sandbox
+
+    with Sandbox(static_tokens={STORA_TOKEN}) as sandbox:
+        site = make_site(tmp_path, broker, stora_url=sandbox.api_url)
+        try:
+            client = site.client()
+            started = time.time()
+            with RunningAgent(site.config_path) as agent:
+                assert agent.status()["outbox"]["last_post_at"] is None
+                _, token = site.signer.command("lock", "unit_a101")
+                client.publish(f"{PREFIX}/cmd", token, qos=1)
+                wait_for(lambda: agent.store.event_count("delivered") == 1)
+                agent.publish_telemetry()
+                outbox = retained_status(broker)["outbox"]
+                assert started <= epoch(outbox["last_post_at"]) <= time.time()
+                assert 0 <= outbox["last_post_age_s"] < 15
+                assert (outbox["pending"], outbox["delivered"]) == (0, 1)
+            # A new agent process has delivered nothing yet; the database still knows.
+            with RunningAgent(site.config_path) as again:
+                wait_for(lambda: again.status()["outbox"]["drain"] == "ok")
+                after = again.status()["outbox"]
+                assert after["last_post_at"] == outbox["last_post_at"]
+                assert after["delivered"] == 0
+        finally:
+            site.close()
+
+
+@pytest.mark.simulator_only
+def test_textfile_is_written_while_the_broker_is_unreachable_and_a_bad_path_never_raises(
+        site: SimSite, caplog: pytest.LogCaptureFixture) -> None:
+    from gateway.agent import Agent
+    from gateway.config import TelemetryConfig, load_config
+
+    agent = Agent(load_config(site.config_path))  # never started: no broker link
+    try:
+        agent.publish_telemetry()
+        samples = textfile_samples(site)
+        assert value(samples, "broker_connected") == 0
+        assert value(samples, "online") == 1
+        assert value(samples, "outbox_drain_state", state="not started") == 1
+        missing = site.directory / "gone" / "gateway.prom"
+        agent.config = dataclasses.replace(
+            agent.config, telemetry=TelemetryConfig(prometheus_textfile=missing))
+        with caplog.at_level(logging.WARNING, logger="gateway.agent"):
+            agent.publish_telemetry()
+        assert f"cannot write the Prometheus textfile {missing}" in caplog.text
+        assert not missing.parent.exists()
+    finally:
+        agent.site.close()
+        agent.store.close()
+    assert not math.isnan(value(samples, "uptime_seconds"))
