@@ -118,6 +118,13 @@ class Outcome:
         return {**self.payload(), "at_epoch": self.at}
 
 
+#: The Timeline Event detail of a lock the gateway made on its own, by why.
+_LOCK_DETAIL: Final = {
+    "relock": "relocked when the unlock time ended",
+    "drift": "locked again: it read back unlocked while no unlock was running",
+}
+
+
 def _verdict(result: ActionResult | None) -> tuple[str, str | None]:
     """Contract §4 status and reason of a hardware action (None: no answer at all)."""
     if result is None:
@@ -444,8 +451,7 @@ class UnitManager:
                     row = replace(row, relock_at=None)
                     if why != "reapply":
                         self._event(tx, "locked", lock, key, command,
-                                    "relocked when the unlock time ended" if why == "relock"
-                                    else "")
+                                    _LOCK_DETAIL.get(why, ""))
                 tx.put_unit(row)
                 outcome = Outcome(key, command.cmd if command else "lock", lock.unit, status,
                                   reason, self._state(row), self._now())
@@ -643,6 +649,16 @@ class UnitManager:
             return
         if self._is_due(lock.unit, row) and row.locked is False:
             self._relock_if_due(lock.unit)
+            return
+        if before.locked is True and row.locked is False and row.relock_at is None:
+            # Locked, now read unlocked, and no unlock of ours is running: the hardware
+            # drifted (a glitch, someone at the device).  A door is never left open on
+            # its own say-so: locked again, once per such change (a latch that cannot
+            # be locked by command does not get a lock attempt every pass).
+            self._alarm("drift", lock.unit, "read back unlocked while it should be locked; "
+                                            "locking again")
+            self._lock_now(lock, external_id_for(lock.unit, "drift", str(self._now())),
+                           None, "drift", claimed=False)
             return
         if changed or lock.unit not in self._last_published:
             self._publish(row)
