@@ -312,12 +312,16 @@ class Agent:
 
         trusted, why = self.clock.trusted()
         controllers = []
+        now = time.monotonic()
         for name, controller in self.site.controllers.items():
             health = controller.health()
+            # Drivers stamp last_ok_at on the monotonic clock (drivers/link.py): an age,
+            # not a date, is what it can honestly say.
+            ok_at = health.last_ok_at
             controllers.append({
                 "name": name, "online": health.online, "detail": health.detail,
                 "last_error": health.last_error,
-                "last_ok_at": rfc3339(health.last_ok_at) if health.last_ok_at else None,
+                "last_ok_age_s": None if ok_at is None else round(max(0.0, now - ok_at), 1),
                 "consecutive_failures": health.consecutive_failures,
             })
         try:

@@ -635,6 +635,8 @@ def _bytes(n: int) -> str:
 def _field(key: object, value: object) -> str:
     """A status value for people: sizes in KiB/MiB/GiB, ages in s/min/h, °C."""
     name = str(key)
+    if isinstance(value, str):  # an error text from a device: keep the table's rows whole
+        return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in value)
     if isinstance(value, bool) or not isinstance(value, int | float):
         return _value(value)
     if name.endswith("_bytes"):

@@ -55,6 +55,17 @@ explicit ``ROLLBACK`` (SQLite leaves some failures, e.g. SQLITE_READONLY, with t
 transaction still open) before the error propagates, so the connection is always usable
 again: after a disk-full error, reads still work and writes work once space is freed.
 
+A filesystem that turns read-only *while* the agent runs (fault matrix #25) is the
+kernel's answer to a storage error (ext4 ``errors=remount-ro``); an operator's
+``mount -o remount,ro`` is refused (EBUSY) while the agent has the file open.  SQLite
+reports the EROFS of its write() as an I/O error, so an I/O error probes the directory
+and becomes :class:`StoreReadOnly` when it refuses a new file; reads keep working from
+the open file.  The kernel does not undo such a remount under open files, so the error
+says a restart is needed once the filesystem is repaired; if a repaired filesystem is
+mounted over the database's directory while the agent runs, the next transaction
+notices a different file at ``path`` and moves the connection to it (writes resume, no
+restart).  Covered by tests/test_storage_faults.py.
+
 Threads
 -------
 One connection, guarded by one re-entrant lock, shared by every thread.  SQLite allows one
@@ -71,6 +82,7 @@ transaction is open.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -197,6 +209,18 @@ def _translate(exc: sqlite3.Error, path: Path, doing: str) -> StoreError:
             "user may write there"
         )
     if primary == _SQLITE_IOERR:
+        if _refuses_writes(path.parent):
+            # A filesystem that turns read-only under open files (ext4 ``errors=remount-
+            # ro`` after a storage error) fails SQLite's write() or fsync() with EROFS,
+            # which SQLite reports as an I/O error; and ext4 does not always set
+            # ST_RDONLY then, so only a write attempt tells.
+            return StoreReadOnly(
+                f"{where}: its filesystem turned read-only while {doing} ({exc}); nothing "
+                "new can be recorded.  Repair the filesystem (fsck) and mount it read-write "
+                f"at {path.parent} again, then RESTART THE AGENT: the kernel does not undo "
+                "an error remount under open files.  (A freshly mounted filesystem there is "
+                "picked up without a restart, at the next write.)"
+            )
         return StoreError(f"{where}: I/O error while {doing} ({exc}); check the storage device")
     return StoreError(f"{where}: {doing} failed: {exc}")
 
@@ -207,6 +231,34 @@ def _on_read_only_fs(directory: Path) -> bool:
         return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
     except (OSError, ValueError):
         return False
+
+
+def _refuses_writes(directory: Path) -> bool:
+    """Whether creating a file in ``directory`` fails with EROFS (or it is mounted read-only).
+
+    Used only after an I/O error: a filesystem the kernel turned read-only after an error
+    may still report itself read-write to ``statvfs``.  The probe file is removed again.
+    """
+    if _on_read_only_fs(directory):
+        return True
+    probe = directory / f".stora-gateway-probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as exc:
+        return exc.errno == errno.EROFS
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+    return False
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of ``path``, or ``None`` when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 # --------------------------------------------------------------------------- schema
@@ -752,7 +804,15 @@ class Store:
         self.on_write_failed: Callable[[StoreError, int], None] | None = None
         #: Events refused because their transaction failed (disk full, read-only, …).
         self.events_refused = 0
+        #: Set when a statement failed because the filesystem went read-only or failed
+        #: (I/O error) under the open file; cleared when a reopened file takes over.
+        self._failing_fs = False
+        #: The message of the first write that found the filesystem turned read-only.
+        self._went_read_only: str | None = None
         self._conn = self._open()
+        #: Which file the connection has open, to notice a repaired filesystem mounted
+        #: over the failed one (see :meth:`_reopen_if_replaced`).
+        self._opened_id = None if ephemeral else _file_id(self.path)
 
     # -- opening --------------------------------------------------------------------------
     def _open(self) -> sqlite3.Connection:
@@ -868,7 +928,53 @@ class Store:
                 yield self._conn
             except sqlite3.Error as exc:
                 self._rollback()  # a no-op when transaction() has rolled back already
-                raise _translate(exc, self.path, doing) from exc
+                error = _translate(exc, self.path, doing)
+                code = getattr(exc, "sqlite_errorcode", None)
+                io_error = isinstance(code, int) and code & 0xFF == _SQLITE_IOERR
+                if not self._read_only and not self.ephemeral and (
+                        io_error or isinstance(error, StoreReadOnly)):
+                    self._failing_fs = True
+                    if isinstance(error, StoreReadOnly):
+                        self._went_read_only = str(error)
+                    elif self._went_read_only is not None:
+                        # The probe looks at the directory, where another filesystem
+                        # may be mounted by now; the open file's one never recovers.
+                        error = StoreReadOnly(self._went_read_only)
+                raise error from exc
+
+    def _reopen_if_replaced(self) -> None:
+        """After the filesystem failed under the open file: use a repaired one if mounted.
+
+        Called with the lock held, before a transaction, only while ``_failing_fs``.  A
+        filesystem the kernel turned read-only after an error cannot be remounted
+        read-write under open files; once a repaired filesystem is mounted at the
+        database's directory (another file at ``path``: a different device or inode),
+        the connection moves to that file, so writes resume without a restart.  Nothing
+        happens while ``path`` is the old file or is missing (an empty filesystem: a
+        fresh database would forget lockouts and the inbox, so that takes a restart,
+        which says so in its alarm).  If the new file cannot be opened yet, the old
+        connection stays (reads keep working) and the next transaction tries again.
+        """
+        now_id = _file_id(self.path)
+        if now_id is None or now_id == self._opened_id:
+            return
+        try:
+            fresh = self._open()
+        except StoreError as exc:
+            LOGGER.warning("state database %s: a new file is there but cannot be opened "
+                           "yet: %s", self.path, exc)
+            return
+        old, self._conn = self._conn, fresh
+        self._opened_id = now_id
+        self._failing_fs = False
+        self._went_read_only = None
+        try:
+            old.close()  # releases the failed filesystem, so it can be unmounted
+        except sqlite3.Error:
+            LOGGER.debug("closing the connection to the failed file %s", self.path,
+                         exc_info=True)
+        LOGGER.warning("state database %s reopened on the filesystem now mounted at %s; "
+                       "writes resume", self.path, self.path.parent)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Transaction]:
@@ -879,9 +985,12 @@ class Store:
         """
         tx: Transaction | None = None
         try:
-            with self._guard("writing") as conn:
+            with self._guard("writing"):
                 if self._tx is not None:
                     raise RuntimeError("store transactions do not nest")
+                if self._failing_fs:
+                    self._reopen_if_replaced()
+                conn = self._conn  # after a reopen, the new one
                 conn.execute("BEGIN IMMEDIATE")
                 tx = self._tx = Transaction(self)
                 try:
@@ -911,10 +1020,12 @@ class Store:
 
     @property
     def read_only(self) -> bool:
-        """Whether writes cannot succeed: opened read-only, or on a read-only filesystem."""
+        """Whether writes cannot succeed: opened read-only, on a read-only filesystem, or
+        the last write found the filesystem turned read-only under the open file."""
         if self.ephemeral:
             return False
-        return self._read_only or _on_read_only_fs(self.path.parent)
+        return (self._read_only or self._went_read_only is not None
+                or _on_read_only_fs(self.path.parent))
 
     def close(self) -> None:
         """Close the database (idempotent).  A clean close checkpoints and removes the WAL."""

@@ -89,7 +89,7 @@ def disk_usage(path: Path) -> dict[str, int] | None:
     ``path`` may not exist yet (a fresh install): its nearest existing parent is used.
     """
     probe = Path(path)
-    while not probe.exists() and probe != probe.parent:
+    while not os.path.exists(probe) and probe != probe.parent:  # False on EACCES too
         probe = probe.parent
     try:
         st = os.statvfs(probe)

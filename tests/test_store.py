@@ -6,11 +6,10 @@ files: zero-filled, truncated, random pages overwritten, not a database) and #25
 (read-only: a tmpfs remounted read-only, and a store opened ``read_only``).  The tmpfs
 tests need root (``mount``); without it they are skipped with the reason.
 
-Not covered here: power loss (#22, dropping unsynced pages needs LazyFS or a VM), and a
+Not covered here: power loss (#22, dropping unsynced pages needs LazyFS or a VM).  A
 filesystem turning read-only *under* an open store (the kernel refuses to remount a
-filesystem read-only while a file on it is open for writing, and a device-mapper
-``error`` target is not available here); the same translation path is exercised by the
-``read_only`` store instead.
+filesystem read-only while a file on it is open for writing, so the test has the kernel
+do it after an ext4 error) is in tests/test_storage_faults.py, with a running agent.
 """
 
 from __future__ import annotations

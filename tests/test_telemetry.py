@@ -213,9 +213,9 @@ STATUS: dict[str, Any] = {
                "reconnect_delays": [0.5, 1.2], "last_disconnect_reason": "keepalive"},
     "controllers": [
         {"name": "bus1", "online": True, "detail": "ok", "last_error": None,
-         "last_ok_at": "2026-11-29T08:59:59Z", "consecutive_failures": 0},
+         "last_ok_age_s": 0.4, "consecutive_failures": 0},
         {"name": 'odd "name"\\\nx', "online": False, "detail": "timeout",
-         "last_error": 'no reply "from" board\n', "last_ok_at": None,
+         "last_error": 'no reply "from" board\n', "last_ok_age_s": 3725.0,
          "consecutive_failures": 7},
     ],
     "outbox": {"pending": 3, "oldest_age_s": 12.5, "dead": 1, "drain": "backing off",
@@ -284,6 +284,10 @@ def test_the_status_table_shows_the_new_fields_readably() -> None:
     assert re.search(r"dead\s+1\n", sections["outbox"])
     assert re.search(r"uptime_s\s+60 min", sections["agent"])
     assert "consecutive_failures" in sections["controllers"]
+    rows = sections["controllers"].splitlines()
+    assert len(rows) == 5  # title, header, rule, two controllers: a newline stays escaped
+    assert re.search(r'odd "name"\\\\x0ax +no +timeout +no reply "from" board\\x0a +62 min +7$',
+                     rows[4])
     assert re.search(r"timeout\s+no reply", sections["controllers"])  # the last error
     no_temp = render_status({**STATUS, "host": {**STATUS["host"], "cpu_temp_c": None}})
     assert re.search(r"cpu_temp_c\s+-\n", no_temp)
@@ -438,6 +442,8 @@ def test_retained_status_and_textfile_report_queue_and_controller_health(
         assert isinstance(bus1["last_error"], str)
         assert bus1["last_error"]
         assert bus1["consecutive_failures"] >= 1
+        assert bus1["last_ok_age_s"] is None or 0 <= bus1["last_ok_age_s"] < 60
+        assert 0 <= lockers["last_ok_age_s"] < 30
         assert lockers["online"] is True
         samples = textfile_samples(site)
         check_matches(samples, status)
@@ -509,6 +515,12 @@ def test_textfile_is_written_while_the_broker_is_unreachable_and_a_bad_path_neve
             agent.publish_telemetry()
         assert f"cannot write the Prometheus textfile {missing}" in caplog.text
         assert not missing.parent.exists()
+        # A database that fails does not take the report down with it.
+        agent.store.close()
+        status = agent.status()
+        assert (status["online"], status["version"]) == (True, __version__)
+        assert "closed" in status["outbox"]["error"]
+        assert status["host"]["disk_free_bytes"] > 0
     finally:
         agent.site.close()
         agent.store.close()

@@ -1,0 +1,192 @@
+"""Durable enqueue rate: Timeline Events committed per second through the store, next to raw SQLite.
+
+**A (store)**: the transaction a unit writes when it records an action (gateway/units.py,
+``UnitManager._unlock``'s outcome transaction): ``BEGIN IMMEDIATE``, read the unit, add
+its Timeline Event (``Transaction.add_event``), write the unit row, finish the command
+with its result (``Transaction.finish_command``), ``COMMIT``.  Through
+:class:`gateway.store.Store` (WAL, ``synchronous=FULL``), so each commit is on the disk
+when it returns.  The commands it finishes are claimed before each round's clock starts
+(one transaction for the round): in service that is an earlier transaction of its own.
+
+**B (raw)**: the floor any SQLite outbox pays: one ``INSERT`` of an event-sized row plus
+``COMMIT`` per event, plain ``sqlite3``, WAL, ``synchronous=FULL``.
+
+Both databases live in one fresh directory on the same filesystem (``--dir``, default
+the system's temporary directory: check with ``df`` that it is a disk, not a tmpfs,
+where fsync costs nothing).  Rounds alternate A, B, A, B… (``--rounds`` of
+``--per-round`` events each, after one warm-up round of each that is not counted), so
+both see the same disk load and page cache; the rate of each side is its events divided
+by the summed time of its rounds, and the spread is the slowest and fastest round.
+
+Target: store rate >= 0.5 x raw rate.
+
+Run: ``PYTHONPATH=. .venv/bin/python bench/outbox_enqueue.py [--rounds 10] [--per-round 200]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sqlite3
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from gateway.store import Store
+from gateway.timeline import external_id_for, make_event
+
+TARGET_RATIO = 0.5
+SITE = "site_bench"
+UNITS = [f"unit_{n:03d}" for n in range(1, 21)]
+
+
+class StoreSide:
+    """A: the store's real path for one recorded unit action and its event."""
+
+    def __init__(self, path: Path) -> None:
+        self.store = Store(path)
+        self.n = 0
+
+    def prepare(self, n: int) -> None:
+        """Claim the next ``n`` commands (untimed), as the agent does before it acts."""
+        with self.store.transaction() as tx:
+            for i in range(self.n + 1, self.n + n + 1):
+                tx.claim_command(f"jti-{i}", "unlock", UNITS[i % len(UNITS)], time.time())
+
+    def one(self) -> None:
+        """Commit one unlock outcome with its Timeline Event."""
+        self.n += 1
+        jti = f"jti-{self.n}"
+        unit = UNITS[self.n % len(UNITS)]
+        now = time.time()
+        with self.store.transaction() as tx:
+            row = tx.unit(unit)
+            if not tx.add_event(make_event(
+                    "unlocked", app_name="BenchGate", site_id=SITE, unit=unit,
+                    reference=unit.upper(), external_id=external_id_for(SITE, jti, "unlocked"),
+                    occurred_at=now, contact="cont_bench", actor="tenant app",
+                    detail=f"for 8 s; unit {unit.upper()}; by tenant app")):
+                raise SystemExit(f"event of {jti} was not added")
+            row = replace(row, locked=False, confirmed=True, relock_at=now + 8, updated_at=now)
+            tx.put_unit(row)
+            tx.finish_command(jti, "done", None, {
+                "jti": jti, "cmd": "unlock", "unit": unit, "status": "done", "reason": None,
+                "duplicate": False, "at_epoch": now,
+                "state": {"unit": unit, "locked": False, "door": "closed", "lockout": False}})
+
+    def count(self) -> int:
+        """Events committed so far (read back from the file)."""
+        return self.store.event_count()
+
+    def close(self) -> None:
+        """Close the store."""
+        self.store.close()
+
+
+class RawSide:
+    """B: one INSERT + COMMIT per event, plain sqlite3, WAL, synchronous=FULL."""
+
+    def __init__(self, path: Path) -> None:
+        self.conn = sqlite3.connect(path, isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        self.conn.execute("PRAGMA synchronous = FULL")
+        self.conn.execute("CREATE TABLE events (seq INTEGER PRIMARY KEY, external_id TEXT "
+                          "NOT NULL UNIQUE, body TEXT NOT NULL, created_at REAL NOT NULL)")
+        self.n = 0
+        # About the size of an outbox row (ids, description, times).
+        self.body = "Unit unlocked via BenchGate for 8 s; unit UNIT_001; by tenant app " * 2
+
+    def prepare(self, n: int) -> None:
+        """Nothing to set up."""
+
+    def one(self) -> None:
+        """Commit one event row."""
+        self.n += 1
+        self.conn.execute("BEGIN")
+        self.conn.execute("INSERT INTO events (external_id, body, created_at) VALUES (?, ?, ?)",
+                          (f"raw-{self.n}", self.body, time.time()))
+        self.conn.execute("COMMIT")
+
+    def count(self) -> int:
+        """Rows committed so far."""
+        return int(self.conn.execute("SELECT count(*) FROM events").fetchone()[0])
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.conn.close()
+
+
+def timed_round(side: StoreSide | RawSide, n: int) -> float:
+    """Seconds to commit ``n`` events one by one."""
+    side.prepare(n)
+    started = time.perf_counter()
+    for _ in range(n):
+        side.one()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    """Run the benchmark and print its figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=10, help="counted rounds per side")
+    parser.add_argument("--per-round", type=int, default=200, help="events per round")
+    parser.add_argument("--dir", type=Path, default=None,
+                        help="where to put the two databases (default: the temp directory)")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="outbox-enqueue-", dir=args.dir))
+    try:
+        a, b = StoreSide(work / "store.db"), RawSide(work / "raw.db")
+        try:
+            timed_round(a, args.per_round)  # warm-up: schema, page cache, WAL growth
+            timed_round(b, args.per_round)
+            a_rounds: list[float] = []
+            b_rounds: list[float] = []
+            for i in range(args.rounds):
+                # A then B, then B then A: neither side always runs first.
+                order: list[tuple[StoreSide | RawSide, list[float]]] = [
+                    (a, a_rounds), (b, b_rounds)]
+                for side, times in order if i % 2 == 0 else order[::-1]:
+                    times.append(timed_round(side, args.per_round))
+            committed = (a.count(), b.count())
+        finally:
+            a.close()
+            b.close()
+        fs = _filesystem(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    total = args.per_round * (args.rounds + 1)
+    if committed != (total, total):
+        raise SystemExit(f"committed {committed}, expected {total} each")
+    n = args.per_round * args.rounds
+    a_rate, b_rate = n / sum(a_rounds), n / sum(b_rounds)
+    print(f"{args.rounds} interleaved rounds x {args.per_round} events per side "
+          f"(+1 warm-up round each); databases on {fs}")
+    print(f"{'':34} {'events/s':>10} {'slowest':>10} {'fastest':>10}  (round rates)")
+    for name, rate, rounds in (("A store (unit action + event tx)", a_rate, a_rounds),
+                               ("B raw sqlite3 INSERT+COMMIT", b_rate, b_rounds)):
+        print(f"{name:34} {rate:10.1f} {args.per_round / max(rounds):10.1f} "
+              f"{args.per_round / min(rounds):10.1f}")
+    ratio = a_rate / b_rate
+    verdict = "met" if ratio >= TARGET_RATIO else "MISSED"
+    print(f"ratio store/raw = {ratio:.2f}; target >= {TARGET_RATIO}: {verdict}")
+
+
+def _filesystem(path: Path) -> str:
+    """``<fstype> (<device>)`` of the filesystem holding ``path``, from /proc/mounts."""
+    best, found = "", "unknown filesystem"
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return found
+    resolved = str(path.resolve())
+    for line in lines:
+        device, mount_point, fstype = line.split()[:3]
+        if (resolved == mount_point or resolved.startswith(mount_point.rstrip("/") + "/")) \
+                and len(mount_point) > len(best):
+            best, found = mount_point, f"{fstype} ({device} on {mount_point})"
+    return found
+
+
+if __name__ == "__main__":
+    main()
