@@ -31,6 +31,14 @@ Figures
   ``delivered`` in SQLite.
 * every event must be at the server exactly once (``count_by_external_id``).
 
+Where only the 1-s window binds (a backlog no larger than the per-minute limit, e.g.
+``--events 500``), the ratio is about 0.75, and not because of the drain: the greedy
+model sends each burst of ``per_s`` requests in zero time (5 bursts over 4 s for 500),
+which no client over a network does, and the client adds ``LIMITER_MARGIN_S`` (0.1 s,
+gateway/stora.py) to each window on purpose, so it never exceeds ``per_s`` per 1.1 s.
+With the default 1,000 events the 60-s window dominates and the margin costs ~1 %.
+A ``--scale`` so large that no window binds prints the drain's own capacity instead.
+
 ``--profile`` drains in the calling thread under ``cProfile`` instead
 (``Drainer.run_until_idle`` with ``time.sleep``) and prints the top functions by
 cumulative time: where the time between two requests goes.
@@ -149,7 +157,8 @@ def run(events: int, scale: int, work: Path, *, profile: bool) -> dict[str, Any]
     return {
         "per_s": per_s, "per_min": per_min, "wall": wall, "span": at[-1] - at[0],
         "greedy_span": greedy[-1], "allowed": allowed, "achieved": achieved,
-        "ratio": achieved / allowed, "posts": len(posts),
+        "ratio": achieved / allowed if math.isfinite(allowed) else math.nan,
+        "posts": len(posts),
         "n429": sum(1 for r in posts if r.status == 429),
         "max1": max_in_window(at, 1.0), "max60": max_in_window(at, 60.0), "profile": stats,
     }
@@ -176,9 +185,14 @@ def main() -> None:
           f"{'cProfile, drained in the main thread' if args.profile else 'drainer thread'}")
     print(f"allowed: greedy sender's last request at {f['greedy_span']:.2f} s -> "
           f"{f['allowed']:.2f} events/s")
-    print(f"achieved: first to last POST {f['span']:.2f} s -> {f['achieved']:.2f} events/s; "
-          f"ratio {f['ratio']:.3f} (target >= {TARGET_RATIO}: "
-          f"{'met' if f['ratio'] >= TARGET_RATIO else 'MISSED'})")
+    if math.isinf(f["allowed"]):
+        # Limits that never bind (a --scale this large): the drain's own capacity.
+        print(f"achieved: first to last POST {f['span']:.2f} s -> {f['achieved']:.2f} "
+              "events/s; the limits never bound, so no ratio (this is the drain's capacity)")
+    else:
+        print(f"achieved: first to last POST {f['span']:.2f} s -> {f['achieved']:.2f} "
+              f"events/s; ratio {f['ratio']:.3f} (target >= {TARGET_RATIO}: "
+              f"{'met' if f['ratio'] >= TARGET_RATIO else 'MISSED'})")
     print(f"POSTs {f['posts']}, 429s {f['n429']} (target 0); server-side max in any 1 s: "
           f"{f['max1']} (limit {f['per_s']}), in any 60 s: {f['max60']} "
           f"(limit {f['per_min']}); wall time {f['wall']:.2f} s")
