@@ -19,7 +19,16 @@ Per event
    ``last_error``, in one transaction, before anything else is sent.  A crash between
    the answer and that write costs one replayed answer under the old key, never a
    duplicate (stora.py: generations are deterministic).
-3. **Send times.**  The rate limiter's ``on_record`` writes each send's wall time to
+3. **In flight.**  Before each attempt the event's ``seq``, key generation and the wall
+   time are written to ``meta`` (:data:`IN_FLIGHT_KEY`; in the same transaction as the
+   frozen body at the first attempt), and cleared in the transaction that persists the
+   outcome.  A marker found at start is the attempt a crash interrupted: it may have
+   reached Stora, so its key is marked unanswered since that time (and the attempt
+   counted) before anything is sent, exactly as for a connection dropped mid-request.
+   Without it the restarted drainer would take a "409: a request with this key is in
+   progress" (the dead process's request still running) for a refusal and dead-letter
+   an event that is being created, and the 24-hour replay window would not apply.
+4. **Send times.**  The rate limiter's ``on_record`` writes each send's wall time to
    ``send_history`` *before* the request goes out; at start the limiter is rebuilt from
    it, so a restart (or a crash loop) never exceeds ``max_per_second`` /
    ``max_per_minute``.  The drainer asks the limiter first and waits on its own event
@@ -79,6 +88,7 @@ them late by the step, so anything scheduled more than :data:`MAX_SCHEDULE_S` ah
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -102,6 +112,7 @@ from gateway.timeline import event_body
 __all__ = [
     "DRAIN_STATES",
     "IDLE_WAIT_S",
+    "IN_FLIGHT_KEY",
     "Drainer",
     "build_drainer",
     "is_config_problem",
@@ -128,6 +139,9 @@ CONNECTION_REASONS: Final = frozenset({
 #: What ``status`` shows as the drain state.
 DRAIN_STATES: Final = ("ok", "backing off", "paused: auth", "paused: config",
                        "paused: storage", "stopped")
+
+#: ``meta`` key of the attempt in flight: ``{"seq", "generation", "at"}`` as JSON, or "".
+IN_FLIGHT_KEY: Final = "outbox.in_flight"
 
 Alarm = Callable[[str, str | None, str], None]
 WallClock = Callable[[], float]
@@ -175,6 +189,7 @@ class Drainer:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._recovered = False
         #: Counts since start: attempts sent, delivered, dead-lettered.
         self.counters = {"attempts": 0, "delivered": 0, "dead_lettered": 0}
 
@@ -253,6 +268,9 @@ class Drainer:
         fails (the outcome of an attempt already sent is then lost, which costs one
         replayed answer under the same key at the next attempt, never a duplicate).
         """
+        if not self._recovered:
+            self._recover_in_flight()
+            self._recovered = True
         now = self._clock()
         with self._lock:
             if self._hold_until - now > MAX_SCHEDULE_S:  # the wall clock went back
@@ -275,15 +293,39 @@ class Drainer:
                 return 0.0
             return math.inf if due is None else max(due - now, 0.0)
         body = row.body
-        if body is None:
-            built = event_body(row.record(), source_id=self.source_id,
-                               template_id=self.template_id, delivered_at=now)
-            with self.store.transaction() as tx:
-                body = tx.freeze_body(row.seq, built)
+        in_flight = json.dumps({"seq": row.seq, "generation": row.generation, "at": now})
+        with self.store.transaction() as tx:
+            if body is None:
+                body = tx.freeze_body(row.seq, event_body(
+                    row.record(), source_id=self.source_id, template_id=self.template_id,
+                    delivered_at=now))
+            tx.set_meta(IN_FLIGHT_KEY, in_flight)
         key = IdempotencyKey(row.external_id, row.generation, row.unanswered_since)
         outcome = self.client.post_event(body, key, attempt=row.attempts)
         self._settle(row, outcome)
         return 0.0
+
+    def _recover_in_flight(self) -> None:
+        """Mark the key of an attempt a crash interrupted as unanswered (module docstring)."""
+        marker = self.store.meta(IN_FLIGHT_KEY)
+        if not marker:
+            return
+        try:
+            seq, generation, at = (json.loads(marker)[k] for k in ("seq", "generation", "at"))
+            row = self.store.event(int(seq))
+        except (ValueError, TypeError, KeyError):
+            LOGGER.warning("outbox: unreadable in-flight marker %r ignored", marker)
+            row = None
+        with self.store.transaction() as tx:
+            if (row is not None and row.state == "pending" and row.generation == generation
+                    and row.unanswered_since is None):
+                LOGGER.warning("outbox: event %d was being posted when the gateway stopped; "
+                               "its key is kept as unanswered", row.seq)
+                tx.record_attempt(row.seq, generation=row.generation, unanswered_since=float(at),
+                                  next_attempt_at=row.next_attempt_at,
+                                  attempts=row.attempts + 1,
+                                  last_error="no answer: the gateway stopped mid-attempt")
+            tx.set_meta(IN_FLIGHT_KEY, "")
 
     def _settle(self, row: EventRow, outcome: PostOutcome) -> None:
         """Persist ``outcome`` of an attempt at ``row`` (one transaction), then react."""
@@ -297,6 +339,7 @@ class Drainer:
             with self.store.transaction() as tx:
                 tx.mark_delivered(row.seq, generation=key.generation, attempts=attempts,
                                   delivered_at=now, stora_event_id=outcome.event_id)
+                tx.set_meta(IN_FLIGHT_KEY, "")
             self.counters["delivered"] += 1
             with self._lock:
                 if self._state != "ok":
@@ -311,6 +354,7 @@ class Drainer:
                              unanswered_since=key.unanswered_since, attempts=attempts,
                              status=outcome.status, code=outcome.code, error=error,
                              dead_at=now)
+                tx.set_meta(IN_FLIGHT_KEY, "")
             self.counters["dead_lettered"] += 1
             self._alarm("timeline_dead_letter", row.unit,
                         f"event {row.seq} ({row.kind}, {row.reference}) refused by Stora: "
@@ -340,6 +384,8 @@ class Drainer:
         why = outcome.reason + (f" {outcome.status}" if outcome.status else "")
         if sent or key != IdempotencyKey(row.external_id, row.generation, row.unanswered_since):
             self._record(row, key, now + delay, attempts, why)
+        else:  # nothing reached Stora and nothing changed: only the marker goes
+            self.store.set_meta(IN_FLIGHT_KEY, "")
         if outcome.reason in CONNECTION_REASONS:
             with self._lock:
                 self._hold_until = max(self._hold_until, now + delay)
@@ -353,6 +399,7 @@ class Drainer:
             tx.record_attempt(row.seq, generation=key.generation,
                               unanswered_since=key.unanswered_since,
                               next_attempt_at=at, attempts=attempts, last_error=why)
+            tx.set_meta(IN_FLIGHT_KEY, "")
 
     def _pause(self, state: str, until: float, kind: str, unit: str | None,
                detail: str) -> None:

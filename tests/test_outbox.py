@@ -11,6 +11,7 @@ uses real time, a fraction of a second.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import random
@@ -293,6 +294,53 @@ def test_restart_mid_drain_keeps_the_limits_and_duplicates_nothing(rig: Rig) -> 
     # a fresh limiter would send 10 at once and break the 60-second window.
     rig.assert_windows()
     assert 429 not in rig.statuses()
+
+
+class DiesInFlight(Drainer):
+    """Stands in for kill -9 while a POST is in flight: its answer is never settled."""
+
+    def _settle(self, row: Any, outcome: PostOutcome) -> None:
+        raise Crash
+
+
+def test_a_post_in_flight_when_the_gateway_died_is_retried_as_unanswered(rig: Rig) -> None:
+    """Found by tests/test_outbox_kill.py's reasoning: after a restart, the key of the
+    attempt the dead process had in flight must count as unanswered.  Else Stora's
+    "409: a request with this key is in progress" (its first request still running)
+    dead-letters an event that is being created, and a person retrying it (a new key)
+    would create it twice; and the 24-hour replay window would not be enforced."""
+    ids = rig.add(1)
+    rig.store.close()
+    first = rig.open(drainer_cls=DiesInFlight)
+    rig.sandbox.set_slow(0.5)  # Stora is slow: the request outlives the process
+
+    def first_life() -> None:
+        with contextlib.suppress(Crash):
+            first.step()
+
+    thread = threading.Thread(target=first_life)
+    thread.start()
+    # (private: the only way to see "the server is processing it" from outside)
+    wait_for(lambda: bool(rig.sandbox._inflight), 5)
+    rig.sandbox.set_slow(0)
+    second = rig.open()  # the restarted gateway, on the same file
+    assert second.guarded_step() == 0.0  # 409: the first request is still in progress
+    assert rig.store.event_count("dead") == 0
+    assert rig.alarms == []
+    row = rig.store.events()[0]
+    assert row.state == "pending"
+    assert row.generation == 0  # the key is kept, marked unanswered
+    assert row.unanswered_since is not None
+    assert row.attempts == 2  # the lost attempt counts
+    thread.join()
+    first.store.close()
+    rig.drain()
+    rig.assert_exactly_once(ids)
+    # In the order answered: the 409, the slow first request's 201, its replay.
+    assert [(r.status, r.replayed) for r in rig.posts()] == [
+        (409, False), (201, False), (201, True)]
+    assert rig.delivered() == 1
+    assert rig.alarms == []
 
 
 # -- pauses -----------------------------------------------------------------------------
