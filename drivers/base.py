@@ -96,6 +96,20 @@ class Health:
 
 
 @dataclass(frozen=True, slots=True)
+class Notice:
+    """Something a controller noticed on its own that a person should hear about.
+
+    ``kind`` is the alarm kind published as is (``"battery_low"``, …); ``device`` or
+    ``channel`` names the lock it concerns (``None`` for the controller as a whole).
+    """
+
+    kind: str
+    detail: str
+    device: str | None = None
+    channel: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ProbeResult:
     """One address on a bus that answered a ``scan``."""
 
@@ -143,6 +157,14 @@ class Controller(ABC):
     def self_relocking(self) -> bool:
         """True when this controller ends a timed unlock by itself."""
         return False
+
+    def notices(self) -> list[Notice]:
+        """Notices raised since the last call, oldest first (no I/O); none by default.
+
+        For what a device reports unasked (a low battery); the gateway publishes each
+        as an alarm.  What ``health()`` or a failed read already says is not repeated.
+        """
+        return []
 
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release the port or link."""

@@ -104,10 +104,45 @@ def _scan_lockboard(bus: SerialBus, addresses: Iterable[int]) -> list[ProbeResul
     return list(lockboard_scan(bus, addresses))
 
 
+def _build_zigbee2mqtt(cfg: ControllerConfig, site: Site, bus: SerialBus | None) -> Controller:
+    """A Zigbee2MQTT bridge: its own MQTT connection, shared per broker.
+
+    Without ``host``/``port`` the bridge is on the ``[mqtt]`` broker, reached with its
+    credentials and TLS; a broker of its own (a LAN Mosquitto) gets neither, so the
+    cloud credentials never travel to another host (hardware.md, "zigbee2mqtt").
+    """
+    import os
+
+    from drivers.zigbee2mqtt import BridgeLink, BrokerSettings, Zigbee2MqttController
+    from gateway.mqtt import _read_password, _tls_context
+
+    del bus
+    mqtt = site.config.mqtt
+    own = cfg.broker_host is not None or cfg.broker_port is not None
+    host = cfg.broker_host or mqtt.host
+    port = cfg.broker_port or (1883 if own else mqtt.port)
+    key = ("zigbee2mqtt", f"{host}:{port}")
+    if key not in site.shared:
+        # The pid keeps a CLI that opens the hardware itself from kicking the agent's
+        # session off the broker (same client id); the session is clean anyway.
+        client_id = f"{mqtt.client_id}-z2m-{os.getpid()}"
+        site.shared[key] = BridgeLink(
+            BrokerSettings(host, port, client_id, keepalive_s=mqtt.keepalive_s) if own
+            else BrokerSettings(host, port, client_id, username=mqtt.username or None,
+                                password=_read_password(mqtt),
+                                tls=_tls_context(mqtt) if mqtt.tls else None,
+                                keepalive_s=mqtt.keepalive_s))
+    devices = [lock.device for lock in site.config.locks
+               if lock.controller == cfg.name and lock.device is not None]
+    return Zigbee2MqttController(cfg.name, site.shared[key], cfg.base_topic or "zigbee2mqtt",
+                                 devices)
+
+
 #: driver name -> builder.  Serial drivers get their shared bus; MQTT drivers get None.
 BUILDERS: dict[str, Builder] = {
     "modbus": _build_modbus,
     "lockboard": _build_lockboard,
+    "zigbee2mqtt": _build_zigbee2mqtt,
 }
 
 #: driver name -> (bus scan, default address range).

@@ -613,6 +613,22 @@ class UnitManager:
                     lock.unit,
                     functools.partial(self._reconcile_unit, lock, reading, came_back),
                 )
+        for name, locks in by_controller.items():
+            self._raise_notices(name, locks)
+
+    def _raise_notices(self, name: str, locks: list[LockConfig]) -> None:
+        """Publish what a controller noticed by itself (a low battery) as alarms."""
+        try:
+            notices = self.site.controllers[name].notices()
+        except Exception:  # a driver bug must not stop reconciliation
+            LOGGER.exception("%s: collecting notices failed", name)
+            return
+        for notice in notices:
+            unit = next((lock.unit for lock in locks
+                         if (notice.device is not None and lock.device == notice.device)
+                         or (notice.device is None and notice.channel is not None
+                             and lock.channel == notice.channel)), None)
+            self._alarm(notice.kind, unit, f"{name}: {notice.detail}")
 
     def _mark_unknown(self, lock: LockConfig) -> None:
         with self.store.transaction() as tx:
