@@ -58,6 +58,10 @@ RATE = 2_000
 #: opens and recovers; the others 0-100 ms after its drainer started, while it generates
 #: and drains (building the HTTP client in between takes ~30 ms and touches nothing).
 EARLY_KILLS, EARLY_S, STEADY_S = 0.15, 0.02, 0.1
+#: A share of the lives meet a slow Stora (each request takes SLOW_S): a kill then leaves
+#: a request the server is still processing when the next life sends the same key, which
+#: must be answered "409 in progress" and retried, never dead-lettered.
+SLOW_LIVES, SLOW_S = 0.2, 0.2
 #: The generator's mean pause between commands (s): the drain, three fsyncs and one
 #: POST an event, must keep up with it.
 PAUSE_S = 0.004
@@ -231,6 +235,7 @@ def test_kill_9_at_random_points_loses_and_duplicates_no_committed_event(
             for life in range(1, KILLS + 1):
                 h.reset_phases()
                 early = rng.random() < EARLY_KILLS
+                sandbox.set_slow(SLOW_S if rng.random() < SLOW_LIVES else 0)
                 delay = rng.uniform(0, EARLY_S if early else STEADY_S)
                 born = spawned = time.monotonic()
                 pid = zygote.spawn(_spec(h, config, life, "generate", redo,
@@ -266,6 +271,7 @@ def test_kill_9_at_random_points_loses_and_duplicates_no_committed_event(
                              if how == "fresh"]
                     redo = command_for(life, max(fresh, default=0) + 1)
             h.reset_phases()
+            sandbox.set_slow(0)
             pid = zygote.spawn(_spec(h, config, KILLS + 1, "drain", None, 0))
             drained = zygote.reap(pid)
         finally:
@@ -274,6 +280,7 @@ def test_kill_9_at_random_points_loses_and_duplicates_no_committed_event(
         counts = sandbox.count_by_external_id()
         state = sandbox.state()
         times = sandbox.request_times()
+        sandbox_requests = sandbox.requests
 
     conn = sqlite3.connect(h.db)
     try:
@@ -303,6 +310,7 @@ def test_kill_9_at_random_points_loses_and_duplicates_no_committed_event(
         f"failures: {len(integrity)}, reported but not in the database after a kill: "
         f"{len(lost_at_kill)}",
         f"  POSTs: {state['requests']}, answered by a replay: {state['replayed']}, "
+        f"409 in progress: {sum(r.status == 409 for r in sandbox_requests)}, "
         f"events with more than one attempt: {retried}, max attempts: {max_attempts}",
         "  kills landed, unit side: " + ", ".join(
             f"{p} {n}" for p, n in sorted(unit_side.items())),
