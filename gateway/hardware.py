@@ -138,11 +138,44 @@ def _build_zigbee2mqtt(cfg: ControllerConfig, site: Site, bus: SerialBus | None)
                                  devices)
 
 
+def _build_tasmota(cfg: ControllerConfig, site: Site, bus: SerialBus | None) -> Controller:
+    """A Tasmota device: one MQTT connection per broker, shared by its devices.
+
+    The ``[mqtt]`` broker is reached with its credentials and TLS; a broker of its own
+    (``host``/``port``) gets neither (hardware.md, "tasmota").  The device relocks a
+    strike by itself (``PulseTime``), not a maglock: ``self_relocking`` says whether any
+    lock on it is a strike.
+    """
+    import os
+
+    from drivers.tasmota import BrokerSettings, TasmotaClient, TasmotaController
+    from gateway.mqtt import _read_password, _tls_context
+
+    del bus
+    mqtt = site.config.mqtt
+    own = cfg.broker_host is not None or cfg.broker_port is not None
+    host, port = cfg.broker_host or mqtt.host, cfg.broker_port or (1883 if own else mqtt.port)
+    key = ("tasmota", f"{host}:{port}")
+    if key not in site.shared:
+        client_id = f"{mqtt.client_id}-tasmota-{os.getpid()}"  # the CLI must not kick the agent
+        site.shared[key] = TasmotaClient(
+            BrokerSettings(host, port, client_id, keepalive_s=mqtt.keepalive_s) if own
+            else BrokerSettings(host, port, client_id, username=mqtt.username or None,
+                                password=_read_password(mqtt),
+                                tls=_tls_context(mqtt) if mqtt.tls else None,
+                                keepalive_s=mqtt.keepalive_s))
+    locks = [lock for lock in site.config.locks if lock.controller == cfg.name]
+    return TasmotaController(cfg.name, site.shared[key], cfg.topic or "", cfg.channels,
+                             cfg.inputs, self_relocking=not locks or any(
+                                 lock.energize_to == "unlock" for lock in locks))
+
+
 #: driver name -> builder.  Serial drivers get their shared bus; MQTT drivers get None.
 BUILDERS: dict[str, Builder] = {
     "modbus": _build_modbus,
     "lockboard": _build_lockboard,
     "zigbee2mqtt": _build_zigbee2mqtt,
+    "tasmota": _build_tasmota,
 }
 
 #: driver name -> (bus scan, default address range).

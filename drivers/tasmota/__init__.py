@@ -1,0 +1,17 @@
+"""The ``tasmota`` driver: relay channels of Tasmota devices over MQTT.
+
+Layers, one module each::
+
+    messages.py    topics and payloads of Tasmota's MQTT API           (pure)
+    client.py      TasmotaClient: one paho-mqtt client per broker      (link)
+    controller.py  TasmotaController                                   (controller API)
+    sim.py         TasmotaSim: a simulated device on a real broker     (simulator)
+
+``sim`` is not imported here: production code never needs it.
+"""
+
+from drivers.tasmota.client import BrokerSettings, ClientTiming, TasmotaClient
+from drivers.tasmota.controller import TasmotaController, TasmotaTiming
+
+__all__ = ["BrokerSettings", "ClientTiming", "TasmotaClient", "TasmotaController",
+           "TasmotaTiming"]
