@@ -110,6 +110,9 @@ def test_commands_are_tasmotas() -> None:
     ("tele/d/STATE", b'{"Time":"2026-11-29T09:41:28","Uptime":"0T00:10:00","POWER1":"ON",'
                      b'"POWER2":"OFF"}', [m.PowerReport(1, True), m.PowerReport(2, False)]),
     ("tele/d/INFO1", b'{"Info1":{"Module":"Generic"}}', []),
+    # SetOption4 1: answers on stat/<topic>/<COMMAND> instead of RESULT
+    ("stat/d/PULSETIME1", b'{"PulseTime1":{"Set":3,"Remaining":0}}', [m.PulseReport(1, 3, 0)]),
+    ("stat/d/POWER1", b'{"POWER1":"ON"}', [m.PowerReport(1, True)]),
 ])
 def test_decode_reads_what_tasmota_publishes(topic: str, payload: bytes,
                                              reports: list[m.Report]) -> None:

@@ -13,6 +13,7 @@ the prefixes ``cmnd`` (to the device), ``stat`` (answers and state changes) and 
                                {"Switch1":{"Action":"ON"}} (SetOption114 1)
                                {"PowerOnState":0}, {"SetOption114":"ON"}, {"SwitchMode1":1}
     stat/<topic>/STATUS10      {"StatusSNS":{"Time":"…","Switch1":"ON"}}
+    stat/<topic>/PULSETIME1    {"PulseTime1":{…}}           (SetOption4 1: per command)
     tele/<topic>/SENSOR        {"Time":"…","Switch1":"ON"}  (TelePeriod; SwitchMode 15)
     tele/<topic>/STATE         {"Time":"…","POWER1":"ON",…} (TelePeriod)
     tele/<topic>/LWT           Online | Offline             retained; Offline is the will
@@ -225,11 +226,13 @@ def decode(prefix: str, name: str, payload: bytes) -> list[Report]:
     if prefix == TELE and name == "LWT":
         return [Availability(_lwt(payload))]
     if prefix == STAT:
+        if payload.lstrip().startswith(b"{"):  # RESULT, STATUS10, or <Command> (SetOption4)
+            return _from_json(_json(payload))
         match = _INDEXED.match(name)
         if match and match.group(1).upper() == "POWER":
             return [PowerReport(_index(match.group(2)), _state(_text(payload), name))]
         if name == "RESULT" or name.startswith("STATUS"):
-            return _from_json(_json(payload))
+            raise MessageError(f"{name}: expected a JSON object, got {payload[:60]!r}")
         return []
     if prefix == TELE and name in ("SENSOR", "STATE"):
         return _from_json(_json(payload))
