@@ -333,6 +333,9 @@ def test_offline_device_and_bridge(bench: Bench) -> None:
     assert time.monotonic() - t0 < 0.5  # no timeouts waited, no radio traffic
     assert bench.sim.counters.gets == gets
     assert bench.sim.counters.commands == 0
+    result = bench.ctl.lock(PB)  # securing a door is still tried (and not confirmed)
+    assert not result.confirmed
+    assert bench.sim.counters.commands_ignored == 1
     assert bench.ctl.read(PA).lock is LockState.LOCKED
     bench.sim.set_online(True, [B])
     wait_for(lambda: bench.ctl.health().online)

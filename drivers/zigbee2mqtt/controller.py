@@ -22,7 +22,8 @@ Truth rule, as it applies here (``drivers.base``):
 Faults and what they become:
 
 * device ``availability`` offline, bridge ``bridge/state`` offline: ``DeviceOfflineError``
-  at once, without radio traffic; ``health()`` says which;
+  at once, without radio traffic; ``health()`` says which.  Only ``lock`` is still tried
+  on a device said to be offline: securing a door is never skipped on a flag;
 * a ``/get`` nobody answers: ``NoReplyError``; the device is *unresponsive* until it
   reports again, and is asked again after a growing pause (so a dead lock does not
   stall every reconciliation pass for a full timeout);
@@ -323,7 +324,10 @@ class Zigbee2MqttController(Controller):
         want = LockState.LOCKED if locked else LockState.UNLOCKED
         with self._io():
             dev = self._device(self._name_of(point))
-            self._ready([dev])
+            # A lock is tried even on a device Zigbee2MQTT calls offline (a battery lock
+            # is only declared offline after hours of silence, and may hear us): securing
+            # a door is never skipped on a flag.  An unlock fails at once instead.
+            self._ready([] if locked else [dev])
             with self._cond:
                 mark = dev.seq
             self.link.publish(self.topics.set(dev.name), encode_set(locked))

@@ -53,7 +53,12 @@ class Zigbee2MqttHarness:
         self.sim.close()
 
 
-def make(directory: Path, broker: Broker) -> Zigbee2MqttHarness:
-    """The harness (a simulated bridge needs no files)."""
+def make(directory: Path, broker: Broker, *,
+         report_delay_s: float = REPORT_DELAY_S) -> Zigbee2MqttHarness:
+    """The harness (a simulated bridge needs no files).
+
+    ``report_delay_s`` is the devices' report latency; ``harness.sim.report_delay_s``
+    may also be changed while it runs (0.2-0.3 s is what a real lock takes).
+    """
     del directory
-    return Zigbee2MqttHarness(broker)
+    return Zigbee2MqttHarness(broker, report_delay_s)
