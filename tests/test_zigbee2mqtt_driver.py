@@ -37,7 +37,7 @@ from drivers.zigbee2mqtt.messages import (
     encode_set,
 )
 from drivers.zigbee2mqtt.sim import SimFaults, SimLock, Zigbee2MqttSim
-from tests.support.broker import Broker, Client
+from tests.support.broker import Broker, Client, make_tls_files
 
 pytestmark = pytest.mark.simulator_only
 
@@ -436,29 +436,19 @@ def test_broker_loss_fails_fast_sends_nothing_late_and_recovers(bench: Bench) ->
 # --------------------------------------------------------------------------- gateway
 
 
-def test_a_lock_on_a_second_broker_through_the_gateway(tmp_path: Path, broker: Broker) -> None:
-    """[mqtt] on one broker, the bridge on another (host/port): builder, reconciliation,
-    and the battery notice published as an alarm."""
-    from gateway.config import load_config
-    from gateway.hardware import build_site, point_of
-    from gateway.store import Store
-    from gateway.units import UnitManager
-
-    with Broker(tmp_path / "lan") as lan:
-        sim = Zigbee2MqttSim(lan.host, lan.port, [SimLock("yard/gate")], report_delay_s=0.01)
-        sim.start()
-        config_path = tmp_path / "gateway.toml"
-        token = tmp_path / "token"
-        token.write_text("t\n")
-        token.chmod(0o600)
-        config_path.write_text(f"""\
+def write_config(directory: Path, mqtt: str, controller: str, device: str) -> Path:
+    """A gateway config with ``[mqtt]`` lines ``mqtt`` and one zigbee2mqtt lock."""
+    token = directory / "token"
+    token.write_text("t\n")
+    token.chmod(0o600)
+    path = directory / "gateway.toml"
+    path.write_text(f"""\
 [site]
 id = "site_z"
 app_name = "Z"
 
 [mqtt]
-host = "{broker.host}"
-port = {broker.port}
+{mqtt}
 
 [commands]
 trusted_keys = {{ k = "{'A' * 43}" }}
@@ -470,24 +460,39 @@ token_file = "{token}"
 timeline_source_id = "tsrc_z"
 
 [storage]
-path = "{tmp_path / 'gateway.db'}"
+path = "{directory / 'gateway.db'}"
 
 [control]
-socket = "{tmp_path / 'control.sock'}"
+socket = "{directory / 'control.sock'}"
 
 [[controllers]]
 name = "zb"
 driver = "zigbee2mqtt"
-host = "{lan.host}"
-port = {lan.port}
+{controller}
 
 [[locks]]
 unit = "unit_gate"
 reference = "GATE"
 controller = "zb"
-device = "yard/gate"
+device = "{device}"
 """)
-        config = load_config(config_path)
+    return path
+
+
+def test_a_lock_on_a_second_broker_through_the_gateway(tmp_path: Path, broker: Broker) -> None:
+    """[mqtt] on one broker, the bridge on another (host/port): builder, reconciliation,
+    and the battery notice published as an alarm."""
+    from gateway.config import load_config
+    from gateway.hardware import build_site, point_of
+    from gateway.store import Store
+    from gateway.units import UnitManager
+
+    with Broker(tmp_path / "lan") as lan:
+        sim = Zigbee2MqttSim(lan.host, lan.port, [SimLock("yard/gate")], report_delay_s=0.01)
+        sim.start()
+        config = load_config(write_config(
+            tmp_path, f'host = "{broker.host}"\nport = {broker.port}',
+            f'host = "{lan.host}"\nport = {lan.port}', "yard/gate"))
         site = build_site(config)
         store = Store(config.storage.path)
         alarms: list[tuple[str, str | None, str]] = []
@@ -513,3 +518,32 @@ device = "yard/gate"
             store.close()
             sim.close()
         assert not controller.link._thread or not controller.link._thread.is_alive()
+
+
+def test_on_the_mqtt_broker_with_its_credentials_and_tls(tmp_path: Path) -> None:
+    """No host/port: the [mqtt] broker, with its user, password file and CA."""
+    from gateway.config import load_config
+    from gateway.hardware import build_site
+
+    tls = make_tls_files(tmp_path / "tls", hostname="localhost")
+    password = tmp_path / "password"
+    password.write_text("s3cret\n")
+    password.chmod(0o600)
+    with Broker(tmp_path / "broker", tls=tls, users={"gw": "s3cret", "z2m": "z"}) as broker:
+        config = load_config(write_config(
+            tmp_path, f'host = "localhost"\nport = {broker.port}\nusername = "gw"\n'
+                      f'password_file = "{password}"\ntls = true\nca_file = "{tls.ca}"',
+            'base_topic = "z2m"', "gate"))
+        site = build_site(config)
+        try:
+            controller = site.controllers["zb"]
+            assert isinstance(controller, Zigbee2MqttController)
+            assert controller.link.wait_connected(10), controller.health()
+            with Client(broker, tls=tls, host="localhost", username="z2m",
+                        password="z") as bridge:
+                bridge.publish("z2m/gate", b'{"state":"LOCK","lock_state":"locked"}', qos=0)
+                wait_for(lambda: controller.stats.reports == 1)
+            assert controller.read(LockPoint(0, device="gate")).lock is LockState.LOCKED
+            assert "s3cret" not in repr(controller.link.settings)
+        finally:
+            site.close()
