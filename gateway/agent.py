@@ -9,8 +9,13 @@ Threads, and why each exists:
 * the unit pool: one operation at a time per unit, in arrival order;
 * the outbox drainer (gateway/outbox.py): posts Timeline Events to Stora, woken when a
   transaction adds events; its waits and failures never touch lock control;
-* the relock timer, the control socket, and this main thread, which runs the periodic
-  jobs (reconciliation, status, persisting the last trusted time) and waits for a signal.
+* the relock timer (monotonic deadlines) and the control socket;
+* the scheduler (gateway/schedule.py): APScheduler's thread and a pool of up to three,
+  running every periodic job of one table (reconciliation, telemetry, persisting the
+  last trusted time, outbox wake, token refresh, the watchdog heartbeat), safe against
+  wall-clock jumps;
+* this main thread, which waits for a signal and pings the systemd watchdog while the
+  parts above are alive (``Agent.start`` lists what "alive" means).
 
 Storage that fails (fault matrix #23-25) never stops lock control: a corrupt database is
 moved aside with an alarm counting the undelivered events it held; a read-only or full
@@ -47,6 +52,7 @@ which stops foreign publishers before they cost the agent anything.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -72,10 +78,16 @@ from gateway.units import Outcome, UnitManager, rfc3339
 
 LOGGER = logging.getLogger(__name__)
 
-#: How often every controller is read back (drift, doors, controllers coming back).
-RECONCILE_INTERVAL_S = 5.0
-#: How often the retained status is refreshed and the last trusted time persisted.
-STATUS_INTERVAL_S = 30.0
+#: The periodic jobs and their intervals are one table: gateway/schedule.py ``JOBS``.
+#: How long a vital part may make no progress before the watchdog stops pinging, when
+#: systemd sets no ``WatchdogSec`` (with one, that period is used).
+VITAL_STALE_S = 30.0
+#: Reconciliation is vital too, but may take a while on a bus whose boards are offline
+#: (every read times out): stale after this many of its intervals, or two watchdog
+#: periods, whichever is longer.
+RECONCILE_STALE_PASSES = 6
+#: The main thread's wait when systemd asks for no watchdog pings (it wakes on a signal).
+MAIN_WAIT_S = 60.0
 #: Rejection results: sustained rate and burst (a flood must not be amplified).
 REJECT_RATE_PER_S = 20.0
 REJECT_BURST = 50
@@ -448,7 +460,9 @@ class Agent:
                 self._recent_jtis.popitem(last=False)
         except StoreError as exc:
             # Without a durable inbox, at-most-once cannot be promised: refuse, loudly.
-            self.alarm("storage", command.unit, f"command {command.jti} refused: {exc}")
+            # The store's hook has raised the (rate-limited) storage alarm already; one
+            # alarm per refused command would flood the broker while the disk is bad.
+            LOGGER.error("command %s refused: %s", command.jti, exc)  # noqa: TRY400
             if command.cmd in ("lock", "lockout") and command.unit is not None:
                 # Locking is safe to repeat and must never wait for the disk: the door
                 # is locked anyway; the command is still answered "failed" (not kept).
@@ -821,7 +835,8 @@ class Agent:
             self._submit(command)
 
     def start(self) -> None:
-        """Start everything; returns at once."""
+        """Start everything, the periodic jobs and the watchdog's checks last; returns
+        at once."""
         from gateway.control import ControlServer
 
         # The control socket first: it also refuses to start when another agent already
@@ -837,20 +852,104 @@ class Agent:
         self.outbox.start()
         self._guarded("reconciliation", self.units.reconcile)
 
+        # The periodic jobs (gateway/schedule.py JOBS) and the watchdog's vitals.
+        # "Alive", concretely: each check below passes, i.e. each part showed progress
+        # within one watchdog period (``stale``):
+        # * MQTT link: its network and worker threads are running, and the worker is not
+        #   sitting on queued messages without handling any;
+        # * unit workers: a no-op probe, queued on its own key by the heartbeat, gets a
+        #   worker (a lock operation takes seconds; all workers held that long is stuck);
+        # * relock timer: its thread is running;
+        # * scheduler: its thread is running and the heartbeat job ran (so its pool runs
+        #   jobs);
+        # * reconciliation: a pass ended within RECONCILE_STALE_PASSES intervals or two
+        #   periods, whichever is longer.
+        from gateway.schedule import (
+            JOBS,
+            PROBE_KEY,
+            TEST_FAULT_ENV,
+            PoolProbe,
+            SiteScheduler,
+            Watchdog,
+            arm_test_fault,
+            inbound_progress,
+            threads_alive,
+            watchdog_period,
+        )
+        from gateway.stora import StoraError
+
+        period = watchdog_period()
+        stale = period if period is not None else VITAL_STALE_S
+        spec = {job.id: job for job in JOBS}
+        heartbeat_s = min(spec["watchdog.heartbeat"].interval_s, stale / 3)
+        reconcile_stale = max(RECONCILE_STALE_PASSES * spec["units.reconcile"].interval_s,
+                              2 * stale)
+        probe = PoolProbe(functools.partial(self.units.run_exclusive, PROBE_KEY), stale)
+
+        def publish_status() -> None:
+            self.link.publish(f"{self.prefix}/status", self._birth(), qos=1, retain=True)
+
+        def refresh_token() -> None:
+            if self.outbox is None:
+                return
+            try:  # refreshes only when due; a failure is the drainer's to report
+                self.outbox.client.tokens.token()
+            except StoraError as exc:
+                LOGGER.debug("token refresh ahead of expiry: %s", exc)
+
+        def on_jump(step: float) -> None:
+            del step
+            if self.outbox is not None:  # its waits are computed from wall-clock times
+                self.outbox.wake()
+
+        self.scheduler = SiteScheduler(
+            {
+                "units.reconcile": functools.partial(
+                    self._guarded, "reconciliation", self.units.reconcile),
+                # One line to switch to self.publish_telemetry once it exists.
+                "telemetry.publish": functools.partial(self._guarded, "status", publish_status),
+                "clock.persist": functools.partial(
+                    self._guarded, "saving the trusted time", self._persist_trusted_time),
+                "outbox.wake": lambda: self.outbox.wake() if self.outbox is not None else None,
+                "stora.token_refresh": refresh_token,
+                "watchdog.heartbeat": probe.probe,
+            },
+            intervals={"watchdog.heartbeat": heartbeat_s},
+            on_jump=on_jump,
+        )
+        scheduler = self.scheduler
+        # Private attributes of the link and the units: they offer no public liveness
+        # yet (asked for: MqttLink.threads_alive(), UnitManager.timer_alive()).
+        self.vitals = [
+            ("mqtt link", threads_alive(lambda: self.link._threads)),
+            ("mqtt inbound", inbound_progress(self.link.stats, stale)),
+            ("unit workers", probe.check),
+            ("relock timer", threads_alive(lambda: [self.units._timer_thread])),
+            ("scheduler", lambda: scheduler.stalled("watchdog.heartbeat", stale)),
+            ("reconciliation", lambda: scheduler.stalled("units.reconcile", reconcile_stale)),
+        ]
+        self.watchdog = (Watchdog(period, self.vitals, _sd_notify) if period is not None
+                         else None)
+        scheduler.start()
+        fault = os.environ.get(TEST_FAULT_ENV)
+        if fault:  # test-only (gateway/schedule.py docstring)
+            def wedge_units() -> None:
+                for n in range(64):  # more keys than any pool has workers
+                    self.units.run_exclusive(f"~wedge-{n}", self.stop_event.wait)
+
+            arm_test_fault(fault, {"wedge-units": wedge_units, "stop-link": self.link.stop,
+                                   "stop-scheduler": scheduler.shutdown_for_test})
+
     def run_forever(self) -> None:
-        """Periodic jobs until ``stop_event``."""
-        next_reconcile = next_status = time.monotonic()
-        while not self.stop_event.is_set():
-            now = time.monotonic()
-            if now >= next_reconcile:
-                next_reconcile = now + RECONCILE_INTERVAL_S
-                self._guarded("reconciliation", self.units.reconcile)
-            if now >= next_status:
-                next_status = now + STATUS_INTERVAL_S
-                self._guarded("saving the trusted time", self._persist_trusted_time)
-                self._guarded("status", lambda: self.link.publish(
-                    f"{self.prefix}/status", self._birth(), qos=1, retain=True))
-            self.stop_event.wait(timeout=min(next_reconcile, next_status) - time.monotonic())
+        """Until ``stop_event``.  The periodic jobs run on the scheduler (started by
+        :meth:`start`); this thread pings the systemd watchdog while the agent is alive."""
+        watchdog = getattr(self, "watchdog", None)
+        while True:
+            if watchdog is not None:
+                watchdog.tick()
+            if self.stop_event.wait(watchdog.interval_s if watchdog is not None
+                                    else MAIN_WAIT_S):
+                return
 
     def _guarded(self, what: str, job: Any) -> None:
         """Run a periodic job; a failure is an alarm, never the end of the agent."""
@@ -869,7 +968,11 @@ class Agent:
         """Clean shutdown, each step best effort: no new requests, running work finished
         (and its results published), pending relocks done, offline status, ports closed."""
         self.stop_event.set()
+        scheduler = getattr(self, "scheduler", None)
         steps: list[tuple[str, Any]] = [
+            # First: no reconciliation pass may queue work behind the units' shutdown.
+            # A job running now ends first (a bus read, a token request: bounded).
+            ("scheduler", scheduler.stop if scheduler is not None else None),
             ("control socket", self.control.stop if self.control is not None else None),
             ("units", self.units.stop),
             ("outbox", self.outbox.stop if self.outbox is not None else None),
@@ -888,7 +991,10 @@ class Agent:
 
 
 def _sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) we are ready, when it is listening."""
+    """Send one sd_notify message (READY=1, WATCHDOG=1, …) when systemd is listening.
+
+    Raises OSError when the socket is named but refuses it (the watchdog logs that).
+    """
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return
@@ -896,7 +1002,7 @@ def _sd_notify(message: str) -> None:
 
     if address.startswith("@"):
         address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
         sock.connect(address)
         sock.sendall(message.encode())
 
@@ -909,6 +1015,9 @@ def run_agent(config: Config, *, debug: bool = False) -> int:
     )
     if not debug:
         logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+        # APScheduler logs every run of every job at INFO; its warnings (a run missed,
+        # one skipped because the last is still running) stay.
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
     # Threads hand the GIL over every 5 ms by default.  The worker's signature checks
     # release it (inside OpenSSL) and must then wait for the network thread to give it
     # back, which a flood keeps busy: up to one interval per command.  1 ms keeps that
@@ -926,9 +1035,14 @@ def run_agent(config: Config, *, debug: bool = False) -> int:
     LOGGER.info("stora-gateway %s starting for site %s as %s", __version__, config.site.id,
                 pwd.getpwuid(os.getuid()).pw_name)
     agent.start()
-    _sd_notify("READY=1")
+    try:
+        _sd_notify("READY=1")
+    except OSError as exc:  # systemd would time the start out; say why
+        LOGGER.error("could not tell systemd we are ready (NOTIFY_SOCKET): %s", exc)  # noqa: TRY400
     try:
         agent.run_forever()
     finally:
+        with contextlib.suppress(OSError):
+            _sd_notify("STOPPING=1")
         agent.stop()
     return 0

@@ -348,11 +348,19 @@ def test_the_agent_runs_under_the_acl_and_tells_systemd_it_is_ready(tmp_path: Pa
         relay = Client(broker, "relay-probe", username="relay", password=passwords["relay"])
         relay_listens(relay)
         log_path = tmp_path / "agent.log"
+        # As systemd sets them for this unit: the notify socket, and with WatchdogSec=
+        # the period in microseconds (WATCHDOG_PID is optional and left out).
+        unit = unit_settings()
+        watchdog_s = float(unit["WatchdogSec"][-1].rstrip("s")) if unit.get("WatchdogSec") \
+            else None
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "NOTIFY_SOCKET": str(notify_path)}
+        env.pop("WATCHDOG_PID", None)
+        if watchdog_s is not None:
+            env["WATCHDOG_USEC"] = str(int(watchdog_s * 1_000_000))
         with log_path.open("wb") as log:
             agent = subprocess.Popen(
                 [sys.executable, "-m", "gateway.cli", "run", "--config", str(site.config_path)],
-                stdout=log, stderr=log, cwd=ROOT,
-                env={**os.environ, "PYTHONPATH": str(ROOT), "NOTIFY_SOCKET": str(notify_path)},
+                stdout=log, stderr=log, cwd=ROOT, env=env,
             )
         try:
             notify.settimeout(20)
@@ -384,14 +392,13 @@ def test_the_agent_runs_under_the_acl_and_tells_systemd_it_is_ready(tmp_path: Pa
             assert stats["connects"] == 1
 
             # What the unit relies on, against what the agent sent in this run.
-            unit = unit_settings()
             assert unit["Type"] == ["notify"]
-            if unit.get("WatchdogSec"):
-                watchdog_s = float(unit["WatchdogSec"][-1].rstrip("s"))
+            if watchdog_s is not None:
                 notify.settimeout(watchdog_s / 2)
-                assert "WATCHDOG=1" in notify.recv(4096).decode(), (
-                    "WatchdogSec is set but the agent sends no WATCHDOG=1: systemd would "
-                    "kill it")
+                notices = [notify.recv(4096).decode()]
+                assert notices == ["WATCHDOG=1"], (
+                    f"WatchdogSec is set but the agent sent {notices}, not WATCHDOG=1: "
+                    f"systemd would kill it\n{log_path.read_text()}")
         finally:
             agent.send_signal(signal.SIGTERM)
             try:
@@ -639,6 +646,20 @@ def test_the_unit_exposure_score_does_not_regress(tmp_path: Path) -> None:
     score = float(match.group(1))
     print(f"\nsystemd-analyze security exposure: {score} (baseline {EXPOSURE_BASELINE})")
     assert score <= EXPOSURE_BASELINE, done.stdout
+
+
+def test_the_unit_asks_for_the_watchdog_the_agent_serves() -> None:
+    """WatchdogSec is on (a wedged agent is killed and restarted) and long enough for a
+    Pi: the agent pings every third of it, from a thread that wakes for nothing else,
+    and calls a part wedged only after a whole period without progress.  The pings
+    themselves are checked against the real agent in
+    test_the_agent_runs_under_the_acl_and_tells_systemd_it_is_ready and, with parts
+    broken on purpose, in tests/test_schedule.py."""
+    unit = unit_settings()
+    assert unit["Type"] == ["notify"]
+    watchdog_s = float(unit["WatchdogSec"][-1].rstrip("s"))
+    assert 10 <= watchdog_s <= 120
+    assert unit["Restart"] == ["on-failure"]  # a watchdog kill is a failure: restarted
 
 
 def test_the_unit_ends_a_crash_loop() -> None:
