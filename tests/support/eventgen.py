@@ -26,7 +26,7 @@ The child reports each committed event by appending ``"<external_id> <jti> <how>
 to ``spec["report"]`` with one ``write(2)`` *after* the command's outcome transaction
 has returned: a line in that file is an event the store acknowledged as committed.  It
 also keeps a two-byte *phase* file (mmap) saying what each thread was doing, so the test
-can tell where its kills landed: byte 0 the command thread, byte 1 the drainer thread
+can tell where its kills landed: byte 0 the unit side, byte 1 the drainer thread
 (see :data:`PHASES`).  The marks are observers only; the code under test is unchanged.
 """
 
