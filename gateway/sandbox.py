@@ -1047,7 +1047,13 @@ class _Handler(BaseHTTPRequestHandler):
             raise _BadFramingError("Content-Length is not a number") from None
         if not 0 <= length <= MAX_BODY:
             raise _BadFramingError(f"the body must be 0–{MAX_BODY} bytes")
-        return self.rfile.read(length)
+        body = self.rfile.read(length)
+        if len(body) < length:
+            # The client went away mid-body (killed between the headers and the body,
+            # which httpx writes separately).  A real server never dispatches such a
+            # request, so nothing may be stored under its Idempotency-Key.
+            raise _BadFramingError(f"the body ended after {len(body)} of {length} bytes")
+        return body
 
     def _send(self, reply: _Reply, close: bool = False) -> None:
         try:

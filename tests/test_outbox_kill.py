@@ -20,8 +20,9 @@ checked; the ids that life reported must be in it.  Each new life first re-runs 
 command the last one may have been running, as a broker redelivers an unacknowledged
 command.  A fifth of the lives meet a slow sandbox, so a kill can leave a request the
 server is still processing when the next life sends the same key ("409 in progress").  A
-last life only drains, then stops cleanly.  The sandbox is patched to ignore a request
-whose body never arrived whole, as a real HTTP server does (``whole_bodies``).
+last life only drains, then stops cleanly.  (This test found that the sandbox stored an
+answer for a request whose body never arrived whole; it now ignores such a request, as a
+real HTTP server does: ``test_sandbox_ignores_a_request_whose_body_was_cut``.)
 
 ``OUTBOX_KILLS`` (default 300) and ``OUTBOX_KILL_SEED`` (default random, printed) let a
 soak run go further or replay a failure.
@@ -47,7 +48,6 @@ from typing import Any
 
 import pytest
 
-from gateway import sandbox as sandbox_module
 from gateway.sandbox import Sandbox, max_in_window
 from gateway.signer import generate_keypair
 from tests.support.eventgen import PHASES, command_for
@@ -182,27 +182,6 @@ class Harness:
         return verdict, [e for e in reported if e not in present]
 
 
-@pytest.fixture
-def whole_bodies(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The sandbox ignores a request whose body never arrived whole, as web servers do.
-
-    Its own ``_read_body`` hands a body cut short by the client's death to the app, which
-    answers 400 "not valid JSON" and stores that under the Idempotency-Key: the event's
-    retry then gets the 400 replayed and is dead-lettered.  Stora's HTTP server would never
-    dispatch such a request (see ``test_sandbox_ignores_a_request_whose_body_was_cut``);
-    until gateway/sandbox.py does the same, this test patches it.
-    """
-    read_body = sandbox_module._Handler._read_body
-
-    def read_whole_body(self: Any, headers: Any) -> bytes:
-        body = read_body(self, headers)
-        if len(body) < int(headers.get("content-length", "0")):
-            raise sandbox_module._BadFramingError("the client went away mid-body")
-        return body
-
-    monkeypatch.setattr(sandbox_module._Handler, "_read_body", read_whole_body)
-
-
 def _spec(h: Harness, config: Path, life: int, mode: str, redo: Any, seed: int) -> dict[str, Any]:
     return {"config": str(config), "report": str(h.report), "phases": str(h.phases),
             "log": str(h.directory / "children.log"), "run": life, "mode": mode,
@@ -210,7 +189,6 @@ def _spec(h: Harness, config: Path, life: int, mode: str, redo: Any, seed: int) 
 
 
 @pytest.mark.timeout(max(240, KILLS))  # ~0.2 s a kill; a soak run takes longer
-@pytest.mark.usefixtures("whole_bodies")
 def test_kill_9_at_random_points_loses_and_duplicates_no_committed_event(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     seed = int(os.environ.get("OUTBOX_KILL_SEED", random.randrange(1 << 30)))
@@ -355,23 +333,11 @@ def test_kill_9_at_random_points_loses_and_duplicates_no_committed_event(
     assert unit_side["o"] + unit_side["O"] >= KILLS // 50, "too few kills at start"
 
 
-@pytest.mark.parametrize("patched", [
-    pytest.param(False, marks=pytest.mark.xfail(strict=True, reason=(
-        "gateway/sandbox.py _Handler._read_body passes a body cut short by a dead client to "
-        "the app, which stores its 400"))),
-    True,
-])
-def test_sandbox_ignores_a_request_whose_body_was_cut(
-        patched: bool, request: pytest.FixtureRequest) -> None:
+def test_sandbox_ignores_a_request_whose_body_was_cut() -> None:
     """A client killed between the headers and the body of its POST (httpx writes them
     separately) must not leave a stored answer under its Idempotency-Key: the retry
-    after the restart must create the event, not get a 400 replayed.  Fails on the
-    sandbox as it is (strict xfail: fix gateway/sandbox.py, then drop the mark and the
-    ``whole_bodies`` patch); passes with the patch the kill test uses."""
+    after the restart must create the event, not get a 400 replayed."""
     import httpx
-
-    if patched:
-        request.getfixturevalue("whole_bodies")
 
     body = json.dumps({"source": {"id": "tsrc_test"}, "external": {"id": "ev-1"}}).encode()
     headers = {"Authorization": f"Bearer {STORA_TOKEN}", "Content-Type": "application/json",
