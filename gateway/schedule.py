@@ -20,7 +20,7 @@ which counts monotonic time.  So:
   ``Job._get_run_times`` walks every interval in between, one at a time (a day of a 5 s
   job is 17 280 steps; ten years are 63 million: minutes of CPU on a Pi).
 
-Two guards:
+Three guards, all on the scheduler's own thread:
 
 1. :class:`JumpDetector` compares ``wall - monotonic`` at every pass of the scheduler's
    loop (the loop wakes at least every :data:`MAX_WAIT_S`, on the monotonic clock).  When
@@ -28,10 +28,13 @@ Two guards:
    the same step *before* due jobs are looked for: each job keeps its place on the
    monotonic clock, so a jump causes no run, no miss and no wait.  The agent's own
    ``on_jump`` hook then wakes whatever else waits on wall-clock times (the outbox).
-2. The interval trigger (:class:`_IntervalTrigger`) never returns a next fire time that
-   is already in the past: a job found far behind (a jump in the microseconds between
-   the check and APScheduler's own reading of the clock, or a pool blocked for long) is
-   due once and then back on its grid, in one step rather than one per missed interval.
+2. Every pass, a job due further ahead than one interval is pulled in to one interval
+   (a step back that came in the microseconds between the detector's reading of the
+   clock and APScheduler's own would otherwise still hang that job).
+3. The interval trigger (:class:`_IntervalTrigger`) never returns a next fire time that
+   is already in the past: a job found far behind (a step forward in that same window,
+   or a pool blocked for long) is due once and then back on its grid, in one step
+   rather than one per missed interval.
 
 Relock deadlines are not scheduler jobs: they live on the monotonic clock in
 gateway/units.py, and ``units.reconcile`` only backs them up.
