@@ -170,8 +170,35 @@ def _build_tasmota(cfg: ControllerConfig, site: Site, bus: SerialBus | None) -> 
                                  lock.energize_to == "unlock" for lock in locks))
 
 
+def _build_osdp(cfg: ControllerConfig, site: Site, bus: SerialBus | None) -> Controller:
+    """An OSDP peripheral: libosdp's control panel on its own port (one PD per port).
+
+    The key file is read here (the config only checks its permissions); a bad one gives
+    a controller that refuses to drive the PD and says why in its health.
+    """
+    from drivers.osdp import OsdpController, ScbkError, load_scbk
+
+    del bus  # libosdp owns the wire: the OSDP channel opens the port itself
+    assert cfg.port is not None
+    if ("osdp", cfg.port) in site.shared:
+        raise HardwareUnavailableError(
+            f"controller {cfg.name!r}: port {cfg.port} already has an OSDP peripheral; "
+            "this version drives one PD per port")
+    site.shared[("osdp", cfg.port)] = cfg.name
+    scbk, error = None, None
+    if cfg.scbk_file is not None and not cfg.allow_insecure:
+        try:
+            scbk = load_scbk(cfg.scbk_file)
+        except ScbkError as exc:
+            error = str(exc)
+    return OsdpController(cfg.name, cfg.port, cfg.baudrate, cfg.address,
+                          channels=cfg.channels, inputs=cfg.inputs, scbk=scbk,
+                          scbk_error=error, allow_insecure=cfg.allow_insecure)
+
+
 #: driver name -> builder.  Serial drivers get their shared bus; MQTT drivers get None.
 BUILDERS: dict[str, Builder] = {
+    "osdp": _build_osdp,
     "modbus": _build_modbus,
     "lockboard": _build_lockboard,
     "zigbee2mqtt": _build_zigbee2mqtt,
