@@ -228,8 +228,11 @@ class OsdpController(Controller):
     # -- lifecycle -----------------------------------------------------------------------
     def _ensure_started(self) -> None:
         """Create the CP and its refresh thread on first use (never for a refused PD)."""
-        if self.refusal is not None or self._cp is not None:
-            return
+        with self._lock:  # the agent's reconciliation and a command may race here
+            if self.refusal is None and self._cp is None and not self._stop.is_set():
+                self._start()
+
+    def _start(self) -> None:
         import osdp  # lazy: only sites with OSDP readers load libosdp
         import osdp_sys
 

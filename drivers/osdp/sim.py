@@ -52,6 +52,7 @@ SECURE_SCB_TYPES = frozenset({0x15, 0x16, 0x17, 0x18})
 HANDSHAKE_COMMANDS = frozenset({0x61, 0x62, 0x76, 0x77})
 CMD_ID = 0x61
 CMD_OUT = 0x68
+CMD_KEYSET = 0x75
 REPLY_PDCAP = 0x46
 CAP_COMMUNICATION_SECURITY = 9
 MAX_FRAME = 1500
@@ -229,6 +230,8 @@ class SimLog:
     #: osdp_OUT frames inside Secure Channel.
     secure_output_commands: int = 0
     sessions: int = 0
+    #: osdp_KEYSET frames (a CP handing the PD a key), secure or not.
+    keysets: int = 0
 
 
 class OsdpPdSim:
@@ -328,6 +331,8 @@ class OsdpPdSim:
             self._new_session = True
         if not info.secure and info.code not in HANDSHAKE_COMMANDS:
             self.log.clear_commands += 1
+        if info.code == CMD_KEYSET:
+            self.log.keysets += 1
         if info.code == CMD_OUT:
             if info.secure:
                 self.log.secure_output_commands += 1
