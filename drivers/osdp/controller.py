@@ -220,6 +220,7 @@ class OsdpController(Controller):
         self._renewals: dict[int, _Renewal] = {}
         self._notices: list[Notice] = []
         self._attempt_until = 0.0
+        self._online_since = 0.0
         self._attempt_failed = False
         #: Commands this driver submitted while Secure Channel was not active.
         self.commands_sent_clear = 0
@@ -348,6 +349,7 @@ class OsdpController(Controller):
 
     def _state_changed(self, online: bool, sc_active: bool, now: float) -> None:
         if online and not self._online:
+            self._online_since = now
             LOGGER.info("%s: PD online %s Secure Channel", self.name,
                         "with" if sc_active else "WITHOUT")
             self._retry_s = self.timing.retry_initial_s
@@ -361,7 +363,6 @@ class OsdpController(Controller):
             self._forget()
         self._online = online
         self._sc_active = sc_active
-        del now
         self._changed.notify_all()
 
     def _on_event(self, pd: int, event: dict[str, Any]) -> int:
@@ -428,6 +429,11 @@ class OsdpController(Controller):
             if reason.startswith("refused"):  # a person must fix the PD or its key
                 raise TechnicianError(f"{self.name}: {reason}")
             raise LinkDownError(f"{self.name}: {reason}")
+        first_report_by = self._online_since + self.timing.attempt_s
+        if self._outputs is None and self._clock() < first_report_by:
+            # A new session: the PD's first reports follow within a few polls.
+            self._changed.wait_for(lambda: self._outputs is not None or not self._usable(),
+                                   max(0.0, first_report_by - self._clock()))
 
     def _submit(self, output: int, code: int, units: int = 0) -> bool:
         if not self._sc_active:
