@@ -111,6 +111,10 @@ RECENT_JTIS_MAX = 10_000
 UNSENT_RESULTS_MAX = 1000
 #: A storage alarm of one kind (disk full, read-only) at most this often.
 STORAGE_ALARM_INTERVAL_S = 60.0
+#: ``run`` exits with this after a clean stop for a restart (a ``config.set`` that needs a
+#: new process); the systemd unit restarts it (``RestartForceExitStatus=``).  75 is
+#: EX_TEMPFAIL: "try again".
+RESTART_EXIT_STATUS: Final = 75
 #: ``outbox.list`` returns at most this many rows of each state by default.
 OUTBOX_LIST_MAX = 100
 
@@ -152,7 +156,8 @@ class Agent:
 
     def __init__(self, config: Config, *, site: Site | None = None,
                  clock_synced: Any = None,
-                 reject_rate: tuple[float, int] = (REJECT_RATE_PER_S, REJECT_BURST)) -> None:
+                 reject_rate: tuple[float, int] = (REJECT_RATE_PER_S, REJECT_BURST),
+                 job_intervals: Mapping[str, float] | None = None) -> None:
         from gateway.clock import TrustedClock, kernel_synchronized
 
         self.config = config
@@ -218,6 +223,12 @@ class Agent:
         #: Set (with the reason) when the agent must stop and be started again, e.g. a
         #: config.set that changed [mqtt]; run_agent exits with RESTART_EXIT_STATUS.
         self.restart_reason: str | None = None
+        #: Interval overrides for the periodic jobs (gateway/schedule.py JOBS), by id:
+        #: tests shrink them.
+        self._job_intervals = dict(job_intervals or {})
+        self.scheduler: Any = None
+        self.watchdog: Any = None
+        self.vitals: list[tuple[str, Any]] = []
 
     # -- publishing -----------------------------------------------------------------------
     def _publish(self, suffix: str, payload: Mapping[str, Any], *, retain: bool = False) -> None:
@@ -351,6 +362,8 @@ class Agent:
             "controllers": controllers,
             "outbox": outbox,
             "commands": {**self.counters, "rejected_by_reason": dict(self.rejected_by_reason)},
+            "management": dict(self.mgmt.counters),
+            "schedule": self.scheduler.stats() if self.scheduler is not None else None,
             "host": host_status(self.config.storage.path),
         }
 
@@ -737,17 +750,14 @@ class Agent:
                 "unlock_ms": r.unlock_ms, "relock_ms": r.relock_ms, "detail": r.detail}
 
     # -- remote management (gateway/mgmt.py) ----------------------------------------------
-    def publish_status(self) -> None:
-        """The status, retained on ``P/S/status`` now (``state.republish``)."""
-        self.link.publish(f"{self.prefix}/status", self._birth(), qos=1, retain=True)
-
     def apply_config(self, new: Config) -> tuple[list[str], str]:
         """Apply a validated configuration; the changed sections and ``"live"`` or
         ``"restart"``.
 
         Applied live, while the link holds incoming messages unacknowledged in its
         inbox (nothing is dropped, nothing runs half under the old rules): ``[commands]``
-        (keys, skew, lifetime: a new verifier), ``[site]`` (its app name), ``[stora]`` (a
+        (keys, skew, lifetime: a new verifier), ``[site]`` (its app name),
+        ``[telemetry]`` (the interval rescheduled, the textfile path), ``[stora]`` (a
         new drainer; the outbox itself stays), ``[[controllers]]`` and ``[[locks]]`` (the
         unit manager and the hardware are rebuilt: commands already running finish, the
         ones waiting are run by the new manager from the inbox, and a door waiting for
@@ -783,6 +793,9 @@ class Agent:
                 self._run_queued()
                 for _ in range(len(self._restart_results)):  # answers of dropped ones
                     self._result(self._restart_results.popleft())
+            if ("telemetry" in changed and self.scheduler is not None
+                    and old.telemetry.interval_s != new.telemetry.interval_s):
+                self.scheduler.reschedule("telemetry.publish", float(new.telemetry.interval_s))
             if {"stora", "site"} & set(changed) and self.outbox is not None:
                 from gateway.outbox import build_drainer
 
@@ -884,10 +897,8 @@ class Agent:
         heartbeat_s = min(spec["watchdog.heartbeat"].interval_s, stale / 3)
         reconcile_stale = max(RECONCILE_STALE_PASSES * spec["units.reconcile"].interval_s,
                               2 * stale)
-        probe = PoolProbe(functools.partial(self.units.run_exclusive, PROBE_KEY), stale)
-
-        def publish_status() -> None:
-            self.link.publish(f"{self.prefix}/status", self._birth(), qos=1, retain=True)
+        # Through self.units at each call: a config.set may rebuild the unit manager.
+        probe = PoolProbe(lambda fn: self.units.run_exclusive(PROBE_KEY, fn), stale)
 
         def refresh_token() -> None:
             if self.outbox is None:
@@ -904,27 +915,27 @@ class Agent:
 
         self.scheduler = SiteScheduler(
             {
-                "units.reconcile": functools.partial(
-                    self._guarded, "reconciliation", self.units.reconcile),
-                # One line to switch to self.publish_telemetry once it exists.
-                "telemetry.publish": functools.partial(self._guarded, "status", publish_status),
+                "units.reconcile": lambda: self._guarded(
+                    "reconciliation", self.units.reconcile),
+                "telemetry.publish": functools.partial(
+                    self._guarded, "telemetry", self.publish_telemetry),
                 "clock.persist": functools.partial(
                     self._guarded, "saving the trusted time", self._persist_trusted_time),
                 "outbox.wake": lambda: self.outbox.wake() if self.outbox is not None else None,
                 "stora.token_refresh": refresh_token,
                 "watchdog.heartbeat": probe.probe,
             },
-            intervals={"watchdog.heartbeat": heartbeat_s},
+            intervals={"watchdog.heartbeat": heartbeat_s,
+                       "telemetry.publish": float(self.config.telemetry.interval_s),
+                       **self._job_intervals},
             on_jump=on_jump,
         )
         scheduler = self.scheduler
-        # Private attributes of the link and the units: they offer no public liveness
-        # yet (asked for: MqttLink.threads_alive(), UnitManager.timer_alive()).
         self.vitals = [
-            ("mqtt link", threads_alive(lambda: self.link._threads)),
+            ("mqtt link", threads_alive(self.link.threads)),
             ("mqtt inbound", inbound_progress(self.link.stats, stale)),
             ("unit workers", probe.check),
-            ("relock timer", threads_alive(lambda: [self.units._timer_thread])),
+            ("relock timer", threads_alive(lambda: [self.units.timer_thread()])),
             ("scheduler", lambda: scheduler.stalled("watchdog.heartbeat", stale)),
             ("reconciliation", lambda: scheduler.stalled("units.reconcile", reconcile_stale)),
         ]
@@ -943,7 +954,7 @@ class Agent:
     def run_forever(self) -> None:
         """Until ``stop_event``.  The periodic jobs run on the scheduler (started by
         :meth:`start`); this thread pings the systemd watchdog while the agent is alive."""
-        watchdog = getattr(self, "watchdog", None)
+        watchdog = self.watchdog
         while True:
             if watchdog is not None:
                 watchdog.tick()
@@ -968,12 +979,13 @@ class Agent:
         """Clean shutdown, each step best effort: no new requests, running work finished
         (and its results published), pending relocks done, offline status, ports closed."""
         self.stop_event.set()
-        scheduler = getattr(self, "scheduler", None)
+        scheduler = self.scheduler
         steps: list[tuple[str, Any]] = [
             # First: no reconciliation pass may queue work behind the units' shutdown.
             # A job running now ends first (a bus read, a token request: bounded).
             ("scheduler", scheduler.stop if scheduler is not None else None),
             ("control socket", self.control.stop if self.control is not None else None),
+            ("management", self.mgmt.stop),
             ("units", self.units.stop),
             ("outbox", self.outbox.stop if self.outbox is not None else None),
             ("saving the trusted time", self._persist_trusted_time),
@@ -1045,4 +1057,8 @@ def run_agent(config: Config, *, debug: bool = False) -> int:
         with contextlib.suppress(OSError):
             _sd_notify("STOPPING=1")
         agent.stop()
+    if agent.restart_reason is not None:
+        LOGGER.warning("exiting with status %d to be started again: %s", RESTART_EXIT_STATUS,
+                       agent.restart_reason)
+        return RESTART_EXIT_STATUS
     return 0

@@ -387,7 +387,7 @@ class Management:
     def _state_republish(self, request: Command) -> dict[str, Any]:
         self._no_args(request)
         self.agent.units.republish()
-        self.agent.publish_status()
+        self.agent.publish_telemetry()
         return {"units": len(self.agent.config.locks)}
 
     def _log_level(self, request: Command) -> dict[str, Any]:

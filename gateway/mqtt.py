@@ -719,6 +719,11 @@ class MqttLink:
         """Wait up to ``timeout`` seconds for :attr:`connected`; return it."""
         return self._ready.wait(timeout)
 
+    def threads(self) -> list[threading.Thread]:
+        """The link's own threads (network and worker), for the watchdog's liveness check;
+        empty before :meth:`start`."""
+        return list(self._threads)
+
     def stats(self) -> dict[str, Any]:
         """A snapshot of the link's counters and last events, for ``status`` and tests.
 

@@ -431,6 +431,14 @@ class SiteScheduler:
             moved += 1
         return moved
 
+    def reschedule(self, job_id: str, interval_s: float) -> None:
+        """Run ``job_id`` every ``interval_s`` from now on (a live ``config.set``)."""
+        with self._lock:
+            self.specs = tuple(replace(s, interval_s=interval_s) if s.id == job_id else s
+                               for s in self.specs)
+        self._scheduler.reschedule_job(
+            job_id, trigger=_IntervalTrigger(seconds=interval_s, timezone=UTC))
+
     def next_run_times(self) -> dict[str, datetime | None]:
         """Each job's next wall-clock run time (tests, status)."""
         return {job.id: job.next_run_time for job in self._scheduler.get_jobs()}

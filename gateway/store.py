@@ -1153,6 +1153,14 @@ class Store:
                              "WHERE state = 'pending'").fetchone()
         return None if r[0] is None else float(r[0])
 
+    def last_delivered_at(self) -> float | None:
+        """When Stora last accepted a Timeline Event (wall time), or ``None``; from the
+        database, so it survives a restart (telemetry)."""
+        with self._guard("reading the outbox") as conn:
+            row = conn.execute("SELECT max(delivered_at) FROM events "
+                               "WHERE state = 'delivered'").fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
     def outbox_summary(self, now: float) -> dict[str, Any]:
         """Pending depth, the oldest pending event's age (s, ``None`` when empty), dead count."""
         with self._guard("reading the outbox") as conn:

@@ -159,13 +159,7 @@ def last_delivered_at(store: Store) -> float | None:
     Read from the database, not counted by the drainer, so it survives a restart.
     Raises :class:`~gateway.store.StoreError` like any store read.
     """
-    # Store has no public accessor for this yet (asked of its owner: a
-    # ``Store.last_delivered_at()``, or ``last_delivered_at`` in ``outbox_summary``);
-    # until then this one read goes through the store's own lock and error translation.
-    with store._guard("reading the outbox") as conn:
-        row = conn.execute("SELECT max(delivered_at) FROM events "
-                           "WHERE state = 'delivered'").fetchone()
-    return None if row is None or row[0] is None else float(row[0])
+    return store.last_delivered_at()
 
 
 # --------------------------------------------------------------------------- Prometheus

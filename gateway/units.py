@@ -198,6 +198,10 @@ class UnitManager:
                 self._schedule(row.unit, row.relock_at)
         self._timer_thread.start()
 
+    def timer_thread(self) -> threading.Thread:
+        """The relock timer's thread, for the watchdog's liveness check."""
+        return self._timer_thread
+
     def stop(self) -> None:
         """Shut down without leaving a door open.
 

@@ -118,8 +118,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 @pytest.fixture(params=sorted(HARNESSES))
-def rig(request: pytest.FixtureRequest, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> Iterator[Rig]:
+def rig(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Rig]:
     driver: str = request.param
     try:
         __import__(HARNESSES[driver])
@@ -127,9 +126,6 @@ def rig(request: pytest.FixtureRequest, tmp_path: Path,
         if exc.name == HARNESSES[driver]:
             pytest.fail(f"driver {driver!r} has no conformance harness yet ({exc.name})")
         raise
-    import gateway.agent
-
-    monkeypatch.setattr(gateway.agent, "RECONCILE_INTERVAL_S", RECONCILE_S, raising=False)
     with Broker(tmp_path / "broker") as broker:
         harness = make_harness(driver, tmp_path, broker)
         try:
@@ -138,7 +134,7 @@ def rig(request: pytest.FixtureRequest, tmp_path: Path,
             client = Client(broker)
             for suffix in ("cmd/result", "alarm", "units/#"):
                 client.subscribe(f"{PREFIX}/{suffix}")
-            with RunningAgent(config) as agent:
+            with RunningAgent(config, job_intervals={"units.reconcile": RECONCILE_S}) as agent:
                 yield Rig(harness, client, CommandSigner(private, "test-2026", SITE), agent)
             client.close()
         finally:
