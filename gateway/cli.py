@@ -153,7 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=100, metavar="N",
                    help="at most N events of each state (default 100)")
     p = add("demo", plain)
-    p.add_argument("--pace", type=float, default=0.4, help="seconds between demo steps")
+    p.add_argument("--pace", type=float, default=1.5, metavar="S",
+                   help="pause before each demo step, in seconds (default 1.5; 0 runs "
+                   "as fast as the simulated hardware allows)")
+    p.add_argument("--broker", choices=["auto", "mosquitto", "embedded"], default="auto",
+                   help="MQTT broker: Mosquitto if installed, else the embedded pure-Python "
+                   "one (auto, the default), or either of them")
     p = add("sandbox", plain)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8089, help="TCP port; 0 picks a free one "
@@ -797,10 +802,15 @@ def cmd_run(ctx: Context) -> int:
 
 
 def cmd_demo(ctx: Context) -> int:
-    """``demo``: the simulated site."""
+    """``demo``: the whole loop on simulated hardware, checking itself as it goes."""
+    if not 0 <= ctx.args.pace <= 60:
+        raise CliError("--pace must be from 0 to 60 seconds")
     from gateway.demo import run_demo
 
-    return run_demo(ctx.out, pace=ctx.args.pace)
+    try:
+        return run_demo(ctx.out, pace=ctx.args.pace, broker=ctx.args.broker)
+    except OSError as exc:  # no mosquitto with --broker mosquitto, no free port, no pty
+        raise CliError(f"the demo cannot start: {exc}", EXIT_FAILED) from exc
 
 
 def cmd_sandbox(ctx: Context) -> int:

@@ -1,33 +1,72 @@
-"""``stora-gateway demo``: a simulated site driven through the real drivers and CLI.
+"""``stora-gateway demo``: the whole loop on one machine, with simulated hardware.
 
-Two simulated RS-485 buses on pseudo-terminals (a Modbus relay board with strikes, a
-maglock gate and door contacts; a hex-protocol lock board), a generated config, and the
-technician commands run against them, including faults a technician meets in the field:
-a jammed lock, an unplugged USB adapter, a door held open.  Each step states what should
-happen; the demo exits 0 only when everything behaved as stated.  It removes everything
-it created, also on Ctrl-C.
+What runs, all of it started here and stopped again, also on Ctrl-C or SIGTERM::
 
-Until the agent exists (MQTT commands, Timeline Events) this is the whole loop there is;
-the agent issue extends it with a broker, the sandbox API and a command signer.
+    demo signer ──signed commands (MQTT)──▶ broker ──▶ agent ──RS-485 on ptys──▶ simulators
+        ▲                                     │          │
+        └── results, retained unit states ◀───┘          └──Timeline Events──▶ sandbox API
+
+* a broker: Mosquitto on a free port when it is installed, else the embedded
+  pure-Python one (``gateway/demo_broker.py``; ``--broker`` chooses);
+* two simulated RS-485 buses on pseudo-terminals: a Modbus relay board (strikes A-101 and
+  A-102 with door contacts, the GATE maglock) and a hex-protocol lock board (B-201,
+  B-202), spoken to through the real drivers;
+* the sandbox Stora API (``gateway/sandbox.py``) and the agent itself (``gateway/agent.py``),
+  in this process, with a generated config and a fresh Ed25519 command key;
+* the demo signer: a few unlocks, a replay, a lockout, a refused unlock, a forgery and
+  a clear, then a short technician segment through the agent's control socket.
+
+The live view prints one line per thing that happens: what was sent, each result, each
+lock state as the agent publishes it (retained ``P/S/units/<unit>``) and each Timeline
+Event as the sandbox receives it.  The demo checks itself: every step states what should
+happen (result, lock state, Timeline Events), and the exit status is 0 only when all of
+it did, each event delivered exactly once; otherwise 1, with what went wrong.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import json
 import os
+import signal
 import tempfile
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
-from drivers.lockboard.sim import start_lockboard_sim
-from drivers.modbus.sim import ModbusSimBus
+if TYPE_CHECKING:
+    from gateway.agent import Agent
+    from gateway.sandbox import Sandbox
+    from gateway.signer import CommandSigner
 
-#: Lock-board hold time in the demo: short, so the demo does not wait on it.
-DEMO_HOLD_S = 1.0
+SITE: Final = "site_demo"
+APP: Final = "DemoGate"
+PREFIX: Final = f"stora-gw/{SITE}"
+KID: Final = "demo-2026"
+#: The static Bearer token of the demo's Stora sandbox.
+DEMO_TOKEN: Final = "demo-token-not-a-secret"  # noqa: S105 (a demo's, on 127.0.0.1)
+#: unit id -> the label on its door, as in :func:`write_demo_config`.
+REFERENCES: Final = {"unit_a101": "A-101", "unit_a102": "A-102", "unit_gate": "GATE",
+                     "unit_b201": "B-201", "unit_b202": "B-202"}
+#: Lock-board hold time in the demo: as long as the unlock the signer asks for.
+DEMO_HOLD_S: Final = 2.0
+#: How long any one expectation may take to come true before it counts as a failure:
+#: a command round trip or an event delivery takes milliseconds here; this covers a
+#: loaded Raspberry Pi.
+EXPECT_TIMEOUT_S: Final = 10.0
+#: Extra time for a relock on top of the unlock's duration (a reconciliation pass).
+RELOCK_MARGIN_S: Final = 8.0
+#: The pause before each step, so a person can read along (``demo --pace``).
+DEFAULT_PACE_S: Final = 1.5
+#: After the last step, how long to watch for a Timeline Event delivered twice.
+SETTLE_S: Final = 1.0
 
 
 def _demo_key() -> str:
@@ -38,22 +77,32 @@ def _demo_key() -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
-def write_demo_config(directory: Path, modbus_port: Path, lockboard_port: Path) -> Path:
-    """A complete config for the simulated site, with its secret file (mode 600)."""
+def write_demo_config(directory: Path, modbus_port: Path | str, lockboard_port: Path | str, *,
+                      mqtt_port: int | None = None, stora_url: str | None = None,
+                      public_key: str | None = None) -> Path:
+    """A complete config for the simulated site, with its secret file (mode 600).
+
+    Without ``mqtt_port`` it is the technician's config (direct mode, the CLI tests);
+    with it the agent's: ``[mqtt]`` on 127.0.0.1, ``[stora]`` at ``stora_url`` and
+    ``public_key`` trusted for commands, on the system clock (no NTP needed).
+    """
     token = directory / "stora-token"
-    token.write_text("demo-token-not-a-secret\n")
+    token.write_text(f"{DEMO_TOKEN}\n")
     token.chmod(0o600)
+    mqtt = "" if mqtt_port is None else (
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {mqtt_port}\nclient_id = "demo-agent"\n\n')
+    clock = "" if mqtt_port is None else 'clock = "system"\n'
     config = directory / "gateway.toml"
     config.write_text(f"""\
 [site]
-id = "site_demo"
-app_name = "DemoGate"
+id = "{SITE}"
+app_name = "{APP}"
 
-[commands]
-trusted_keys = {{ demo-2026 = "{_demo_key()}" }}
-
+{mqtt}[commands]
+trusted_keys = {{ {KID} = "{public_key or _demo_key()}" }}
+{clock}
 [stora]
-base_url = "http://127.0.0.1:8099/2025-09"
+base_url = "{stora_url or 'http://127.0.0.1:8099/2025-09'}"
 auth = "static"
 token_file = "{token}"
 timeline_source_id = "tsrc_demo"
@@ -121,79 +170,557 @@ channel = 1
     return config
 
 
-@dataclass
-class Step:
-    """One demo step: what it shows, the CLI arguments, the exit status it should give."""
+# -- the live view ------------------------------------------------------------------------
+class LiveView:
+    """Readable lines with the time since the start, written whole from any thread."""
 
-    title: str
-    argv: list[str]
-    expect: int
-    before: Callable[[], None] | None = None
-    after: Callable[[], None] | None = None
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.started = time.monotonic()
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> None:
+        """Write ``text`` as it is (headers, tables)."""
+        with self._lock:
+            self.out.write(text)
+            self.out.flush()
+
+    def line(self, tag: str, text: str) -> None:
+        """``  12.3s  tag     text``."""
+        self.write(f"{time.monotonic() - self.started:6.1f}s  {tag:<7} {text}\n")
 
 
-def run_demo(out: TextIO, *, pace: float = 0.4) -> int:
-    """Run the demo, writing a readable log to ``out``; 0 when all went as expected."""
-    from gateway.cli import main
+def describe_state(state: Mapping[str, Any]) -> str:
+    """A unit's retained state in words: "A-101 unlocked, door closed, in lockout"."""
+    locked = state.get("locked")
+    words = [str(state.get("reference") or state.get("unit")),
+             "unknown" if locked is None else "locked" if locked else "unlocked"]
+    if state.get("door") not in (None, "unknown"):
+        words[-1] += ","
+        words.append(f"door {state['door']}")
+    if state.get("lockout"):
+        words[-1] += ","
+        words.append("in lockout")
+    return " ".join(words)
 
-    with tempfile.TemporaryDirectory(prefix="stora-gw-demo-") as tmp:
-        directory = Path(tmp)
-        os.chmod(directory, 0o700)
-        out.write(f"stora-gateway demo: a simulated site in {directory}\n")
-        modbus = ModbusSimBus(directory / "ttyRS485-1", slaves=(1,), coils=4, inputs=4)
-        lockers = start_lockboard_sim(directory / "ttyRS485-2", (0,), 8, hold_s=DEMO_HOLD_S)
+
+def _state_key(state: Mapping[str, Any]) -> tuple[Any, ...]:
+    return state.get("locked"), state.get("lockout"), state.get("door")
+
+
+class Watcher:
+    """The demo's MQTT client: publishes signed commands, watches the agent's outputs.
+
+    It speaks MQTT 3.1.1 while the agent speaks 5, so the embedded broker serves both.
+    """
+
+    def __init__(self, host: str, port: int, view: LiveView) -> None:
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.view = view
+        self._cond = threading.Condition()
+        self.results: list[dict[str, Any]] = []
+        self.states: dict[str, list[dict[str, Any]]] = {}
+        self.alarms: list[dict[str, Any]] = []
+        self.online: bool | None = None
+        self._subscribed = threading.Event()
+        self._client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                                   client_id=f"demo-signer-{os.getpid()}",
+                                   protocol=paho.MQTTv311)
+        self._client.on_connect = self._on_connect
+        self._client.on_subscribe = lambda *_: self._subscribed.set()
+        self._client.on_message = self._on_message
+        self._client.connect(host, port, keepalive=30)
+        self._client.loop_start()
+        if not self._subscribed.wait(EXPECT_TIMEOUT_S):
+            self.close()
+            raise OSError(f"the demo's MQTT client could not subscribe at {host}:{port}")
+
+    def _on_connect(self, client: Any, userdata: object, flags: Any, reason: Any,
+                    properties: object) -> None:
+        client.subscribe([(f"{PREFIX}/{suffix}", 1)
+                          for suffix in ("status", "cmd/result", "units/+", "alarm")])
+
+    def _on_message(self, client: Any, userdata: object, msg: Any) -> None:
         try:
-            config = str(write_demo_config(directory, modbus.path, lockers.port.path))
-            board = modbus.board(1)
+            doc = json.loads(msg.payload)
+        except ValueError:
+            self.view.line("mqtt", f"{msg.topic}: not JSON: {msg.payload[:60]!r}")
+            return
+        suffix = msg.topic[len(PREFIX) + 1:]
+        with self._cond:
+            if suffix == "status":
+                online = bool(doc.get("online"))
+                if online != self.online:
+                    self.online = online
+                    version = f" (stora-gateway {doc['version']})" if doc.get("version") else ""
+                    self.view.line("agent", ("online" + version) if online else "offline")
+            elif suffix == "cmd/result":
+                self.results.append(doc)
+                self.view.line("←", describe_result(doc))
+            elif suffix.startswith("units/"):
+                history = self.states.setdefault(str(doc.get("unit")), [])
+                if not history or _state_key(history[-1]) != _state_key(doc):
+                    note = ""
+                    if doc.get("relock_at") and doc.get("locked") is False:
+                        note = f" (relocks at {doc['relock_at'][11:19]} UTC)"
+                    elif history and history[-1].get("lockout") and not doc.get("lockout"):
+                        note = ", lockout cleared"
+                    self.view.line("lock", describe_state(doc) + note)
+                history.append(doc)
+            elif suffix == "alarm":
+                self.alarms.append(doc)
+                unit = REFERENCES.get(str(doc.get("unit")), doc.get("unit") or "site")
+                self.view.line("alarm", f"{doc.get('kind')} at {unit}: {doc.get('detail')}")
+            self._cond.notify_all()
 
-            def jam() -> None:
-                lockers.sim.set_faults(0, 2, jammed=True)
+    def send(self, token: bytes) -> None:
+        """Publish a command (QoS 1) and wait until the broker has it."""
+        info = self._client.publish(f"{PREFIX}/cmd", token, qos=1)
+        info.wait_for_publish(EXPECT_TIMEOUT_S)
+        if not info.is_published():
+            raise OSError("the broker did not acknowledge a command")
 
-            def unjam() -> None:
-                lockers.sim.set_faults(0, 2, jammed=False)
+    def wait(self, check: Callable[[], Any], timeout: float = EXPECT_TIMEOUT_S) -> Any:
+        """Wait until ``check()`` (called with the watcher's lock held) is truthy."""
+        with self._cond:
+            return self._cond.wait_for(check, timeout)
 
-            steps = [
-                Step("Check the configuration", ["check-config"], 0),
-                Step("Read every lock and door (the fail-safe GATE maglock is unpowered: "
-                     "open)", ["locks"], 0),
-                Step("Lock the gate", ["lock", "GATE"], 0),
-                Step("Test every lock: unlock, confirm, relock, confirm",
-                     ["test", "--all", "--seconds", "1", "--relock-timeout", "4"], 0),
-                Step("Unlock A-101 for 1 s (the relay board ends the pulse itself)",
-                     ["unlock", "A-101", "--seconds", "1"], 0),
-                Step("Fault: B-202's latch is jammed; the test must FAIL, not guess",
-                     ["test", "B-202", "--seconds", "1", "--relock-timeout", "2"], 1,
-                     before=jam, after=unjam),
-                Step("Fault: the Modbus USB adapter is unplugged; its locks read unknown",
-                     ["locks"], 1, before=modbus.port.vanish),
-                Step("The adapter is plugged back in; the gateway reopens it by itself",
-                     ["locks"], 0, before=modbus.port.restore),
-                Step("Fault: A-102's door is held open; the door contact says so",
-                     ["locks"], 0, before=lambda: board.hold_door_open(1),
-                     after=lambda: board.hold_door_open(1, held=False)),
-            ]
-            surprises = 0
-            for number, step in enumerate(steps, 1):
-                out.write(f"\n── {number}. {step.title}\n$ stora-gateway {' '.join(step.argv)}\n")
-                if step.before:
-                    step.before()
-                    time.sleep(0.6 if step.before == modbus.port.restore else 0)
-                buffer = io.StringIO()
-                status = main([*step.argv, "--config", config], out=buffer, err=buffer)
-                out.write(buffer.getvalue())
-                if step.after:
-                    step.after()
-                verdict = "as expected" if status == step.expect else "UNEXPECTED"
-                surprises += status != step.expect
-                out.write(f"   exit status {status}: {verdict}\n")
-                out.flush()
-                time.sleep(pace)
+    def results_for(self, jti: str) -> list[dict[str, Any]]:
+        """Every result published for ``jti`` so far."""
+        return [r for r in self.results if r.get("jti") == jti]
+
+    def state(self, unit: str) -> dict[str, Any] | None:
+        """The unit's last published state."""
+        history = self.states.get(unit)
+        return history[-1] if history else None
+
+    def close(self) -> None:
+        """Disconnect and stop paho's thread."""
+        with contextlib.suppress(Exception):
+            self._client.disconnect()
+        self._client.loop_stop()
+        self._client.reinitialise()  # closes paho's socket pair now
+
+
+def describe_result(doc: Mapping[str, Any]) -> str:
+    """A command result in words: "done: unlock A-101", "rejected (overlocked): …"."""
+    status = str(doc.get("status"))
+    if doc.get("reason"):
+        status += f" ({doc['reason']})"
+    what = " ".join(str(p) for p in (doc.get("cmd"), REFERENCES.get(str(doc.get("unit")),
+                                                                    doc.get("unit"))) if p)
+    text = f"{status}: {what or 'command'}"
+    if doc.get("duplicate"):
+        text += " [duplicate: the original result again; not run twice]"
+    return text
+
+
+class EventFeed:
+    """Prints each Timeline Event as the sandbox receives it (a poll every 50 ms)."""
+
+    POLL_S: Final = 0.05
+
+    def __init__(self, sandbox: Sandbox, view: LiveView) -> None:
+        self.sandbox = sandbox
+        self.view = view
+        self.events: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="demo-events", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.POLL_S):
+            new = self.sandbox.events()[len(self.events):]
+            for event in new:
+                self.view.line("Stora", str(event.get("description")))
+            if new:
+                with self._cond:
+                    self.events.extend(new)
+                    self._cond.notify_all()
+
+    def wait_count(self, count: int, timeout: float = EXPECT_TIMEOUT_S) -> bool:
+        """Wait until ``count`` events arrived in all."""
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self.events) >= count, timeout)
+
+    def close(self) -> None:
+        """Stop polling."""
+        self._stop.set()
+        self._thread.join()
+
+
+# -- the script ---------------------------------------------------------------------------
+@dataclass
+class Expect:
+    """What one command should do: its result, and the Timeline Events it causes.
+
+    ``events`` are the description heads (contract §6, before " — ") in any order.
+    """
+
+    status: str
+    reason: str | None = None
+    duplicate: bool = False
+    events: tuple[str, ...] = ()
+
+
+@dataclass
+class Demo:
+    """One run: the parts it started, what it saw and what went wrong."""
+
+    out: TextIO
+    pace: float
+    broker_kind: str
+    view: LiveView = field(init=False)
+    problems: list[str] = field(default_factory=list)
+    steps: int = 0
+    expected_events: int = 0
+    # Set while running.
+    config_path: Path | None = None
+    watcher: Watcher | None = None
+    feed: EventFeed | None = None
+    agent: Agent | None = None
+    signer: CommandSigner | None = None
+    forger: CommandSigner | None = None
+    lockers: Any = None
+    _jtis: Iterator[int] = field(default_factory=lambda: iter(range(1, 1000)))
+
+    def __post_init__(self) -> None:
+        self.view = LiveView(self.out)
+
+    # -- helpers ----------------------------------------------------------------------
+    def problem(self, text: str) -> None:
+        """Record what went wrong, and show it at once."""
+        self.problems.append(text)
+        self.view.line("PROBLEM", text)
+
+    def step(self, title: str, note: str = "") -> None:
+        """A new step: a heading (and a note), after a pause so a person can follow."""
+        time.sleep(self.pace)
+        self.steps += 1
+        self.view.write(f"\n── {self.steps}. {title}\n" + (f"      {note}\n" if note else ""))
+
+    def head(self, kind: str) -> str:
+        """The contract §6 wording of a Timeline Event kind for the demo's app."""
+        from gateway.timeline import KINDS
+
+        return KINDS[kind].format(app=APP)
+
+    def send(self, what: str, cmd: str, unit: str, *, jti: str | None = None,
+             signer: CommandSigner | None = None, **claims: Any) -> str:
+        """Sign and publish one command; returns its jti."""
+        assert self.watcher is not None
+        assert self.signer is not None
+        jti = jti or f"demo-{next(self._jtis):02d}-{uuid.uuid4().hex[:6]}"
+        _, token = (signer or self.signer).command(cmd, unit, jti=jti, **claims)
+        self.view.line("→", f"{what} (jti {jti})")
+        self.watcher.send(token)
+        return jti
+
+    def expect_result(self, jti: str, expect: Expect) -> None:
+        """The result of ``jti`` (the latest, for a duplicate) is as expected."""
+        assert self.watcher is not None
+        watcher = self.watcher
+        count = 2 if expect.duplicate else 1
+        if not watcher.wait(lambda: len(watcher.results_for(jti)) >= count):
+            self.problem(f"no result for {jti} within {EXPECT_TIMEOUT_S:.0f} s")
+            return
+        got = watcher.results_for(jti)[count - 1]
+        want = (expect.status, expect.reason, expect.duplicate)
+        seen = (got.get("status"), got.get("reason"), bool(got.get("duplicate")))
+        if seen != want:
+            self.problem(f"{jti}: expected {_words(*want)}, got {_words(*seen)}")
+
+    def expect_state(self, unit: str, what: str, check: Callable[[Mapping[str, Any]], bool],
+                     timeout: float = EXPECT_TIMEOUT_S) -> None:
+        """The unit's published state comes to satisfy ``check`` within ``timeout``."""
+        assert self.watcher is not None
+        watcher = self.watcher
+
+        def ok() -> bool:
+            state = watcher.state(unit)
+            return state is not None and check(state)
+
+        if not watcher.wait(ok, timeout):
+            state = watcher.state(unit)
+            self.problem(f"{REFERENCES[unit]} should be {what} within {timeout:.0f} s; it is "
+                         f"{describe_state(state) if state else 'not published'}")
+
+    def expect_events(self, heads: tuple[str, ...]) -> None:
+        """The next Timeline Events reaching Stora are exactly ``heads`` (in any order)."""
+        assert self.feed is not None
+        start = self.expected_events
+        self.expected_events += len(heads)
+        if not self.feed.wait_count(self.expected_events):
+            self.problem(f"Stora received {len(self.feed.events) - start} of the "
+                         f"{len(heads)} Timeline Event(s) expected: {', '.join(heads)}")
+            self.expected_events = len(self.feed.events)
+            return
+        got = sorted(str(e.get("description", "")).split(" — ", 1)[0]
+                     for e in self.feed.events[start:self.expected_events])
+        if got != sorted(heads):
+            self.problem(f"Timeline Events {got}, expected {sorted(heads)}")
+
+    def command(self, what: str, cmd: str, unit: str, expect: Expect, **claims: Any) -> str:
+        """Send a command and check its result and its Timeline Events."""
+        jti = self.send(what, cmd, unit, **claims)
+        self.expect_result(jti, expect)
+        self.expect_events(tuple(self.head(kind) for kind in expect.events))
+        return jti
+
+    def cli(self, *argv: str, expect: int) -> str:
+        """Run a technician command through the real CLI (and so the agent's socket)."""
+        from gateway.cli import main
+
+        assert self.config_path is not None
+        self.view.line("$", "stora-gateway " + " ".join(argv))
+        buffer = io.StringIO()
+        status = main([*argv, "--config", str(self.config_path)], out=buffer, err=buffer)
+        self.view.write("".join(f"           {line}\n"
+                                for line in buffer.getvalue().splitlines()))
+        if status != expect:
+            self.problem(f"`stora-gateway {' '.join(argv)}` exited {status}, expected {expect}")
+        else:
+            self.view.line("exit", f"{status}, as expected")
+        return buffer.getvalue()
+
+    # -- the story --------------------------------------------------------------------
+    def script(self) -> None:
+        """The steps, each stating what should happen."""
+        assert self.watcher is not None
+        unlocked = lambda s: s.get("locked") is False  # noqa: E731
+        locked = lambda s: s.get("locked") is True and not s.get("lockout")  # noqa: E731
+
+        self.step("A tenant opens A-101 from the app: a signed unlock for 3 s")
+        a101 = self.command("signed unlock of A-101 for 3 s", "unlock", "unit_a101",
+                            Expect("done", events=("unlocked",)),
+                            dur=3, actor="tenant app")
+        self.expect_state("unit_a101", "unlocked", unlocked)
+        self.expect_state("unit_a101", "locked again after 3 s", locked,
+                          timeout=3 + RELOCK_MARGIN_S)
+        self.expect_events((self.head("locked"),))
+
+        self.step("The same command arrives again (a retry, or a replay): not run twice")
+        seen = len(self.watcher.states["unit_a101"])
+        self.send("the same signed unlock of A-101 again", "unlock", "unit_a101", jti=a101,
+                  dur=3, actor="tenant app")
+        self.expect_result(a101, Expect("done", duplicate=True))
+        time.sleep(0.5)  # a second unlock would have been published by now
+        if any(s.get("locked") is False for s in self.watcher.states["unit_a101"][seen:]):
+            self.problem("A-101 was unlocked again by a replayed command")
+        self.expect_events(())
+
+        self.step("Staff open locker B-201 from the dashboard (the lock board)")
+        self.command("signed unlock of B-201 for 2 s", "unlock", "unit_b201",
+                     Expect("done", events=("unlocked",)), dur=2, actor="operator dashboard")
+        self.expect_state("unit_b201", "unlocked", unlocked)
+        self.expect_state("unit_b201", "locked again", locked, timeout=2 + RELOCK_MARGIN_S)
+        self.expect_events((self.head("locked"),))
+
+        self.step("Rent is overdue: the operator puts A-102 in lockout")
+        self.command("signed lockout of A-102 (version 1)", "lockout", "unit_a102",
+                     Expect("done", events=("overlocked",)), ver=1, actor="operator dashboard")
+        self.expect_state("unit_a102", "locked and in lockout",
+                          lambda s: s.get("locked") is True and bool(s.get("lockout")))
+
+        self.step("The tenant tries to open A-102: refused, and staff see the attempt")
+        seen = len(self.watcher.states["unit_a102"])
+        self.command("signed unlock of A-102 for 3 s", "unlock", "unit_a102",
+                     Expect("rejected", "overlocked", events=("unlock_refused",)),
+                     dur=3, actor="tenant app")
+        time.sleep(0.3)
+        if any(s.get("locked") is False for s in self.watcher.states["unit_a102"][seen:]):
+            self.problem("A-102 was unlocked while in lockout")
+
+        self.step("A forged unlock of A-102 (right key id, wrong key)",
+                  "(refused before any hardware is touched)")
+        forged = self.send("forged unlock of A-102", "unlock", "unit_a102",
+                           signer=self.forger, dur=3)
+        self.expect_result(forged, Expect("rejected", "bad_signature"))
+        self.expect_events(())
+
+        self.step("Rent paid: the operator clears the lockout, and the tenant gets in")
+        self.command("signed clear_lockout of A-102 (version 2)", "clear_lockout",
+                     "unit_a102", Expect("done", events=("overlock_removed",)), ver=2,
+                     actor="operator dashboard")
+        self.expect_state("unit_a102", "out of lockout", locked)
+        self.command("signed unlock of A-102 for 2 s", "unlock", "unit_a102",
+                     Expect("done", events=("unlocked",)), dur=2, actor="tenant app")
+        self.expect_state("unit_a102", "unlocked", unlocked)
+        self.expect_state("unit_a102", "locked again", locked, timeout=2 + RELOCK_MARGIN_S)
+        self.expect_events((self.head("locked"),))
+
+        self.step("A technician on site: the CLI acts through the agent, audited",
+                  "(B-202's latch is jammed: its test must FAIL, not guess)")
+        self.cli("locks", expect=0)
+        self.cli("lock", "GATE", expect=0)  # the fail-safe maglock: open while unpowered
+        self.expect_state("unit_gate", "locked", locked)
+        self.expect_events((self.head("locked"),))
+        assert self.lockers is not None
+        self.lockers.sim.set_faults(0, 2, jammed=True)  # lock number 2 is channel 1
+        try:
+            self.cli("test", "B-202", "--seconds", "1", "--relock-timeout", "3", expect=1)
         finally:
-            modbus.close()
-            lockers.close()
-    if surprises:
-        out.write(f"\ndemo finished: {surprises} step(s) did not behave as expected\n")
+            self.lockers.sim.set_faults(0, 2, jammed=False)
+        # The door was driven, so both halves are audited (gateway/agent.py, _test_one).
+        self.expect_events((self.head("unlocked"), self.head("locked")))
+
+    def check_delivery(self) -> None:
+        """Every event reached Stora exactly once, and nothing unexpected arrived."""
+        assert self.feed is not None
+        time.sleep(SETTLE_S)
+        counts = self.feed.sandbox.count_by_external_id()
+        twice = [ext for ext, n in counts.items() if n > 1]
+        if twice:
+            self.problem(f"{len(twice)} Timeline Event(s) reached Stora more than once")
+        extra = len(self.feed.events) - self.expected_events
+        if extra > 0:
+            heads = [str(e.get("description")) for e in self.feed.events[-extra:]]
+            self.problem(f"{extra} unexpected Timeline Event(s): {heads}")
+
+
+def _words(status: Any, reason: Any, duplicate: Any) -> str:
+    text = str(status) + (f" ({reason})" if reason else "")
+    return text + (" duplicate" if duplicate else "")
+
+
+# -- running it ---------------------------------------------------------------------------
+class _StopRequestedError(Exception):
+    """SIGTERM: stop as on Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise _StopRequestedError
+
+
+def run_demo(out: TextIO, *, pace: float = DEFAULT_PACE_S, broker: str = "auto") -> int:
+    """Run the demo, writing the live view to ``out``; 0 when all went as expected.
+
+    ``pace`` is the pause in seconds before each step (0 runs as fast as the hardware
+    allows); ``broker`` is "auto", "mosquitto" or "embedded".  Everything started is
+    stopped and removed before this returns, also on Ctrl-C (exit status 130).
+    """
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = (signal.getsignal(signal.SIGINT), signal.signal(signal.SIGTERM, _on_sigterm)) \
+        if in_main else None
+    before = {t.ident for t in threading.enumerate()}
+    demo = Demo(out, pace, broker)
+    interrupted = False
+    directory = ""
+    try:
+        with contextlib.ExitStack() as stack:
+            try:
+                directory = stack.enter_context(
+                    tempfile.TemporaryDirectory(prefix="stora-gw-demo-"))
+                _run(demo, Path(directory), stack)
+            except (KeyboardInterrupt, _StopRequestedError):
+                interrupted = True
+                demo.view.write("\ninterrupted: stopping everything…\n")
+            finally:
+                # A second Ctrl-C must not cut the clean-up short.
+                if in_main:
+                    signal.signal(signal.SIGINT, signal.SIG_IGN)
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous[0])
+            signal.signal(signal.SIGTERM, previous[1])
+    leftovers = _leftovers(before, directory)
+    for text in leftovers:
+        demo.problem(text)
+    if interrupted:
+        demo.view.write("demo interrupted; " + ("nothing left running\n" if not leftovers
+                                                 else "see the problems above\n"))
+        return 130
+    if demo.problems:
+        demo.view.write(f"\ndemo finished: {len(demo.problems)} thing(s) did not behave as "
+                        "expected:\n" + "".join(f"  - {p}\n" for p in demo.problems))
         return 1
-    out.write(f"\ndemo finished: all {len(steps)} steps behaved as expected; "
-              "nothing left running\n")
+    demo.view.write(f"\ndemo finished: all {demo.steps} steps and {demo.expected_events} "
+                    "Timeline Events (each delivered once) behaved as expected; nothing "
+                    "left running\n")
     return 0
+
+
+def _leftovers(before: set[int | None], directory: str) -> list[str]:
+    """What the demo failed to stop: threads it started, its temporary directory."""
+    left = []
+    deadline = time.monotonic() + 2.0  # threads told to stop may need a moment
+    while True:
+        threads = [t for t in threading.enumerate() if t.ident not in before and t.is_alive()]
+        if not threads or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if threads:
+        left.append("threads still running: " + ", ".join(sorted(t.name for t in threads)))
+    if directory and Path(directory).exists():
+        left.append(f"{directory} was not removed")
+    return left
+
+
+def _run(demo: Demo, directory: Path, stack: contextlib.ExitStack) -> None:
+    from drivers.lockboard.sim import start_lockboard_sim
+    from drivers.modbus.sim import ModbusSimBus
+    from gateway.agent import Agent
+    from gateway.config import load_config
+    from gateway.demo_broker import start_broker
+    from gateway.sandbox import Sandbox
+    from gateway.signer import CommandSigner, generate_keypair
+
+    os.chmod(directory, 0o700)
+    view = demo.view
+    view.write(f"stora-gateway demo: a simulated site in {directory}\n")
+    broker = start_broker(demo.broker_kind, directory)
+    stack.callback(broker.stop)
+    modbus = ModbusSimBus(directory / "ttyRS485-1", slaves=(1,), coils=4, inputs=4)
+    stack.callback(modbus.close)
+    lockers = start_lockboard_sim(directory / "ttyRS485-2", (0,), 8, hold_s=DEMO_HOLD_S)
+    stack.callback(lockers.close)
+    demo.lockers = lockers
+    sandbox = Sandbox(static_tokens=[DEMO_TOKEN]).start()
+    stack.callback(sandbox.stop)
+    private, public = generate_keypair()
+    demo.signer = CommandSigner(private, KID, SITE)
+    demo.forger = CommandSigner(generate_keypair()[0], KID, SITE)
+    demo.config_path = write_demo_config(directory, modbus.path, lockers.port.path,
+                                         mqtt_port=broker.port, stora_url=sandbox.api_url,
+                                         public_key=public)
+    view.write(
+        f"  broker       {broker.description}\n"
+        f"  controllers  Modbus relay board (A-101, A-102, GATE) on {modbus.path}\n"
+        f"               lock board (B-201, B-202) on {lockers.port.path}\n"
+        f"  Stora API    sandbox on {sandbox.api_url}\n"
+        f"  agent        site {SITE}, app {APP}, trusting command key {KID}\n"
+        "  live view    seconds since start; → sent, ← result, lock = the unit's state as "
+        "the agent publishes it,\n"
+        "               Stora = a Timeline Event as Stora receives it\n\n")
+    demo.watcher = Watcher(broker.host, broker.port, view)
+    stack.callback(demo.watcher.close)
+    demo.feed = EventFeed(sandbox, view)
+    stack.callback(demo.feed.close)
+
+    agent = Agent(load_config(demo.config_path))
+    demo.agent = agent
+    stack.callback(agent.stop)
+    agent.start()
+    runner = threading.Thread(target=agent.run_forever, name="demo-agent", daemon=True)
+    runner.start()
+
+    def stop_agent() -> None:
+        agent.stop_event.set()
+        runner.join()
+
+    stack.callback(stop_agent)  # runs before agent.stop (last in, first out)
+    if not agent.link.wait_connected(EXPECT_TIMEOUT_S):
+        demo.problem("the agent did not connect to the broker")
+        return
+    watcher = demo.watcher
+    demo.expect_state("unit_a101", "read back", lambda s: s.get("locked") is not None)
+    if not watcher.wait(lambda: all(watcher.state(u) for u in REFERENCES)):
+        missing = [r for u, r in REFERENCES.items() if watcher.state(u) is None]
+        demo.problem(f"no state published for {', '.join(missing)}")
+        return
+    demo.script()
+    demo.check_delivery()
