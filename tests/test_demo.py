@@ -354,3 +354,22 @@ def test_embedded_broker_keeps_a_session(broker: EmbeddedBroker, version: int) -
     fresh = Peer(broker, "agent", version, clean=True)  # a clean start drops the session
     assert fresh.session_present is False
     fresh.close()
+
+
+def test_without_mosquitto(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """"auto" falls back to the embedded broker; "mosquitto" says what to do, exit 1."""
+    import gateway.demo_broker
+    from gateway.cli import main
+
+    monkeypatch.setattr(gateway.demo_broker, "find_mosquitto", lambda: None)
+    broker = gateway.demo_broker.start_broker("auto", tmp_path)
+    try:
+        assert isinstance(broker, EmbeddedBroker)
+    finally:
+        broker.stop()
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["demo", "--broker", "mosquitto"], out=out, err=err) == 1
+    assert err.getvalue() == ("stora-gateway: the demo cannot start: mosquitto 1.6 or later is "
+                              "not installed (apt-get install mosquitto); use --broker "
+                              "embedded\n")
+    assert not directory_of(out.getvalue()).exists()
