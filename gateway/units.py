@@ -509,8 +509,12 @@ class UnitManager:
             kind = "overlocked" if lockout else "overlock_removed"
             self._event(tx, kind, lock, command.jti, command, f"version {command.ver}")
             if not lockout:
-                return self._finish(tx, Outcome(command.jti, command.cmd, lock.unit, "done",
-                                                None, self._state(row), self._now()))
+                cleared = self._finish(tx, Outcome(command.jti, command.cmd, lock.unit,
+                                                   "done", None, self._state(row),
+                                                   self._now()))
+        if not lockout:
+            self._publish(row)  # the retained unit state must say the lockout ended
+            return cleared
         # Desired state is recorded; now make the hardware match (a running unlock ends).
         outcome = self._lock_now(lock, command.jti, command, "reapply", claimed=False)
         with self.store.transaction() as tx:

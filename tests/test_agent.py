@@ -365,3 +365,23 @@ def test_the_cli_acts_through_the_running_agent_and_is_audited(site: SimSite) ->
         while site.coil("unit_a101") and time.monotonic() < deadline:
             time.sleep(0.05)
         assert site.coil("unit_a101") is False
+
+
+def test_clearing_a_lockout_publishes_the_unit_state(site: SimSite) -> None:
+    """The retained unit state must say the lockout ended as soon as it did, not at the
+    next unlock or lock (found by the demo's self-check)."""
+    client = site.client()
+    with Running(site):
+        jti, token = site.signer.command("lockout", "unit_a102", ver=1)
+        send(client, token)
+        assert result_for(client, jti)[0]["status"] == "done"
+        client.expect(f"{PREFIX}/units/unit_a102", 5,
+                      where=lambda m: json.loads(m.payload)["lockout"] is True)
+        time.sleep(0.2)
+        client.clear()
+        jti, token = site.signer.command("clear_lockout", "unit_a102", ver=2)
+        send(client, token)
+        assert result_for(client, jti)[0]["status"] == "done"
+        states = client.expect(f"{PREFIX}/units/unit_a102", 5,
+                               where=lambda m: json.loads(m.payload)["lockout"] is False)
+    assert json.loads(states[-1].payload)["locked"] is True
