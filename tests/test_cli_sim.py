@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,18 +161,3 @@ def test_ports_json_is_a_list(site: SimSite) -> None:
     status, out, _ = site.run("ports", "--json")
     assert status == 0
     assert isinstance(json.loads(out), list)
-
-
-def test_demo_runs_and_leaves_nothing_behind() -> None:
-    before = {t.name for t in threading.enumerate()}
-    out = io.StringIO()
-    status = main(["demo", "--pace", "0"], out=out, err=out)
-    text = out.getvalue()
-    assert status == 0, text
-    assert "behaved as expected; nothing left running" in text
-    assert "UNEXPECTED" not in text
-    assert "FAIL" in text  # the jammed-lock step shows a failure, as it should
-    directory = Path(text.split(" in ", 1)[1].split("\n", 1)[0])
-    assert not directory.exists()
-    leftover = {t.name for t in threading.enumerate() if t.is_alive()} - before
-    assert not {n for n in leftover if n in ("simulator", "pty-bridge")}
