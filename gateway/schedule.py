@@ -253,17 +253,26 @@ class _IntervalTrigger(IntervalTrigger):  # type: ignore[misc]
 class _JumpSafeScheduler(BackgroundScheduler):  # type: ignore[misc]
     """``BackgroundScheduler`` whose every pass first looks for a wall-clock jump."""
 
-    def __init__(self, *, on_pass: Callable[[], None], **options: Any) -> None:
+    def __init__(self, *, on_pass: Callable[[], bool], **options: Any) -> None:
         self._on_pass = on_pass
         super().__init__(**options)
 
-    def _process_jobs(self) -> float:
-        # On the scheduler's own thread, before due jobs are computed from wall time.
+    def _jumped(self) -> bool:
         try:
-            self._on_pass()
+            return self._on_pass()
         except Exception:  # a jump must never stop the scheduler
             LOGGER.exception("clock jump handling failed")
+            return False
+
+    def _process_jobs(self) -> float:
+        # On the scheduler's own thread, before due jobs are computed from wall time.
+        self._jumped()
         wait: float | None = super()._process_jobs()
+        # And after: a step that landed while this pass ran (after the check above, so
+        # its wait was computed from a clock that then moved) is handled now and the
+        # jobs looked at again at once, instead of after a whole MAX_WAIT_S.
+        if self._jumped():
+            return 0.0
         # Waits are monotonic (threading.Event): bounded, the next pass comes soon
         # after any jump, even when no job is due for long.
         return MAX_WAIT_S if wait is None else min(wait, MAX_WAIT_S)
@@ -394,7 +403,8 @@ class SiteScheduler:
             else:
                 stats.skipped_busy += 1
 
-    def _after_jump_check(self) -> None:
+    def _after_jump_check(self) -> bool:
+        """Look for a step of the wall clock and handle it; whether there was one."""
         step = self._detector.check()
         if step:
             moved = self.rebase(step)
@@ -402,19 +412,23 @@ class SiteScheduler:
                            "it (their spacing stays on the monotonic clock)", step, moved)
             if self._on_jump is not None:
                 self._on_jump(step)
-        self._pull_in()
+        pulled = self._pull_in()
+        return bool(step) or pulled
 
-    def _pull_in(self) -> None:
+    def _pull_in(self) -> bool:
         """No job may be due further ahead than its interval: one that is missed a step
         back (the clock stepped between the detector's reading and APScheduler's own)
         would otherwise wait for the wall clock to catch up.  Checked every pass."""
         now = datetime.now(UTC)
+        pulled = False
         for job in self._scheduler.get_jobs():
             interval = timedelta(seconds=job.trigger.interval_length)
             if job.next_run_time is not None and job.next_run_time - now > interval + _SLACK:
                 LOGGER.warning("periodic job %s was due in %s: pulled in to one interval "
                                "(a wall-clock step back?)", job.id, job.next_run_time - now)
                 self._scheduler.modify_job(job.id, next_run_time=now + interval)
+                pulled = True
+        return pulled
 
     def rebase(self, step: float) -> int:
         """Move every job's next run time by ``step`` seconds; how many were moved.
