@@ -18,12 +18,17 @@ Then, from /proc/<agent pid>:
   the broker every keepalive / 2 (15 s here); the unit-state messages published during
   the window are counted to show it.
 
+The agent gets the environment the shipped systemd unit gives it
+(deploy/systemd/stora-gateway.service: ``MALLOC_ARENA_MAX=2``), since that is how it
+runs on a site; ``--bare-env`` leaves it out, for comparison.
+
 Run: ``PYTHONPATH=. .venv/bin/python bench/agent_footprint.py [--commands 10000 --idle 60]``
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections import deque
 
@@ -38,6 +43,8 @@ from _site import (
 )
 
 TARGET_RSS_MB = 50.0
+#: What deploy/systemd/stora-gateway.service sets with Environment=.
+UNIT_ENVIRONMENT = {"MALLOC_ARENA_MAX": "2"}
 TARGET_IDLE_CPU = 0.01
 UNITS_TOPIC = f"{PREFIX}/units/#"
 
@@ -48,7 +55,14 @@ def main() -> None:
     parser.add_argument("--commands", type=int, default=10_000)
     parser.add_argument("--window", type=int, default=32)
     parser.add_argument("--idle", type=float, default=60.0)
+    parser.add_argument("--bare-env", action="store_true",
+                        help="without the systemd unit's Environment= (MALLOC_ARENA_MAX=2)")
     args = parser.parse_args()
+    if args.bare_env:
+        os.environ.pop("MALLOC_ARENA_MAX", None)
+    else:
+        os.environ.update(UNIT_ENVIRONMENT)  # inherited by the agent subprocess
+    print(f"agent environment: {'bare' if args.bare_env else UNIT_ENVIRONMENT}")
     with BenchSite(boards=4, coils=16, inputs=16) as site:
         publisher = site.publisher()
         recorder = site.recorder([RESULT_TOPIC, UNITS_TOPIC], "footprint")

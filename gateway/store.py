@@ -120,6 +120,9 @@ __all__ = [
 
 LOGGER = logging.getLogger(__name__)
 
+#: SQLite page cache per connection, KiB (``PRAGMA cache_size``; SQLite's default: 2000).
+CACHE_KIB: Final = 512
+
 #: How long a writer waits for another process's write lock before StoreBusy.  A
 #: technician's CLI holds it for milliseconds; 5 s rides out a slow SD card's fsync.
 BUSY_TIMEOUT_S: Final = 5.0
@@ -866,6 +869,11 @@ class Store:
                                  f"(journal_mode stays {mode!r})")
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")
+        # The page cache: SQLite's default is 2 MiB per connection.  The hot pages (the
+        # due end of the outbox, unit rows, the inbox's recent end) are a few hundred
+        # KiB; the rest is re-read from the OS page cache when needed.  Memory on a Pi
+        # (bench/agent_footprint.py).
+        conn.execute(f"PRAGMA cache_size = -{CACHE_KIB:d}")
         if not self._read_only:
             migrate(conn)
             return

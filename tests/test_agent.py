@@ -385,3 +385,16 @@ def test_clearing_a_lockout_publishes_the_unit_state(site: SimSite) -> None:
         states = client.expect(f"{PREFIX}/units/unit_a102", 5,
                                where=lambda m: json.loads(m.payload)["lockout"] is False)
     assert json.loads(states[-1].payload)["locked"] is True
+
+
+def test_recent_ids_are_bounded_and_remember_the_latest() -> None:
+    from gateway.agent import RecentIds
+
+    recent = RecentIds(3)
+    for jti in ("a", "b", "a", "c", "d"):
+        recent.add(jti)
+    assert len(recent) == 3
+    assert "a" not in recent  # the oldest went when "d" came
+    assert all(j in recent for j in ("b", "c", "d"))
+    assert "e" not in recent
+    assert None not in recent
