@@ -761,7 +761,13 @@ class Agent:
             return {"unit": lock.unit, "reference": lock.reference, "passed": False,
                     "unlock_ms": None, "relock_ms": None,
                     "detail": "in lockout: not tested (clear the lockout first)"}
-        r = run_test_cycle(self.site, lock, seconds, relock_timeout_s=relock_timeout)
+        # Driven outside the unit manager: a read-back taken during the cycle must not be
+        # applied after it (a false "drift" and an extra lock, found in review).
+        self.units.mark_acted(lock.unit)
+        try:
+            r = run_test_cycle(self.site, lock, seconds, relock_timeout_s=relock_timeout)
+        finally:
+            self.units.mark_acted(lock.unit)
         if r.unlock_ms is not None:  # the door was driven: audit both halves
             key = uuid.uuid4().hex
             with self.store.transaction() as tx:
@@ -783,56 +789,48 @@ class Agent:
         """Apply a validated configuration; the changed sections and ``"live"`` or
         ``"restart"``.
 
-        Applied live, while the link holds incoming messages unacknowledged in its
-        inbox (nothing is dropped, nothing runs half under the old rules): ``[commands]``
-        (keys, skew, lifetime: a new verifier), ``[site]`` (its app name),
-        ``[telemetry]`` (the interval rescheduled, the textfile path), ``[stora]`` (a
-        new drainer; the outbox itself stays), ``[[controllers]]`` and ``[[locks]]`` (the
-        unit manager and the hardware are rebuilt: commands already running finish, the
-        ones waiting are run by the new manager from the inbox, and a door waiting for
-        its relock is locked at once, early rather than late).  ``[mqtt]``,
-        ``[storage]``, ``[control]`` and ``commands.clock`` need a new process: the
-        agent stops cleanly and exits with ``RESTART_EXIT_STATUS``, which the systemd
-        unit restarts (``RestartForceExitStatus``); the broker keeps the session's
-        commands meanwhile.
+        Live only where nothing is rebuilt: ``[commands]`` (a new verifier, swapped while
+        the link holds incoming messages unacknowledged in its inbox) and
+        ``[telemetry]`` (the interval rescheduled; the textfile path is read each time).
+        Anything else (the site's name, Stora settings, controllers, locks, the broker
+        link's keepalive) is applied by a new process: the agent stops cleanly (running
+        commands finish, waiting ones stay queued in SQLite, doors waiting for their
+        relock are locked) and exits with ``RESTART_EXIT_STATUS``, which the systemd unit
+        restarts (``RestartForceExitStatus``).  Nothing is dropped meanwhile: the broker
+        keeps the session's QoS 1 commands and the next start runs the queued ones.
+        Rebuilding hardware and workers inside a running agent raced with the periodic
+        jobs and the control socket (found in review); a restart is the one path that is
+        already tested for every kind of interruption.
         """
-        import dataclasses
-
         old = self.config
-        changed = [f.name for f in dataclasses.fields(old)
-                   if f.name != "path" and getattr(old, f.name) != getattr(new, f.name)]
+        changed = self._changed_sections(new)
         if not changed:
             return changed, "live"
-        if {"mqtt", "storage", "control"} & set(changed) or \
-                old.commands.clock != new.commands.clock:
+        if self.needs_restart(new):
             return changed, "restart"
         with self._intake:
             self.config = new
             self.verifier = CommandVerifier(new, self.clock)
+            self.units.config = new  # the same locks; its late-command skew may change
             self.mgmt.reconfigure()
-            self._refused.clear()  # verdicts of the old keys, units and site
-            if {"controllers", "locks", "site"} & set(changed):
-                self.units.stop()
-                self._guarded("closing the old hardware", self.site.close)
-                self.site = build_site(new)
-                self.units = UnitManager(new, self.site, self.store, now=self.clock.now,
-                                         publish_unit=self._publish_unit, alarm=self.alarm)
-                self.units.start()
-                self._guarded("reconciliation", self.units.reconcile)
-                self._run_queued()
-                for _ in range(len(self._restart_results)):  # answers of dropped ones
-                    self._result(self._restart_results.popleft())
-            if ("telemetry" in changed and self.scheduler is not None
-                    and old.telemetry.interval_s != new.telemetry.interval_s):
-                self.scheduler.reschedule("telemetry.publish", float(new.telemetry.interval_s))
-            if {"stora", "site"} & set(changed) and self.outbox is not None:
-                from gateway.outbox import build_drainer
-
-                self.outbox.stop()
-                self.outbox = build_drainer(new, self.store, self.alarm)
-                self.outbox.start()
+            self._refused.clear()  # verdicts under the old keys and rules
+        if ("telemetry" in changed and self.scheduler is not None
+                and old.telemetry.interval_s != new.telemetry.interval_s):
+            self.scheduler.reschedule("telemetry.publish", float(new.telemetry.interval_s))
         LOGGER.warning("configuration applied live: %s changed", ", ".join(changed))
         return changed, "live"
+
+    def _changed_sections(self, new: Config) -> list[str]:
+        import dataclasses
+
+        return [f.name for f in dataclasses.fields(self.config)
+                if f.name != "path" and getattr(self.config, f.name) != getattr(new, f.name)]
+
+    def needs_restart(self, new: Config) -> bool:
+        """Whether applying ``new`` takes a new process (see :meth:`apply_config`)."""
+        changed = set(self._changed_sections(new))
+        return bool(changed - {"commands", "telemetry"}) or (
+            self.config.commands.clock != new.commands.clock)
 
     def request_restart(self, why: str) -> None:
         """Stop cleanly and exit for a restart (see :meth:`apply_config`)."""

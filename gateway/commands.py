@@ -102,6 +102,7 @@ if TYPE_CHECKING:
 __all__ = [
     "COMMANDS",
     "MAX_COMMAND_BYTES",
+    "MAX_MGMT_BYTES",
     "MGMT_COMMANDS",
     "Command",
     "CommandVerifier",
@@ -112,6 +113,9 @@ __all__ = [
 
 #: Contract §5: a command is at most 4 KiB.
 MAX_COMMAND_BYTES: Final = 4096
+#: A management request may carry a whole config file (``config.set``): at most 60 KiB,
+#: under the site broker's ``max_packet_size 65536`` (deploy/mosquitto/site-broker.conf).
+MAX_MGMT_BYTES: Final = 60 * 1024
 COMMANDS: Final = frozenset({"unlock", "lock", "lockout", "clear_lockout"})
 MGMT_COMMANDS: Final = frozenset({
     "status", "config.get", "config.set", "locks.test", "outbox.retry", "state.republish",
@@ -251,6 +255,7 @@ class CommandVerifier:
             raise ValueError(f"kind must be 'cmd' or 'mgmt', not {kind!r}")
         self._kind = kind
         self._commands = COMMANDS if kind == "cmd" else MGMT_COMMANDS
+        self._max_bytes = MAX_COMMAND_BYTES if kind == "cmd" else MAX_MGMT_BYTES
         self._clock = clock
         self._site = config.site.id
         self._skew = config.commands.clock_skew_s
@@ -306,9 +311,9 @@ class CommandVerifier:
         if retained:
             raise _rejection("retained", "a retained message on a command topic is refused",
                              _peek_token(payload))
-        if len(payload) > MAX_COMMAND_BYTES:
+        if len(payload) > self._max_bytes:
             raise Rejection("malformed", f"payload is {len(payload)} bytes, over the "
-                                         f"{MAX_COMMAND_BYTES}-byte limit")
+                                         f"{self._max_bytes}-byte limit")
         match = _COMPACT_JWS.fullmatch(payload)
         if match is None:
             raise Rejection("malformed", "not a JWS compact serialization (three base64url "

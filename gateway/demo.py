@@ -493,6 +493,13 @@ class Demo:
         unlocked = lambda s: s.get("locked") is False  # noqa: E731
         locked = lambda s: s.get("locked") is True and not s.get("lockout")  # noqa: E731
 
+        # The relay board comes up with every coil off, as after a power cut: the GATE
+        # maglock (fail-safe) is released.  The agent's first read-back finds it so, with
+        # no unlock of its own running, and locks it at once, with an alarm and a record.
+        self.expect_state("unit_gate", "locked at start (it came up released)", locked,
+                          timeout=10)
+        self.expect_events((self.head("locked"),))
+
         self.step("A tenant opens A-101 from the app: a signed unlock for 3 s")
         a101 = self.command("signed unlock of A-101 for 3 s", "unlock", "unit_a101",
                             Expect("done", events=("unlocked",)),
@@ -555,7 +562,7 @@ class Demo:
         self.step("A technician on site: the CLI acts through the agent, audited",
                   "(B-202's latch is jammed: its test must FAIL, not guess)")
         self.cli("locks", expect=0)
-        self.cli("lock", "GATE", expect=0)  # the fail-safe maglock: open while unpowered
+        self.cli("lock", "GATE", expect=0)  # locked already: done, and audited again
         self.expect_state("unit_gate", "locked", locked)
         self.expect_events((self.head("locked"),))
         assert self.lockers is not None

@@ -33,6 +33,41 @@ The requests and their ``args``
     (secrets are never in the file, only the paths of their files), and the SHA-256 of
     the file's bytes.
 ``config.set``
+    ``toml`` (the whole new file, UTF-8, at most 40 KiB; a management request may be
+    60 KiB, :data:`~gateway.commands.MAX_MGMT_BYTES`), optional ``expect_sha256``.
+    The text is validated exactly as at start (``check-config``); an invalid one is
+    ``rejected``/``malformed`` with the file's error and the old file and config stay.
+    Settings that decide trust, endpoints and state (:func:`protected_changes`: keys,
+    looser freshness, ``*_file`` paths, Stora URLs and credentials, the broker
+    connection, OSDP's ``allow_insecure``, ``[storage]``, ``[control]``, ``site.id``)
+    are refused: they are changed on the gateway itself.  A valid one is written
+    atomically (temporary file in the same directory, fsync, rename, fsync of the
+    directory) with the old file's mode, then applied (see
+    :meth:`gateway.agent.Agent.apply_config`: ``[commands]`` and ``[telemetry]`` live,
+    anything else by a clean restart, refused within :data:`RESTART_MIN_UPTIME_S` of a
+    start): ``result`` is ``{"sha256", "previous_sha256", "changed", "applied": "live" |
+    "restart"}``.
+``locks.test``
+must be looked at, not repeated blindly).  Requests run one at a time on their own
+thread, so a ``locks.test`` never holds up the command path.
+
+Statuses and reasons
+--------------------
+``done``; ``rejected`` with a contract §4 reason: every verification reason, plus
+``malformed`` for bad ``args`` or an invalid configuration (``result.error`` says what
+and where), ``unknown_unit`` for a unit that is not configured, ``stale_version`` when
+``config.set`` names an ``expect_sha256`` that is no longer the file's; ``failed`` when
+the request could not be carried out (``result.error``).
+
+The requests and their ``args``
+-------------------------------
+``status``
+    no args; the agent's status (the retained ``P/S/status`` payload).
+``config.get``
+    no args; ``{"path", "sha256", "config"}``: the configuration as loaded, redacted
+    (secrets are never in the file, only the paths of their files), and the SHA-256 of
+    the file's bytes.
+``config.set``
     ``toml`` (the whole new file, UTF-8, at most 256 KiB), optional ``expect_sha256``.
     The text is validated exactly as at start (``check-config``); an invalid one is
     ``rejected``/``malformed`` with the file's error and the old file and config stay.
@@ -80,13 +115,70 @@ LOGGER = logging.getLogger(__name__)
 
 #: How management requests are told apart from commands in the ``commands`` table.
 MGMT_PREFIX: Final = "mgmt:"
-#: ``config.set``: the largest file accepted (the config loader's own limit is 1 MiB).
-MAX_CONFIG_BYTES: Final = 256 * 1024
+#: ``config.set``: the largest file accepted.  A request is at most
+#: :data:`~gateway.commands.MAX_MGMT_BYTES` as a token (base64url: 4/3 of the claims).
+MAX_CONFIG_BYTES: Final = 40 * 1024
+#: ``config.set`` that needs a restart is refused this soon after a start: each restart
+#: counts towards the unit's StartLimitBurst=5 in 300 s, which a series of requests
+#: must never exhaust (the unit would stay "failed" until someone is on site).
+RESTART_MIN_UPTIME_S = 90.0
+#: Test-only: overrides :data:`RESTART_MIN_UPTIME_S` (a restart test cannot wait 90 s).
+RESTART_MIN_UPTIME_ENV: Final = "STORA_GATEWAY_TEST_RESTART_MIN_UPTIME_S"
 #: ``log.level``: the levels a remote operator may choose.
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
 #: ``locks.test``: bounds on the unlock time and the relock wait of one cycle.
 TEST_SECONDS: Final = (0.2, 30.0)
 TEST_RELOCK_TIMEOUT: Final = (1.0, 60.0)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}, "l": [{"c": 2}]}`` -> ``{"a.b": 1, "l[0].c": 2}``."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(value, list):
+        out = {}
+        for i, item in enumerate(value):
+            out.update(_flatten(item, f"{prefix}[{i}]"))
+        return out or {prefix: []}
+    return {prefix: value}
+
+
+def protected_changes(old: Any, new: Any) -> list[str]:
+    """The settings ``config.set`` may not change: those that decide whom the gateway
+    trusts, where it sends credentials or events, and where it keeps its state.
+
+    A management request is signed by a command key; a stolen or misused one must not
+    be able to add keys of its own, loosen the freshness rules, point Stora's
+    ``base_url`` (with any secret file as the "token") or the broker at another host,
+    turn off TLS or OSDP's Secure Channel, or move the database and control socket.
+    These are changed on the gateway itself (``check-config``, a local edit).  Found in
+    review: before, any signed request could do all of that.
+    """
+    before, after = _flatten(old.redacted()), _flatten(new.redacted())
+    refused = []
+    for path in sorted(set(before) | set(after)):
+        was, now = before.get(path), after.get(path)
+        if was == now:
+            continue
+        leaf = path.rsplit(".", 1)[-1]
+        section = path.split(".", 1)[0].split("[", 1)[0]
+        if (
+            path.startswith("commands.trusted_keys") or path == "commands.clock"
+            or leaf.endswith("_file")
+            or leaf in ("allow_insecure", "broker_host", "broker_port")
+            or section in ("storage", "control")
+            or (section == "mqtt" and leaf != "keepalive_s")
+            or (section == "stora" and leaf in ("base_url", "token_url", "auth",
+                                                 "client_id", "scope"))
+            or (path in ("commands.clock_skew_s", "commands.max_lifetime_s")
+                and not (isinstance(was, (int, float)) and isinstance(now, (int, float))
+                         and now < was))
+        ):
+            refused.append(path)
+    return refused
 
 
 class RequestError(Exception):
@@ -154,6 +246,7 @@ class Management:
         #: Requests handled, by outcome (shown in ``status``).
         self.counters = {"received": 0, "done": 0, "rejected": 0, "failed": 0,
                          "duplicates": 0}
+        self._stopped = False
 
     def reconfigure(self) -> None:
         """The agent's configuration changed: verify with its new keys and site."""
@@ -162,6 +255,7 @@ class Management:
     def stop(self) -> None:
         """Let a running request end; queued ones are dropped (they stay claimed and end
         ``unknown`` at the next start)."""
+        self._stopped = True
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     # -- receiving --------------------------------------------------------------------
@@ -169,7 +263,9 @@ class Management:
         """A message on ``P/S/mgmt`` (the link's worker thread): verify, claim, queue."""
         from gateway.store import StoreError
 
-        self.counters["received"] += 1
+        if self._stopped:  # shutting down: unacknowledged, the broker delivers it again
+            return
+        self._count("received")
         try:
             request = self.verifier.verify(message.payload, retained=bool(message.retain))
         except Rejection as rejection:
@@ -198,22 +294,31 @@ class Management:
         with self._lock:
             self._running.pop(jti, None)
 
+    def _count(self, what: str) -> None:
+        with self._lock:  # the link's worker and the management thread both count
+            self.counters[what] = self.counters.get(what, 0) + 1
+
     def _rejected(self, rejection: Rejection) -> None:
+        from gateway.store import StoreError
+
         if rejection.claims_verified and rejection.jti is not None:
-            row = self.agent.store.command(rejection.jti)
+            try:
+                row = self.agent.store.command(rejection.jti)
+            except StoreError:
+                row = None
             if row is not None and row.result and row.cmd.startswith(MGMT_PREFIX):
                 # An expired re-send of a request already answered: its result again.
-                self.counters["duplicates"] += 1
+                self._count("duplicates")
                 self._publish(_stored_payload(row))
                 return
-        self.counters["rejected"] += 1
+        self._count("rejected")
         LOGGER.info("management request %s rejected: %s", rejection.jti or "-", rejection)
         if self.agent.rejections.take():  # a flood is not amplified onto the broker
             self._answer(rejection.jti or "", rejection.cmd or "", "rejected",
                          rejection.reason, None, store=False)
 
     def _duplicate(self, request: Command, first: Any) -> None:
-        self.counters["duplicates"] += 1
+        self._count("duplicates")
         if not first.cmd.startswith(MGMT_PREFIX):
             # The id of a command, reused for a management request: never run it.
             self._publish(self._payload(request.jti, request.cmd, "rejected", "malformed",
@@ -233,6 +338,13 @@ class Management:
     # -- running ----------------------------------------------------------------------
     def _run(self, request: Command) -> dict[str, Any]:
         handler = self._handlers[request.cmd]
+        now, skew = self.agent.clock.now(), self.agent.config.commands.clock_skew_s
+        if now >= request.exp + skew:
+            # Fresh when it arrived, expired while it waited behind another request (a
+            # long locks.test): never run late, like a command (contract §5).
+            return self._answer(request.jti, request.cmd, "rejected", "expired",
+                                {"error": f"expired while waiting: now {now:.0f} >= exp "
+                                          f"{request.exp} + skew {skew}"})
         LOGGER.info("management request %s: %s", request.jti, request.cmd)
         try:
             result = handler(request)
@@ -250,7 +362,7 @@ class Management:
     def _answer(self, jti: str, cmd: str, status: str, reason: str | None,
                 result: Any, *, store: bool = True) -> dict[str, Any]:
         payload = self._payload(jti, cmd, status, reason, result)
-        self.counters[status] = self.counters.get(status, 0) + 1
+        self._count(status)
         if store:
             try:
                 with self.agent.store.transaction() as tx:
@@ -327,7 +439,20 @@ class Management:
         if new.site.id != self.agent.config.site.id:
             raise _bad_args(f"site.id cannot be changed remotely ({self.agent.config.site.id!r}"
                             f" to {new.site.id!r}); the current config is kept")
+        refused = protected_changes(self.agent.config, new)
+        if refused:
+            raise _bad_args(f"these settings can only be changed on the gateway itself: "
+                            f"{', '.join(refused[:8])}{' …' if len(refused) > 8 else ''}; "
+                            "the current config is kept")
         new = _with_path(new, path)
+        uptime = time.time() - self.agent.started_at
+        min_uptime = float(os.environ.get(RESTART_MIN_UPTIME_ENV, RESTART_MIN_UPTIME_S))
+        if self.agent.needs_restart(new) and uptime < min_uptime:
+            raise RequestError("failed", None,
+                               f"this change needs a restart and the agent started "
+                               f"{uptime:.0f} s ago; try again in "
+                               f"{min_uptime - uptime:.0f} s (restarts are "
+                               "rate-limited); the current config is kept")
         write_atomically(path, data, mode)
         LOGGER.warning("config.set %s: %s written (sha256 %s)", request.jti, path,
                        hashlib.sha256(data).hexdigest())

@@ -198,6 +198,11 @@ class UnitManager:
                 self._schedule(row.unit, row.relock_at)
         self._timer_thread.start()
 
+    def mark_acted(self, unit: str) -> None:
+        """The hardware of ``unit`` was driven outside a command (a technician test):
+        readings taken before now are stale (see ``_reconcile_unit``)."""
+        self._acted_at[unit] = self._mono()
+
     def timer_thread(self) -> threading.Thread:
         """The relock timer's thread, for the watchdog's liveness check."""
         return self._timer_thread
@@ -674,13 +679,16 @@ class UnitManager:
         if self._is_due(lock.unit, row) and row.locked is False:
             self._relock_if_due(lock.unit)
             return
-        if before.locked is True and row.locked is False and row.relock_at is None:
-            # Locked, now read unlocked, and no unlock of ours is running: the hardware
-            # drifted (a glitch, someone at the device).  A door is never left open on
-            # its own say-so: locked again, once per such change (a latch that cannot
-            # be locked by command does not get a lock attempt every pass).
-            self._alarm("drift", lock.unit, "read back unlocked while it should be locked; "
-                                            "locking again")
+        if before.locked is not False and row.locked is False and row.relock_at is None:
+            # Read unlocked while no unlock of ours is running, after it was locked or
+            # unknown: the hardware drifted (a glitch, someone at the device), or it was
+            # found so at start or when its controller came back (a fail-safe maglock
+            # after a power cut: every coil off, every door released).  A door is never
+            # left open on its own say-so: locked again, once per such change (a latch
+            # that cannot be locked by command gets one attempt, not one every pass).
+            found = ("found unlocked when it was first read back" if before.locked is None
+                     else "read back unlocked while it should be locked")
+            self._alarm("drift", lock.unit, f"{found}; locking again")
             self._lock_now(lock, external_id_for(lock.unit, "drift", str(self._now())),
                            None, "drift", claimed=False)
             return

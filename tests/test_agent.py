@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.support.broker import Broker, Client
-from tests.support.site import PREFIX, RunningAgent, SimSite, make_site
+from tests.support.site import MODBUS_UNITS, PREFIX, RunningAgent, SimSite, make_site
 
 pytestmark = pytest.mark.simulator_only
 
@@ -398,3 +398,20 @@ def test_recent_ids_are_bounded_and_remember_the_latest() -> None:
     assert all(j in recent for j in ("b", "c", "d"))
     assert "e" not in recent
     assert None not in recent
+
+
+def test_a_door_found_unlocked_at_start_is_locked_with_an_alarm(site: SimSite) -> None:
+    """After a power cut a fail-safe maglock's board comes up released (every coil off);
+    a strike's relay can be found energized.  Either way nothing of ours is running, so
+    the gateway locks it (found in review: only a change from locked was corrected)."""
+    client = site.client()
+    site.modbus.board(1).set_coil(MODBUS_UNITS["unit_a101"][1], True)  # released
+    with Running(site):
+        alarm = client.expect(f"{PREFIX}/alarm", 10, where=lambda m: (
+            json.loads(m.payload)["kind"], json.loads(m.payload)["unit"]) == (
+            "drift", "unit_a101"))
+        deadline = time.monotonic() + 5
+        while site.coil("unit_a101") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert site.coil("unit_a101") is False
+    assert "found unlocked when it was first read back" in json.loads(alarm[0].payload)["detail"]

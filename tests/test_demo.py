@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 HAVE_MOSQUITTO = find_mosquitto() is not None
 #: Every Timeline Event the demo's script causes, by the start of its description.
 EXPECTED_EVENTS = [
+    "Unit locked via DemoGate — locked again: it read back unlocked while no unlock was "
+    "running; unit GATE",
     "Unit unlocked via DemoGate — for 3 s; unit A-101; by tenant app",
     "Unit locked via DemoGate — relocked",
     "Unit unlocked via DemoGate — for 2 s; unit B-201; by operator dashboard",
@@ -120,7 +122,8 @@ def check_full_run(output: str, stderr: str) -> None:
     for line in (
         "agent   online (stora-gateway",
         "lock    A-101 locked, door closed",
-        "lock    GATE unlocked",  # a fail-safe maglock without power is open
+        # A fail-safe maglock without power is open: found so at start, and locked.
+        "alarm   drift at GATE: found unlocked when it was first read back; locking again",
         "→       signed unlock of A-101 for 3 s (jti demo-01-",
         "←       done: unlock A-101\n",
         "lock    A-101 unlocked, door closed (relocks at ",
@@ -143,7 +146,7 @@ def check_full_run(output: str, stderr: str) -> None:
     for expected in EXPECTED_EVENTS:
         assert any(event.startswith(expected) for event in stora), expected
     assert output.rstrip().endswith(
-        "demo finished: all 8 steps and 12 Timeline Events (each delivered once) behaved as "
+        "demo finished: all 8 steps and 13 Timeline Events (each delivered once) behaved as "
         "expected; nothing left running")
 
 
@@ -209,6 +212,7 @@ def test_the_demo_says_what_went_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
     from gateway.cli import main
 
     def wrong_script(self: Demo) -> None:
+        self.expect_events((self.head("locked"),))  # the GATE, locked at start
         self.step("Lockout A-102, then expect an unlock of it to be done (it is not)")
         self.command("signed lockout of A-102", "lockout", "unit_a102",
                      Expect("done", events=("overlocked",)), ver=1)

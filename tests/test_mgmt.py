@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -17,7 +16,7 @@ import pytest
 
 from gateway.signer import CommandSigner, generate_keypair
 from tests.support.broker import Broker, Client
-from tests.support.site import PREFIX, SITE, RunningAgent, SimSite, make_site
+from tests.support.site import PREFIX, SITE, AgentProcess, RunningAgent, SimSite, make_site
 
 pytestmark = pytest.mark.simulator_only
 
@@ -199,130 +198,134 @@ def test_a_request_interrupted_by_a_crash_ends_unknown_and_never_reruns(
 # -- config.set ------------------------------------------------------------------------
 
 
-def test_config_set_applies_a_new_key_live_and_returns_the_hash(site: SimSite,
-                                                                client: Client) -> None:
-    new_private, new_public = generate_keypair()
-    new_signer = CommandSigner(new_private, "relay-2027", SITE)
+def test_config_set_applies_commands_and_telemetry_live_and_returns_the_hash(
+        site: SimSite, client: Client) -> None:
     old_text = site.config_path.read_text()
-    text = old_text.replace(
-        "trusted_keys = { test-2026 = ",
-        f'trusted_keys = {{ relay-2027 = "{new_public}", test-2026 = ').replace(
-        'app_name = "TestGate"', 'app_name = "NewGate"')
+    text = old_text.replace('clock = "system"', 'clock = "system"\nclock_skew_s = 5') + (
+        "\n[telemetry]\ninterval_s = 7\n")
     mode = site.config_path.stat().st_mode & 0o777
     with RunningAgent(site.config_path) as agent:
-        # Before: the new key is unknown.
-        jti, token = new_signer.command("unlock", "unit_a101", dur=1)
-        client.publish(f"{PREFIX}/cmd", token, qos=1)
-        assert command_result(client, jti)["reason"] == "unknown_key"
         res = answer(client, ask(site, client, "config.set",
                                  args={"toml": text, "expect_sha256": sha(site.config_path)}))
         assert res["status"] == "done", res
         assert res["result"]["applied"] == "live"
-        assert sorted(res["result"]["changed"]) == ["commands", "site"]
+        assert sorted(res["result"]["changed"]) == ["commands", "telemetry"]
         assert res["result"]["sha256"] == hashlib.sha256(text.encode()).hexdigest()
         assert res["result"]["sha256"] == sha(site.config_path)
         assert res["result"]["previous_sha256"] == hashlib.sha256(old_text.encode()).hexdigest()
-        # After: a command signed by the new key runs, audited under the new app name.
-        jti, token = new_signer.command("unlock", "unit_a101", dur=1)
+        # Applied: the tighter skew judges the next command, the job runs every 7 s.
+        jti, token = site.signer.command("unlock", "unit_a101", dur=1,
+                                         iat=int(time.time()) - 30, ttl=20)
         client.publish(f"{PREFIX}/cmd", token, qos=1)
-        assert command_result(client, jti)["status"] == "done"
-        assert site.coil("unit_a101") is True
-        assert any(e.description.startswith("Unit unlocked via NewGate")
-                   for e in agent.store.events())
+        assert command_result(client, jti)["reason"] == "expired"
+        assert agent.scheduler.stats()["jobs"]["telemetry.publish"]["interval_s"] == 7
         assert agent.restart_reason is None
     assert site.config_path.read_text() == text
     assert site.config_path.stat().st_mode & 0o777 == mode
     assert not [p for p in site.config_path.parent.iterdir() if p.name.startswith(".gateway")]
 
 
-def test_a_bad_config_set_is_rejected_keeps_the_old_config_and_loses_no_command(
-        site: SimSite, client: Client) -> None:
+@pytest.mark.parametrize(("edit", "refused"), [
+    (lambda t, k: t.replace("trusted_keys = { test-2026 = ",
+                            f'trusted_keys = {{ mine = "{k}", test-2026 = '),
+     "commands.trusted_keys.mine"),
+    (lambda t, k: t.replace('clock = "system"', 'clock = "system"\nmax_lifetime_s = 86400'),
+     "commands.max_lifetime_s"),
+    (lambda t, k: t.replace("http://127.0.0.1:9/2025-09", "http://attacker.example/x"),
+     "stora.base_url"),
+    (lambda t, k: t.replace('token_file = "', 'token_file = "/etc/../', 1), "stora.token_file"),
+    (lambda t, k: t.replace('client_id = "agent-under-test"', 'client_id = "other"'),
+     "mqtt.client_id"),
+    (lambda t, k: t.replace("state' / 'gateway.db", "x").replace(
+        "/state/gateway.db", "/moved.db"), "storage.path"),
+])
+def test_config_set_may_not_touch_trust_endpoints_or_storage(
+        site: SimSite, client: Client, edit: Any, refused: str) -> None:
+    """A signed request must not add keys, loosen freshness, send events or a secret
+    file to another host, or move the state (found in review: it could)."""
     before = site.config_path.read_bytes()
-    bad = before.decode().replace("[control]", "[control]\nsocket_mode = 660", 1)
+    text = edit(before.decode(), generate_keypair()[1])
+    assert text != before.decode()
     with RunningAgent(site.config_path) as agent:
+        res = answer(client, ask(site, client, "config.set", args={"toml": text}))
+        assert agent.restart_reason is None
+    assert (res["status"], res["reason"]) == ("rejected", "malformed"), res
+    assert "only be changed on the gateway itself" in res["result"]["error"]
+    assert refused in res["result"]["error"]
+    assert site.config_path.read_bytes() == before
+
+
+def test_a_request_that_expires_while_waiting_is_not_run(
+        site: SimSite, client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    with RunningAgent(site.config_path) as agent:
+        real_test = agent._test
+
+        def slow_test(params: Any, actor: str) -> Any:  # a long locks.test all:true
+            time.sleep(3)
+            return real_test(params, actor)
+
+        monkeypatch.setattr(agent, "_test", slow_test)
+        first = ask(site, client, "locks.test", args={"units": ["A-101"], "seconds": 0.3})
+        now = int(time.time())
+        # Fresh on arrival (exp + 30 s skew is 1-2 s away), stale once the one ahead ends.
+        late = ask(site, client, "locks.test", args={"units": ["A-102"], "seconds": 0.3},
+                   iat=now - 40, exp=now - 29)
+        assert answer(client, first, timeout=30)["status"] == "done"
+        res = answer(client, late, timeout=30)
+        tested = [e.description for e in agent.store.events() if "A-102" in e.description]
+    assert (res["status"], res["reason"]) == ("rejected", "expired"), res
+    assert not tested
+
+
+def test_config_set_of_locks_restarts_the_agent_and_loses_no_command(
+        site: SimSite, client: Client) -> None:
+    """A change that needs a new process: answered, the agent exits 75 (systemd
+    restarts it), commands sent while it is down run after the start, and the new
+    settings are in force."""
+    text = site.config_path.read_text().replace("unlock_seconds = 2", "unlock_seconds = 7")
+    agent = AgentProcess(site, env={"STORA_GATEWAY_TEST_RESTART_MIN_UPTIME_S": "0"})
+    agent.start()
+    try:
+        res = answer(client, ask(site, client, "config.set", args={"toml": text}))
+        assert res["status"] == "done", res
+        assert (res["result"]["applied"], res["result"]["changed"]) == ("restart", ["locks"])
+        assert agent.proc is not None
+        assert agent.proc.wait(timeout=20) == 75, agent.log()
         sent = []
-        for i in range(10):
-            jti, token = site.signer.command("unlock" if i % 2 == 0 else "lock",
-                                             "unit_a102", dur=1 if i % 2 == 0 else None)
+        for unit in ("unit_a102", "unit_a103"):
+            jti, token = site.signer.command("unlock", unit)  # the lock's default time
             client.publish(f"{PREFIX}/cmd", token, qos=1)
             sent.append(jti)
-            if i == 4:
-                bad_jti = ask(site, client, "config.set", args={"toml": bad})
-        res = answer(client, bad_jti)
-        outcomes = [command_result(client, jti)["status"] for jti in sent]
-        assert agent.config.control.socket == site.socket_path
-    assert (res["status"], res["reason"]) == ("rejected", "malformed"), res
-    assert "control.socket_mode" in res["result"]["error"]
-    assert "current config is kept" in res["result"]["error"]
-    assert site.config_path.read_bytes() == before
-    assert outcomes == ["done"] * 10
-    assert not [p for p in site.config_path.parent.iterdir() if p.name.startswith(".gateway")]
+        agent.start()  # what systemd does on exit 75 (RestartForceExitStatus)
+        results = [command_result(client, jti, timeout=20) for jti in sent]
+    finally:
+        agent.stop()
+    assert [r["status"] for r in results] == ["done", "done"]
+    for r in results:
+        relock_in = (datetime.fromisoformat(r["state"]["relock_at"]).timestamp()
+                     - datetime.fromisoformat(r["at"]).timestamp())
+        assert 6 < relock_in <= 7.5, r
+    assert site.config_path.read_text() == text
 
 
-@pytest.mark.parametrize(("edit", "error"), [
-    (lambda t: t.replace(f'id = "{SITE}"', 'id = "site_moved"'), "site.id cannot be changed"),
-    (lambda t: t + "\n[[", "TOML syntax error"),
-    (lambda t: t.replace('controller = "lockers"', 'controller = "nowhere"', 1), "nowhere"),
-])
-def test_invalid_configs_are_rejected_with_the_reason(site: SimSite, client: Client,
-                                                      edit: Any, error: str) -> None:
+def test_a_restart_soon_after_a_start_is_refused(site: SimSite, client: Client) -> None:
+    """Restarts count towards the unit's start limit: a series of config.sets must not
+    leave the service "failed"."""
     before = site.config_path.read_bytes()
-    with RunningAgent(site.config_path):
-        res = answer(client, ask(site, client, "config.set",
-                                 args={"toml": edit(before.decode())}))
-    assert (res["status"], res["reason"]) == ("rejected", "malformed"), res
-    assert error in res["result"]["error"]
-    assert site.config_path.read_bytes() == before
-
-
-def test_config_set_with_a_stale_hash_is_refused(site: SimSite, client: Client) -> None:
-    before = site.config_path.read_bytes()
-    with RunningAgent(site.config_path):
-        res = answer(client, ask(site, client, "config.set", args={
-            "toml": before.decode().replace("TestGate", "Other"), "expect_sha256": "0" * 64}))
-    assert (res["status"], res["reason"]) == ("rejected", "stale_version"), res
-    assert site.config_path.read_bytes() == before
-
-
-def test_config_set_rebuilding_the_locks_drops_no_command(site: SimSite,
-                                                          client: Client) -> None:
-    """Lock settings change while commands stream in: each gets exactly one result, and
-    the new unlock time is what the next unlock uses."""
-    text = site.config_path.read_text().replace("unlock_seconds = 2", "unlock_seconds = 7")
+    text = before.decode().replace("keepalive_s = 5", "keepalive_s = 10")
     with RunningAgent(site.config_path) as agent:
-        stop = threading.Event()
-        sent: list[str] = []
-
-        def stream() -> None:
-            while not stop.is_set():
-                jti, token = site.signer.command("lock", "unit_a103")
-                client.publish(f"{PREFIX}/cmd", token, qos=1)
-                sent.append(jti)
-                time.sleep(0.01)
-
-        streamer = threading.Thread(target=stream)
-        streamer.start()
-        time.sleep(0.2)
         res = answer(client, ask(site, client, "config.set", args={"toml": text}))
-        time.sleep(0.2)
-        stop.set()
-        streamer.join()
-        assert res["status"] == "done", res
-        assert res["result"] == {**res["result"], "applied": "live", "changed": ["locks"]}
-        statuses = [command_result(client, jti)["status"] for jti in sent]
-        jti, token = site.signer.command("unlock", "unit_a102")
-        client.publish(f"{PREFIX}/cmd", token, qos=1)
-        unlocked = command_result(client, jti)
-        assert agent.config.locks[0].unlock_seconds == 7
-    assert len(sent) > 10
-    assert statuses == ["done"] * len(sent)
-    relock_in = (datetime.fromisoformat(unlocked["state"]["relock_at"]).timestamp()
-                 - datetime.fromisoformat(unlocked["at"]).timestamp())
-    assert 6 < relock_in <= 7.5, unlocked
+        assert not agent.stop_event.is_set()
+    assert (res["status"], res["reason"]) == ("failed", None), res
+    assert "try again in" in res["result"]["error"]
+    assert site.config_path.read_bytes() == before
 
 
-def test_config_set_of_the_broker_settings_restarts_the_agent(site: SimSite,
-                                                              client: Client) -> None:
+def test_config_set_of_the_broker_keepalive_restarts_the_agent(
+        site: SimSite, client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gateway.mgmt
+
+    monkeypatch.setattr(gateway.mgmt, "RESTART_MIN_UPTIME_S", 0.0)
     text = site.config_path.read_text().replace("keepalive_s = 5", "keepalive_s = 10")
     with RunningAgent(site.config_path) as agent:
         res = answer(client, ask(site, client, "config.set", args={"toml": text}))

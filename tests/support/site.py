@@ -164,8 +164,9 @@ def make_site(directory: Path, broker: Broker, *, pulse: bool = False,
 class AgentProcess:
     """``stora-gateway run`` as a real subprocess."""
 
-    def __init__(self, site: SimSite) -> None:
+    def __init__(self, site: SimSite, *, env: dict[str, str] | None = None) -> None:
         self.site = site
+        self.env = dict(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = site.directory / "agent.log"
         self.starts = 0
@@ -175,7 +176,7 @@ class AgentProcess:
 
         Returns the monotonic time at which it was ready.
         """
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "run", "--config", str(self.site.config_path)],
@@ -244,13 +245,16 @@ class RunningAgent:
 
         self.agent = Agent(load_config(config_path), **kwargs)
         self.thread = threading.Thread(target=self._run, daemon=True)
+        self.started = threading.Event()
 
     def _run(self) -> None:
         self.agent.start()
+        self.started.set()
         self.agent.run_forever()
 
     def __enter__(self) -> Any:
         self.thread.start()
+        assert self.started.wait(20), "Agent.start() did not return"
         assert self.agent.link.wait_connected(10)
         return self.agent
 
