@@ -357,6 +357,14 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             "CREATE INDEX send_history_at ON send_history (at)",
         ),
     ),
+    Migration(
+        "index of delivery times (the last post to Stora, for telemetry)",
+        (
+            # status() asks for max(delivered_at) every telemetry interval; without an
+            # index that scans every delivered event, a number that only grows.
+            "CREATE INDEX events_state_delivered_at ON events (state, delivered_at)",
+        ),
+    ),
 )
 
 #: Event states: ``pending`` until delivered; ``dead`` when Stora refused it for good

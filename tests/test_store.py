@@ -662,7 +662,7 @@ def test_migration_2_upgrades_a_version_1_file_keeping_its_events_due(db: Path) 
         assert (row.external_id, row.state, row.generation, row.next_attempt_at) == (
             "sgw-old", "pending", 0, 0.0)
         assert s.send_history(0) == []
-    assert raw(db).execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 2
+    assert raw(db).execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 3
 
 
 def test_due_event_is_oldest_first_and_honours_next_attempt_at(store: Store) -> None:
@@ -788,3 +788,13 @@ def test_disk_full_refuses_events_loudly_and_counts_them(tiny_fs: Path) -> None:
             tx.add_event(record("after"))
         assert s.events_refused == 2
     assert integrity(db) == ["ok"]
+
+
+def test_the_last_delivery_time_is_read_through_an_index(tmp_path: Path) -> None:
+    """status() asks every telemetry interval; the delivered events only grow."""
+    with Store(tmp_path / "g.db") as store:
+        assert store.last_delivered_at() is None
+        plan = store._conn.execute(
+            "EXPLAIN QUERY PLAN SELECT max(delivered_at) FROM events "
+            "WHERE state = 'delivered'").fetchall()
+    assert "COVERING INDEX events_state_delivered_at" in str(plan)
