@@ -583,7 +583,15 @@ class Agent:
     def _submit(self, command: Command) -> None:
         # A duplicate is queued behind its original on the unit's queue, so it answers
         # with the original's final result.
-        future = self.units.submit(command)
+        try:
+            future = self.units.submit(command)
+        except RuntimeError:
+            if not self.stop_event.is_set():
+                raise
+            # Stopping: the unit workers are gone.  The command is already `queued` in
+            # SQLite, so the next start verifies it again and runs it if still fresh.
+            LOGGER.info("stopping: command %s stays queued for the next start", command.jti)
+            return
         future.add_done_callback(functools.partial(self._done, command))
 
     def _done(self, command: Command, future: Any) -> None:
