@@ -248,6 +248,13 @@ class BridgeLink:
         with contextlib.suppress(Exception):
             self._paho.disconnect()
             self._paho.loop(timeout=0.0)
+        # paho's wake-up socket pair (made by loop()) is closed only by its __del__,
+        # which the GC may reach after the sockets themselves: an unclosed-socket
+        # ResourceWarning at exit.  Closed here, when the link thread ends.
+        reset = getattr(self._paho, "_reset_sockets", None)
+        if callable(reset):
+            with contextlib.suppress(Exception):
+                reset()
 
     def _connect_and_loop(self) -> None:
         """One connection: connect, wait for CONNACK and SUBACK, loop until it drops."""
