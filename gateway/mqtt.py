@@ -58,6 +58,7 @@ Guarantees and decisions:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import socket
@@ -915,6 +916,13 @@ class MqttLink:
             if self._client.loop(timeout=self._tick) != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 break
         self._abort_socket()
+        # paho's wake-up socket pair (made by loop()) is closed only by its __del__,
+        # which the GC may reach after the sockets themselves (an unclosed-socket
+        # warning at exit): closed here, as the link ends.
+        reset = getattr(self._client, "_reset_sockets", None)
+        if callable(reset):
+            with contextlib.suppress(Exception):
+                reset()
         LOGGER.info("MQTT link stopped")
 
     def _abort_socket(self) -> None:
