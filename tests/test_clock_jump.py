@@ -196,9 +196,12 @@ def test_a_step_back_hangs_stock_apscheduler_but_not_the_site_scheduler(
     # one interval at a time is minutes of a whole core).  The bounds are loose because
     # libfaketime (NO_CACHE: a file read per clock call) and a busy CI box make the pace
     # uneven; a hang gives 0 and a burst thousands.
+    # CPU is judged only after a step: the first phase also pays for the scheduler's
+    # start under libfaketime (about 1.7 s of CPU on a loaded CI box, stock or not).
     for name, phase in guarded.items():
         assert 3 <= int(phase["runs"]) <= 10, (name, phase)  # type: ignore[call-overload]
-        assert float(phase["cpu_s"]) < 1.5, (name, phase)  # type: ignore[arg-type]
+        if name != "start":
+            assert float(phase["cpu_s"]) < 1.5, (name, phase)  # type: ignore[arg-type]
 
 
 # =============================================================================== the agent
