@@ -48,35 +48,6 @@ The requests and their ``args``
     start): ``result`` is ``{"sha256", "previous_sha256", "changed", "applied": "live" |
     "restart"}``.
 ``locks.test``
-must be looked at, not repeated blindly).  Requests run one at a time on their own
-thread, so a ``locks.test`` never holds up the command path.
-
-Statuses and reasons
---------------------
-``done``; ``rejected`` with a contract §4 reason: every verification reason, plus
-``malformed`` for bad ``args`` or an invalid configuration (``result.error`` says what
-and where), ``unknown_unit`` for a unit that is not configured, ``stale_version`` when
-``config.set`` names an ``expect_sha256`` that is no longer the file's; ``failed`` when
-the request could not be carried out (``result.error``).
-
-The requests and their ``args``
--------------------------------
-``status``
-    no args; the agent's status (the retained ``P/S/status`` payload).
-``config.get``
-    no args; ``{"path", "sha256", "config"}``: the configuration as loaded, redacted
-    (secrets are never in the file, only the paths of their files), and the SHA-256 of
-    the file's bytes.
-``config.set``
-    ``toml`` (the whole new file, UTF-8, at most 256 KiB), optional ``expect_sha256``.
-    The text is validated exactly as at start (``check-config``); an invalid one is
-    ``rejected``/``malformed`` with the file's error and the old file and config stay.
-    A valid one is written atomically (temporary file in the same directory, fsync,
-    rename, fsync of the directory) with the old file's mode, then applied (see
-    :meth:`gateway.agent.Agent.apply_config`): ``result`` is ``{"sha256", "changed",
-    "applied": "live" | "restart"}``.  ``site.id`` cannot change remotely: the request
-    itself is addressed to it.
-``locks.test``
     ``units`` (a list of unit ids or references) or ``all: true``; optional
     ``seconds`` (0.2–30, default 1) and ``relock_timeout`` (1–60, default 10).  The
     technician's test cycle (contract §2 ``test``), audited the same way; ``result`` is
