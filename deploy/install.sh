@@ -7,22 +7,40 @@
 # What it does (deploy/README.md has the why):
 #   - system user and group "stora-gateway", member of "dialout" (the serial ports);
 #   - /opt/stora-gateway/venv with this package in it, and /usr/local/bin/stora-gateway;
-#   - /etc/stora-gateway (stora-gateway 0750: config.set writes it) and its secrets/, fixing
-#     the owner and mode of what is already there;
+#   - /etc/stora-gateway (root:stora-gateway 0750) with
+#       secrets/       root:stora-gateway 0750; the secret files in it stora-gateway 0600
+#       config/        stora-gateway 0750: the only place the agent writes (config.set)
+#       gateway.toml   a link to config/gateway.toml, root's;
+#     an install of the old layout (the agent owning /etc/stora-gateway and a regular
+#     gateway.toml in it) is moved to this one;
 #   - /etc/systemd/system/stora-gateway.service, enabled;
 #   - loads the USB serial drivers at boot, so the unit's DeviceAllow= can name them.
 # It starts (or restarts) the agent only when /etc/stora-gateway/gateway.toml exists and
 # passes check-config as the agent's user; otherwise it prints what to do next.
+#
+# Root never follows a link inside a directory the agent can write: the agent's user may
+# be compromised, and a link planted there must not make root re-own or re-mode a file
+# elsewhere at the next upgrade.  Every path this script manages is checked first, and
+# it stops, changing nothing, where one is a link (or another kind of file) than expected.
+# Nothing under config/ is touched at all, except the one rename of a migration.
+#
+# STORA_GATEWAY_INSTALL_ROOT (tests only): a throw-away directory standing in for "/";
+# users, systemd and Python are then whatever the caller put first on PATH.
 set -euo pipefail
 
 NAME=stora-gateway
-PREFIX=/opt/stora-gateway
+ROOT="${STORA_GATEWAY_INSTALL_ROOT:-}"
+PREFIX="$ROOT/opt/stora-gateway"
 VENV="$PREFIX/venv"
-CONF_DIR=/etc/stora-gateway
+CONF_DIR="$ROOT/etc/stora-gateway"
 CONFIG="$CONF_DIR/gateway.toml"
+# The link's target, relative so that it holds under any root.
+CONFIG_TARGET=config/gateway.toml
+CONFIG_DIR="$CONF_DIR/config"
 SECRETS="$CONF_DIR/secrets"
-UNIT=/etc/systemd/system/stora-gateway.service
-MODULES=/etc/modules-load.d/stora-gateway.conf
+UNIT="$ROOT/etc/systemd/system/stora-gateway.service"
+MODULES="$ROOT/etc/modules-load.d/stora-gateway.conf"
+BIN_LINK="$ROOT/usr/local/bin/stora-gateway"
 SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # The system's Python by default: the agent's user must be able to run the venv's
 # interpreter, which a python3 found on root's PATH (pyenv under /root) may not allow.
@@ -34,11 +52,68 @@ fi
 say() { printf '==> %s\n' "$*"; }
 die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
 
+# A path this script manages must be a real directory (or absent): never a link.
+check_dir() {
+  if [ -L "$1" ]; then
+    die "$1 is a symbolic link, not a directory; refusing to follow it as root. \
+Remove the link (and check how it got there), then run this again."
+  fi
+  if [ -e "$1" ] && [ ! -d "$1" ]; then
+    die "$1 exists but is not a directory; move it away, then run this again."
+  fi
+}
+# Likewise for a file: a regular file (or absent), never a link.
+check_file() {
+  if [ -L "$1" ]; then
+    die "$1 is a symbolic link, not a file; refusing to follow it as root. \
+Remove the link (and check how it got there), then run this again."
+  fi
+  if [ -e "$1" ] && [ ! -f "$1" ]; then
+    die "$1 exists but is not a regular file; move it away, then run this again."
+  fi
+}
+# A directory with this owner and mode: created if absent, else fixed without following
+# links (check_dir ran first, and every parent is root's, so it cannot be swapped since).
+own_dir() {  # path owner group mode
+  check_dir "$1"
+  if [ -d "$1" ]; then
+    chown -h "$2:$3" "$1"
+    chmod "$4" "$1"
+  else
+    install -d -m "$4" -o "$2" -g "$3" "$1"
+  fi
+}
+
 [ "$(id -u)" = 0 ] || die "run as root: sudo $0"
-[ -f "$SRC/pyproject.toml" ] && [ -f "$SRC/deploy/systemd/$NAME.service" ] \
-  || die "run from a stora-gateway checkout (no pyproject.toml next to deploy/)"
+if [ ! -f "$SRC/pyproject.toml" ] || [ ! -f "$SRC/deploy/systemd/$NAME.service" ]; then
+  die "run from a stora-gateway checkout (no pyproject.toml next to deploy/)"
+fi
 # Root's umask may be 077; the agent's user must be able to read the venv and the unit.
 umask 022
+
+# --- check before changing anything ----------------------------------------------------
+for dir in "$ROOT/etc" "$ROOT/opt" "$PREFIX" "$PREFIX/deploy" "$CONF_DIR" "$CONFIG_DIR" \
+           "$SECRETS" "$ROOT/etc/systemd/system" "$ROOT/etc/modules-load.d" \
+           "$ROOT/usr/local/bin"; do
+  check_dir "$dir"
+done
+check_file "$UNIT"
+check_file "$MODULES"
+if [ -L "$CONFIG" ]; then
+  [ "$(readlink "$CONFIG")" = "$CONFIG_TARGET" ] \
+    || die "$CONFIG is a symbolic link to $(readlink "$CONFIG"), not $CONFIG_TARGET; \
+refusing to follow it as root.  Remove the link (and check how it got there), then run \
+this again."
+elif [ -e "$CONFIG" ]; then
+  check_file "$CONFIG"
+  [ "$(stat -c %h -- "$CONFIG")" = 1 ] \
+    || die "$CONFIG has other hard links; copy it to a file of its own, then run this again."
+  if [ -e "$CONFIG_DIR/gateway.toml" ] || [ -L "$CONFIG_DIR/gateway.toml" ]; then
+    die "both $CONFIG and $CONFIG_DIR/gateway.toml exist; keep the one in use as \
+$CONFIG_DIR/gateway.toml, remove $CONFIG, then run this again."
+  fi
+fi
+if [ -L "$BIN_LINK" ]; then :; else check_file "$BIN_LINK"; fi
 
 # --- Python ------------------------------------------------------------------------------
 if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
@@ -62,6 +137,12 @@ if ! id -u "$NAME" >/dev/null 2>&1; then
     --comment "stora-gateway agent" "$NAME"
 else
   usermod --append --groups dialout "$NAME"
+fi
+# By number from here on: what chown and install are given is what was checked.
+AGENT_UID="$(id -u "$NAME")"
+AGENT_GID="$(getent group "$NAME" | cut -d: -f3)"
+if [ -z "$AGENT_UID" ] || [ -z "$AGENT_GID" ]; then
+  die "cannot resolve user and group $NAME"
 fi
 
 # --- the package ---------------------------------------------------------------------------
@@ -90,43 +171,76 @@ cp -R "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/gateway" "$SRC/drivers" "$BUI
 find "$BUILD" -name __pycache__ -prune -exec rm -rf {} +
 "$VENV/bin/python" -m pip install --quiet --upgrade "$BUILD"
 install -m 0644 "$SRC/deploy/README.md" "$PREFIX/deploy/README.md"
-ln -sfn "$VENV/bin/stora-gateway" /usr/local/bin/stora-gateway
+install -d -m 0755 "$ROOT/usr/local/bin"
+ln -sfn /opt/stora-gateway/venv/bin/stora-gateway "$BIN_LINK"
 
 # --- configuration directory ---------------------------------------------------------------
-# The agent owns its config directory: a signed config.set request (README "Remote
-# management") replaces gateway.toml atomically, which needs write access to the
-# directory (the unit's ReadWritePaths= opens only this one under /etc).  Nobody else can
-# read it.  Secrets are the agent user's alone: it refuses to start when a *_file secret
-# is open to group or others (fault matrix #48).
-install -d -m 0750 -o "$NAME" -g "$NAME" "$CONF_DIR"
-install -d -m 0700 -o "$NAME" -g "$NAME" "$SECRETS"
-if [ -f "$CONFIG" ]; then
-  chown "$NAME:$NAME" "$CONFIG"
+# /etc/stora-gateway is root's, so the agent can neither add nor replace anything in it;
+# members of the group (the agent, technicians) read it.  Taken back first: until then
+# (an install of the old layout) the agent could still rename entries in it.
+own_dir "$CONF_DIR" root "$AGENT_GID" 0750
+# secrets/: root's too, read by the group; each secret file is the agent's and its alone
+# (the agent refuses a secret open to group or others: fault matrix #48), read-only to
+# it under the unit (ReadOnlyPaths=) and in a directory it cannot write.
+own_dir "$SECRETS" root "$AGENT_GID" 0750
+for secret in "$SECRETS"/* "$SECRETS"/.[!.]*; do
+  if [ -L "$secret" ]; then
+    say "left alone: $secret is a symbolic link (secrets are regular files; remove it)"
+  elif [ -f "$secret" ] && [ "$(stat -c %h -- "$secret")" != 1 ]; then
+    # A hard link may be another file's name (where fs.protected_hardlinks is off).
+    say "left alone: $secret has other hard links (a secret is one file; copy it)"
+  elif [ -f "$secret" ]; then
+    chown -h "$AGENT_UID:$AGENT_GID" "$secret"
+    chmod 0600 "$secret"
+  elif [ -e "$secret" ]; then
+    say "left alone: $secret is not a regular file"
+  fi
+done
+# config/: the agent's, the one directory it may write (the unit's ReadWritePaths=), for
+# a signed config.set, which replaces config/gateway.toml atomically (a temporary file
+# and a rename next to it).  Root does not look inside it.
+own_dir "$CONFIG_DIR" "$AGENT_UID" "$AGENT_GID" 0750
+if [ -f "$CONFIG" ] && [ ! -L "$CONFIG" ]; then
+  # The old layout: gateway.toml was a file of the agent's own directory.  Owner and
+  # mode are set while it is still in root's directory, then one rename (-T: never into
+  # a directory planted under that name) moves it to config/.
+  say "moving $CONFIG to $CONFIG_DIR/gateway.toml (config.set writes only config/ now)"
+  chown -h "$AGENT_UID:$AGENT_GID" "$CONFIG"
   chmod 0640 "$CONFIG"
+  mv -T "$CONFIG" "$CONFIG_DIR/gateway.toml"
 fi
-find "$SECRETS" -mindepth 1 -maxdepth 1 -type f -exec chown "$NAME:$NAME" {} + \
-  -exec chmod 0600 {} +
+if [ ! -L "$CONFIG" ]; then
+  # The path of the contract (and of --config's default) stays valid: a link, root's.
+  ln -s "$CONFIG_TARGET" "$CONFIG"
+fi
 
 # --- systemd -------------------------------------------------------------------------------
 # DeviceAllow=char-ttyUSB / char-ttyACM resolve a driver's major number when the unit
 # starts; loading the drivers at boot makes an adapter plugged in later usable too.
+install -d -m 0755 "$ROOT/etc/modules-load.d" "$ROOT/etc/systemd/system"
 cat >"$MODULES" <<'END'
 # stora-gateway: the serial drivers its unit's DeviceAllow= names (deploy/install.sh)
 usbserial
 cdc_acm
 END
-modprobe -q usbserial 2>/dev/null || true
-modprobe -q cdc_acm 2>/dev/null || true
+if [ -z "$ROOT" ]; then
+  modprobe -q usbserial 2>/dev/null || true
+  modprobe -q cdc_acm 2>/dev/null || true
+fi
 
 install -m 0644 -o root -g root "$SRC/deploy/systemd/$NAME.service" "$UNIT"
 systemd_up=false
-if [ -d /run/systemd/system ]; then
+if [ -z "$ROOT" ] && [ -d /run/systemd/system ]; then
   systemd_up=true
   systemctl daemon-reload
 fi
 # Works without a running systemd too (a chroot, an image build): it only makes links.
-systemctl enable "$NAME.service"
-if command -v systemd-analyze >/dev/null; then
+if [ -n "$ROOT" ]; then
+  systemctl --root="$ROOT" enable "$NAME.service"
+else
+  systemctl enable "$NAME.service"
+fi
+if [ -z "$ROOT" ] && command -v systemd-analyze >/dev/null; then
   systemd-analyze verify "$UNIT" || say "systemd-analyze verify complained (see above)"
 fi
 
@@ -161,9 +275,12 @@ EOF
 else
   cat <<EOF
 Next steps:
-  1. Write $CONFIG (contract §3, hardware.md); keep secrets out of it:
+  1. Write the config (contract §3, hardware.md) as the agent's user, so that root never
+     writes into the agent's directory:
+       runuser -u $NAME -- tee $CONFIG_DIR/gateway.toml <gateway.toml >/dev/null
+     ($CONFIG links to it.)  Keep secrets out of it, in files of their own:
        install -m 0600 -o $NAME -g $NAME /path/to/mqtt-password $SECRETS/mqtt-password
-     and name them relative to the config: password_file = "secrets/mqtt-password".
+     and name them relative to $CONF_DIR: password_file = "secrets/mqtt-password".
   2. Check it as the agent's user:
        runuser -u $NAME -- stora-gateway check-config --config $CONFIG
   3. Start it:   systemctl start $NAME    then: journalctl -u $NAME -f

@@ -28,6 +28,7 @@ from typing import Any, Protocol, TypeVar
 
 from drivers.base import Clock, Health, Sleep
 from drivers.errors import BadFrameError, LinkDownError, NoReplyError
+from drivers.ports import port_problem
 
 LOGGER = logging.getLogger(__name__)
 
@@ -87,8 +88,16 @@ SerialFactory = Callable[[str, int, float], Any]
 
 
 def open_serial(url: str, baudrate: int, timeout_s: float) -> Any:
-    """Open ``url`` with pyserial: a device path, ``socket://host:port``, ``loop://``, …"""
+    """Open ``url`` with pyserial: a device path, ``socket://host:port`` or
+    ``rfc2217://host:port`` (:func:`drivers.ports.port_problem`; anything else raises
+    ValueError before pyserial sees it, so no config, however it was built, reaches
+    pyserial's file-writing ``spy://`` or class-loading ``alt://`` handlers).  Tests
+    that want ``loop://`` pass a factory of their own."""
     import serial  # lazy: keeps CLI start-up fast on a Pi
+
+    problem = port_problem(url)
+    if problem is not None:  # checked again at open: a path may have changed since
+        raise ValueError(f"port {problem}")
 
     exclusive = "://" not in url  # flock only makes sense on a device node
     return serial.serial_for_url(

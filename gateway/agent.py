@@ -28,33 +28,16 @@ garbage cannot make the agent amplify it onto the broker.
 
 Load shedding
 -------------
-One Ed25519 verification costs more than everything else a message costs the agent
-(about 170 µs on this project's x86 test machine, more on a Pi), so a flood of tokens
-that each need one would outrun a core.  Two cheap steps come before it:
-
-* **Refused before.**  A payload refused for a reason that cannot change
-  (:data:`LASTING_REASONS`) is remembered by its BLAKE2b-128 hash, the last
-  :data:`REFUSED_CACHE_MAX` of them; a repeat gets the same rejection without parsing.
-  Replaying captured traffic, the cheapest flood there is, costs a hash per message.
-* **Claims first while results are throttled.**  When the rejection bucket is empty no
-  result would be published, so the exact reason no longer matters: a token whose
-  claims could never be accepted (expired, another site, unknown unit, bad shape…) is
-  dropped before its signature is checked (``CommandVerifier.screen``) and counted as
-  ``shed``.  A token that passes still gets the full check, so nothing that could be
-  accepted is ever shed here; a late duplicate of a command this agent answered still
-  gets its original result.
-
-What remains is a flood of *distinct* forgeries whose claims are all plausible (right
-site, fresh, a configured unit): each needs a full check, and the agent is then bound by
-the curve.  The defence for that is the broker's ACL on ``P/S/cmd`` (README, "Broker"),
-which stops foreign publishers before they cost the agent anything.
+A flood on ``P/S/cmd`` or ``P/S/mgmt`` is screened before the Ed25519 check costs
+anything (gateway/intake.py: a repeat of a payload refused for a lasting reason, and,
+while rejection results are throttled, a token whose claims could never pass); the
+defence against distinct well-formed forgeries is the broker's ACL.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -65,7 +48,7 @@ import sys
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Final
@@ -73,7 +56,9 @@ from typing import Any, Final
 from gateway import __version__
 from gateway.commands import MAX_COMMAND_BYTES, Command, CommandVerifier, Rejection
 from gateway.config import Config, LockConfig
+from gateway.errors import cap_text
 from gateway.hardware import Site, build_site
+from gateway.intake import RecentIds, Screen, TokenBucket
 from gateway.units import Outcome, UnitManager, rfc3339
 
 LOGGER = logging.getLogger(__name__)
@@ -95,16 +80,10 @@ REJECT_BURST = 50
 CONTROL_WAIT_S = 120.0
 #: The interpreter's thread switch interval while the agent runs (default 5 ms).
 SWITCH_INTERVAL_S = 0.001
-#: Refused payloads remembered (by a 16-byte hash) to refuse a repeat without parsing it.
-REFUSED_CACHE_MAX = 4096
-#: Rejection reasons that no later moment can change for the same bytes under the same
-#: configuration.  Not ``not_yet_valid`` or ``clock_untrusted`` (time cures those) and not
-#: ``retained`` (the same bytes may come live).  ``expired`` is final: the clock is
-#: trusted only at or above its floor, which follows trusted time forward.
-LASTING_REASONS = frozenset({"malformed", "bad_signature", "unknown_key", "wrong_site",
-                             "expired", "lifetime_too_long", "unknown_unit"})
-#: Marks a payload whose claims were refused while its signature was not checked.
-_SHED: Final = object()
+#: Longest alarm ``detail`` published (characters): room for a storage error with its
+#: paths or Stora's capped reason (gateway/outbox.py keeps its notes to the same 1200),
+#: far below any broker's packet limit.
+ALARM_DETAIL_MAX: Final = 1200
 #: Command ids remembered in memory to answer a late duplicate without a query.
 RECENT_JTIS_MAX = 10_000
 #: Results kept while the broker is unreachable (the oldest go first beyond this).
@@ -117,69 +96,6 @@ STORAGE_ALARM_INTERVAL_S = 60.0
 RESTART_EXIT_STATUS: Final = 75
 #: ``outbox.list`` returns at most this many rows of each state by default.
 OUTBOX_LIST_MAX = 100
-
-
-class TokenBucket:
-    """A token bucket on the monotonic clock."""
-
-    def __init__(self, rate: float, burst: int, clock: Any = time.monotonic) -> None:
-        self.rate = rate
-        self.burst = float(burst)
-        self.tokens = float(burst)
-        self._clock = clock
-        self._at = clock()
-        self._lock = threading.Lock()
-        self.dropped = 0
-
-    def ready(self) -> bool:
-        """True if :meth:`take` would succeed now (takes nothing)."""
-        with self._lock:
-            now = self._clock()
-            tokens: float = min(self.burst, self.tokens + (now - self._at) * self.rate)
-            return tokens >= 1
-
-    def take(self) -> bool:
-        """True if a token was available."""
-        with self._lock:
-            now = self._clock()
-            self.tokens = min(self.burst, self.tokens + (now - self._at) * self.rate)
-            self._at = now
-            if self.tokens >= 1:
-                self.tokens -= 1
-                return True
-            self.dropped += 1
-            return False
-
-
-class RecentIds:
-    """The last ``size`` command ids, as their 64-bit hashes: "was this id seen lately?".
-
-    Only hashes are kept (about 60 bytes an id instead of about 230 for the strings in an
-    ordered dict: 1.7 MB less at 10,000, on a Pi).  A collision can only make an unseen
-    id look recent, which costs a database lookup or a full signature check, never a
-    wrong answer: the database decides.  Not thread-safe (the link's worker owns it).
-    """
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._set: set[int] = set()
-        self._order: deque[int] = deque()
-
-    def add(self, jti: str) -> None:
-        """Remember ``jti`` (the oldest is forgotten beyond ``size``)."""
-        key = hash(jti)
-        if key in self._set:
-            return
-        self._set.add(key)
-        self._order.append(key)
-        if len(self._order) > self._size:
-            self._set.discard(self._order.popleft())
-
-    def __contains__(self, jti: object) -> bool:
-        return isinstance(jti, str) and hash(jti) in self._set
-
-    def __len__(self) -> int:
-        return len(self._order)
 
 
 class Agent:
@@ -205,9 +121,22 @@ class Agent:
             "system" if config.commands.clock == "system" else "ntp",
             synced=clock_synced or kernel_synchronized,
         )
-        floor = self.store.meta("last_trusted_time")
-        if floor:
-            self.clock.raise_floor(float(floor))
+
+        def clock_alarm(kind: str, detail: str) -> None:
+            # Before the first connection (a step or a reset at start) nothing can be
+            # published: kept for on_connected like the storage alarms.
+            link = getattr(self, "link", None)
+            if link is not None and link.connected:
+                self.alarm(kind, None, detail)
+            else:
+                self._pending_alarms.append((kind, None, detail))
+
+        # The saved floor, bounded by the proven run time (gateway/clock.py): a floor that
+        # is invalid, or was reset while the agent was stopped, is an alarm at connect.
+        self._pending_alarms.extend(
+            (kind, None, detail) for kind, detail in self.clock.load_floor(self.store))
+        self.clock.on_alarm = clock_alarm
+        self._server_time_asked_at = -math.inf  # monotonic; see _confirm_clock
         self.site = site or build_site(config)
         self.verifier = CommandVerifier(config, self.clock)
         self.units = UnitManager(
@@ -237,13 +166,12 @@ class Agent:
         )
         self.control: Any = None
         self.rejected_by_reason: dict[str, int] = {}
-        # Bounded FIFOs.  OrderedDict, not dict: popping a dict's oldest key scans the
-        # slots its earlier deletions left behind, which a flood turns quadratic.
         self._recent_jtis = RecentIds(RECENT_JTIS_MAX)
-        # BLAKE2b-128 of refused payloads -> their rejection, or _SHED when only the
-        # claims were judged (the reason is then unknown); insertion-ordered, bounded.
-        self._refused: OrderedDict[bytes, Rejection | object] = OrderedDict()
+        self.screen = Screen(self.verifier, self.rejections, max_bytes=MAX_COMMAND_BYTES,
+                             counters=self.counters, recent=self._recent_jtis)
         self._restart_results: deque[Outcome] = deque(maxlen=UNSENT_RESULTS_MAX)
+        #: Queued before a restart, held while the clock was untrusted (_run_queued).
+        self._held: set[str] = set()
         from gateway.mgmt import Management
 
         self._mgmt_topic = f"{self.prefix}/mgmt"
@@ -270,7 +198,14 @@ class Agent:
         self._publish(f"units/{unit}", state, retain=True)
 
     def alarm(self, kind: str, unit: str | None, detail: str) -> None:
-        """Publish an alarm (door forced, door held open, controller offline, jam, …)."""
+        """Publish an alarm (door forced, door held open, controller offline, jam, …).
+
+        ``detail`` is made one line and cut to :data:`ALARM_DETAIL_MAX` characters: it
+        may quote text from outside (Stora's error message, a device's report), and an
+        alarm too large for the broker's packet limit would get the agent disconnected
+        on every reconnect while the QoS 1 alarm is re-sent (found in review).
+        """
+        detail = cap_text(detail, ALARM_DETAIL_MAX)
         LOGGER.warning("alarm %s %s: %s", kind, unit or "-", detail)
         self._publish("alarm", {"kind": kind, "unit": unit, "detail": detail,
                                 "at": rfc3339(time.time())})
@@ -341,9 +276,10 @@ class Agent:
             if now - self._storage_alarmed_at.get(kind, -math.inf) < STORAGE_ALARM_INTERVAL_S:
                 return
             self._storage_alarmed_at[kind] = now
+            # The counts first: the alarm's detail is capped, the store's message is long.
             self.alarm(kind, None,
-                       f"{exc}; {self.store.events_refused} Timeline Event(s) refused so far "
-                       f"({refused} just now); lock control continues")
+                       f"{self.store.events_refused} Timeline Event(s) refused so far "
+                       f"({refused} just now); lock control continues; {exc}")
         except Exception:  # the hook must never turn a storage failure into a crash
             LOGGER.exception("raising the storage alarm failed")
 
@@ -450,9 +386,9 @@ class Agent:
             self._result(outcome)
             if not self.link.connected:
                 break
-        for alarm in self._pending_alarms:
-            self.alarm(*alarm)
-        self._pending_alarms = []
+        # Popped one by one: another thread (a clock alarm) may append meanwhile.
+        while self._pending_alarms:
+            self.alarm(*self._pending_alarms.pop(0))
 
     # -- commands -------------------------------------------------------------------------
     def on_message(self, message: Any) -> None:
@@ -464,32 +400,16 @@ class Agent:
                 self._on_command(message)
 
     def _on_command(self, message: Any) -> None:
-        """A message on ``P/S/cmd``: verify, then queue on the unit (or reject).
-
-        Under a flood most of the cost is the Ed25519 check, so two cheap steps come
-        first (see "Load shedding" in the module docstring): a repeat of a payload
-        already refused for a lasting reason gets that same rejection back without any
-        parsing, and while rejections cannot be published anyway a payload whose claims
-        could never be accepted is dropped before its signature is checked.
-        """
+        """A message on ``P/S/cmd``: screen and verify, then queue on the unit (or
+        reject).  See "Load shedding" above for what the screen sheds."""
         self.counters["received"] += 1
-        payload: bytes = message.payload
-        # Oversized payloads fail on their length alone; hashing them would cost more.
-        digest = (hashlib.blake2b(payload, digest_size=16).digest()
-                  if not message.retain and len(payload) <= MAX_COMMAND_BYTES else None)
-        known = self._refused.get(digest) if digest is not None else None
-        if isinstance(known, Rejection):
-            self.counters["refused_again"] += 1
-            self._rejected(known)
+        verdict = self.screen.check(message.payload, retained=bool(message.retain))
+        if verdict is None:
             return
-        throttled = not self.rejections.ready()
-        if throttled and known is _SHED:
-            self.counters["shed"] += 1
-            self.rejections.take()  # counted as a result not published
+        if isinstance(verdict, Rejection):
+            self._rejected(verdict)
             return
-        command = self._check(payload, message.retain, digest, throttled=throttled)
-        if command is None:
-            return
+        command = verdict
         # Durable before this returns, so before the link acknowledges the delivery: a
         # crash up to here means the broker delivers again; after it, the row remains.
         from gateway.store import StoreError
@@ -512,6 +432,13 @@ class Agent:
             self._result(Outcome(command.jti, command.cmd, command.unit, "failed",
                                  "hardware_error", None, time.time()))
             return
+        if first is not None and first.status == "queued":
+            # Received before and never started (held at a restart while the clock was
+            # untrusted): this copy verified now, so it runs; the store's queued ->
+            # executing step still lets only one copy execute.  Found in review: it was
+            # answered as a duplicate and never ran.
+            self._submit(command)
+            return
         if first is not None:
             # Seen before: answered from the first outcome, behind the first command's
             # unit, whatever unit this copy names (a reused jti never moves a lock).
@@ -519,45 +446,6 @@ class Agent:
             future.add_done_callback(functools.partial(self._done, command))
             return
         self._submit(command)
-
-    def _check(self, payload: bytes, retained: bool, digest: bytes | None, *,
-               throttled: bool) -> Command | None:
-        """Verify; ``None`` when refused (answered, shed or remembered as needed)."""
-        try:
-            if throttled:  # no result could be published: claims first, one parse
-                return self.verifier.verify_claims_first(payload, retained=retained)
-            return self.verifier.verify(payload, retained=retained)
-        except Rejection as exc:
-            rejection = exc
-        if rejection.screened:
-            if rejection.jti is not None and rejection.jti in self._recent_jtis:
-                # Maybe a late duplicate of a command run here: it gets its original
-                # result, which takes the signature check.
-                return self._check(payload, retained, digest, throttled=False)
-            self.counters["shed"] += 1
-            self.rejections.take()  # counted as a result not published
-            if rejection.reason in LASTING_REASONS:  # not_yet_valid may pass later
-                self._remember(digest, _SHED)
-            return None
-        if rejection.reason in LASTING_REASONS:
-            self._remember(digest, rejection)
-        self._rejected(rejection)
-        return None
-
-    def _remember(self, digest: bytes | None, verdict: Rejection | object) -> None:
-        if digest is None:
-            return
-        if isinstance(verdict, Rejection):
-            # Kept for long: drop what would keep the verifier's frames (and with them
-            # the payload and parsed JSON) alive, the traceback of the exception that
-            # was being handled when it was raised included.
-            verdict.__context__ = verdict.__cause__ = None
-            verdict.__traceback__ = None
-        refused = self._refused
-        refused.pop(digest, None)  # re-inserted last: a precise verdict replaces _SHED
-        refused[digest] = verdict
-        if len(refused) > REFUSED_CACHE_MAX:
-            refused.popitem(last=False)
 
     def _rejected(self, rejection: Rejection) -> None:
         self.counters["rejected"] += 1
@@ -571,14 +459,14 @@ class Agent:
         stored = (self.store.command(rejection.jti)
                   if rejection.claims_verified and rejection.jti is not None
                   and rejection.jti in self._recent_jtis else None)
+        if not self.rejections.take():
+            return  # a flood is not amplified onto the broker, duplicates included
         if stored is not None and stored.result:
             # A genuine command we already answered, redelivered after it expired:
             # the original result, as a duplicate (contract §4).
             self._result(Outcome.from_result(stored.result, duplicate=True))
             return
-        if self.rejections.take():
-            self._result(Outcome(rejection.jti or "", rejection.cmd or "", rejection.unit,
-                                 "rejected", rejection.reason, None, time.time()))
+        self._result(rejection_outcome(rejection))
 
     def _submit(self, command: Command) -> None:
         # A duplicate is queued behind its original on the unit's queue, so it answers
@@ -671,6 +559,8 @@ class Agent:
             return self._outbox_list(params)
         if method == "outbox.retry":
             return self._outbox_retry(params, actor)
+        if method == "clock.reset_floor":
+            return self.reset_clock_floor(actor)
         raise ControlError(f"unknown request {method!r}", 2)
 
     def _outbox_list(self, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -736,12 +626,19 @@ class Agent:
 
     def _test(self, params: Mapping[str, Any], actor: str) -> dict[str, Any]:
 
+        from gateway.control import ControlError
+        from gateway.technician import TEST_RELOCK_TIMEOUT, TEST_SECONDS, check_test_timing
+
+        try:  # found in review: NaN, infinity or 1e9 held the unit's queue for decades
+            seconds = check_test_timing("seconds", params.get("seconds"), TEST_SECONDS) or 1.0
+            relock_timeout = check_test_timing("relock_timeout", params.get("relock_timeout"),
+                                         TEST_RELOCK_TIMEOUT) or 10.0
+        except ValueError as exc:
+            raise ControlError(str(exc), 2) from None
         if params.get("all"):
             locks = list(self.config.locks)
         else:
             locks = [self._find(str(u)) for u in params.get("units", [])]
-        seconds = float(params.get("seconds") or 1.0)
-        relock_timeout = float(params.get("relock_timeout") or 10.0)
         results = []
         for lock in locks:
             # On the unit's queue: a lockout queued ahead of the test is seen, and no
@@ -819,9 +716,9 @@ class Agent:
         with self._intake:
             self.config = new
             self.verifier = CommandVerifier(new, self.clock)
+            self.screen.reset(self.verifier)  # verdicts under the old keys and rules go
             self.units.config = new  # the same locks; its late-command skew may change
             self.mgmt.reconfigure()
-            self._refused.clear()  # verdicts under the old keys and rules
         if ("telemetry" in changed and self.scheduler is not None
                 and old.telemetry.interval_s != new.telemetry.interval_s):
             self.scheduler.reschedule("telemetry.publish", float(new.telemetry.interval_s))
@@ -863,24 +760,70 @@ class Agent:
             self._restart_results.append(Outcome.from_result(row.result, duplicate=False))
         self._run_queued()
 
-    def _run_queued(self) -> None:
-        """Commands received but never started: verified again and run if still fresh."""
+    def _run_queued(self, only: set[str] | None = None) -> None:
+        """Commands received but never started: verified again and run if still fresh.
+
+        One the clock cannot judge yet (``clock_untrusted``) stays queued and its id is
+        kept in ``_held``; :meth:`retry_held` tries those again once the clock is
+        trusted, and answers them ``expired`` if that came too late.  Found in review:
+        they were left queued for good.  ``only`` limits the pass to those ids, so a
+        command queued live meanwhile is never submitted twice.
+        """
         for row, payload in self.store.queued_commands():
+            if only is not None and row.jti not in only:
+                continue
+            self._held.discard(row.jti)
             try:
                 command = self.verifier.verify(payload, retained=False)
             except Rejection as rejection:
+                if rejection.reason == "clock_untrusted":
+                    self._held.add(row.jti)  # not final: tried again when it is trusted
+                    continue
                 LOGGER.warning("queued command %s dropped at restart: %s", row.jti,
                                rejection.reason)
                 outcome = Outcome(row.jti, row.cmd, row.unit, "rejected", rejection.reason,
                                   None, time.time())
-                if rejection.reason == "clock_untrusted":
-                    continue  # not final: it is tried again once the clock is trusted
                 with self.store.transaction() as tx:
                     tx.finish_command(row.jti, "rejected", rejection.reason, outcome.record())
-                self._restart_results.append(outcome)
+                self._result(outcome)
                 continue
             LOGGER.info("running command %s received before the restart", row.jti)
             self._submit(command)
+        if self._held:
+            LOGGER.warning("%d command(s) received before the restart wait for a trusted "
+                           "clock", len(self._held))
+
+    def prune_store(self) -> dict[str, int] | None:
+        """Delete what no guarantee needs any more (the ``store.prune`` job); how many
+        rows went, or ``None`` when skipped because the wall clock is not trusted."""
+        from gateway.store import DEAD_KEEP_S, DELIVERED_KEEP_S, command_keep_s
+
+        if not self.clock.trusted()[0]:
+            return None
+        now = self.clock.now()
+        commands = self.config.commands
+        with self.store.transaction() as tx:
+            gone: dict[str, int] = tx.prune(
+                commands_before=now - command_keep_s(commands.max_lifetime_s,
+                                                     commands.clock_skew_s),
+                delivered_before=now - DELIVERED_KEEP_S, dead_before=now - DEAD_KEEP_S)
+        if any(gone.values()):
+            LOGGER.info("database pruned: %d ended commands, %d delivered and %d dead "
+                        "Timeline Events", gone["commands"], gone["delivered"], gone["dead"])
+        return gone
+
+    def _reconcile_job(self) -> None:
+        """The periodic reconciliation pass, after any held commands got their turn."""
+        self._guarded("held commands", self.retry_held)
+        # Through self.units at each call: a config.set may rebuild the unit manager.
+        self._guarded("reconciliation", self.units.reconcile)
+
+    def retry_held(self) -> None:
+        """Run the commands :meth:`_run_queued` held for an untrusted clock, once it is
+        trusted (a periodic job; cheap when there are none)."""
+        if self._held and self.clock.trusted()[0]:
+            with self._intake:  # not beside a live copy of the same command
+                self._run_queued(only=set(self._held))
 
     def start(self) -> None:
         """Start everything, the periodic jobs and the watchdog's checks last; returns
@@ -896,7 +839,9 @@ class Agent:
         self.link.start()
         from gateway.outbox import build_drainer
 
-        self.outbox = build_drainer(self.config, self.store, self.alarm)
+        # Every trusted Stora answer's Date is a second source for the clock's floor.
+        self.outbox = build_drainer(self.config, self.store, self.alarm,
+                                    on_server_date=self.clock.observe_server_time)
         self.outbox.start()
         self._guarded("reconciliation", self.units.reconcile)
 
@@ -945,18 +890,22 @@ class Agent:
 
         def on_jump(step: float) -> None:
             del step
+            # The clock looks at once (a large step forward is an alarm), not only at the
+            # next command or status.
+            self.clock.now()
             if self.outbox is not None:  # its waits are computed from wall-clock times
                 self.outbox.wake()
 
         self.scheduler = SiteScheduler(
             {
-                "units.reconcile": lambda: self._guarded(
-                    "reconciliation", self.units.reconcile),
+                "units.reconcile": self._reconcile_job,
                 "telemetry.publish": functools.partial(
                     self._guarded, "telemetry", self.publish_telemetry),
                 "clock.persist": functools.partial(
                     self._guarded, "saving the trusted time", self._persist_trusted_time),
                 "outbox.wake": lambda: self.outbox.wake() if self.outbox is not None else None,
+                "store.prune": functools.partial(self._guarded, "pruning the database",
+                                                 self.prune_store),
                 "stora.token_refresh": refresh_token,
                 "watchdog.heartbeat": probe.probe,
             },
@@ -1006,9 +955,34 @@ class Agent:
             self.alarm("agent_error", None, f"{what} failed: {type(exc).__name__}: {exc}")
 
     def _persist_trusted_time(self) -> None:
-        trusted, _ = self.clock.trusted()
-        if trusted:
-            self.store.set_meta("last_trusted_time", repr(self.clock.now()))
+        """The ``clock.persist`` job (and shutdown): save the proven time and the bounded
+        floor, then, while running, ask Stora's clock when the floor holds the clock back."""
+        self.clock.save_floor()
+        if not self.stop_event.is_set():
+            self._confirm_clock()
+
+    def _confirm_clock(self) -> None:
+        """While the wall clock reads before the floor, ask Stora for its ``Date`` (at most
+        every ``SERVER_TIME_PROBE_S``): a gateway with nothing to post still recovers once
+        a second source confirms the clock.  The answer reaches the clock through the
+        client's ``on_server_date`` hook."""
+        from gateway.clock import SERVER_TIME_PROBE_S
+
+        now = time.monotonic()
+        if now - self._server_time_asked_at < SERVER_TIME_PROBE_S or not self.clock.below_floor():
+            return
+        probe = getattr(getattr(self.outbox, "client", None), "probe_server_time", None)
+        if probe is None:
+            return
+        self._server_time_asked_at = now
+        probe()
+
+    def reset_clock_floor(self, actor: str) -> dict[str, Any]:
+        """Set the trusted-time floor back to the build date (``clock --reset-floor``, the
+        management request ``clock.reset_floor``): saved, logged and alarmed with
+        ``actor``.  Returns ``previous``, ``floor``, ``actor``, ``saved`` and ``clock``
+        (gateway/clock.py ``TrustedClock.reset_floor``)."""
+        return self.clock.reset_floor(actor)
 
     def stop(self) -> None:
         """Clean shutdown, each step best effort: no new requests, running work finished
@@ -1035,6 +1009,20 @@ class Agent:
                 step()
             except Exception:
                 LOGGER.exception("stopping %s failed", what)
+
+
+def rejection_outcome(rejection: Rejection) -> Outcome:
+    """The published result of a rejected token.
+
+    The ids of a token whose signature did not verify are the sender's word: echoing
+    them would let a forger publish a "rejected" result under the ``jti`` of a genuine
+    command still on its way, and the relay would take it for that command's answer
+    (found in review).  They are published as ``null``; only verified claims are echoed.
+    """
+    if rejection.claims_verified:
+        return Outcome(rejection.jti, rejection.cmd, rejection.unit, "rejected",
+                       rejection.reason, None, time.time())
+    return Outcome(None, None, None, "rejected", rejection.reason, None, time.time())
 
 
 def _sd_notify(message: str) -> None:

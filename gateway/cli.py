@@ -59,6 +59,8 @@ COMMANDS: dict[str, str] = {
     "outbox": "queued and dead-lettered Timeline Events; `outbox retry ID|--all-dead`",
     "demo": "run the whole loop on this machine with simulated lock controllers",
     "sandbox": "run a local stand-in for the Stora API, for tests and benchmarks",
+    "clock": "whether the clock is trusted and why; `clock --reset-floor` resets the "
+             "trusted-time floor to the build date (audited)",
 }
 
 
@@ -152,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with retry: every dead-lettered event")
     p.add_argument("--limit", type=int, default=100, metavar="N",
                    help="at most N events of each state (default 100)")
+    p = add("clock", data)
+    p.add_argument("--reset-floor", action="store_true",
+                   help="set the trusted-time floor back to this release's build date, when "
+                   "the clock is right but commands are refused clock_untrusted (logged and "
+                   "raised as an alarm naming you)")
     p = add("demo", plain)
     p.add_argument("--pace", type=float, default=1.5, metavar="S",
                    help="pause before each demo step, in seconds (default 1.5; 0 runs "
@@ -793,6 +800,67 @@ def cmd_outbox(ctx: Context) -> int:
     return EXIT_OK
 
 
+def cmd_clock(ctx: Context) -> int:
+    """``clock [--reset-floor]``: the clock's trust and floor, or reset the floor.
+
+    Through the agent when it runs (it resets its own floor, saves it and raises the
+    alarm); else straight on the database: the floor the next start will use, and a reset
+    the next start reports as an alarm.
+    """
+    if ctx.args.reset_floor:
+        answer = ctx.through_agent("clock.reset_floor", AGENT_READ_S, actor=_actor())
+        result = ({**answer, "through_agent": True} if answer is not None
+                  else _reset_floor_direct(ctx))
+        if ctx.json:
+            _print_json(result, ctx.out)
+        else:
+            ctx.out.write(f"trusted-time floor reset from {result.get('previous') or 'unset'} "
+                          f"to {result.get('floor')} by {result.get('actor')}"
+                          f"{'' if result.get('saved') else ' (NOT saved: see the agent log)'}"
+                          "\n")
+        return EXIT_OK if result.get("saved") else EXIT_FAILED
+    status = ctx.through_agent("status", AGENT_READ_S)
+    if status is not None:
+        clock = status.get("clock")
+        if not isinstance(clock, dict):
+            raise CliError("the agent's answer lacks 'clock'", EXIT_FAILED)
+    else:
+        clock = _clock_direct(ctx)
+    if ctx.json:
+        _print_json(clock, ctx.out)
+    else:
+        ctx.out.write(render_status({"clock": clock}))
+    return EXIT_OK
+
+
+def _clock_direct(ctx: Context) -> dict[str, Any]:
+    """The saved floor read from the database, read-only (no agent running)."""
+    from gateway.clock import stored_floor
+    from gateway.store import Store
+
+    path = ctx.config().storage.path
+    if not path.exists():
+        return stored_floor(None)
+    with Store(path, read_only=True) as store:
+        return stored_floor(store)
+
+
+def _reset_floor_direct(ctx: Context) -> dict[str, Any]:
+    """Reset the saved floor in the database (no agent running)."""
+    from gateway.clock import BUILD_FLOOR, reset_stored_floor, rfc3339
+    from gateway.store import Store, StoreError
+
+    path = ctx.config().storage.path
+    if not path.exists():  # nothing saved: the build date is the floor already
+        return {"previous": None, "floor": rfc3339(BUILD_FLOOR, timespec="seconds"),
+                "actor": _actor(), "saved": True, "through_agent": False}
+    try:
+        with Store(path) as store:
+            return reset_stored_floor(store, _actor())
+    except StoreError as exc:
+        raise CliError(f"the floor was not reset: {exc}", EXIT_FAILED) from exc
+
+
 def cmd_run(ctx: Context) -> int:
     """``run``: the agent in the foreground until SIGTERM or Ctrl-C."""
     config = ctx.config()  # a bad config is exit 2 before anything starts
@@ -854,6 +922,7 @@ HANDLERS: dict[str, Callable[[Context], int]] = {
     "outbox": cmd_outbox,
     "demo": cmd_demo,
     "sandbox": cmd_sandbox,
+    "clock": cmd_clock,
 }
 
 

@@ -119,7 +119,7 @@ MAX_MGMT_BYTES: Final = 60 * 1024
 COMMANDS: Final = frozenset({"unlock", "lock", "lockout", "clear_lockout"})
 MGMT_COMMANDS: Final = frozenset({
     "status", "config.get", "config.set", "locks.test", "outbox.retry", "state.republish",
-    "log.level",
+    "log.level", "clock.reset_floor",
 })
 
 #: The contract §4 reason codes this module can give.

@@ -42,6 +42,7 @@ from types import MappingProxyType
 from typing import Any, Final, Literal, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
+from drivers.ports import port_problem
 from gateway.errors import ConfigError
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "config_path_from_env",
     "load_config",
     "parse_config",
+    "parse_config_bytes",
 ]
 
 DEFAULT_CONFIG_PATH: Final = "/etc/stora-gateway/gateway.toml"
@@ -71,6 +73,13 @@ _DEFAULT_SOCKET: Final = "/run/stora-gateway/control.sock"
 #: broker and the SD card more than it tells; over an hour a dead gateway looks alive.
 TELEMETRY_INTERVAL_S: Final = 30
 TELEMETRY_INTERVAL_RANGE: Final = (5, 3600)
+
+#: ``[mqtt] max_packet_bytes``: default and bounds.  The default is the shipped site
+#: broker's ``max_packet_size 65536`` (deploy/mosquitto/site-broker.conf).  At least a
+#: 4 KiB command (contract §5) with its topic and properties; at most 16 MiB, because
+#: nothing the agent exchanges comes near it and a Pi has the memory of a few such packets.
+MQTT_MAX_PACKET_BYTES: Final = 65536
+MQTT_MAX_PACKET_RANGE: Final = (8192, 16 * 1024 * 1024)
 
 # A config file is a few kilobytes; refusing anything huge keeps a wrong --config (a log
 # file, /dev/zero) from eating the memory of a small box.
@@ -95,7 +104,15 @@ class SiteConfig:
 
 @dataclass(frozen=True, slots=True)
 class MqttConfig:
-    """``[mqtt]``: the broker link to the relay. File paths are absolute or ``None``."""
+    """``[mqtt]``: the broker link to the relay. File paths are absolute or ``None``.
+
+    A ``host`` that starts with ``/`` is the path of the broker's unix socket (as libpq
+    reads its host), and ``port`` is then unused: only local users the socket's directory
+    admits can reach it, and nobody can pose as the broker while it restarts.
+    ``max_packet_bytes`` is the largest MQTT packet either way: sent to the broker as MQTT
+    5 "Maximum Packet Size", enforced on what arrives and on what :class:`MqttLink
+    <gateway.mqtt.MqttLink>` publishes.
+    """
 
     host: str
     port: int
@@ -108,6 +125,17 @@ class MqttConfig:
     cert_file: Path | None
     key_file: Path | None
     keepalive_s: int
+    max_packet_bytes: int = MQTT_MAX_PACKET_BYTES
+
+    @property
+    def unix_socket(self) -> bool:
+        """True when ``host`` is the path of a unix socket rather than a host name."""
+        return self.host.startswith("/")
+
+    @property
+    def where(self) -> str:
+        """The broker's address for messages: the socket path, or ``host:port``."""
+        return self.host if self.unix_socket else f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +205,8 @@ class ControllerConfig:
     """One ``[[controllers]]`` entry.
 
     Fields that a driver does not use are ``None``, ``0`` or ``False``: ``port``,
-    ``baudrate`` and ``address`` are for the serial drivers (``port`` is a pyserial URL,
+    ``baudrate`` and ``address`` are for the serial drivers (``port`` is a device path or
+    ``socket://``/``rfc2217://`` URL allowed by :func:`drivers.ports.port_problem`,
     ``None`` for the MQTT drivers, whose ``baudrate`` and ``address`` are ``0``);
     ``base_topic`` is for zigbee2mqtt, ``topic`` for tasmota, and ``broker_host`` /
     ``broker_port`` for either when its devices sit on another broker than ``[mqtt]``.
@@ -203,6 +232,11 @@ class ControllerConfig:
     topic: str | None
     scbk_file: Path | None
     allow_insecure: bool
+    #: The MQTT drivers' own broker account (keys ``username``, ``password_file``): never
+    #: the agent's, because a broker that binds client ids to accounts gives each
+    #: account one connection (deploy/README.md, "Broker accounts").
+    broker_username: str = ""
+    broker_password_file: Path | None = None
 
     @property
     def serial(self) -> bool:
@@ -323,6 +357,16 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(file, "", "permission denied reading the config file") from exc
     except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
         raise ConfigError(file, "", f"cannot read the config file: {_os_reason(exc)}") from exc
+    return parse_config_bytes(raw, file, Path(file).absolute().parent)
+
+
+def parse_config_bytes(raw: bytes, file: str, base_dir: Path) -> Config:
+    """Decode, parse and validate the bytes of a config file, as :func:`load_config` does.
+
+    ``file`` names it in errors and becomes ``Config.path``; relative paths resolve
+    against ``base_dir``.  A signed ``config.set`` validates the new text with this,
+    against the directory the real file is named in, before anything is written.
+    """
     if len(raw) > _MAX_FILE_BYTES:
         raise ConfigError(file, "", "file is larger than 1 MiB; not a gateway config")
     try:
@@ -340,7 +384,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(file, "", "TOML syntax error: arrays nested too deeply") from exc
     except ValueError as exc:  # e.g. an integer literal with thousands of digits
         raise ConfigError(file, "", f"TOML syntax error: {exc}") from exc
-    return parse_config(data, file, Path(file).absolute().parent)
+    return parse_config(data, file, base_dir)
 
 
 def _toml_reason(exc: tomllib.TOMLDecodeError) -> str:
@@ -385,6 +429,7 @@ def parse_config(data: Mapping[str, Any], file: str, base_dir: Path) -> Config:
     control = ControlConfig(socket=control_table.get_path("socket", _DEFAULT_SOCKET))
     telemetry = _parse_telemetry(root.table("telemetry"))
     controllers = _parse_controllers(root.tables("controllers"))
+    _check_mqtt_accounts(mqtt, controllers, root.tables("controllers"))
     locks = _parse_locks(root.tables("locks"), {c.name: c for c in controllers})
     return Config(
         path=Path(file),
@@ -517,7 +562,13 @@ class _Table:
         return choices[value]
 
     def get_url(self, name: str, default: str) -> str:
-        """An absolute http(s) URL, without a trailing slash (paths are appended to it)."""
+        """An absolute https URL, without a trailing slash (paths are appended to it).
+
+        ``http://`` is accepted only for a loopback host (``127.0.0.0/8``, ``::1``,
+        ``localhost``): a relay or sandbox on the same box, and tests.  Anywhere else it
+        would send the credential and every event in the clear, so it is refused rather
+        than accepted silently (found in review).
+        """
         value = self.get_str(name, default, nonempty=True)
         try:
             parts = urlsplit(value)
@@ -525,7 +576,11 @@ class _Table:
         except ValueError:  # e.g. an invalid IPv6 literal or port
             ok = False
         if not ok:
-            self.fail(name, f"must be an http:// or https:// URL, found {_show(value)}")
+            self.fail(name, f"must be an https:// URL, found {_show(value)}")
+        if parts.scheme == "http" and not _is_loopback(parts.hostname or ""):
+            self.fail(name, f"must be an https:// URL: http:// would send the token and "
+                            f"events in the clear (it is accepted only for a loopback "
+                            f"host such as 127.0.0.1), found {_show(value)}")
         return value.rstrip("/")
 
     def get_topic(self, name: str, default: str | None = None) -> str:
@@ -654,6 +709,18 @@ def _os_reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` (from a URL) names this machine: ``localhost`` or a loopback IP."""
+    import ipaddress
+
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _check_topic_segment(table: _Table, name: str, value: str) -> None:
     """``site.id`` and unit ids become single MQTT topic levels (contract §4)."""
     if not value:
@@ -678,7 +745,7 @@ def _parse_site(t: _Table) -> SiteConfig:
 
 _MQTT_KEYS: Final = frozenset({
     "host", "port", "topic_prefix", "client_id", "username", "password_file", "tls",
-    "ca_file", "cert_file", "key_file", "keepalive_s",
+    "ca_file", "cert_file", "key_file", "keepalive_s", "max_packet_bytes",
 })
 
 
@@ -686,6 +753,10 @@ def _parse_mqtt(t: _Table, site: SiteConfig) -> MqttConfig:
     t.check_keys(_MQTT_KEYS)
     host = t.get_str("host", "127.0.0.1", nonempty=True)
     port = t.get_int("port", 1883, 1, 65535)
+    if "\0" in host:
+        t.fail("host", f"must not contain a NUL character, found {_show(host)}")
+    max_packet_bytes = t.get_int("max_packet_bytes", MQTT_MAX_PACKET_BYTES,
+                                 *MQTT_MAX_PACKET_RANGE)
     topic_prefix = t.get_topic("topic_prefix", "stora-gw")
     client_id = t.get_str("client_id", "").strip() or f"stora-gw-{site.id}"
     username = t.get_str("username", "")
@@ -695,6 +766,10 @@ def _parse_mqtt(t: _Table, site: SiteConfig) -> MqttConfig:
     cert_file = t.get_file("cert_file")
     key_file = t.get_secret_file("key_file")
     keepalive_s = t.get_int("keepalive_s", 30, 5, 3600)
+    if tls and host.startswith("/"):
+        # TLS checks the broker's name, which a socket path is not; the socket's
+        # directory permissions are what keeps others out (deploy/README.md).
+        t.fail("tls", "must be false when mqtt.host is a unix socket path")
     if tls and ca_file is None:
         t.fail("ca_file", "required when mqtt.tls = true (the CA that signed the broker)")
     if (cert_file is None) != (key_file is None):
@@ -704,6 +779,7 @@ def _parse_mqtt(t: _Table, site: SiteConfig) -> MqttConfig:
         host=host, port=port, topic_prefix=topic_prefix, client_id=client_id,
         username=username, password_file=password_file, tls=tls, ca_file=ca_file,
         cert_file=cert_file, key_file=key_file, keepalive_s=keepalive_s,
+        max_packet_bytes=max_packet_bytes,
     )
 
 
@@ -843,7 +919,8 @@ class _DriverSpec:
 
 _SERIAL_KEYS: Final = frozenset({"name", "driver", "port", "baudrate", "address", "timeout_ms",
                                  "retries"})
-_MQTT_DEVICE_KEYS: Final = frozenset({"name", "driver", "host", "port"})
+_MQTT_DEVICE_KEYS: Final = frozenset({"name", "driver", "host", "port", "username",
+                                      "password_file"})
 
 # The ranges come from the protocols: Modbus slave ids 1-247 (Modbus over serial line
 # spec §2.2), OSDP PD addresses 0-126 (OSDP v2.2 §5.4; 127 is broadcast), a lock board's
@@ -896,8 +973,13 @@ def _parse_controller(t: _Table) -> ControllerConfig:
     baudrate = 0
     broker_host: str | None = None
     broker_port: int | None = None
+    broker_username = ""
+    broker_password_file: Path | None = None
     if serial:
         port = t.get_str("port", nonempty=True)
+        problem = port_problem(port)
+        if problem is not None:
+            t.fail("port", problem)
         baudrate = t.get_int("baudrate", 9600)
         if baudrate not in _BAUDRATES:
             t.fail("baudrate", f"{baudrate} is not supported; use one of "
@@ -906,6 +988,13 @@ def _parse_controller(t: _Table) -> ControllerConfig:
         # For MQTT drivers, host/port name another broker than [mqtt], when set.
         broker_host = t.get_str("host", "", nonempty=True) if t.has("host") else None
         broker_port = t.get_int("port", 0, 1, 65535) if t.has("port") else None
+        # The link's own account on that broker, never the agent's (contract §3
+        # addition; _check_mqtt_accounts refuses sharing it on the [mqtt] broker).
+        broker_username = t.get_str("username", "")
+        broker_password_file = t.get_secret_file("password_file")
+        if broker_password_file is not None and not broker_username:
+            t.fail("password_file", "needs username: MQTT sends a password only with a "
+                                    "user name")
     return ControllerConfig(
         name=name,
         driver=driver,
@@ -927,6 +1016,8 @@ def _parse_controller(t: _Table) -> ControllerConfig:
         topic=t.get_topic("topic") if driver == "tasmota" else None,
         scbk_file=t.get_secret_file("scbk_file"),
         allow_insecure=t.get_bool("allow_insecure", False),
+        broker_username=broker_username,
+        broker_password_file=broker_password_file,
     )
 
 
@@ -956,6 +1047,35 @@ def _parse_controllers(tables: list[_Table]) -> tuple[ControllerConfig, ...]:
                                   f"{other.name!r} on the same port {c.port}")
         controllers.append(c)
     return tuple(controllers)
+
+
+def _check_mqtt_accounts(mqtt: MqttConfig, controllers: tuple[ControllerConfig, ...],
+                         tables: list[_Table]) -> None:
+    """Refuse an MQTT-driver link that would log in to the ``[mqtt]`` broker as the agent.
+
+    The shipped brokers bind each client id to its account (``use_username_as_clientid``,
+    deploy/README.md): an account has one connection, so a zigbee2mqtt or Tasmota link
+    sharing the agent's account would disconnect the agent, and the agent it, forever.
+    A broker without accounts (``mqtt.username`` empty: tests, the demo) is not concerned.
+    """
+    if not mqtt.username:
+        return
+    for c, t in zip(controllers, tables, strict=True):
+        if c.serial:
+            continue
+        own = c.broker_host is not None or c.broker_port is not None
+        host = c.broker_host or mqtt.host
+        port = c.broker_port or (1883 if own else mqtt.port)  # as gateway/hardware.py
+        if host != mqtt.host or (port != mqtt.port and not mqtt.unix_socket):
+            continue  # another broker: its accounts are not the agent's
+        if not c.broker_username:
+            t.fail("username", f"required for a {c.driver} controller on the [mqtt] "
+                               "broker: give its link an account of its own, not "
+                               f"mqtt.username {mqtt.username!r} (hardware.md)")
+        if c.broker_username == mqtt.username:
+            t.fail("username", f"must differ from mqtt.username {mqtt.username!r}: the "
+                               "broker gives one account one connection, so this link "
+                               "would disconnect the agent (hardware.md)")
 
 
 # --------------------------------------------------------------------------- locks

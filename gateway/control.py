@@ -41,6 +41,7 @@ import grp
 import itertools
 import json
 import logging
+import math
 import os
 import pwd
 import selectors
@@ -248,6 +249,20 @@ class _LineReader:
             if not chunk:
                 return None
             self._buffer += chunk
+
+
+def _no_constant(name: str) -> Any:
+    """``json.loads`` hook: NaN, Infinity and -Infinity are not JSON (RFC 8259 §6)."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    """``json.loads`` hook: a number too large for a float (``1e400``) is refused, not
+    read as infinity."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
 
 
 def _encode(message: Mapping[str, Any]) -> bytes:
@@ -563,9 +578,10 @@ class ControlServer:
     def _respond(self, line: bytes, peer: Peer) -> dict[str, Any]:
         """The answer to one request line; never raises."""
         try:
-            request = json.loads(line)
+            request = json.loads(line, parse_constant=_no_constant, parse_float=_finite)
         except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
-            return _error(None, "malformed request: not JSON", 2, "bad_request")
+            return _error(None, "malformed request: not JSON (numbers must be finite)", 2,
+                          "bad_request")
         if not isinstance(request, dict):
             return _error(None, "malformed request: expected a JSON object", 2, "bad_request")
         request_id = request.get("id")

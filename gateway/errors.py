@@ -29,7 +29,7 @@ Every message is a single line, because it ends up as "one clear sentence on std
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "GatewayError", "one_line"]
+__all__ = ["ConfigError", "GatewayError", "cap_text", "one_line"]
 
 
 def one_line(text: str) -> str:
@@ -43,6 +43,20 @@ def one_line(text: str) -> str:
     return "".join(
         ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
     )
+
+
+def cap_text(text: str, limit: int) -> str:
+    """``text`` on one line (:func:`one_line`) and at most ``limit`` characters.
+
+    For text from outside that ends up in an alarm, a status or a stored record: what
+    was cut is said, ``"…(+1234 chars)"``, so a reader knows there was more.
+    """
+    text = one_line(text)
+    if len(text) <= limit:
+        return text
+    # The marker's longest form (all of text's digits) bounds its length.
+    keep = max(0, limit - len(f"…(+{len(text)} chars)"))
+    return text[:keep] + f"…(+{len(text) - keep} chars)"
 
 
 class GatewayError(Exception):

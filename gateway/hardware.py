@@ -104,34 +104,47 @@ def _scan_lockboard(bus: SerialBus, addresses: Iterable[int]) -> list[ProbeResul
     return list(lockboard_scan(bus, addresses))
 
 
-def _build_zigbee2mqtt(cfg: ControllerConfig, site: Site, bus: SerialBus | None) -> Controller:
-    """A Zigbee2MQTT bridge: its own MQTT connection, shared per broker.
+def _mqtt_driver_broker(cfg: ControllerConfig, site: Site, kind: str) -> dict[str, Any]:
+    """Where and how an MQTT driver's link connects, as ``BrokerSettings`` arguments.
 
-    Without ``host``/``port`` the bridge is on the ``[mqtt]`` broker, reached with its
-    credentials and TLS; a broker of its own (a LAN Mosquitto) gets neither, so the
-    cloud credentials never travel to another host (hardware.md, "zigbee2mqtt").
+    Without ``host``/``port`` it is the ``[mqtt]`` broker, by the same transport (TCP,
+    TLS or the unix socket) but with the controller's own account: the shipped brokers
+    bind a client id to its account, so sharing the agent's would disconnect the agent
+    (config.py refuses it).  A broker of its own gets the controller's account too and
+    never ``[mqtt]``'s TLS, so nothing of the cloud link travels to another host
+    (hardware.md, "zigbee2mqtt" and "tasmota").  The client id carries the pid, so a CLI
+    that opens the hardware itself does not kick the agent's link on a broker that does
+    not bind ids; one that does replaces it with the account name.
     """
     import os
 
-    from drivers.zigbee2mqtt import BridgeLink, BrokerSettings, Zigbee2MqttController
-    from gateway.mqtt import _read_password, _tls_context
+    from gateway.mqtt import _tls_context, read_secret_file
 
-    del bus
     mqtt = site.config.mqtt
     own = cfg.broker_host is not None or cfg.broker_port is not None
     host = cfg.broker_host or mqtt.host
     port = cfg.broker_port or (1883 if own else mqtt.port)
-    key = ("zigbee2mqtt", f"{host}:{port}")
+    password = read_secret_file(cfg.broker_password_file)
+    return {
+        "host": host,
+        "port": port,
+        "client_id": f"{mqtt.client_id}-{kind}-{os.getpid()}",
+        "username": cfg.broker_username or None,
+        "password": password,
+        "tls": _tls_context(mqtt) if mqtt.tls and not own else None,
+        "keepalive_s": mqtt.keepalive_s,
+    }
+
+
+def _build_zigbee2mqtt(cfg: ControllerConfig, site: Site, bus: SerialBus | None) -> Controller:
+    """A Zigbee2MQTT bridge: its own MQTT connection and account, shared per broker."""
+    from drivers.zigbee2mqtt import BridgeLink, BrokerSettings, Zigbee2MqttController
+
+    del bus
+    settings = BrokerSettings(**_mqtt_driver_broker(cfg, site, "z2m"))
+    key = ("zigbee2mqtt", f"{settings.where}:{settings.username or ''}")
     if key not in site.shared:
-        # The pid keeps a CLI that opens the hardware itself from kicking the agent's
-        # session off the broker (same client id); the session is clean anyway.
-        client_id = f"{mqtt.client_id}-z2m-{os.getpid()}"
-        site.shared[key] = BridgeLink(
-            BrokerSettings(host, port, client_id, keepalive_s=mqtt.keepalive_s) if own
-            else BrokerSettings(host, port, client_id, username=mqtt.username or None,
-                                password=_read_password(mqtt),
-                                tls=_tls_context(mqtt) if mqtt.tls else None,
-                                keepalive_s=mqtt.keepalive_s))
+        site.shared[key] = BridgeLink(settings)
     devices = [lock.device for lock in site.config.locks
                if lock.controller == cfg.name and lock.device is not None]
     return Zigbee2MqttController(cfg.name, site.shared[key], cfg.base_topic or "zigbee2mqtt",
@@ -139,31 +152,20 @@ def _build_zigbee2mqtt(cfg: ControllerConfig, site: Site, bus: SerialBus | None)
 
 
 def _build_tasmota(cfg: ControllerConfig, site: Site, bus: SerialBus | None) -> Controller:
-    """A Tasmota device: one MQTT connection per broker, shared by its devices.
+    """A Tasmota device: one MQTT connection (and account) per broker, shared by its devices.
 
-    The ``[mqtt]`` broker is reached with its credentials and TLS; a broker of its own
-    (``host``/``port``) gets neither (hardware.md, "tasmota").  The device relocks a
-    strike by itself (``PulseTime``), not a maglock: ``self_relocking`` says whether any
-    lock on it is a strike.
+    The device relocks a strike by itself (``PulseTime``), not a maglock:
+    ``self_relocking`` says whether any lock on it is a strike.
     """
-    import os
-
     from drivers.tasmota import BrokerSettings, TasmotaClient, TasmotaController
-    from gateway.mqtt import _read_password, _tls_context
 
     del bus
-    mqtt = site.config.mqtt
-    own = cfg.broker_host is not None or cfg.broker_port is not None
-    host, port = cfg.broker_host or mqtt.host, cfg.broker_port or (1883 if own else mqtt.port)
-    key = ("tasmota", f"{host}:{port}")
+    settings = BrokerSettings(**_mqtt_driver_broker(cfg, site, "tasmota"))
+    where = settings.host if settings.host.startswith("/") else \
+        f"{settings.host}:{settings.port}"
+    key = ("tasmota", f"{where}:{settings.username or ''}")
     if key not in site.shared:
-        client_id = f"{mqtt.client_id}-tasmota-{os.getpid()}"  # the CLI must not kick the agent
-        site.shared[key] = TasmotaClient(
-            BrokerSettings(host, port, client_id, keepalive_s=mqtt.keepalive_s) if own
-            else BrokerSettings(host, port, client_id, username=mqtt.username or None,
-                                password=_read_password(mqtt),
-                                tls=_tls_context(mqtt) if mqtt.tls else None,
-                                keepalive_s=mqtt.keepalive_s))
+        site.shared[key] = TasmotaClient(settings)
     locks = [lock for lock in site.config.locks if lock.controller == cfg.name]
     return TasmotaController(cfg.name, site.shared[key], cfg.topic or "", cfg.channels,
                              cfg.inputs, self_relocking=not locks or any(

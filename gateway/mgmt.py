@@ -29,20 +29,29 @@ The requests and their ``args``
 ``status``
     no args; the agent's status (the retained ``P/S/status`` payload).
 ``config.get``
-    no args; ``{"path", "sha256", "config"}``: the configuration as loaded, redacted
-    (secrets are never in the file, only the paths of their files), and the SHA-256 of
-    the file's bytes.
+    optional ``offset`` (characters, default 0); ``{"path", "sha256", "size", "offset",
+    "toml", "next_offset"}``: the config file's text from ``offset`` (secrets are never
+    in the file, only the paths of their files), at most :data:`CONFIG_CHUNK_CHARS`
+    characters of it as JSON, and the SHA-256 of the whole file's bytes.  A large site's
+    file (a few hundred locks passes 64 KiB) comes in pages so that no answer can exceed
+    the broker's packet limit; ``next_offset`` is ``null`` on the last page.  Join the
+    pages, check the hash, edit, and send the text back with ``config.set``.
 ``config.set``
     ``toml`` (the whole new file, UTF-8, at most 40 KiB; a management request may be
     60 KiB, :data:`~gateway.commands.MAX_MGMT_BYTES`), optional ``expect_sha256``.
-    The text is validated exactly as at start (``check-config``); an invalid one is
-    ``rejected``/``malformed`` with the file's error and the old file and config stay.
-    Settings that decide trust, endpoints and state (:func:`protected_changes`: keys,
-    looser freshness, ``*_file`` paths, Stora URLs and credentials, the broker
-    connection, OSDP's ``allow_insecure``, ``[storage]``, ``[control]``, ``site.id``)
-    are refused: they are changed on the gateway itself.  A valid one is written
-    atomically (temporary file in the same directory, fsync, rename, fsync of the
-    directory) with the old file's mode, then applied (see
+    The text is validated exactly as at start (``check-config``), in memory and against
+    the directory the file is named in; an invalid one is ``rejected``/``malformed``
+    with the file's error and the old file and config stay.  Only the settings in
+    :data:`REMOTE_SETTINGS` may change (:func:`protected_changes`): timings, rate limits,
+    telemetry, the app name, and freshness only tighter.  Trust, endpoints, credentials,
+    state, and the site's physical wiring (locks' controller, channel, device,
+    energize_to, inputs and references; controllers' driver, port, address, broker) are
+    changed on the gateway itself.  A valid one is written atomically (temporary file in
+    the same directory, fsync, rename, fsync of the directory) with the old file's mode;
+    when the config path is a symbolic link (``/etc/stora-gateway/gateway.toml`` in
+    ``deploy/``) the file it points to is replaced and the link is kept.  Every accepted
+    change raises a ``config_changed`` alarm and queues a "Gateway configuration changed
+    via {app_name}" Timeline Event, then is applied (see
     :meth:`gateway.agent.Agent.apply_config`: ``[commands]`` and ``[telemetry]`` live,
     anything else by a clean restart, refused within :data:`RESTART_MIN_UPTIME_S` of a
     start): ``result`` is ``{"sha256", "previous_sha256", "changed", "applied": "live" |
@@ -56,6 +65,10 @@ The requests and their ``args``
     ``seq`` (one dead-lettered event) or ``all_dead: true``.
 ``state.republish``
     no args; every unit's retained state and the status are published again.
+``clock.reset_floor``
+    no args; the trusted-time floor goes back to the build date (the same as the
+    technician's ``clock --reset-floor``, gateway/clock.py), logged and alarmed with the
+    request's actor; ``result`` says the previous floor and the new one.
 ``log.level``
     ``level``: ``DEBUG``, ``INFO``, ``WARNING`` or ``ERROR``; the agent's log level
     from now until the next change or restart; ``result`` gives the previous one.
@@ -76,7 +89,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from gateway.commands import Command, CommandVerifier, Rejection
+from gateway.commands import MAX_MGMT_BYTES, Command, CommandVerifier, Rejection
+from gateway.intake import Screen
 from gateway.units import rfc3339
 
 if TYPE_CHECKING:
@@ -95,60 +109,91 @@ MAX_CONFIG_BYTES: Final = 40 * 1024
 RESTART_MIN_UPTIME_S = 90.0
 #: Test-only: overrides :data:`RESTART_MIN_UPTIME_S` (a restart test cannot wait 90 s).
 RESTART_MIN_UPTIME_ENV: Final = "STORA_GATEWAY_TEST_RESTART_MIN_UPTIME_S"
+#: ``config.get``: the most characters of the file's text one answer carries, counted as
+#: JSON (escaped quotes and newlines count double).  With the rest of the answer this
+#: stays far below the broker's ``max_packet_size`` (64 KiB in deploy/) and the link's
+#: own cap, whatever the file holds.
+CONFIG_CHUNK_CHARS: Final = 32 * 1024
 #: ``log.level``: the levels a remote operator may choose.
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
-#: ``locks.test``: bounds on the unlock time and the relock wait of one cycle.
-TEST_SECONDS: Final = (0.2, 30.0)
-TEST_RELOCK_TIMEOUT: Final = (1.0, 60.0)
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}, "l": [{"c": 2}]}`` -> ``{"a.b": 1, "l[0].c": 2}``."""
+#: What a signed ``config.set`` may change, by the setting paths of :func:`settings`
+#: (``*`` stands for any lock's unit id or controller's name).  An allow-list: a setting
+#: added later is on-site only until someone decides otherwise here.
+REMOTE_SETTINGS: Final = frozenset({
+    "site.app_name",
+    "mqtt.keepalive_s",
+    "commands.clock_skew_s", "commands.max_lifetime_s",  # only to tighten them
+    "stora.max_per_second", "stora.max_per_minute",
+    "telemetry.interval_s",
+    "locks[*].unlock_seconds",
+    "controllers[*].timeout_ms", "controllers[*].retries",
+})
+#: Remote changes to these may only make them smaller (stricter freshness).
+_TIGHTEN_ONLY: Final = frozenset({"commands.clock_skew_s", "commands.max_lifetime_s"})
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"<prefix>.a.b": 1}``; lists stay whole values."""
     if isinstance(value, dict):
         out: dict[str, Any] = {}
         for key, item in value.items():
             out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
         return out
-    if isinstance(value, list):
-        out = {}
-        for i, item in enumerate(value):
-            out.update(_flatten(item, f"{prefix}[{i}]"))
-        return out or {prefix: []}
     return {prefix: value}
 
 
-def protected_changes(old: Any, new: Any) -> list[str]:
-    """The settings ``config.set`` may not change: those that decide whom the gateway
-    trusts, where it sends credentials or events, and where it keeps its state.
+def settings(config: Any) -> dict[str, Any]:
+    """Every setting of ``config`` by a path that does not depend on the file's order.
 
-    A management request is signed by a command key; a stolen or misused one must not
-    be able to add keys of its own, loosen the freshness rules, point Stora's
-    ``base_url`` (with any secret file as the "token") or the broker at another host,
-    turn off TLS or OSDP's Secure Channel, or move the database and control socket.
-    These are changed on the gateway itself (``check-config``, a local edit).  Found in
-    review: before, any signed request could do all of that.
+    ``{"mqtt.host": …, "locks[unit_a101]": True, "locks[unit_a101].channel": 0,
+    "controllers[bus1].port": …}``: locks by unit id, controllers by name, each with a
+    presence entry, so adding or removing one is a change of its own and moving a
+    ``[[locks]]`` table within the file is none.
     """
-    before, after = _flatten(old.redacted()), _flatten(new.redacted())
+    out: dict[str, Any] = {}
+    for section, value in config.redacted().items():
+        if section in ("locks", "controllers"):
+            id_key = "unit" if section == "locks" else "name"
+            for item in value:
+                where = f"{section}[{item[id_key]}]"
+                out[where] = True
+                out.update(_flatten({k: v for k, v in item.items() if k != id_key}, where))
+        elif section != "path":
+            out.update(_flatten(value, section))
+    return out
+
+
+def protected_changes(old: Any, new: Any) -> list[str]:
+    """The settings ``config.set`` may not change: all but :data:`REMOTE_SETTINGS`.
+
+    A management request is signed by a command key; a stolen or misused one must not be
+    able to add keys, loosen freshness, point Stora or the broker at another host, move
+    the state, or rewire the site.  Found in review: lock wiring (``controller``,
+    ``channel``, ``device``, ``energize_to``, the door and status inputs) and bus
+    endpoints were accepted remotely, so flipping ``energize_to`` made "locked"
+    physically open while the read-back said locked, and swapping two channels made a
+    tenant's unlock open another unit with a false audit trail.  The physical wiring,
+    references (the labels on the doors), endpoints, trust and state are changed on the
+    gateway itself (``check-config``, a local edit).
+    """
+    before, after = settings(old), settings(new)
     refused = []
     for path in sorted(set(before) | set(after)):
         was, now = before.get(path), after.get(path)
         if was == now:
             continue
-        leaf = path.rsplit(".", 1)[-1]
-        section = path.split(".", 1)[0].split("[", 1)[0]
-        if (
-            path.startswith("commands.trusted_keys") or path == "commands.clock"
-            or leaf.endswith("_file")
-            or leaf in ("allow_insecure", "broker_host", "broker_port")
-            or section in ("storage", "control")
-            or (section == "mqtt" and leaf != "keepalive_s")
-            or (section == "stora" and leaf in ("base_url", "token_url", "auth",
-                                                 "client_id", "scope"))
-            or (path in ("commands.clock_skew_s", "commands.max_lifetime_s")
-                and not (isinstance(was, (int, float)) and isinstance(now, (int, float))
-                         and now < was))
-        ):
-            refused.append(path)
+        pattern = path
+        if path.startswith(("locks[", "controllers[")) and "]." in path:
+            section, rest = path.split("[", 1)
+            pattern = f"{section}[*].{rest.split('].', 1)[1]}"
+        allowed = pattern in REMOTE_SETTINGS
+        if allowed and pattern in _TIGHTEN_ONLY:
+            allowed = (isinstance(was, int) and isinstance(now, int) and now < was)
+        if not allowed:
+            refused.append(path if path in before and path in after
+                           else f"{path} ({'added' if path in after else 'removed'})")
     return refused
 
 
@@ -201,7 +246,13 @@ class Management:
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
-        self.verifier = CommandVerifier(agent.config, agent.clock, kind="mgmt")
+        #: Shared with commands: the rejection-result bucket; not the refusal cache (the
+        #: same bytes may be a valid command and a malformed request).
+        self.counters = {"received": 0, "done": 0, "rejected": 0, "failed": 0,
+                         "duplicates": 0, "refused_again": 0, "shed": 0}
+        self.screen = Screen(CommandVerifier(agent.config, agent.clock, kind="mgmt"),
+                             agent.rejections, max_bytes=MAX_MGMT_BYTES,
+                             counters=self.counters)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mgmt")
         self._running: dict[str, Future[dict[str, Any]]] = {}
         self._lock = threading.Lock()
@@ -213,15 +264,18 @@ class Management:
             "outbox.retry": self._outbox_retry,
             "state.republish": self._state_republish,
             "log.level": self._log_level,
+            "clock.reset_floor": self._clock_reset_floor,
         }
-        #: Requests handled, by outcome (shown in ``status``).
-        self.counters = {"received": 0, "done": 0, "rejected": 0, "failed": 0,
-                         "duplicates": 0}
         self._stopped = False
+
+    @property
+    def verifier(self) -> CommandVerifier:
+        """The verifier of management requests (the agent's keys and site)."""
+        return self.screen.verifier
 
     def reconfigure(self) -> None:
         """The agent's configuration changed: verify with its new keys and site."""
-        self.verifier = CommandVerifier(self.agent.config, self.agent.clock, kind="mgmt")
+        self.screen.reset(CommandVerifier(self.agent.config, self.agent.clock, kind="mgmt"))
 
     def stop(self) -> None:
         """Let a running request end; queued ones are dropped (they stay claimed and end
@@ -237,11 +291,13 @@ class Management:
         if self._stopped:  # shutting down: unacknowledged, the broker delivers it again
             return
         self._count("received")
-        try:
-            request = self.verifier.verify(message.payload, retained=bool(message.retain))
-        except Rejection as rejection:
-            self._rejected(rejection)
+        verdict = self.screen.check(message.payload, retained=bool(message.retain))
+        if verdict is None:
+            return  # shed: results are throttled anyway (gateway/intake.py)
+        if isinstance(verdict, Rejection):
+            self._rejected(verdict)
             return
+        request = verdict
         try:
             with self.agent.store.transaction() as tx:
                 fresh = tx.claim_command(request.jti, MGMT_PREFIX + request.cmd, request.unit,
@@ -278,15 +334,23 @@ class Management:
             except StoreError:
                 row = None
             if row is not None and row.result and row.cmd.startswith(MGMT_PREFIX):
-                # An expired re-send of a request already answered: its result again.
+                # An expired re-send of a request already answered: its result again,
+                # within the same bucket as every rejection (no amplification).
                 self._count("duplicates")
-                self._publish(_stored_payload(row))
+                if self.agent.rejections.take():
+                    self._publish(_stored_payload(row))
                 return
         self._count("rejected")
-        LOGGER.info("management request %s rejected: %s", rejection.jti or "-", rejection)
+        # Debug only, as for commands: a flood would write a line per message; the
+        # counts are in `status`.
+        LOGGER.debug("management request rejected: %s", rejection)
         if self.agent.rejections.take():  # a flood is not amplified onto the broker
-            self._answer(rejection.jti or "", rejection.cmd or "", "rejected",
-                         rejection.reason, None, store=False)
+            # Unverified ids are the sender's word: never echoed (see
+            # gateway.agent.rejection_outcome).
+            verified = rejection.claims_verified
+            self._publish(self._payload(rejection.jti if verified else None,
+                                        rejection.cmd if verified else None, "rejected",
+                                        rejection.reason, None))
 
     def _duplicate(self, request: Command, first: Any) -> None:
         self._count("duplicates")
@@ -344,7 +408,8 @@ class Management:
         return payload
 
     @staticmethod
-    def _payload(jti: str, cmd: str, status: str, reason: str | None, result: Any, *,
+    def _payload(jti: str | None, cmd: str | None, status: str, reason: str | None,
+                 result: Any, *,
                  duplicate: bool = False) -> dict[str, Any]:
         return {"jti": jti, "cmd": cmd, "status": status, "result": result, "reason": reason,
                 "duplicate": duplicate, "at": rfc3339(time.time())}
@@ -366,13 +431,26 @@ class Management:
         return self.agent.status()
 
     def _config_get(self, request: Command) -> dict[str, Any]:
-        self._no_args(request)
-        config = self.agent.config
-        return {"path": str(config.path), "sha256": file_sha256(config.path),
-                "config": config.redacted()}
+        args = request.args
+        unknown = set(args) - {"offset"}
+        if unknown:
+            raise _bad_args(f"unknown args for config.get: {sorted(unknown)}")
+        offset = args.get("offset", 0)
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            raise _bad_args("offset must be a whole number of characters, 0 or more")
+        path = Path(self.agent.config.path)
+        data = path.read_bytes()
+        text = data.decode("utf-8")  # it loaded as a config, so it is UTF-8
+        if offset > len(text):
+            raise _bad_args(f"offset {offset} is past the end of the file ({len(text)} "
+                            "characters)")
+        end = config_page_end(text, offset)
+        return {"path": str(path), "sha256": hashlib.sha256(data).hexdigest(),
+                "size": len(text), "offset": offset, "toml": text[offset:end],
+                "next_offset": end if end < len(text) else None}
 
     def _config_set(self, request: Command) -> dict[str, Any]:
-        from gateway.config import load_config
+        from gateway.config import parse_config_bytes
         from gateway.errors import ConfigError
 
         args = request.args
@@ -385,28 +463,23 @@ class Management:
         data = text.encode("utf-8")
         if len(data) > MAX_CONFIG_BYTES:
             raise _bad_args(f"the config is {len(data)} bytes, over {MAX_CONFIG_BYTES}")
-        path = Path(self.agent.config.path)
-        current = file_sha256(path)
+        named = Path(self.agent.config.path)
+        # deploy/: /etc/stora-gateway (root's) holds a link to the file in a directory
+        # the agent may write; the file is replaced there, the link stays.
+        real = Path(os.path.realpath(named))
+        current = file_sha256(real)
         expected = args.get("expect_sha256")
         if expected is not None and expected != current:
             raise RequestError("rejected", "stale_version",
                                f"the config file's sha256 is {current}, not {expected}: "
                                "it changed since it was read; get it again")
-        mode = path.stat().st_mode & 0o777
-        # Validated from a file beside the real one, so relative *_file paths and the
-        # secret-file permission checks resolve exactly as they will at the next start.
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".check", dir=path.parent)
+        # Validated in memory against the directory the file is named in, so relative
+        # *_file paths and the secret-file checks resolve exactly as at the next start.
         try:
-            os.fchmod(fd, mode)
-            with os.fdopen(fd, "wb") as fp:
-                fp.write(data)
-            try:
-                new = load_config(tmp)
-            except ConfigError as exc:
-                raise _bad_args(f"invalid config: {exc.key or 'file'}: {exc.reason}; "
-                                "the current config is kept") from None
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+            new = parse_config_bytes(data, str(named), named.absolute().parent)
+        except ConfigError as exc:
+            raise _bad_args(f"invalid config: {exc.key or 'file'}: {exc.reason}; "
+                            "the current config is kept") from None
         if new.site.id != self.agent.config.site.id:
             raise _bad_args(f"site.id cannot be changed remotely ({self.agent.config.site.id!r}"
                             f" to {new.site.id!r}); the current config is kept")
@@ -415,7 +488,6 @@ class Management:
             raise _bad_args(f"these settings can only be changed on the gateway itself: "
                             f"{', '.join(refused[:8])}{' …' if len(refused) > 8 else ''}; "
                             "the current config is kept")
-        new = _with_path(new, path)
         uptime = time.time() - self.agent.started_at
         min_uptime = float(os.environ.get(RESTART_MIN_UPTIME_ENV, RESTART_MIN_UPTIME_S))
         if self.agent.needs_restart(new) and uptime < min_uptime:
@@ -424,15 +496,43 @@ class Management:
                                f"{uptime:.0f} s ago; try again in "
                                f"{min_uptime - uptime:.0f} s (restarts are "
                                "rate-limited); the current config is kept")
-        write_atomically(path, data, mode)
-        LOGGER.warning("config.set %s: %s written (sha256 %s)", request.jti, path,
-                       hashlib.sha256(data).hexdigest())
+        write_atomically(real, data, real.stat().st_mode & 0o777)
+        digest = hashlib.sha256(data).hexdigest()
+        LOGGER.warning("config.set %s: %s written (sha256 %s)", request.jti, real, digest)
         changed, applied = self.agent.apply_config(new)
-        return {"sha256": hashlib.sha256(data).hexdigest(), "previous_sha256": current,
-                "changed": changed, "applied": applied}
+        self._audit_change(request, changed, digest)
+        return {"sha256": digest, "previous_sha256": current, "changed": changed,
+                "applied": applied}
+
+    def _audit_change(self, request: Command, changed: list[str], digest: str) -> None:
+        """A ``config_changed`` alarm and a Timeline Event for an accepted ``config.set``.
+
+        Staff see in Stora that the gateway's settings changed, when and by whom, next to
+        the unlocks those settings govern; the external id is the request's, so a crash
+        and a replay can never record it twice.
+        """
+        from gateway.store import StoreError
+        from gateway.timeline import external_id_for, make_event
+
+        actor = f"remote {request.actor or request.kid}"
+        what = f"sections {', '.join(changed) or 'none'}; sha256 {digest[:12]}"
+        self.agent.alarm("config_changed", None,
+                         f"config.set {request.jti} by {actor}: {what}")
+        config = self.agent.config
+        try:
+            with self.agent.store.transaction() as tx:
+                tx.add_event(make_event(
+                    "config_changed", app_name=config.site.app_name, site_id=config.site.id,
+                    unit="", reference="", occurred_at=time.time(), actor=actor,
+                    external_id=external_id_for(config.site.id, "config.set", request.jti),
+                    detail=f"{what}; by {actor}"))
+        except StoreError as exc:  # the alarm went out; the store's hook alarms as well
+            LOGGER.error("config.set %s: the Timeline Event was not queued: %s",  # noqa: TRY400
+                         request.jti, exc)
 
     def _locks_test(self, request: Command) -> dict[str, Any]:
         from gateway.control import ControlError
+        from gateway.technician import TEST_RELOCK_TIMEOUT, TEST_SECONDS, check_test_timing
 
         args = dict(request.args)
         unknown = set(args) - {"units", "all", "seconds", "relock_timeout"}
@@ -446,12 +546,12 @@ class Management:
                   and all(isinstance(u, str) for u in units)):
             raise _bad_args("locks.test needs 'units' (a list of unit ids or references) "
                             "or 'all': true")
-        for name, (lo, hi) in (("seconds", TEST_SECONDS),
-                               ("relock_timeout", TEST_RELOCK_TIMEOUT)):
-            value = args.get(name)
-            if value is not None and not (isinstance(value, (int, float))
-                                          and not isinstance(value, bool) and lo <= value <= hi):
-                raise _bad_args(f"{name} must be a number from {lo:g} to {hi:g}")
+        try:
+            for name, bounds in (("seconds", TEST_SECONDS),
+                                 ("relock_timeout", TEST_RELOCK_TIMEOUT)):
+                check_test_timing(name, args.get(name), bounds)
+        except ValueError as exc:
+            raise _bad_args(str(exc)) from None
         params = {"all": args.get("all") is True, "units": list(units or ()),
                   "seconds": args.get("seconds"), "relock_timeout": args.get("relock_timeout")}
         actor = f"remote {request.actor or request.kid}"
@@ -486,6 +586,10 @@ class Management:
         self.agent.publish_telemetry()
         return {"units": len(self.agent.config.locks)}
 
+    def _clock_reset_floor(self, request: Command) -> dict[str, Any]:
+        self._no_args(request)
+        return self.agent.reset_clock_floor(f"remote {request.actor or request.kid}")
+
     def _log_level(self, request: Command) -> dict[str, Any]:
         args = request.args
         level = args.get("level")
@@ -499,6 +603,26 @@ class Management:
         return {"level": level.upper(), "previous": previous}
 
 
+def config_page_end(text: str, offset: int, limit: int = CONFIG_CHUNK_CHARS) -> int:
+    """Where the ``config.get`` page of ``text`` starting at ``offset`` ends: as far as
+    its JSON encoding (``ensure_ascii``, as the answer is sent) stays within ``limit``.
+
+    The encoded length only grows with the end, so a binary search finds it in a few
+    dozen encodings of at most ``limit`` characters, however large the file.
+    """
+    def fits(end: int) -> bool:
+        return len(json.dumps(text[offset:end])) - 2 <= limit
+
+    lo, hi = offset, min(len(text), offset + limit)  # no character encodes to less than 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def _stored_payload(row: Any) -> dict[str, Any]:
     """The stored result of a request, as a duplicate.
 
@@ -510,10 +634,3 @@ def _stored_payload(row: Any) -> dict[str, Any]:
         return {**result, "duplicate": True}
     return Management._payload(row.jti, row.cmd.removeprefix(MGMT_PREFIX), row.status,
                                row.reason, None, duplicate=True)
-
-
-def _with_path(config: Any, path: Path) -> Any:
-    """``config`` as if loaded from ``path`` (it was validated from a file beside it)."""
-    import dataclasses
-
-    return dataclasses.replace(config, path=path)

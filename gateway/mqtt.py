@@ -52,8 +52,22 @@ Guarantees and decisions:
   reconnects.  paho's keepalive alone would take up to 1.5 × keepalive to notice, or
   never, when a frozen broker's kernel keeps acknowledging TCP (fault matrix #3).
   Brokers and ACLs must allow the link to publish and subscribe to that topic.
+* **Packet size.**  ``mqtt.max_packet_bytes`` (default the shipped broker's
+  ``max_packet_size``, 65536) bounds every packet both ways.  It goes to the broker in
+  CONNECT as MQTT 5 "Maximum Packet Size"; a larger incoming packet ends the connection
+  as soon as its length is decoded, before any of it is buffered (a broker that sends one
+  is hostile: :mod:`gateway.mqtt_wire`), counted as ``inbound_oversize``.  A message to
+  publish whose whole packet would exceed it is refused by :meth:`MqttLink.publish`,
+  counted as ``publish_oversize``, logged once per topic per ten minutes and never
+  queued: the broker would drop the link over it, and a QoS 1 message is sent again at
+  every reconnect.  The payload limit is therefore the cap minus the packet's header and
+  topic (a few dozen bytes): below the broker's limit, never at it.
+* **Transport.**  A ``host`` that starts with ``/`` is the broker's unix socket (paho's
+  ``unix`` transport; ``port`` unused): deploy/ ships the site broker that way, so no
+  local user can pose as the broker on a TCP port while it restarts.
 * **Logs** never contain the password; payloads and topics of messages are logged at
-  debug level only.
+  debug level only.  A connection lost for the same reason as the last one is logged
+  at debug level: a broker that drops every connection alike fills no journal.
 """
 
 from __future__ import annotations
@@ -69,6 +83,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import paho.mqtt.client as paho
@@ -80,6 +95,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from gateway.config import MqttConfig
 from gateway.errors import ConfigError, one_line
+from gateway.mqtt_wire import ReadAheadClient, publish_packet_size
 
 #: How long the broker keeps our session (subscriptions and queued QoS 1 commands) after
 #: a disconnect.  Longer than any command may live (max_lifetime_s is at most a day, 300 s
@@ -94,6 +110,7 @@ __all__ = [
     "MqttLink",
     "full_jitter_delay",
     "liveness_topic",
+    "read_secret_file",
 ]
 
 LOGGER = logging.getLogger(__name__)
@@ -115,6 +132,12 @@ _DELAYS_KEPT: Final = 32
 _MAX_EXPONENT: Final = 60
 #: Characters that may not appear in a topic level we build from the client id.
 _TOPIC_UNSAFE: Final = frozenset("+#/\0")
+#: An outgoing message over ``max_packet_bytes`` is logged at most once per topic per
+#: this long: an alarm repeated every reconciliation pass must not flood the journal.
+_OVERSIZE_LOG_INTERVAL_S: Final = 600.0
+#: Topics remembered for that rate limit; beyond it the memory starts afresh (unit
+#: topics are bounded by the config, so this is only a guard).
+_OVERSIZE_TOPICS_KEPT: Final = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,17 +213,25 @@ def liveness_topic(status_topic: str, client_id: str) -> str:
     return f"{status_topic}/liveness/{safe}"
 
 
-def _read_password(cfg: MqttConfig) -> str | None:
-    """The broker password from ``cfg.password_file`` without one trailing newline."""
-    if cfg.password_file is None:
+def read_secret_file(path: Path | None) -> str | None:
+    """A password kept in the file ``path`` (``None``: none), without one trailing newline.
+
+    Raises OSError or UnicodeDecodeError; the text never appears in either.
+    """
+    if path is None:
         return None
-    text = cfg.password_file.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8")
     # One newline is what `echo secret > file` adds; more is taken as meant.
     if text.endswith("\r\n"):
         return text[:-2]
     if text.endswith("\n"):
         return text[:-1]
     return text
+
+
+def _read_password(cfg: MqttConfig) -> str | None:
+    """The broker password from ``cfg.password_file`` without one trailing newline."""
+    return read_secret_file(cfg.password_file)
 
 
 class _TlsContext(ssl.SSLContext):
@@ -358,148 +389,8 @@ class _Inbox:
 # --------------------------------------------------------------------------- the link
 
 
-def _variable_int(data: bytes | bytearray, at: int) -> tuple[int, int]:
-    """An MQTT variable byte integer at ``data[at:]``: (value, offset after it)."""
-    value = 0
-    for shift in (0, 7, 14, 21):
-        if at >= len(data):
-            raise ValueError("truncated variable byte integer")
-        byte = data[at]
-        at += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, at
-    raise ValueError("variable byte integer longer than four bytes")
-
-
 #: At most one "inbound queue full" / "has room again" pair of log lines per this long.
 _SHED_LOG_INTERVAL_S: Final = 10.0
-
-
-class _ReadAheadClient(paho.Client):
-    """paho's client, reading the socket in large chunks.
-
-    paho reads a packet as its type byte, then its length one byte at a time, then the
-    rest: four or more ``recv`` system calls per message, each of which releases and
-    retakes the GIL.  Under a flood that cost more than the messages themselves.  This
-    serves paho's small reads from one buffered ``recv`` of up to :data:`READ_AHEAD`
-    bytes.  paho reads until the socket would block; it only blocks once this buffer
-    is empty too, and :meth:`buffered` tells the network loop to go on reading when a
-    packet limit stopped paho first.  (Relies on paho 2.x's private ``_sock_recv``,
-    which every read goes through; tests/test_mqtt_link.py checks it still does.)
-    """
-
-    READ_AHEAD: Final = 65536
-    #: Whole PUBLISH packets taken from the buffer per read call, at most.
-    BATCH: Final = 256
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._ahead = bytearray()
-        self._ahead_sock: object = None
-        self.recv_calls = 0
-        self._publish_handler: Callable[[bytes, bytes, int, bool, bool, int], None] | None = None
-
-    def set_publish_handler(
-        self, handler: Callable[[bytes, bytes, int, bool, bool, int], None] | None
-    ) -> None:
-        """Take every QoS 0/1 PUBLISH as ``handler(topic, payload, qos, retain, dup,
-        mid)`` instead of through ``on_message``; ``None`` restores paho's path."""
-        self._publish_handler = handler
-
-    def _handle_publish(self) -> MQTTErrorCode:
-        """paho's PUBLISH handler, for the packets its own reader assembled."""
-        header: int = self._in_packet["command"]
-        if self._publish_handler is None or not self._lean(header, self._in_packet["packet"]):
-            return super()._handle_publish()
-        return MQTTErrorCode.MQTT_ERR_SUCCESS
-
-    def _lean(self, header: int, packet: bytes | bytearray) -> bool:
-        """Decode and hand over a QoS 0/1 MQTT 5 PUBLISH; ``False`` if it is unusual.
-
-        paho's own decoder builds a ``Properties`` object, a ``MQTTMessage`` and a debug
-        line for every message and matches it against every subscription: about 100 µs,
-        nine tenths of what a flood of commands cost the agent.  The link needs none of
-        the properties (it never allows topic aliases, so the broker sends none, MQTT 5
-        §3.1.2.11.8), so they are skipped by their length.  Anything unusual (QoS 2,
-        MQTT 3, an empty topic, a bad length) is left to paho, which stays the reference.
-        """
-        qos = (header & 0x06) >> 1
-        handler = self._publish_handler
-        if handler is None or qos == 2 or self._protocol != paho.MQTTv5:
-            return False
-        topic_len = int.from_bytes(packet[0:2], "big")
-        at = 2 + topic_len
-        topic = packet[2:at]
-        mid = 0
-        if qos:
-            mid = int.from_bytes(packet[at:at + 2], "big")
-            at += 2
-        try:
-            props_len, at = _variable_int(packet, at)
-        except ValueError:
-            return False
-        at += props_len
-        if not topic or len(topic) != topic_len or at > len(packet) or (qos and not mid):
-            return False
-        handler(bytes(topic), bytes(packet[at:]), qos, bool(header & 0x01),
-                bool(header & 0x08), mid)
-        return True
-
-    def _packet_read(self) -> MQTTErrorCode:
-        """Take whole PUBLISH packets straight from the read-ahead buffer.
-
-        paho assembles each packet through a state machine of several reads and a dict
-        reset; under a flood that is most of what is left.  Whole QoS 0/1 PUBLISH
-        packets at the head of the buffer are cut out here, up to :data:`BATCH` a call
-        so the loop still turns for keepalive and writes; anything else (another packet
-        type, a packet still arriving, paho half-way through one) goes to paho's reader.
-        """
-        ahead = self._ahead
-        if (self._publish_handler is None or self._in_packet["command"] != 0
-                or self._ahead_sock is not self._sock or len(ahead) < 2):
-            return super()._packet_read()
-        taken = 0
-        while taken < self.BATCH and len(ahead) >= 2:
-            header = ahead[0]
-            if header & 0xF0 != 0x30 or header & 0x06 == 0x06:
-                break  # not a PUBLISH, or a malformed QoS: paho's to judge
-            try:
-                length, at = _variable_int(ahead, 1)
-            except ValueError:
-                break  # not all here yet, or malformed: paho's to judge
-            end = at + length
-            if end > len(ahead):
-                break
-            packet = bytes(ahead[at:end])
-            if not self._lean(header, packet):
-                break  # unusual: paho reads it from the buffer, untouched
-            del ahead[:end]
-            taken += 1
-        if not taken:
-            return super()._packet_read()
-        with self._msgtime_mutex:
-            self._last_bytes_received = paho.time_func()
-        return MQTTErrorCode.MQTT_ERR_SUCCESS
-
-    def buffered(self) -> int:
-        """Bytes read from the socket that paho has not taken yet."""
-        return len(self._ahead) if self._ahead_sock is self._sock else 0
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        ahead = self._ahead
-        if self._ahead_sock is not self._sock:  # a new connection: forget the old bytes
-            ahead.clear()
-            self._ahead_sock = self._sock
-        if not ahead:
-            data = super()._sock_recv(self.READ_AHEAD)  # raises BlockingIOError when dry
-            self.recv_calls += 1
-            if len(data) <= bufsize:
-                return data  # also b"" at end of stream, which paho must see
-            ahead += data
-        chunk = bytes(ahead[:bufsize])
-        del ahead[:bufsize]  # O(1) at the front of a bytearray
-        return chunk
 
 
 class MqttLink:
@@ -570,15 +461,21 @@ class MqttLink:
         # subscriber, so a command someone published *retained* would look like any
         # other, execute, and then replay on every reconnect.  With v5 the flag
         # survives and the verifier rejects it (contract §5: `retained`).
-        client = _ReadAheadClient(
+        client = ReadAheadClient(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=cfg.client_id,
             protocol=paho.MQTTv5,
+            # A host that is a path is the broker's unix socket (config.MqttConfig).
+            transport="unix" if cfg.unix_socket else "tcp",
             reconnect_on_failure=False,  # reconnecting is this module's job
             manual_ack=True,
         )
         client.connect_timeout = timings.connect_timeout_s
         client.max_queued_messages_set(_OUTBOUND_MAX)
+        client.max_packet_bytes = cfg.max_packet_bytes
+        if publish_packet_size(status_topic, len(will), 1) > cfg.max_packet_bytes:
+            raise ValueError(f"the last will ({len(will)} bytes) is over "
+                             f"mqtt.max_packet_bytes ({cfg.max_packet_bytes})")
         client.will_set(status_topic, will, qos=1, retain=True)
         self._tls: _TlsContext | None = None
         if cfg.tls:
@@ -643,7 +540,11 @@ class MqttLink:
             "handler_errors": 0,
             "published": 0,
             "publish_refused": 0,
+            "publish_oversize": 0,
+            "inbound_oversize": 0,
         }
+        # Outgoing oversize messages: topic -> when it may be logged again (clock).
+        self._oversize_logged: dict[str, float] = {}
         self._shedding = False
         self._shed_log_at = 0.0
 
@@ -697,8 +598,16 @@ class MqttLink:
         because the broker stopped acknowledging): the caller decides what to do, and
         retained state is republished from ``on_connected``.  True means queued; a QoS 1
         message queued just before a connection loss is resent after the reconnect.
+
+        Also False, counted (``publish_oversize``) and logged once per topic and
+        :data:`_OVERSIZE_LOG_INTERVAL_S`, never queued, when the whole packet would
+        exceed ``mqtt.max_packet_bytes``: the broker would end the connection over it,
+        and a QoS 1 message is sent again after every reconnect, so one oversize alarm
+        or birth would keep the site off the broker.
         Raises ValueError for an invalid topic or QoS (a bug, not a network condition).
         """
+        if not self._fits(topic, payload, qos):
+            return False
         with self._state_lock:
             if not self._ready.is_set() or self._stopping.is_set():
                 self._count("publish_refused")
@@ -710,6 +619,25 @@ class MqttLink:
             return False
         self._count("published")
         return True
+
+    def _fits(self, topic: str, payload: bytes, qos: int) -> bool:
+        """Whether this message stays within ``max_packet_bytes``; counts and logs if not."""
+        size = publish_packet_size(topic, len(payload), qos)
+        cap = self._cfg.max_packet_bytes
+        if size <= cap:
+            return True
+        self._count("publish_oversize")
+        now = self._clock()
+        with self._stats_lock:
+            due = self._oversize_logged.get(topic, now) <= now
+            if due:
+                if len(self._oversize_logged) >= _OVERSIZE_TOPICS_KEPT:
+                    self._oversize_logged.clear()
+                self._oversize_logged[topic] = now + _OVERSIZE_LOG_INTERVAL_S
+        LOGGER.log(logging.WARNING if due else logging.DEBUG,
+                   "not publishing a %d-byte message on %s: over mqtt.max_packet_bytes "
+                   "(%d), the broker would drop the connection", size, topic, cap)
+        return False
 
     @property
     def connected(self) -> bool:
@@ -809,6 +737,10 @@ class MqttLink:
             # 3.1.1's clean_session=False); duplicates are the inbox's to drop.
             connect_props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             connect_props.SessionExpiryInterval = SESSION_EXPIRY_S
+            # The broker must not send a larger packet (MQTT 5 §3.1.2.11.4; Mosquitto
+            # drops such a message for this client); ReadAheadClient refuses one anyway.
+            connect_props.MaximumPacketSize = self._cfg.max_packet_bytes
+            self._client.oversize = None
             self._client.connect(self._cfg.host, self._cfg.port,
                                  keepalive=self._cfg.keepalive_s, clean_start=False,
                                  properties=connect_props)
@@ -820,7 +752,17 @@ class MqttLink:
             return None
         deadline = started + self._timings.connect_timeout_s
         reason = self._run_network(deadline)
+        oversize = self._client.oversize
+        if oversize is not None:
+            reason = self._refused_oversize(oversize)
         return self._lost(reason)
+
+    def _refused_oversize(self, size: int) -> str:
+        """Count an incoming packet over ``max_packet_bytes``; the reason the connection
+        ended (logged by :meth:`_lost`, once while it repeats)."""
+        self._count("inbound_oversize")
+        return (f"the broker sent a {size}-byte packet, over mqtt.max_packet_bytes "
+                f"({self._cfg.max_packet_bytes}); dropped before buffering it")
 
     def _set_credentials(self) -> None:
         if not self._cfg.username:
@@ -941,8 +883,7 @@ class MqttLink:
             self._stats["last_connect_error"] = reason
         # A broker down for an hour must not fill the journal: say it once per reason.
         level = logging.WARNING if first else logging.DEBUG
-        LOGGER.log(level, "cannot connect to MQTT broker %s:%d: %s", self._cfg.host,
-                   self._cfg.port, reason)
+        LOGGER.log(level, "cannot connect to MQTT broker %s: %s", self._cfg.where, reason)
 
     def _lost(self, reason: str) -> float | None:
         """Bookkeeping after a connection ended; how long it had been usable."""
@@ -958,10 +899,15 @@ class MqttLink:
             with self._stats_lock:
                 self._stats["disconnects"] += 1
                 self._stats["last_disconnect_at"] = now
+                repeated = self._stats["last_disconnect_reason"] == reason
                 self._stats["last_disconnect_reason"] = reason
             if reason != "stopped":
-                LOGGER.warning("MQTT connection lost (%s) after %.1fs%s; reconnecting",
-                               reason, up_for or 0.0, "" if was_ready else " (not ready)")
+                # A broker that drops every connection the same way (a hostile one, an
+                # oversize packet) must not fill the journal: once per reason, as connect
+                # errors are; the counters keep the tally.
+                LOGGER.log(logging.DEBUG if repeated else logging.WARNING,
+                           "MQTT connection lost (%s) after %.1fs%s; reconnecting",
+                           reason, up_for or 0.0, "" if was_ready else " (not ready)")
         elif reason != "stopped":
             self._connect_failed(reason)
         return up_for
@@ -1001,8 +947,8 @@ class MqttLink:
                 self._abort_socket()
                 return
             self._sub_mid = mid
-            LOGGER.info("connected to MQTT broker %s:%d (session present: %s)",
-                        self._cfg.host, self._cfg.port, self._session_present)
+            LOGGER.info("connected to MQTT broker %s (session present: %s)",
+                        self._cfg.where, self._session_present)
         except Exception:
             LOGGER.exception("internal error handling CONNACK; dropping the connection")
             self._loss_reason = "internal error on CONNACK"
@@ -1140,6 +1086,8 @@ class MqttLink:
         except Exception as exc:  # noqa: BLE001 -- the agent's code is contained (#36)
             self._handler_failed("birth()", exc, "; publishing a minimal online status")
             payload = _FALLBACK_BIRTH
+        if not self._fits(self._status_topic, payload, 1):
+            payload = _FALLBACK_BIRTH  # the link is up, whatever else is unknown
         if not self.publish(self._status_topic, payload, qos=1, retain=True):
             LOGGER.warning("could not publish the online status; the connection dropped")
             return

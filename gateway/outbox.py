@@ -49,8 +49,10 @@ Outcomes
 ``Dead``               ``dead`` with status, code, message, details, request id and key;
                        alarm ``timeline_dead_letter``; the queue moves on.  A person
                        retries it (``stora-gateway outbox retry``), which rotates the key.
-``Dead`` 403 / 404     A missing scope or a wrong ``base_url``: every event would get it,
-``invalid_endpoint``   so this is the configuration, not the event.  Not dead-lettered:
+``Dead`` 403 / 404     A missing scope or a wrong or moved ``base_url`` (a redirect is
+``invalid_endpoint``   never followed: it would carry the token elsewhere): every event
+/ 3xx                  would get it, so this is the configuration, not the event.  Not
+                       dead-lettered:
                        alarm ``timeline_config`` once, the drain pauses ("paused:
                        config") and retries slowly (60 s doubling to 15 min).  The key is
                        rotated when every attempt under it was answered (nothing was
@@ -60,6 +62,20 @@ Outcomes
                        ``timeline_auth`` once, retried after ``retry_after_s`` (60 s
                        doubling to 15 min): no tight loop.  Events keep buffering.
 =====================  ===================================================================
+
+Token refreshes
+---------------
+A ``client_credentials`` refresh that fails for a passing reason (network, 5xx, an
+answer over its size cap or its deadline) is a ``Retry`` ("backing off") while no valid
+token is left, and invisible to delivery while one is.  Either way ``status`` shows it
+(``token``: ``refreshing`` with how long, or ``failing`` with since when and why), and
+once refreshes have been failing for :data:`TOKEN_ALARM_AFTER_S` the alarm
+``timeline_token`` is raised, once per episode; a hold is cut short so the alarm is not
+late.  A refresh in flight ends within ``stora.TOKEN_DEADLINE_S``.
+
+What Stora says is quoted, never trusted: each string is capped where it is parsed
+(stora.py), and every ``last_error``, alarm detail and status line built here is one line
+of at most :data:`MAX_NOTE_CHARS`.
 
 A :class:`~gateway.store.StoreError` while draining (disk full, read-only filesystem)
 is logged, raises alarm ``timeline_outbox_storage`` once per episode and backs off (1 s
@@ -97,6 +113,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from gateway.stora import (
+    TOKEN_DEADLINE_S,
     AuthFailed,
     Dead,
     Delivered,
@@ -106,6 +123,7 @@ from gateway.stora import (
     StoraClient,
     credential_retry_delay,
 )
+from gateway.stora_http import MAX_TEXT_CHARS, cap_text
 from gateway.store import SEND_HISTORY_KEEP_S, EventRow, Store, StoreError
 from gateway.timeline import event_body
 
@@ -113,6 +131,8 @@ __all__ = [
     "DRAIN_STATES",
     "IDLE_WAIT_S",
     "IN_FLIGHT_KEY",
+    "MAX_NOTE_CHARS",
+    "TOKEN_ALARM_AFTER_S",
     "Drainer",
     "build_drainer",
     "is_config_problem",
@@ -142,14 +162,30 @@ DRAIN_STATES: Final = ("ok", "backing off", "paused: auth", "paused: config",
 
 #: ``meta`` key of the attempt in flight: ``{"seq", "generation", "at"}`` as JSON, or "".
 IN_FLIGHT_KEY: Final = "outbox.in_flight"
+#: A ``last_error``, alarm detail or status line quotes at most a code and a message from
+#: Stora (each capped at ``MAX_TEXT_CHARS``) in a sentence of ours; it never exceeds this,
+#: so an alarm and the retained status stay far below the broker's 64 KiB packet limit.
+MAX_NOTE_CHARS: Final = 4 * MAX_TEXT_CHARS
+#: Token refreshes failing this long (from the start of the first failed one) are no blip:
+#: alarm.  Two of ``stora.TOKEN_DEADLINE_S``: a refresh in flight when the alarm falls due
+#: ends by its deadline, so even a stuck endpoint alarms within 45 s (the issue: a minute).
+TOKEN_ALARM_AFTER_S: Final = 2 * TOKEN_DEADLINE_S
 
 Alarm = Callable[[str, str | None, str], None]
 WallClock = Callable[[], float]
 
 
 def is_config_problem(outcome: Dead) -> bool:
-    """A refusal every event would get: a missing scope (403) or a wrong ``base_url``."""
-    return outcome.status == 403 or (outcome.status == 404 and outcome.code == "invalid_endpoint")
+    """A refusal every event would get: a missing scope (403), a wrong ``base_url`` (404
+    ``invalid_endpoint``) or a moved one (any 3xx: redirects are never followed)."""
+    status = outcome.status
+    return (status == 403 or (status == 404 and outcome.code == "invalid_endpoint")
+            or (status is not None and 300 <= status < 400))
+
+
+def _note(text: str) -> str:
+    """One line of at most :data:`MAX_NOTE_CHARS`: what is stored, alarmed and shown."""
+    return cap_text(text, MAX_NOTE_CHARS)
 
 
 def _no_alarm(kind: str, unit: str | None, detail: str) -> None:
@@ -173,6 +209,7 @@ class Drainer:
         template_id: str | None,
         alarm: Alarm | None = None,
         clock: WallClock = time.time,
+        token_alarm_after_s: float = TOKEN_ALARM_AFTER_S,
     ) -> None:
         self.store = store
         self.client = client
@@ -190,6 +227,8 @@ class Drainer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._recovered = False
+        self._token_alarm_after_s = token_alarm_after_s
+        self._token_alarmed = False
         #: Counts since start: attempts sent, delivered, dead-lettered.
         self.counters = {"attempts": 0, "delivered": 0, "dead_lettered": 0}
 
@@ -256,9 +295,9 @@ class Drainer:
         LOGGER.error("outbox: %s; retrying in %.0f s", exc, delay)
         with self._lock:
             self._state = state
-            self._last_error = f"{type(exc).__name__}: {exc}"
+            self._last_error = _note(f"{type(exc).__name__}: {exc}")
         if self._store_failures == 1:
-            self._alarm(kind, None, f"Timeline Event delivery paused: {exc}")
+            self._alarm(kind, None, _note(f"Timeline Event delivery paused: {exc}"))
         return delay
 
     def step(self) -> float:
@@ -303,6 +342,7 @@ class Drainer:
         key = IdempotencyKey(row.external_id, row.generation, row.unanswered_since)
         outcome = self.client.post_event(body, key, attempt=row.attempts)
         self._settle(row, outcome)
+        self._check_token()
         return 0.0
 
     def _recover_in_flight(self) -> None:
@@ -356,17 +396,17 @@ class Drainer:
                              dead_at=now)
                 tx.set_meta(IN_FLIGHT_KEY, "")
             self.counters["dead_lettered"] += 1
-            self._alarm("timeline_dead_letter", row.unit,
-                        f"event {row.seq} ({row.kind}, {row.reference}) refused by Stora: "
-                        f"{outcome.status or '-'} {outcome.code}: {outcome.message}; kept as a "
-                        "dead letter (stora-gateway outbox --dead)")
+            self._alarm("timeline_dead_letter", row.unit, _note(
+                f"event {row.seq} ({row.kind}, {row.reference}) refused by Stora: "
+                f"{outcome.status or '-'} {outcome.code}: {outcome.message}; kept as a "
+                "dead letter (stora-gateway outbox --dead)"))
             return
         if isinstance(outcome, Dead):  # the configuration: pause, keep the event
             if key.unanswered_since is None:
                 key = key.rotated()  # nothing was created under it; a stored 403 replays
             delay = credential_retry_delay(self._config_pauses)
             self._config_pauses += 1
-            why = f"{outcome.status} {outcome.code}: {outcome.message}"
+            why = _note(f"{outcome.status} {outcome.code}: {outcome.message}")
             self._record(row, key, now + delay, attempts, why)
             self._pause("paused: config", now + delay, "timeline_config", row.unit,
                         f"Stora refuses every event ({why}); check [stora] base_url and the "
@@ -374,21 +414,26 @@ class Drainer:
             return
         if isinstance(outcome, AuthFailed):
             delay = outcome.retry_after_s
-            self._record(row, key, now + delay, attempts, f"auth: {outcome.reason}")
+            self._record(row, key, now + delay, attempts, _note(f"auth: {outcome.reason}"))
             self._pause("paused: auth", now + delay, "timeline_auth", None,
                         f"Stora credential refused ({outcome.reason}); events keep "
                         f"buffering; retrying in {delay:.0f} s")
             return
         assert isinstance(outcome, Retry)
         delay = max(0.0, outcome.delay_s)
-        why = outcome.reason + (f" {outcome.status}" if outcome.status else "")
+        why = _note(outcome.reason + (f" {outcome.status}" if outcome.status else "")
+                    + (f": {outcome.detail}" if outcome.detail else ""))
         if sent or key != IdempotencyKey(row.external_id, row.generation, row.unanswered_since):
             self._record(row, key, now + delay, attempts, why)
         else:  # nothing reached Stora and nothing changed: only the marker goes
             self.store.set_meta(IN_FLIGHT_KEY, "")
         if outcome.reason in CONNECTION_REASONS:
+            until = now + delay
+            due = self._token_alarm_due() if outcome.reason == "token_unavailable" else None
+            if due is not None:  # come back when the alarm is due, not later
+                until = min(until, now + due)
             with self._lock:
-                self._hold_until = max(self._hold_until, now + delay)
+                self._hold_until = max(self._hold_until, until)
                 if self._state == "ok":
                     self._state = "backing off"
                 self._last_error = why
@@ -401,8 +446,33 @@ class Drainer:
                               next_attempt_at=at, attempts=attempts, last_error=why)
             tx.set_meta(IN_FLIGHT_KEY, "")
 
+    def _token_alarm_due(self) -> float | None:
+        """Seconds until failing refreshes call for the alarm (0: now); ``None``: they do not."""
+        failing = self.client.tokens.health().failing_for_s
+        if failing is None or self._token_alarmed:
+            return None
+        return max(0.0, self._token_alarm_after_s - failing)
+
+    def _check_token(self) -> None:
+        """Alarm ``timeline_token`` once refreshes have failed too long; note a recovery."""
+        health = self.client.tokens.health()
+        if health.failing_for_s is None:
+            if self._token_alarmed:
+                LOGGER.info("Stora token refreshes work again")
+                self._token_alarmed = False
+            return
+        if (self._token_alarmed or health.failing_for_s < self._token_alarm_after_s
+                or self.state == "paused: auth"):  # a refusal has its own alarm
+            return
+        self._token_alarmed = True
+        self._alarm("timeline_token", None, _note(
+            f"Stora token refresh failing for {health.failing_for_s:.0f} s "
+            f"({health.last_error}); Timeline Events wait while no valid token is left; "
+            "check [stora] token_url and the network"))
+
     def _pause(self, state: str, until: float, kind: str, unit: str | None,
                detail: str) -> None:
+        detail = _note(detail)
         with self._lock:
             first = self._state != state
             self._state = state
@@ -421,14 +491,17 @@ class Drainer:
             return self._state
 
     def status(self) -> dict[str, Any]:
-        """The drain's part of ``status`` and ``outbox``: state, hold, last error, counts."""
+        """The drain's part of ``status`` and ``outbox``: state, hold, last error, counts,
+        and the token source's health (a refresh in flight or failing, and why)."""
         now = self._clock()
+        token = self.client.tokens.health().as_dict()  # never waits on a refresh
         with self._lock:
             hold = self._hold_until - now
             return {
                 "drain": self._state,
                 "resumes_in_s": round(hold, 1) if hold > 0 else None,
                 "last_error": self._last_error,
+                "token": token,
                 **self.counters,
             }
 
@@ -451,15 +524,18 @@ class Drainer:
         raise RuntimeError(f"the outbox was not drained within {max_steps} steps")
 
 
-def build_drainer(config: Any, store: Store, alarm: Alarm | None = None) -> Drainer:
+def build_drainer(config: Any, store: Store, alarm: Alarm | None = None,
+                  on_server_date: Callable[[float], None] | None = None) -> Drainer:
     """The drainer ``[stora]`` describes, its limiter loaded from the persisted history.
 
     ``config`` is the whole :class:`~gateway.config.Config`.  The config loader has
     already refused missing secret files and ones open to group or others (contract §3);
     a token file that disappears later is a refused credential ("paused: auth").
+    ``on_server_date`` gets the ``Date`` of Stora's trusted answers (StoraClient).
     """
     history = store.send_history(time.time() - SEND_HISTORY_KEEP_S)
     client = StoraClient.from_config(config.stora, history=history,
-                                     on_record=store.record_send)
+                                     on_record=store.record_send,
+                                     on_server_date=on_server_date)
     return Drainer(store, client, source_id=config.stora.timeline_source_id,
                    template_id=config.stora.timeline_template_id, alarm=alarm)

@@ -16,6 +16,8 @@ Endpoints::
 A request passes these layers in order, as a web app behind a rate limiter would:
 
 1. **outage** (fault): the connection is closed without a reply.
+   **redirect** (fault): a front proxy answers a 3xx with a ``Location`` elsewhere, as
+   after a move of the API; nothing behind it sees the request.
 2. **rate limiter**: ``429 too_many_requests`` during a storm or over a limit.
 3. **router**: ``404 invalid_endpoint``.
 4. **idempotency** (event POSTs with ``Idempotency-Key``): a stored reply is replayed
@@ -23,7 +25,9 @@ A request passes these layers in order, as a web app behind a rate limiter would
 5. **slow** (fault): the app takes this long.
 6. **authentication**: ``401 invalid_token``; ``403 forbidden`` without the
    ``public.timeline_event:write`` scope.
-7. **the app**: ``fail_next`` (fault), ``406`` for an ``Accept`` that excludes JSON, ``400``
+7. **the app**: ``fail_next`` (fault; its message and ``details`` can be made huge, as
+   no real Stora would, to test what a client keeps of them), ``406`` for an ``Accept``
+   that excludes JSON, ``400``
    for a body that is not JSON, ``422`` for a body of the wrong shape or a rejected
    ``external.id`` (fault), else ``201``; ``drop_after_commit`` (fault) then closes the
    connection instead of answering.
@@ -66,7 +70,9 @@ authenticated or recorded)::
     GET  /_sandbox/events    {"events": [...]}, as created
     GET  /_sandbox/requests  {"requests": [RequestRecord as an object, ...]}
     POST /_sandbox/faults    {"reset": bool, "outage": bool, "fail_next": n,
-                              "fail_status": 500, "storm_s": s, "slow_s": s,
+                              "fail_status": 500, "fail_message_chars": n,
+                              "fail_details": n, "redirect_next": n,
+                              "redirect_status": 301, "storm_s": s, "slow_s": s,
                               "drop_after_commit": n, "reject_external_ids": [id, ...],
                               "reject_status": 422, "expire_tokens": bool,
                               "expire_static_tokens": bool, "store_unauthorized": bool,
@@ -141,6 +147,10 @@ ERRORS: Final[Mapping[str, tuple[int, str]]] = {
     "too_many_requests": (429, "invalid_request_error"),
     "internal_server_error": (500, "api_error"),
 }
+#: Statuses the ``redirect_next`` fault can answer (a POST keeps its method on 307/308).
+REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
+#: Where a redirect points when the test does not say: a host that never resolves.
+REDIRECT_LOCATION: Final = "https://moved.invalid"
 #: Statuses ``fail_next`` and ``reject_external_ids`` can answer, with their §6 code.
 FAULT_CODES: Final[Mapping[int, str]] = {
     400: "api_error",
@@ -234,6 +244,11 @@ class _Faults:
     outage: bool = False
     fail_next: int = 0
     fail_status: int = 500
+    fail_message_chars: int = 0
+    fail_details: int = 0
+    redirect_next: int = 0
+    redirect_status: int = 301
+    redirect_location: str = REDIRECT_LOCATION
     storm_until: float | None = None
     slow_s: float = 0.0
     drop_after_commit: int = 0
@@ -498,13 +513,37 @@ class Sandbox:
         with self._lock:
             self._faults.outage = on
 
-    def fail_next(self, n: int, status: int = 500) -> None:
-        """The next ``n`` authenticated event POSTs fail with ``status``, stored under their key."""
+    def fail_next(
+        self, n: int, status: int = 500, *, message_chars: int = 0, details: int = 0
+    ) -> None:
+        """The next ``n`` authenticated event POSTs fail with ``status``, stored under their key.
+
+        ``message_chars`` > 0 pads the error's ``message`` to that many characters, and
+        ``details`` adds that many ``details`` entries with messages as long: answers no
+        real Stora gives, for testing what a client keeps, logs and publishes of them
+        (e.g. a 403 with an 80 KB message: ``fail_next(5, 403, message_chars=80_000)``).
+        """
         code = _fault_code(status)
         with self._lock:
             self._faults.fail_next = _count(n)
             self._faults.fail_status = status
+            self._faults.fail_message_chars = _count(message_chars)
+            self._faults.fail_details = _count(details)
         LOGGER.debug("fail_next %d with %s", n, code)
+
+    def redirect_next(self, n: int, status: int = 301, location: str | None = None) -> None:
+        """The next ``n`` API requests get ``status`` (a 3xx) to ``location`` + their path.
+
+        As a front proxy answers after the API moved; nothing behind it sees them.  The
+        default location is a host that never resolves; a test may name a server of its
+        own to prove that nothing follows the redirect.
+        """
+        if status not in REDIRECT_STATUSES:
+            raise ValueError(f"status {status} is not one of {sorted(REDIRECT_STATUSES)}")
+        with self._lock:
+            self._faults.redirect_next = _count(n)
+            self._faults.redirect_status = status
+            self._faults.redirect_location = (location or REDIRECT_LOCATION).rstrip("/")
 
     def storm(self, seconds: float) -> None:
         """Answer 429 to every API request for ``seconds`` (0 ends a storm)."""
@@ -558,12 +597,23 @@ class Sandbox:
         for status_key in ("fail_status", "reject_status"):
             if status_key in s:
                 _fault_code(s[status_key])
+        if s.get("redirect_status", 301) not in REDIRECT_STATUSES:
+            raise ValueError(f"bad value for 'redirect_status': {s['redirect_status']!r}")
         if s.get("reset"):
             self.reset_faults()
         if "outage" in s:
             self.set_outage(s["outage"])
-        if "fail_next" in s or "fail_status" in s:
-            self.fail_next(s.get("fail_next", self._faults.fail_next), s.get("fail_status", 500))
+        fail_keys = ("fail_next", "fail_status", "fail_message_chars", "fail_details")
+        if any(k in s for k in fail_keys):
+            f = self._faults
+            self.fail_next(
+                s.get("fail_next", f.fail_next), s.get("fail_status", 500),
+                message_chars=s.get("fail_message_chars", f.fail_message_chars),
+                details=s.get("fail_details", f.fail_details),
+            )
+        if "redirect_next" in s or "redirect_status" in s:
+            self.redirect_next(s.get("redirect_next", self._faults.redirect_next),
+                               s.get("redirect_status", 301))
         if "storm_s" in s:
             self.storm(s["storm_s"])
         if "slow_s" in s:
@@ -661,7 +711,7 @@ class Sandbox:
         key = headers.get("idempotency-key") or None
         with self._lock:
             now = self.now()
-            reply = self._admit(now)
+            reply = self._redirect(path) or self._admit(now)
         replayed = mismatch = False
         if reply is not None:
             pass
@@ -679,6 +729,17 @@ class Sandbox:
         with self._lock:
             self._log.append(record)
         return reply
+
+    def _redirect(self, path: str) -> _Reply | None:
+        """The front proxy's 3xx while ``redirect_next`` lasts (caller holds the lock)."""
+        f = self._faults
+        if f.redirect_next <= 0:
+            return None
+        f.redirect_next -= 1
+        target = f.redirect_location + path
+        page = f'<html><body>Moved to <a href="{target}">{target}</a></body></html>'
+        return _Reply(f.redirect_status, page.encode(),
+                      (("Content-Type", "text/html"), ("Location", target)))
 
     def _admit(self, now: float) -> _Reply | None:
         """The 429 for a storm or an exceeded limit, else ``None`` (caller holds the lock)."""
@@ -801,12 +862,13 @@ class Sandbox:
         if isinstance(token, _Reply):
             return token
         with self._lock:
-            failing = self._faults.fail_next > 0
+            f = self._faults
+            failing = f.fail_next > 0
             if failing:
-                self._faults.fail_next -= 1
-                status = self._faults.fail_status
+                f.fail_next -= 1
+                status, chars, details = f.fail_status, f.fail_message_chars, f.fail_details
         if failing:
-            return _error(FAULT_CODES[status], "injected failure (sandbox fail_next)")
+            return _injected_failure(status, chars, details)
         if not _accepts_json(headers.get("accept")):
             return _error("invalid_format", "this endpoint answers application/json only")
         if _media_type(headers.get("content-type")) != "application/json":
@@ -882,6 +944,18 @@ class Sandbox:
         return _json_reply(404, {"error": f"no admin endpoint {method} {path}"})
 
 
+def _injected_failure(status: int, message_chars: int, details: int) -> _Reply:
+    """The ``fail_next`` error, its message and details padded as the fault asks."""
+    message = _padded("injected failure (sandbox fail_next)", message_chars)
+    extra = [(f"/details/{i}", _padded(f"injected detail {i}", message_chars))
+             for i in range(details)]
+    return _error(FAULT_CODES[status], message, extra)
+
+
+def _padded(text: str, chars: int) -> str:
+    return text if len(text) >= chars else text + " " + "x" * (chars - len(text) - 1)
+
+
 def _json_object(body: bytes) -> dict[str, Any]:
     doc = json.loads(body or b"{}")
     if not isinstance(doc, dict):
@@ -924,6 +998,10 @@ _SETTINGS: Final[Mapping[str, Callable[[object], bool]]] = {
     "outage": _is_bool,
     "fail_next": _is_count,
     "fail_status": _is_count,
+    "fail_message_chars": _is_count,
+    "fail_details": _is_count,
+    "redirect_next": _is_count,
+    "redirect_status": _is_count,
     "storm_s": _is_seconds,
     "slow_s": _is_seconds,
     "drop_after_commit": _is_count,

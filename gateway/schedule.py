@@ -164,6 +164,13 @@ JOBS: Final[tuple[JobSpec, ...]] = (
         "a refresh holds the token lock across its request; a second run would only "
         "park a pool thread behind it."),
     JobSpec(
+        "store.prune", 3600.0, 3600, True, 1,
+        "Deletes ended commands, delivered events and old dead letters that no "
+        "guarantee needs any more (gateway/store.py retention), so the database on the "
+        "SD card stays bounded.  Hourly: one indexed DELETE pass, a day's growth at "
+        "most between runs.  Skipped while the wall clock is untrusted (a clock far "
+        "ahead would delete ids that dedupe still needs)."),
+    JobSpec(
         "watchdog.heartbeat", 5.0, None, True, 1,
         "Proves the scheduler's thread and pool still run jobs, and probes the unit "
         "workers (PoolProbe); the watchdog pings only while both keep up.  Never "

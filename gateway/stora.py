@@ -58,12 +58,16 @@ and younger than ``IN_PROGRESS_GRACE_S``                progress": our lost atte
                                                         still running
 400, 403, 404, 406, 409, 422, other 4xx     (dead)      the request itself is refused;
                                                         keep code/message/details
+3xx                                         (dead,      a moved or wrong base_url (a
+                                            redirect)   front proxy's answer); never
+                                                        followed, the token stays here
 401                                         see below
 ==========================================  ==========  =================================
 
-A :class:`Dead` for 403 (a missing scope) or 404 ``invalid_endpoint`` (a wrong
-``base_url``) is about the configuration, not the event: every event will get it, so the
-caller should alarm and stop rather than dead-letter the whole queue.
+A :class:`Dead` for 403 (a missing scope), 404 ``invalid_endpoint`` (a wrong
+``base_url``) or a 3xx (a moved one) is about the configuration, not the event: every
+event will get it, so the caller should alarm and stop rather than dead-letter the whole
+queue (``outbox.is_config_problem``).
 
 **401.**  Whether Stora authenticates before or after its idempotency layer is not
 documented.  If after (as the sandbox does by default, ``store_unauthorized``), the 401
@@ -124,6 +128,33 @@ valid and holds further attempts off (:func:`backoff_delay`), so the token endpo
 sees a tight loop either.  The client secret is read from its file at each refresh (a
 rotated secret needs no restart) and never logged or put in an exception.  ``static`` and
 ``broker`` tokens come from ``token_file``, re-read when the file changes or after a 401.
+
+A token request is bounded like an event post (gateway/stora_http.py): its answer is
+read up to :data:`MAX_TOKEN_RESPONSE_BYTES` and the whole exchange ends within
+:data:`TOKEN_DEADLINE_S`, because the token lock is held across it and every event waits
+behind it.  :meth:`TokenSource.health` says whether a refresh is in flight and since
+when one has been failing, for ``status`` and the drainer's ``timeline_token`` alarm.
+
+What comes back
+---------------
+Nothing from Stora goes unbounded into what the agent stores, logs or publishes: every
+string of an error (``code``, ``message``, ``details``, ``request_id``; a token
+endpoint's ``error`` and ``error_description``; a redirect's ``Location``) is cut to
+:data:`~gateway.stora_http.MAX_TEXT_CHARS` and made one line when it is parsed, at most
+:data:`MAX_DETAILS` details are kept, and an event id is kept only in the shape ids
+have.  A body nested too deep to parse is "no Stora error body", not a crash.
+
+A **3xx** is never followed (it would carry the token elsewhere): it is a
+:class:`Dead` with code ``redirect``, which the outbox treats as the configuration (a
+moved or wrong ``base_url``), not the event; at the token endpoint it is a
+:class:`CredentialRejected` naming ``token_url``.
+
+The server's clock
+------------------
+``on_server_date`` (optional) is called with the ``Date`` of every response that came
+over ``https://`` (or ``http://`` from a loopback host, for tests), token answers
+included, as a second source of time for the clock (issue 11 item 7);
+:meth:`StoraClient.probe_server_time` asks for one when nothing is being posted.
 """
 
 from __future__ import annotations
@@ -134,6 +165,7 @@ import logging
 import math
 import os
 import random
+import re
 import threading
 import time
 from bisect import bisect_right
@@ -144,14 +176,25 @@ from typing import Any, ClassVar, Final, Protocol
 
 import httpx
 
-from gateway import __version__
 from gateway.config import StoraConfig
 from gateway.errors import GatewayError, one_line
+from gateway.stora_http import (
+    USER_AGENT,
+    Answer,
+    DeadlineExceeded,
+    ServerDate,
+    cap_text,
+    exchange,
+    safe_id,
+)
+from gateway.stora_http import make_http_client as _make_http_client
 
 __all__ = [
     "BACKOFF_CAP_S",
     "DEFAULT_TIMEOUT",
     "IDEMPOTENCY_TTL_S",
+    "MAX_DETAILS",
+    "MAX_TOKEN_RESPONSE_BYTES",
     "REPLAY_SAFE_S",
     "USER_AGENT",
     "AuthFailed",
@@ -167,16 +210,16 @@ __all__ = [
     "Retry",
     "StoraClient",
     "StoraError",
+    "TokenHealth",
     "TokenSource",
     "TokenUnavailable",
     "backoff_delay",
     "credential_retry_delay",
+    "make_http_client",
     "parse_retry_delay",
 ]
 
 LOGGER = logging.getLogger(__name__)
-
-USER_AGENT: Final = f"stora-gateway/{__version__}"
 
 # -- timings, each with where it comes from ------------------------------------------------
 #: stora-api §5: a stored response is replayed for 24 hours, then the key is new.
@@ -224,6 +267,24 @@ DEFAULT_TIMEOUT: Final = httpx.Timeout(connect=5.0, read=15.0, write=10.0, pool=
 DEFAULT_DEADLINE_S: Final = 30.0
 #: A Timeline Event reply is a few KiB; more is not read.
 MAX_RESPONSE_BYTES: Final = 1 << 20
+#: A token answer is five short fields (stora-api §2.2), a few hundred bytes; 64 KiB
+#: leaves room for any extension and bounds memory (a 300 MiB answer once took the
+#: agent from 28 to 693 MiB).
+MAX_TOKEN_RESPONSE_BYTES: Final = 64 * 1024
+#: The whole token exchange, connect to last byte.  The token lock is held across it and
+#: the event that needs the token waits behind it, so it is shorter than an event's
+#: deadline: a healthy endpoint answers in well under a second, and a stuck refresh is
+#: over (and, after ``outbox.TOKEN_ALARM_AFTER_S``, an alarm) within a minute.
+TOKEN_DEADLINE_S: Final = 15.0
+#: ``GET base_url`` for the server's Date: a Date that took longer than this to arrive
+#: says little about now, and the clock's thread should not wait longer.
+PROBE_DEADLINE_S: Final = 10.0
+#: The probe's answer is not needed; it is read (this much at most) only so that the
+#: connection can be kept alive for the next request.
+MAX_PROBE_BYTES: Final = 64 * 1024
+#: At most this many ``details`` of an error are kept (each capped like every string):
+#: enough to say what was wrong, small enough for a dead-letter row and ``outbox --dead``.
+MAX_DETAILS: Final = 5
 
 WallClock = Callable[[], float]
 Monotonic = Callable[[], float]
@@ -486,6 +547,44 @@ class TokenSource(Protocol):
         """Stora refused ``token``: renew it at the next :meth:`token`."""
         ...
 
+    def health(self) -> TokenHealth:
+        """Whether a refresh is in flight or failing (never blocks on one in flight)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class TokenHealth:
+    """How the token source is doing, for ``status`` and the drainer's alarm.
+
+    ``refreshing_for_s``: a token request is in flight, for that long.
+    ``failing_for_s``: refreshes have failed since that long ago (from the start of the
+    first failed one), with ``last_error`` saying why; ``None`` once one succeeds.
+    """
+
+    refreshing_for_s: float | None = None
+    failing_for_s: float | None = None
+    last_error: str | None = None
+
+    @property
+    def state(self) -> str:
+        """``failing``, ``refreshing`` or ``ok``."""
+        if self.failing_for_s is not None:
+            return "failing"
+        return "refreshing" if self.refreshing_for_s is not None else "ok"
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready data for ``status``."""
+        return {
+            "state": self.state,
+            "refreshing_for_s": _round(self.refreshing_for_s),
+            "failing_for_s": _round(self.failing_for_s),
+            "last_error": self.last_error,
+        }
+
+
+def _round(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 1)
+
 
 @dataclass(slots=True)
 class _Issued:
@@ -498,8 +597,11 @@ class ClientCredentialsTokens:
     """OAuth Client Credentials (stora-api §2.2): JSON body to ``token_url``.
 
     One refresh at a time: :meth:`token` holds a lock across the request, so concurrent
-    callers wait and then share its result.  Requests go through ``limiter`` because
-    Stora's limits (and the sandbox's) count the token endpoint too.
+    callers wait and then share its result; the request ends within ``deadline_s``
+    and reads at most :data:`MAX_TOKEN_RESPONSE_BYTES`.  Requests go through ``limiter``
+    because Stora's limits (and the sandbox's) count the token endpoint too.
+    ``server_date`` sees every answer's ``Date`` (:class:`StoraClient` sets its own when
+    none is given).
     """
 
     kind: ClassVar[str] = "client_credentials"
@@ -516,6 +618,8 @@ class ClientCredentialsTokens:
         monotonic: Monotonic = time.monotonic,
         clock: WallClock = time.time,
         rng: random.Random | None = None,
+        deadline_s: float = TOKEN_DEADLINE_S,
+        server_date: ServerDate | None = None,
     ) -> None:
         self.token_url = token_url
         self.client_id = client_id
@@ -533,6 +637,13 @@ class ClientCredentialsTokens:
         self._held: StoraError | None = None
         self._failures = 0
         self._rejections = 0
+        self.deadline_s = deadline_s
+        self.server_date = server_date
+        # Read by health() from other threads while token() holds _lock for a refresh.
+        self._health_lock = threading.Lock()
+        self._refreshing_since: float | None = None
+        self._failing_since: float | None = None
+        self._last_failure: str | None = None
         #: Token requests made, for tests and the status command.
         self.requests = 0
 
@@ -575,12 +686,14 @@ class ClientCredentialsTokens:
                 exc.retry_after_s = credential_retry_delay(self._rejections - 1, rng=self._rng)
                 self._hold(now, exc)
                 self._current, self._stale = None, False
+                self._note_failure(now, exc)
                 raise
             except TokenUnavailable as exc:
                 self._failures += 1
                 floor = max(exc.retry_after_s, RATE_LIMIT_FALLBACK_S)
                 exc.retry_after_s = max(floor, backoff_delay(self._failures - 1, rng=self._rng))
                 self._hold(now, exc)
+                self._note_failure(now, exc)
                 usable = self._usable(now)
                 if usable is not None:
                     LOGGER.warning("token refresh failed (%s); the current token is used", exc)
@@ -589,7 +702,27 @@ class ClientCredentialsTokens:
             self._current, self._stale = issued, False
             self._failures = self._rejections = 0
             self._hold_until, self._held = -math.inf, None
+            with self._health_lock:
+                self._failing_since = self._last_failure = None
             return issued.value
+
+    def _note_failure(self, started: float, exc: StoraError) -> None:
+        """A refresh that began at ``started`` (monotonic) failed with ``exc``."""
+        with self._health_lock:
+            if self._failing_since is None:
+                self._failing_since = started
+            self._last_failure = str(exc)
+
+    def health(self) -> TokenHealth:
+        """Whether a refresh is in flight, and since when refreshes have been failing."""
+        now = self._monotonic()
+        with self._health_lock:
+            since, failing = self._refreshing_since, self._failing_since
+            return TokenHealth(
+                refreshing_for_s=None if since is None else max(0.0, now - since),
+                failing_for_s=None if failing is None else max(0.0, now - failing),
+                last_error=self._last_failure,
+            )
 
     def _hold(self, now: float, exc: StoraError) -> None:
         delay = getattr(exc, "retry_after_s", BACKOFF_BASE_S)
@@ -613,26 +746,59 @@ class ClientCredentialsTokens:
             "client_secret": secret,
             "scope": self.scope,
         }
+        data = json.dumps(body, separators=(",", ":")).encode("utf-8")
+        headers = {"Accept": "application/json", "Content-Type": "application/json"}
+        with self._health_lock:
+            self._refreshing_since = self._monotonic()
         try:
-            resp = self._http.post(
-                self.token_url, json=body, headers={"Accept": "application/json"}
+            answer = exchange(
+                self._http, "POST", self.token_url, content=data, headers=headers,
+                deadline_s=self.deadline_s, limit=MAX_TOKEN_RESPONSE_BYTES,
+                on_response=self.server_date.observe if self.server_date else None,
             )
+        except DeadlineExceeded:
+            raise TokenUnavailable(
+                f"token endpoint gave no complete answer within {self.deadline_s:g} s",
+                BACKOFF_BASE_S,
+            ) from None
         except httpx.HTTPError as exc:
             # Only the class name: the exception holds the request, secret included.
             raise TokenUnavailable(
                 f"token endpoint unreachable: {type(exc).__name__}", BACKOFF_BASE_S
             ) from None
-        doc = _json_or_none(resp.content)
-        if resp.status_code == 200:
+        finally:
+            with self._health_lock:
+                self._refreshing_since = None
+        return self._judge(answer, now)
+
+    def _judge(self, answer: Answer, now: float) -> _Issued:
+        """The token in ``answer``, or the StoraError that says why there is none."""
+        status = answer.status
+        if answer.unread is not None:
+            raise TokenUnavailable(
+                f"token endpoint answered {status} with {answer.unread}", BACKOFF_BASE_S
+            )
+        doc = _json_or_none(answer.body)
+        if status == 200:
             return self._parse(doc, now)
-        oauth_error = doc.get("error") if isinstance(doc, dict) else None
-        code = oauth_error if isinstance(oauth_error, str) else f"HTTP {resp.status_code}"
-        if resp.status_code == 429:
-            wait = parse_retry_delay(resp.headers, self._clock())
+        if 300 <= status < 400:
+            where = cap_text(answer.headers.get("location", "nowhere"))
+            raise CredentialRejected(
+                f"token endpoint redirects ({status} to {where}); redirects are not "
+                "followed: check [stora] token_url"
+            )
+        code = f"HTTP {status}"
+        if isinstance(doc, dict) and isinstance(doc.get("error"), str):
+            code = cap_text(doc["error"])  # RFC 6749 §5.2
+            described = doc.get("error_description")
+            if isinstance(described, str) and described:
+                code += f" ({cap_text(described)})"
+        if status == 429:
+            wait = parse_retry_delay(answer.headers, self._clock())
             if wait is not None and self._limiter is not None:
                 self._limiter.pause_for(wait)
             raise TokenUnavailable("token endpoint rate limited (429)", wait or BACKOFF_BASE_S)
-        if resp.status_code in (400, 401, 403):
+        if status in (400, 401, 403):
             raise CredentialRejected(f"token endpoint refused the client credentials: {code}")
         raise TokenUnavailable(f"token endpoint failed: {code}", BACKOFF_BASE_S)
 
@@ -644,7 +810,7 @@ class ClientCredentialsTokens:
         life = doc.get("expires_in", DEFAULT_TOKEN_LIFETIME_S)
         if (
             not isinstance(value, str)
-            or not value
+            or not _TOKEN_RE.fullmatch(value)
             or not isinstance(kind, str)
             or kind.lower() != "bearer"
             or isinstance(life, bool)
@@ -658,6 +824,11 @@ class ClientCredentialsTokens:
         ahead = min(max(REFRESH_AHEAD_MIN_S, REFRESH_AHEAD_FRACTION * life), life / 2)
         expires_at = now + float(life)  # from before the request: errs early
         return _Issued(value, expires_at, expires_at - ahead)
+
+
+#: RFC 6750 §2.1 ``b64token``, at most 4 KiB: a token goes into every request's headers,
+#: so one that could split a header, or swell every request, is refused.
+_TOKEN_RE: Final = re.compile(r"[A-Za-z0-9._~+/-]{1,4096}=*")
 
 
 class FileTokens:
@@ -702,6 +873,10 @@ class FileTokens:
         with self._lock:
             if token == self._value:
                 self._force = True
+
+    def health(self) -> TokenHealth:
+        """Always "ok": a file is read, not refreshed (a bad one is a refused credential)."""
+        return TokenHealth()
 
 
 def _read_secret(path: Path, key: str) -> str:
@@ -801,7 +976,8 @@ class Retry:
     ``status`` is the HTTP status when there was an answer; ``reason`` is a short code
     for logs and the outbox: ``rate_limited``, ``local_rate_limit``, ``no_answer``,
     ``not_sent``, ``server_error``, ``gateway_error``, ``in_progress``,
-    ``token_unavailable``.
+    ``token_unavailable``; ``detail`` (one capped line, or ``None``) says more, e.g.
+    why no token could be had.
     """
 
     key: IdempotencyKey
@@ -810,6 +986,7 @@ class Retry:
     reason: str
     status: int | None = None
     sent: bool = True
+    detail: str | None = None
     kind: ClassVar[str] = "retry"
 
 
@@ -851,13 +1028,6 @@ PostOutcome = Delivered | Retry | Dead | AuthFailed
 
 
 @dataclass(frozen=True, slots=True)
-class _Answer:
-    status: int
-    headers: Mapping[str, str]
-    body: bytes
-
-
-@dataclass(frozen=True, slots=True)
 class _NoAnswer:
     """Nothing usable came back; ``maybe_processed`` when the request may have arrived."""
 
@@ -877,7 +1047,7 @@ class _StoraErrorBody:
 def _json_or_none(data: bytes) -> Any:
     try:
         return json.loads(data) if data else None
-    except ValueError:
+    except (ValueError, RecursionError):  # 10 000 nested brackets are no error envelope
         return None
 
 
@@ -887,43 +1057,26 @@ def _error_envelope(data: bytes) -> _StoraErrorBody | None:
     err = doc.get("error") if isinstance(doc, dict) else None
     if not isinstance(err, dict) or not isinstance(err.get("code"), str):
         return None
-    details = tuple(
-        ErrorDetail(one_line(str(d.get("message", ""))), one_line(str(d.get("pointer", ""))))
-        for d in err.get("details") or ()
-        if isinstance(d, dict)
-    )
+    raw = err.get("details")
+    given = [d for d in raw if isinstance(d, dict)] if isinstance(raw, list) else []
+    details = [
+        ErrorDetail(cap_text(d.get("message", "")), cap_text(d.get("pointer", "")))
+        for d in given[:MAX_DETAILS]
+    ]
+    if len(given) > MAX_DETAILS:
+        details.append(ErrorDetail(f"…(+{len(given) - MAX_DETAILS} more details)", ""))
     rid = err.get("request_id")
     return _StoraErrorBody(
-        code=one_line(err["code"]),
-        type=one_line(str(err.get("type", ""))),
-        message=one_line(str(err.get("message", ""))),
-        request_id=rid if isinstance(rid, str) else None,
-        details=details,
+        code=cap_text(err["code"]),
+        type=cap_text(err.get("type", "")),
+        message=cap_text(err.get("message", "")),
+        request_id=cap_text(rid) if isinstance(rid, str) else None,
+        details=tuple(details),
     )
 
 
 # Transport failures where the request cannot have reached the application.
 _NOT_SENT: Final = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
-
-
-class _DeadlineError(Exception):
-    """The whole exchange took longer than the client's deadline."""
-
-
-def _read_body(response: httpx.Response, ends: float) -> bytes:
-    """The body, at most :data:`MAX_RESPONSE_BYTES`, or ``_DeadlineError`` past ``ends``."""
-    chunks: list[bytes] = []
-    size = 0
-    for chunk in response.iter_bytes():
-        if time.monotonic() > ends:
-            raise _DeadlineError
-        chunks.append(chunk)
-        size += len(chunk)
-        if size >= MAX_RESPONSE_BYTES:
-            break
-    if time.monotonic() > ends:
-        raise _DeadlineError
-    return b"".join(chunks)
 
 
 # -- the client -------------------------------------------------------------------------------
@@ -933,7 +1086,8 @@ class StoraClient:
     One ``httpx.Client`` (kept-alive connections, explicit timeouts, the
     ``stora-gateway/<version>`` User-Agent) shared with the token source.  Thread-safe.
     ``clock`` is the wall clock (``unanswered_since``, 429 resets); waiting for the limiter
-    uses the limiter's own clocks.
+    uses the limiter's own clocks.  ``on_server_date`` gets the ``Date`` of every trusted
+    response, token answers included (module docstring, "The server's clock").
     """
 
     def __init__(
@@ -948,8 +1102,10 @@ class StoraClient:
         clock: WallClock = time.time,
         rng: random.Random | None = None,
         max_wait_s: float = MAX_LOCAL_WAIT_S,
+        on_server_date: Callable[[float], None] | None = None,
     ) -> None:
-        self.events_url = base_url.rstrip("/") + "/timeline/events"
+        self.base_url = base_url.rstrip("/")
+        self.events_url = self.base_url + "/timeline/events"
         self.tokens = tokens
         self.limiter = limiter
         self._owns_http = http is None
@@ -958,6 +1114,9 @@ class StoraClient:
         self._clock = clock
         self._rng = rng or random.Random()
         self._max_wait_s = max_wait_s
+        self._server_date = ServerDate(on_server_date)
+        if isinstance(tokens, ClientCredentialsTokens) and tokens.server_date is None:
+            tokens.server_date = self._server_date  # token answers carry a Date too
 
     @classmethod
     def from_config(
@@ -967,6 +1126,7 @@ class StoraClient:
         history: Iterable[float] = (),
         on_record: Callable[[float], None] | None = None,
         http: httpx.Client | None = None,
+        on_server_date: Callable[[float], None] | None = None,
     ) -> StoraClient:
         """The client ``[stora]`` describes; ``history`` is the persisted send times."""
         limiter = RateLimiter(
@@ -989,7 +1149,7 @@ class StoraClient:
             if cfg.token_file is None:
                 raise ValueError(f"{cfg.auth} needs token_file")
             tokens = FileTokens(cfg.token_file, cfg.auth)
-        made = cls(cfg.base_url, tokens, limiter, http=client)
+        made = cls(cfg.base_url, tokens, limiter, http=client, on_server_date=on_server_date)
         made._owns_http = http is None
         return made
 
@@ -1045,7 +1205,7 @@ class StoraClient:
         if not isinstance(token, str):
             return token
         answer = self._exchange(data, key, token)
-        if not isinstance(answer, _Answer):
+        if not isinstance(answer, Answer):
             return self._unanswered(answer, key, attempt)
         if answer.status != 401:
             return self._classify(answer, key, attempt)
@@ -1059,7 +1219,8 @@ class StoraClient:
             return AuthFailed(key, str(exc), exc.retry_after_s)
         except TokenUnavailable as exc:
             LOGGER.warning("no Stora token yet: %s", exc)
-            return Retry(key, exc.retry_after_s, False, "token_unavailable", sent=False)
+            return Retry(key, exc.retry_after_s, False, "token_unavailable", sent=False,
+                         detail=str(exc))
 
     def _after_401(
         self, data: bytes, key: IdempotencyKey, token: str, attempt: int
@@ -1074,7 +1235,7 @@ class StoraClient:
             return fresh
         for k in keys:
             answer = self._exchange(data, k, fresh)
-            if not isinstance(answer, _Answer):
+            if not isinstance(answer, Answer):
                 return self._unanswered(answer, k, attempt)
             if answer.status != 401:
                 return self._classify(answer, k, attempt)
@@ -1086,7 +1247,7 @@ class StoraClient:
 
     def _exchange(
         self, data: bytes, key: IdempotencyKey, token: str
-    ) -> _Answer | _NoAnswer | Retry:
+    ) -> Answer | _NoAnswer | Retry:
         """One request through the limiter; transport errors become ``_NoAnswer``."""
         wait = self.limiter.acquire(self._max_wait_s)
         if wait > 0:
@@ -1097,16 +1258,49 @@ class StoraClient:
             "Accept": "application/json",
             "Idempotency-Key": key.value,
         }
-        ends = time.monotonic() + self._deadline_s
         try:
-            with self._http.stream("POST", self.events_url, content=data, headers=headers) as r:
-                return _Answer(r.status_code, dict(r.headers), _read_body(r, ends))
+            return exchange(
+                self._http, "POST", self.events_url, content=data, headers=headers,
+                deadline_s=self._deadline_s, limit=MAX_RESPONSE_BYTES,
+                on_response=self._server_date.observe,
+            )
         except _NOT_SENT as exc:
             return _NoAnswer(False, type(exc).__name__)
-        except _DeadlineError:
+        except DeadlineExceeded:
             return _NoAnswer(True, f"no complete answer within {self._deadline_s:g} s")
         except httpx.HTTPError as exc:
             return _NoAnswer(True, type(exc).__name__)
+
+    def probe_server_time(self, *, deadline_s: float = PROBE_DEADLINE_S) -> float | None:
+        """Stora's clock now: the ``Date`` of one ``GET {base_url}``, or ``None``.
+
+        For the clock when nothing is being posted (every post reports its Date through
+        ``on_server_date`` already).  No token is sent and any status counts; the
+        request takes a rate-limit slot like any other (none free: ``None`` at once,
+        nothing sent), ends within ``deadline_s``, and its Date is passed to
+        ``on_server_date`` too.  ``None`` as well without an answer, or when the answer
+        is untrusted (plain ``http://`` to another host) or has no valid Date.  Never
+        raises: the clock's thread calls it.
+        """
+        try:
+            if self.limiter.try_acquire() > 0:
+                return None
+        # on_record persists the send time; if that fails (disk full: any StoreError,
+        # which this module does not know), the probe is not sent rather than raising.
+        except Exception as exc:  # noqa: BLE001
+            LOGGER.warning("server time probe not sent: %s", cap_text(exc))
+            return None
+        seen: list[float | None] = []
+
+        def observe(response: httpx.Response) -> None:
+            seen.append(self._server_date.observe(response))
+
+        try:
+            exchange(self._http, "GET", self.base_url, headers={"Accept": "application/json"},
+                     deadline_s=deadline_s, limit=MAX_PROBE_BYTES, on_response=observe)
+        except (httpx.HTTPError, DeadlineExceeded) as exc:
+            LOGGER.debug("server time probe: %s", type(exc).__name__)
+        return seen[0] if seen else None
 
     def _unanswered(
         self, answer: _NoAnswer | Retry, key: IdempotencyKey, attempt: int
@@ -1116,18 +1310,33 @@ class StoraClient:
         LOGGER.warning("event %s: no answer from Stora (%s)", key.value, answer.why)
         delay = backoff_delay(attempt, rng=self._rng)
         if answer.maybe_processed:
-            return Retry(key.unanswered(self._clock()), delay, False, "no_answer")
-        return Retry(key, delay, False, "not_sent", sent=False)
+            return Retry(key.unanswered(self._clock()), delay, False, "no_answer",
+                         detail=answer.why)
+        return Retry(key, delay, False, "not_sent", sent=False, detail=answer.why)
 
-    def _classify(self, answer: _Answer, key: IdempotencyKey, attempt: int) -> PostOutcome:
+    def _classify(self, answer: Answer, key: IdempotencyKey, attempt: int) -> PostOutcome:
         """A non-401 answer -> outcome, per the table in the module docstring."""
         status = answer.status
+        if answer.unread is not None:
+            LOGGER.warning("event %s: Stora answered %d with %s; not read",
+                           key.value, status, answer.unread)
         if 200 <= status < 300:
             doc = _json_or_none(answer.body)
             event = doc.get("event") if isinstance(doc, dict) else None
-            event_id = event.get("id") if isinstance(event, dict) else None
+            given = event.get("id") if isinstance(event, dict) else None
+            event_id = safe_id(given)
+            if given is not None and event_id is None:
+                LOGGER.warning("event %s: Stora's event id %s is not id-shaped; not kept",
+                               key.value, cap_text(repr(given), 80))
             LOGGER.info("event %s delivered (%d, %s)", key.value, status, event_id)
-            return Delivered(key, status, event_id if isinstance(event_id, str) else None)
+            return Delivered(key, status, event_id)
+        if 300 <= status < 400:
+            # Never followed (make_http_client): it would carry the token elsewhere.
+            where = cap_text(answer.headers.get("location", "nowhere"))
+            LOGGER.error("event %s: Stora redirects (%d to %s); check [stora] base_url",
+                         key.value, status, where)
+            return Dead(key, status, "redirect",
+                        f"HTTP {status} redirect to {where}; redirects are not followed")
         err = _error_envelope(answer.body)
         backoff = backoff_delay(attempt, rng=self._rng)
         if status == 429:
@@ -1175,14 +1384,6 @@ class StoraClient:
 
 
 def make_http_client(timeout: httpx.Timeout = DEFAULT_TIMEOUT) -> httpx.Client:
-    """The ``httpx.Client`` for Stora: explicit timeouts, no redirects, small kept-alive pool.
-
-    Redirects are not followed: a POST that Stora redirects is a wrong ``base_url``, and
-    following it would resend the Authorization header somewhere else.
-    """
-    return httpx.Client(
-        timeout=timeout,
-        headers={"User-Agent": USER_AGENT},
-        follow_redirects=False,
-        limits=httpx.Limits(max_connections=4, max_keepalive_connections=2),
-    )
+    """The ``httpx.Client`` for Stora (gateway/stora_http.py): explicit phase timeouts, an
+    overall deadline per exchange enforced at the socket, no redirects, a small pool."""
+    return _make_http_client(timeout)

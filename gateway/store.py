@@ -86,6 +86,7 @@ import errno
 import json
 import logging
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -100,7 +101,10 @@ from gateway.timeline import EventRecord
 
 __all__ = [
     "BUSY_TIMEOUT_S",
+    "COMMAND_KEEP_MIN_S",
     "COMMAND_STATUSES",
+    "DEAD_KEEP_S",
+    "DELIVERED_KEEP_S",
     "EVENT_STATES",
     "MIGRATIONS",
     "SEND_HISTORY_KEEP_S",
@@ -115,6 +119,7 @@ __all__ = [
     "StoreReadOnly",
     "Transaction",
     "UnitRow",
+    "command_keep_s",
     "migrate",
 ]
 
@@ -244,9 +249,12 @@ def _refuses_writes(directory: Path) -> bool:
     """
     if _on_read_only_fs(directory):
         return True
-    probe = directory / f".stora-gateway-probe-{os.getpid()}"
+    # A fresh name, created exclusively and never through a link: the directory may be
+    # writable by others, and a planted symlink must not make this open (O_TRUNC, as it
+    # was: found in review) truncate whatever it points to.
+    probe = directory / f".stora-gateway-probe-{os.getpid()}-{secrets.token_hex(8)}"
     try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except OSError as exc:
         return exc.errno == errno.EROFS
     os.close(fd)
@@ -373,6 +381,28 @@ EVENT_STATES: Final = frozenset({"pending", "delivered", "dead"})
 #: Send times older than this are pruned: the 60 s window plus the limiter's margin and
 #: room for clock noise.
 SEND_HISTORY_KEEP_S: Final = 120.0
+#: An ended command's id is kept at least this long (:func:`command_keep_s`), so the
+#: table stays bounded on an SD card (found in review: it was never pruned).
+COMMAND_KEEP_MIN_S: Final = 7 * 86_400.0
+#: Delivered Timeline Events are kept this long, for ``outbox`` and a technician's look
+#: back; Stora has them, and their ``external_id`` no longer needs to dedupe anything
+#: (an action's id is made from its command, which is long expired by then).
+DELIVERED_KEEP_S: Final = 30 * 86_400.0
+#: Dead letters wait this long for someone to retry them (``outbox retry``); after that
+#: the alarm and the status have long said so, and the card must not fill with them.
+DEAD_KEEP_S: Final = 90 * 86_400.0
+
+
+def command_keep_s(max_lifetime_s: float, clock_skew_s: float) -> float:
+    """How long an ended command's ``jti`` must be kept for dedupe, with room to spare.
+
+    A copy of the token passes the freshness check only until ``exp + clock_skew_s``;
+    ``exp`` is at most ``iat + max_lifetime_s`` and ``iat`` at most ``clock_skew_s``
+    after arrival, so ``received_at + max_lifetime_s + 2 × clock_skew_s`` bounds it.  A
+    day on top covers a wall clock stepped back (within the trusted floor), and
+    :data:`COMMAND_KEEP_MIN_S` keeps a week of audit whatever the settings.
+    """
+    return max(COMMAND_KEEP_MIN_S, max_lifetime_s + 2 * clock_skew_s + 86_400.0)
 
 
 def migrate(conn: sqlite3.Connection, migrations: Sequence[Migration] = MIGRATIONS) -> int:
@@ -765,6 +795,26 @@ class Transaction:
         cur = self._q("UPDATE events SET next_attempt_at = ? "
                       "WHERE state = 'pending' AND next_attempt_at > ?", (to, later_than))
         return cur.rowcount
+
+    def prune(self, *, commands_before: float, delivered_before: float,
+              dead_before: float) -> dict[str, int]:
+        """Delete what no guarantee needs any more; how many rows of each kind went.
+
+        Commands that ended (any final status) and were received before
+        ``commands_before``; Timeline Events delivered before ``delivered_before``;
+        dead letters that died before ``dead_before``.  Queued and executing commands
+        and pending events are never touched.  The caller picks the times from what
+        dedupe needs (:data:`COMMAND_KEEP_S`, :func:`command_keep_s`).
+        """
+        final = tuple(sorted(_FINAL_STATUSES))
+        marks = ", ".join("?" * len(final))
+        commands = self._q(f"DELETE FROM commands WHERE status IN ({marks}) "  # noqa: S608
+                           "AND received_at < ?", (*final, commands_before)).rowcount
+        delivered = self._q("DELETE FROM events WHERE state = 'delivered' "
+                            "AND delivered_at < ?", (delivered_before,)).rowcount
+        dead = self._q("DELETE FROM events WHERE state = 'dead' AND dead_at < ?",
+                       (dead_before,)).rowcount
+        return {"commands": commands, "delivered": delivered, "dead": dead}
 
     def record_send(self, at: float) -> None:
         """One request sent to Stora at wall time ``at``; prunes what no window needs."""

@@ -13,17 +13,36 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from drivers.base import ActionResult, Clock, Controller, LockPoint, LockState, Reading, Sleep
 from drivers.errors import DriverError
 from gateway.config import LockConfig
 from gateway.hardware import Site, point_of
 
+#: A test cycle's unlock time and its wait for the relock, in seconds: the bounds every
+#: way in shares (the control socket, the ``locks.test`` management request).  Past them
+#: a test would hold the unit's queue, and every command for that door, for hours.
+TEST_SECONDS: Final = (0.2, 30.0)
+TEST_RELOCK_TIMEOUT: Final = (1.0, 60.0)
 #: How often a read-back is repeated while waiting for a board to relock by itself.
 RELOCK_POLL_S = 0.1
 #: How long a test waits for a self-relocking board (a latch that engages when the pulse
 #: ends or the door is shut) before calling the relock failed.
 RELOCK_TIMEOUT_S = 10.0
+
+
+def check_test_timing(name: str, value: object, bounds: tuple[float, float]) -> float | None:
+    """``value`` of the test parameter ``name`` as seconds within ``bounds``, or ``None``
+    when not given; ``ValueError`` naming the bounds otherwise (NaN, ±infinity, a
+    negative or huge number, a bool, text)."""
+    if value is None:
+        return None
+    lo, hi = bounds
+    if (not isinstance(value, int | float) or isinstance(value, bool)
+            or not lo <= value <= hi):  # also false for NaN
+        raise ValueError(f"{name} must be a number from {lo:g} to {hi:g}")
+    return float(value)
 
 
 @dataclass(frozen=True, slots=True)

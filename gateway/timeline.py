@@ -52,6 +52,9 @@ KINDS: Final[Mapping[str, str]] = MappingProxyType({
     "overlocked": "Unit overlocked via {app}",
     "overlock_removed": "Overlock removed via {app}",
     "unlock_refused": "Unlock refused via {app}",
+    # Not an action on a unit (``unit`` and ``reference`` are ""): a signed config.set
+    # changed the gateway's settings; staff see it beside the unlocks they govern.
+    "config_changed": "Gateway configuration changed via {app}",
 })
 
 #: Between the wording and the detail (contract §6: "followed, optionally, by ` — `").

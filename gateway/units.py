@@ -75,10 +75,14 @@ def rfc3339(ts: float | None) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What a command came to: the payload of ``P/S/cmd/result`` is built from it."""
+    """What a command came to: the payload of ``P/S/cmd/result`` is built from it.
 
-    jti: str
-    cmd: str
+    ``jti``, ``cmd`` and ``unit`` are ``None`` only in the rejection of a token whose
+    signature did not verify: its claims are the sender's word, not the relay's.
+    """
+
+    jti: str | None
+    cmd: str | None
     unit: str | None
     status: str
     reason: str | None

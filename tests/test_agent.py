@@ -172,12 +172,15 @@ def test_a_repeated_bad_payload_gets_its_rejection_again_without_reverification(
         forged = token[:-4] + (b"AAAA" if not token.endswith(b"AAAA") else b"BBBB")
         for _ in range(3):
             send(client, forged)
-        got = result_for(client, jti, count=3)
-        assert [r["reason"] for r in got] == ["bad_signature"] * 3
+        # A forgery's claims are the forger's word: its jti is not echoed (found in
+        # review: a "rejected" under a genuine command's id misled the relay).
+        got = result_for(client, None, count=3)  # type: ignore[arg-type]
+        assert [(r["reason"], r["cmd"], r["unit"]) for r in got] == [
+            ("bad_signature", None, None)] * 3
         assert agent.counters["refused_again"] == 2
         # The genuine token is not confused with its forged twin.
         send(client, token)
-        assert result_for(client, jti, count=4)[-1]["status"] == "done"
+        assert [r["status"] for r in result_for(client, jti)] == ["done"]
         assert agent.units.actuations == 1
 
 
@@ -388,7 +391,7 @@ def test_clearing_a_lockout_publishes_the_unit_state(site: SimSite) -> None:
 
 
 def test_recent_ids_are_bounded_and_remember_the_latest() -> None:
-    from gateway.agent import RecentIds
+    from gateway.intake import RecentIds
 
     recent = RecentIds(3)
     for jti in ("a", "b", "a", "c", "d"):
@@ -415,3 +418,125 @@ def test_a_door_found_unlocked_at_start_is_locked_with_an_alarm(site: SimSite) -
             time.sleep(0.05)
         assert site.coil("unit_a101") is False
     assert "found unlocked when it was first read back" in json.loads(alarm[0].payload)["detail"]
+
+
+# -- issue 11 (security review): answers a forger or a replay can provoke -------------------
+
+
+def test_duplicate_answers_to_refused_resends_stay_inside_the_rejection_bucket(
+    site: SimSite,
+) -> None:
+    """A genuine jti re-sent in a token that is refused (here for another unit) gets the
+    first result again, but only as a rejection result: through the throttled bucket.
+    Found in review: those answers bypassed it, so replaying one captured token
+    amplified onto the broker without limit."""
+    client = site.client()
+    with Running(site, reject_rate=(0.0, 0)) as agent:  # no rejection result may go out
+        jti, token = site.signer.command("unlock", "unit_a101", dur=1)
+        send(client, token)
+        assert result_for(client, jti)[0]["status"] == "done"
+        for _ in range(5):
+            _, reused = site.signer.command("unlock", "unit_nope", jti=jti)
+            send(client, reused)
+        jti2, token2 = site.signer.command("lock", "unit_a102")  # a marker: all handled
+        send(client, token2)
+        result_for(client, jti2)
+        assert len(result_for(client, jti)) == 1, "duplicate answers escaped the bucket"
+        assert agent.counters["rejected"] == 5
+        assert agent.units.actuations == 2
+
+
+def _ntp_site(site: SimSite) -> None:
+    """The site's agent judges freshness in "ntp" mode (trusted only when synced)."""
+    text = site.config_path.read_text()
+    site.config_path.write_text(text.replace('clock = "system"', 'clock = "ntp"'))
+
+
+def _queue_before_restart(site: SimSite, token: bytes, jti: str, unit: str) -> None:
+    """What the previous run left: a command received and queued, never started."""
+    from gateway.config import load_config
+    from gateway.store import Store
+
+    config = load_config(site.config_path)
+    config.storage.path.parent.mkdir(parents=True, exist_ok=True)
+    with Store(config.storage.path) as store, store.transaction() as tx:
+        assert tx.queue_command(jti, "unlock", unit, time.time(), token)
+
+
+def test_a_command_held_at_restart_by_an_untrusted_clock_runs_once_it_is_trusted(
+    site: SimSite,
+) -> None:
+    """Found in review: a command queued before a restart that met an untrusted clock
+    stayed queued for good; now it runs when the clock is trusted, while still fresh."""
+    _ntp_site(site)
+    jti, token = site.signer.command("unlock", "unit_a101", dur=1)
+    _queue_before_restart(site, token, jti, "unit_a101")
+    synced = {"now": False}
+    client = site.client()
+    with Running(site, clock_synced=lambda: synced["now"],
+                 job_intervals={"units.reconcile": 0.2}) as agent:
+        time.sleep(0.6)
+        assert agent.units.actuations == 0
+        assert not [m for m in client.messages(f"{PREFIX}/cmd/result")
+                    if json.loads(m.payload)["jti"] == jti]
+        synced["now"] = True
+        got = result_for(client, jti, timeout=10)
+        assert [(r["status"], r["duplicate"]) for r in got] == [("done", False)]
+        assert agent.units.actuations == 1
+
+
+def test_a_resend_of_a_command_held_at_restart_runs_it(site: SimSite) -> None:
+    """...and a re-send of it, once verified, runs it instead of being answered as a
+    duplicate of a command that never ran (found in review)."""
+    _ntp_site(site)
+    jti, token = site.signer.command("unlock", "unit_a102", dur=1)
+    _queue_before_restart(site, token, jti, "unit_a102")
+    synced = {"now": False}
+    client = site.client()
+    with Running(site, clock_synced=lambda: synced["now"]) as agent:
+        synced["now"] = True  # the clock becomes trusted; the relay re-sends at once
+        send(client, token)
+        got = result_for(client, jti, timeout=10)
+        assert [(r["status"], r["duplicate"]) for r in got] == [("done", False)]
+        time.sleep(0.5)
+        assert len(result_for(client, jti)) == 1
+        assert agent.units.actuations == 1
+
+
+@pytest.mark.parametrize("params", [
+    {"seconds": -1}, {"seconds": 1e9}, {"seconds": 0}, {"relock_timeout": 1e9},
+    {"relock_timeout": -5}, {"seconds": True}, {"seconds": "3"},
+])
+def test_a_technician_test_with_absurd_timings_is_refused_over_the_control_socket(
+    site: SimSite, params: dict[str, Any],
+) -> None:
+    """Found in review: negative, huge (and, through JSON, NaN or infinite) timings were
+    accepted, holding the unit's queue for decades; now a clear refusal, exit status 2,
+    and the door is never driven."""
+    from gateway.control import ControlClient, ControlError
+
+    with Running(site) as agent:
+        with pytest.raises(ControlError) as info:
+            ControlClient(site.socket_path).call("test", units=["A-101"], all=False,
+                                                 **params)
+        assert info.value.status == 2
+        assert "must be a number from" in str(info.value)
+        assert agent.units.actuations == 0
+        assert site.coil("unit_a101") is False
+
+
+def test_the_prune_job_drops_old_ended_commands_only_while_the_clock_is_trusted(
+    site: SimSite,
+) -> None:
+    _ntp_site(site)
+    synced = {"now": False}
+    with Running(site, clock_synced=lambda: synced["now"]) as agent:
+        old = time.time() - 30 * 86_400
+        with agent.store.transaction() as tx:
+            assert tx.claim_command("ancient", "unlock", "unit_a101", old)
+            tx.finish_command("ancient", "done", None, {"jti": "ancient"})
+        assert agent.prune_store() is None  # a clock it cannot trust decides nothing
+        assert agent.store.command("ancient") is not None
+        synced["now"] = True
+        assert agent.prune_store() == {"commands": 1, "delivered": 0, "dead": 0}
+        assert agent.store.command("ancient") is None

@@ -112,7 +112,8 @@ def config_with_socket(directory: Path, modbus: Path, lockers: Path) -> tuple[Pa
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[AgentSite]:
     # Serial ports that do not exist: had the CLI gone direct, it would have failed.
-    config, sock = config_with_socket(tmp_path, tmp_path / "no-ttyA", tmp_path / "no-ttyB")
+    config, sock = config_with_socket(tmp_path, Path("/dev/ttyNOSUCH-A"),
+                                      Path("/dev/ttyNOSUCH-B"))
     agent = FakeAgent()
     with ControlServer(sock, agent):
         yield AgentSite(config, sock, agent)

@@ -3,48 +3,26 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from gateway.clock import (
     BUILD_FLOOR,
+    FLOOR_KEY,
+    FLOOR_MARGIN_S,
     JUMP_THRESHOLD_S,
+    PROVEN_KEY,
+    RESET_NOTE_KEY,
+    SERVER_TIME_TOLERANCE_S,
+    STEP_ALARM_S,
     TrustedClock,
     kernel_synchronized,
+    reset_stored_floor,
     rfc3339,
+    stored_floor,
 )
-
-DAY = 86_400.0
-NOW = BUILD_FLOOR + 30 * DAY  # a plausible present, well above the build floor
-
-
-@dataclass
-class FakeTime:
-    """A wall clock and a monotonic clock that tests move by hand."""
-
-    wall: float = NOW
-    mono: float = 1_000.0
-    synced: bool = False
-
-    def advance(self, seconds: float) -> None:
-        """Time passes normally: both clocks move together."""
-        self.wall += seconds
-        self.mono += seconds
-
-    def step_wall(self, seconds: float) -> None:
-        """Someone sets the wall clock: only it moves."""
-        self.wall += seconds
-
-    def clock(self, mode: str = "ntp", **kwargs: float) -> TrustedClock:
-        return TrustedClock(
-            mode,  # type: ignore[arg-type]
-            wall=lambda: self.wall,
-            mono=lambda: self.mono,
-            synced=lambda: self.synced,
-            **kwargs,
-        )
+from tests.support.clock import DAY, NOW, FakeTime, MemoryMeta
 
 
 @pytest.fixture
@@ -206,7 +184,8 @@ def test_the_first_reading_is_never_a_jump(t: FakeTime) -> None:
 
 def test_status_shape(t: FakeTime) -> None:
     status = t.clock("ntp").status()
-    assert set(status) == {"mode", "trusted", "why", "now", "floor", "synced", "jump"}
+    assert set(status) == {"mode", "trusted", "why", "now", "floor", "proven", "synced",
+                           "jump"}
     assert status["mode"] == "ntp"
     assert status["trusted"] is False
     assert status["why"].startswith("waiting for NTP")
@@ -249,3 +228,236 @@ def test_kernel_synchronized_falls_back_to_the_timesyncd_flag(tmp_path: Path) ->
     assert kernel_synchronized(unavailable, str(flag)) is False
     flag.touch()
     assert kernel_synchronized(unavailable, str(flag)) is True
+
+
+# -- the bounded floor (issue 11 item 7) ------------------------------------------------------
+
+
+class Alarms(list[tuple[str, str]]):
+    """Collects the clock's alarms."""
+
+    def __call__(self, kind: str, detail: str) -> None:
+        self.append((kind, detail))
+
+    def kinds(self) -> list[str]:
+        return [kind for kind, _ in self]
+
+
+def loaded(t: FakeTime, store: MemoryMeta, mode: str = "ntp") -> tuple[TrustedClock, Alarms]:
+    alarms = Alarms()
+    clock = t.clock(mode, alarm=alarms)
+    alarms.extend(clock.load_floor(store))
+    return clock, alarms
+
+
+def test_saved_floor_is_the_wall_time_bounded_by_the_proven_time(t: FakeTime) -> None:
+    store = MemoryMeta()
+    t.synced = True
+    t.wall = BUILD_FLOOR + 2 * FLOOR_MARGIN_S  # installed soon after the build
+    clock, _ = loaded(t, store)
+    clock.save_floor()
+    assert float(store.values[PROVEN_KEY]) == BUILD_FLOOR
+    assert float(store.values[FLOOR_KEY]) == BUILD_FLOOR + FLOOR_MARGIN_S
+    t.advance(3 * FLOOR_MARGIN_S)
+    clock.save_floor()
+    assert float(store.values[PROVEN_KEY]) == BUILD_FLOOR + 3 * FLOOR_MARGIN_S
+    assert float(store.values[FLOOR_KEY]) == BUILD_FLOOR + 4 * FLOOR_MARGIN_S
+    # NTP steps the clock back (it ran ahead): within the bound, saved as it reads.
+    t.step_wall(-2.5 * FLOOR_MARGIN_S)
+    clock.save_floor()
+    assert float(store.values[FLOOR_KEY]) == t.wall
+    assert clock.proven() == BUILD_FLOOR + 3 * FLOOR_MARGIN_S
+
+
+def test_untrusted_saves_the_proven_time_but_not_the_floor(t: FakeTime) -> None:
+    store = MemoryMeta()
+    clock, _ = loaded(t, store)  # ntp mode, kernel unsynchronized
+    t.advance(100)
+    clock.save_floor()
+    assert float(store.values[PROVEN_KEY]) == BUILD_FLOOR + 100
+    assert FLOOR_KEY not in store.values
+
+
+def test_a_floor_within_the_margin_is_kept_and_one_beyond_it_dropped(t: FakeTime) -> None:
+    proven = BUILD_FLOOR + 10 * DAY
+    kept, alarms = loaded(t, MemoryMeta(**{PROVEN_KEY: repr(proven),
+                                           FLOOR_KEY: repr(proven + FLOOR_MARGIN_S)}))
+    assert kept.floor == proven + FLOOR_MARGIN_S
+    assert alarms == []
+    store = MemoryMeta(**{PROVEN_KEY: repr(proven), FLOOR_KEY: repr(proven + FLOOR_MARGIN_S + 1)})
+    dropped, alarms = loaded(t, store)
+    assert dropped.floor == proven
+    assert alarms.kinds() == ["clock_floor_invalid"]
+    assert float(store.values[FLOOR_KEY]) == proven  # rewritten, so said once
+
+
+@pytest.mark.parametrize("proven", ["garbage", "nan", "-1", "1e999"])
+def test_an_unreadable_proven_time_counts_from_the_build_floor(t: FakeTime, proven: str) -> None:
+    clock, alarms = loaded(t, MemoryMeta(**{PROVEN_KEY: proven}))
+    assert clock.proven() == BUILD_FLOOR
+    assert clock.floor == BUILD_FLOOR
+    assert alarms == []
+
+
+def test_an_older_build_floor_in_the_store_is_overtaken_by_this_release(t: FakeTime) -> None:
+    clock, _ = loaded(t, MemoryMeta(**{PROVEN_KEY: repr(BUILD_FLOOR - 100 * DAY)}))
+    assert clock.proven() == BUILD_FLOOR
+
+
+def test_a_store_that_cannot_be_read_is_not_fatal(t: FakeTime) -> None:
+    class Broken(MemoryMeta):
+        def meta(self, key: str) -> str | None:
+            from gateway.store import StoreError
+
+            raise StoreError("state database x.db: disk I/O error while reading meta")
+
+    clock, alarms = loaded(t, Broken())
+    assert clock.floor == BUILD_FLOOR
+    assert alarms == []
+
+
+def test_a_large_step_forward_of_a_trusted_clock_is_one_alarm(t: FakeTime) -> None:
+    t.synced = True
+    clock, alarms = loaded(t, MemoryMeta())
+    assert clock.trusted() == (True, "")
+    t.step_wall(STEP_ALARM_S - 1)  # large, but below the alarm
+    clock.now()
+    t.step_wall(-3_600.0)  # back: the floor's business, not this alarm's
+    clock.now()
+    assert alarms == []
+    t.step_wall(10 * 365 * DAY)  # NTP says so and the kernel stays synchronized
+    assert clock.trusted() == (True, "")
+    clock.now()
+    t.advance(1)
+    clock.trusted()
+    [(kind, detail)] = alarms
+    assert kind == "clock_step"
+    assert "forward by 3650 days" in detail
+    assert "(synchronized)" in detail
+
+
+def test_the_first_sync_after_boot_is_not_a_step_alarm(t: FakeTime) -> None:
+    # Booted with the time fake-hwclock saved a week ago; NTP then steps it forward.
+    t.wall = NOW - 7 * DAY
+    clock, alarms = loaded(t, MemoryMeta())
+    assert clock.trusted()[0] is False
+    t.step_wall(7 * DAY)
+    t.synced = True
+    assert clock.trusted() == (True, "")
+    assert alarms == []
+
+
+def test_a_failing_alarm_callback_does_not_break_the_clock(t: FakeTime) -> None:
+    def broken(kind: str, detail: str) -> None:
+        raise RuntimeError("broker gone")
+
+    clock = t.clock("system", alarm=broken)
+    clock.trusted()
+    t.step_wall(2 * STEP_ALARM_S)
+    assert clock.trusted() == (True, "")
+
+
+def behind_floor(t: FakeTime, by: float = 300.0) -> tuple[TrustedClock, Alarms, MemoryMeta]:
+    """A clock whose wall reads ``by`` seconds before a valid saved floor."""
+    floor = NOW + by
+    store = MemoryMeta(**{PROVEN_KEY: repr(NOW - 100), FLOOR_KEY: repr(floor)})
+    t.synced = True
+    clock, alarms = loaded(t, store)
+    assert clock.floor == floor
+    assert clock.below_floor()
+    return clock, alarms, store
+
+
+def test_a_server_date_that_agrees_lowers_the_floor(t: FakeTime) -> None:
+    clock, alarms, store = behind_floor(t)
+    assert clock.trusted()[0] is False
+    clock.observe_server_time(t.wall + SERVER_TIME_TOLERANCE_S - 1)
+    assert clock.floor == t.wall
+    assert float(store.values[FLOOR_KEY]) == t.wall
+    assert clock.trusted() == (True, "")
+    assert alarms.kinds() == ["clock_floor_lowered"]
+    assert "a server's Date" in alarms[0][1]
+    # Nothing left to correct: later dates change nothing.
+    clock.observe_server_time(t.wall - 60)
+    assert alarms.kinds() == ["clock_floor_lowered"]
+
+
+@pytest.mark.parametrize("server", [NOW + SERVER_TIME_TOLERANCE_S + 1, NOW + 300,
+                                    float("nan"), float("inf"), "garbage", None])
+def test_a_server_date_that_disagrees_or_is_junk_changes_nothing(t: FakeTime,
+                                                                  server: object) -> None:
+    clock, alarms, store = behind_floor(t)
+    before = dict(store.values)
+    clock.observe_server_time(server)  # type: ignore[arg-type]
+    assert clock.floor == NOW + 300
+    assert store.values == before
+    assert alarms == []
+
+
+def test_a_server_date_never_lowers_the_floor_below_the_proven_time(t: FakeTime) -> None:
+    # The box has run for longer than the wall clock admits: the proven time is later.
+    t.synced = True
+    store = MemoryMeta(**{PROVEN_KEY: repr(NOW + 100), FLOOR_KEY: repr(NOW + 200)})
+    clock, alarms = loaded(t, store)
+    clock.observe_server_time(t.wall)
+    assert clock.floor == NOW + 200
+    assert alarms == []
+    t.step_wall(150)  # NTP moves the wall clock past the proven time, not the floor
+    clock.observe_server_time(t.wall)
+    assert clock.floor == t.wall
+    assert clock.trusted() == (True, "")
+
+
+def test_only_the_floor_is_corrected_never_the_sync_rule(t: FakeTime) -> None:
+    clock, _, _ = behind_floor(t)
+    t.synced = False
+    clock.observe_server_time(t.wall)
+    ok, why = clock.trusted()
+    assert not ok
+    assert "waiting for NTP synchronization" in why
+
+
+def test_reset_floor_goes_back_to_the_build_floor_saved_and_alarmed(t: FakeTime) -> None:
+    clock, alarms, store = behind_floor(t)
+    result = clock.reset_floor("technician alice (uid 1000)\nforged line")
+    assert clock.floor == BUILD_FLOOR
+    assert float(store.values[FLOOR_KEY]) == BUILD_FLOOR
+    assert result["saved"] is True
+    assert result["previous"] == rfc3339(NOW + 300, timespec="seconds")
+    assert result["clock"]["trusted"] is True
+    [(kind, detail)] = alarms
+    assert kind == "clock_floor_reset"
+    assert "by technician alice (uid 1000)\\nforged line" in detail  # escaped, one line
+
+
+def test_reset_floor_that_cannot_be_saved_says_so(t: FakeTime) -> None:
+    clock, alarms, store = behind_floor(t)
+    store.fail = True
+    result = clock.reset_floor("relay")
+    assert result["saved"] is False
+    assert clock.trusted() == (True, "")  # for this run at least
+    assert "could not be saved" in alarms[0][1]
+
+
+def test_reset_on_the_database_is_reported_at_the_next_start(t: FakeTime) -> None:
+    store = MemoryMeta(**{PROVEN_KEY: repr(NOW + DAY), FLOOR_KEY: repr(NOW + DAY)})
+    shown = stored_floor(store, now=t.wall)
+    assert shown["floor_ok"] is False
+    assert shown["stored_floor_invalid"] is None
+    done = reset_stored_floor(store, "technician bob (uid 1001)", now=t.wall)
+    assert done["floor"] == rfc3339(BUILD_FLOOR, timespec="seconds")
+    assert stored_floor(store, now=t.wall)["reset_pending"] is True
+    clock, alarms = loaded(t, store)
+    assert clock.floor == BUILD_FLOOR
+    [(kind, detail)] = alarms
+    assert kind == "clock_floor_reset"
+    assert "by technician bob (uid 1001)" in detail
+    assert "while the agent was stopped" in detail
+    assert store.values[RESET_NOTE_KEY] == ""  # reported once
+    assert loaded(t, store)[1] == []
+
+
+def test_stored_floor_without_a_database(t: FakeTime) -> None:
+    shown = stored_floor(None, now=t.wall)
+    assert shown["floor"] == rfc3339(BUILD_FLOOR, timespec="seconds")
+    assert shown["floor_ok"] is True

@@ -362,6 +362,11 @@ def test_the_agent_relocks_on_time_and_keeps_its_pace_through_clock_jumps(
         text = log.text()
         assert "wall clock stepped by +86400" in text
         assert "wall clock stepped by -3600" in text
+        # A trusted clock stepped forward an hour or more is an alarm, once per step
+        # (+1 day, then to +10 years); the step back is the floor's business, not an alarm.
+        steps = re.findall(r"alarm clock_step -: the wall clock stepped forward by (.+?) to",
+                           text)
+        assert steps == ["24 h", "3649 days"], steps  # +10 years from +23 h
         assert "was missed by" not in text
         assert "Traceback" not in text, agent.log()
     finally:

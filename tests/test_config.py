@@ -262,6 +262,7 @@ def test_other_drivers_load(tmp_path: Path) -> None:
 [[controllers]]
 name = "zb"
 driver = "zigbee2mqtt"
+username = "gw-z2m"
 
 [[controllers]]
 name = "plug"
@@ -339,6 +340,11 @@ def append(extra: str) -> Mutation:
     return lambda _, text: text + "\n" + extra
 
 
+def append_to_stora(line: str) -> Mutation:
+    """Add ``line`` at the top of the ``[stora]`` table."""
+    return sub("[stora]\n", f"[stora]\n{line}\n")
+
+
 def chmod(name: str, mode: int) -> Mutation:
     """Change the mode of one of the files the config names."""
 
@@ -359,7 +365,7 @@ def remove(name: str) -> Mutation:
     return mutate
 
 
-ZIGBEE = '[[controllers]]\nname = "zb"\ndriver = "zigbee2mqtt"\n'
+ZIGBEE = '[[controllers]]\nname = "zb"\ndriver = "zigbee2mqtt"\nusername = "gw-z2m"\n'
 THIRD_MODBUS = '[[controllers]]\nname = "bus2"\ndriver = "modbus"\nport = "/dev/ttyUSB0"\n'
 EC_PEM = (
     ec.generate_private_key(ec.SECP256R1())
@@ -478,7 +484,14 @@ MISTAKES: list[tuple[str, Mutation, str, str]] = [
     ("max-per-minute-below-second", sub("max_per_minute = 100", "max_per_minute = 4"),
      "stora.max_per_minute", "must be at least max_per_second (5), found 4"),
     ("base-url-not-http", sub('base_url = "https://public-api.stora.co/2025-09/"',
-                              'base_url = "ftp://x"'), "stora.base_url", "http:// or https://"),
+                              'base_url = "ftp://x"'), "stora.base_url", "must be an https:// URL"),
+    # Found in review: plain http:// to a remote host was accepted silently, sending the
+    # token and every event in the clear; it is kept for loopback (a local relay, tests).
+    ("base-url-plain-http", sub('base_url = "https://public-api.stora.co/2025-09/"',
+                                'base_url = "http://public-api.stora.co/2025-09/"'),
+     "stora.base_url", "http:// would send the token and events in the clear"),
+    ("token-url-plain-http", append_to_stora('token_url = "http://10.0.0.2/oauth2/token"'),
+     "stora.token_url", "must be an https:// URL"),
     ("auth-static-without-token", sub('auth = "client_credentials"', 'auth = "static"'),
      "stora.token_file", 'required when stora.auth = "static"'),
     ("auth-unknown", sub('auth = "client_credentials"', 'auth = "oauth"'), "stora.auth",
@@ -775,3 +788,12 @@ def test_arbitrary_bytes_raise_only_config_error(tmp_path: Path, data: bytes) ->
     path = tmp_path / "fuzz.toml"
     path.write_bytes(data)
     assert_only_config_error(lambda: load_config(path))
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8080/stora/2025-09", "http://localhost:9/x",
+                                 "http://[::1]:8080/x", "http://127.9.9.9/x"])
+def test_plain_http_is_accepted_for_a_loopback_relay_or_sandbox(tmp_path: Path,
+                                                               url: str) -> None:
+    path = write_config(tmp_path, VALID_TOML.replace(
+        'base_url = "https://public-api.stora.co/2025-09/"', f'base_url = "{url}"'))
+    assert load_config(path).stora.base_url == url.rstrip("/")

@@ -131,7 +131,7 @@ def check_full_run(output: str, stderr: str) -> None:
         "←       done: unlock B-201\n",
         "lock    A-102 locked, door closed, in lockout",
         "←       rejected (overlocked): unlock A-102",
-        "←       rejected (bad_signature): unlock A-102",
+        "←       rejected (bad_signature): a token whose signature did not verify",
         "lock    A-102 locked, door closed, lockout cleared",
         "$       stora-gateway lock GATE",
         "lock    GATE locked",

@@ -11,8 +11,13 @@ arrived, a forbidden message that got through would have arrived before it.
 prove that they would fail.
 
 Fault matrix rows: #42 (crash loop: the unit's start limit), #49 (least privilege: the
-``systemd-analyze security`` score may not regress), and the README's "Broker
-requirements" (only the relay sends commands; the RETAIN flag kept end to end).
+``systemd-analyze security`` score may not regress), #15 (an oversize alarm against the
+broker's max_packet_size), #16 (ACL escapes, the controller links' accounts included),
+and the README's "Broker requirements" (only the relay sends commands; the RETAIN flag
+kept end to end).  Issue 11: client ids bound to accounts on both brokers (another
+account using the agent's, the bridge's or the relay's id disturbs nothing, and the
+same probes against the old configs show that it did), the agent on the site broker's
+unix socket.  install.sh itself runs in tests/test_deploy_install.py.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pwd
 import re
 import secrets
 import shutil
@@ -38,15 +42,21 @@ import pytest
 
 from gateway.config import MqttConfig
 from gateway.mqtt import LinkTimings, Message, MqttLink
-from tests.support.broker import Broker, BrokerError, Client, make_tls_files
+from tests.support.broker import Broker, BrokerError, Client, TlsFiles, make_tls_files
+from tests.support.deploy import (
+    ACL,
+    CLOUD_BROKER_CONF,
+    DEPLOY,
+    ID_BINDING,
+    SITE_BROKER_CONF,
+    shipped_broker,
+    without_id_binding,
+)
 from tests.support.site import PREFIX as AGENT_PREFIX
 from tests.support.site import SITE as AGENT_SITE
-from tests.support.site import make_site
+from tests.support.site import AgentProcess, SimSite, make_site
 
 ROOT = Path(__file__).resolve().parents[1]
-DEPLOY = ROOT / "deploy"
-ACL = DEPLOY / "mosquitto" / "acl"
-SITE_BROKER_CONF = DEPLOY / "mosquitto" / "site-broker.conf"
 UNIT = DEPLOY / "systemd" / "stora-gateway.service"
 INSTALL = DEPLOY / "install.sh"
 
@@ -84,7 +94,10 @@ class Accounts:
             client.close()
 
 
-USERS = ("site_a", "site_b", "relay", "intruder")
+#: Gateways, the relay, someone else; on a site broker, the gateway's links to its lock
+#: controllers, Zigbee2MQTT, and a Tasmota device (account named as its Topic).
+USERS = ("site_a", "site_b", "relay", "intruder", "gw-zigbee2mqtt", "gw-tasmota",
+         "zigbee2mqtt", "gate_relay")
 
 
 @contextlib.contextmanager
@@ -283,6 +296,57 @@ def test_another_account_reaches_no_gateway_and_reads_nothing(accounts: Accounts
     assert probe_intruder(accounts) == []
 
 
+def probe_controller_links(acc: Accounts) -> list[str]:
+    """The gateway's zigbee2mqtt and Tasmota links, and the devices, reach their device
+    topics (positive controls) and nothing of stora-gw/: a link password lives on the
+    same box as the agent's, a device's on the LAN."""
+    a, relay = acc["site_a"], acc["relay"]
+    link_z, link_t = acc["gw-zigbee2mqtt"], acc["gw-tasmota"]
+    bridge, device = acc["zigbee2mqtt"], acc["gate_relay"]
+    others = {"gw-zigbee2mqtt": link_z, "gw-tasmota": link_t, "zigbee2mqtt": bridge,
+              "gate_relay": device}
+    gateway_listens(a, "site_a")
+    relay_listens(relay)
+    for client in others.values():
+        for topic in ("#", f"{P}/#", f"{P}/site_a/cmd", f"{P}/site_a/mgmt"):
+            try_subscribe(client, topic)
+    forged = b"forged by a controller account"
+    for client in others.values():
+        for topic in (*gateway_inputs("site_a"), *gateway_outputs("site_a")):
+            client.publish(topic, forged)
+    # What they are for.
+    bridge.subscribe("zigbee2mqtt/#")
+    link_z.publish("zigbee2mqtt/bridge/request/permit_join", b'{"value":true}')
+    link_z.publish("zigbee2mqtt/site/A-101/set", b'{"state":"UNLOCK"}')
+    bridge.expect("zigbee2mqtt/site/A-101/set")
+    bridge.publish("zigbee2mqtt/site/A-101", b'{"state":"UNLOCK"}')
+    link_z.expect("zigbee2mqtt/site/A-101")
+    link_t.publish("cmnd/gate_relay/POWER1", b"ON")
+    device.expect("cmnd/gate_relay/POWER1")
+    device.publish("stat/gate_relay/POWER1", b"ON")
+    link_t.expect("stat/gate_relay/POWER1")
+    # The relay's commands, after all of the above.
+    command = b"relay to site_a"
+    relay.publish(f"{P}/site_a/cmd", command)
+    a.expect(f"{P}/site_a/cmd", where=lambda m: m.payload == command)
+    echo(a, "site_a")
+    for user, client in others.items():
+        echo(client, user)
+    leaks = [f"{user} read {m.topic}" for user, client in others.items()
+             for m in client.messages() if m.topic.startswith(f"{P}/")
+             and not m.topic.startswith(f"{P}/{user}/")]
+    leaks += [f"{name} received a controller account's {t}"
+              for name, client in (("site_a", a), ("relay", relay))
+              for t in from_(client, forged)]
+    leaks += [f"zigbee2mqtt received {m.topic} from the gateway's link"
+              for m in bridge.messages("zigbee2mqtt/bridge/request/#")]
+    return leaks
+
+
+def test_controller_links_and_devices_reach_no_gateway_topic(accounts: Accounts) -> None:
+    assert probe_controller_links(accounts) == []
+
+
 def test_anonymous_clients_are_refused(accounts: Accounts) -> None:
     with pytest.raises(BrokerError, match="did not connect"):
         Client(accounts.broker, "anonymous-probe", timeout=1.0)
@@ -311,6 +375,14 @@ BROKEN_ACLS: dict[str, tuple[Callable[[], str], Callable[[Accounts], list[str]]]
     "any account may read the relay's commands": (
         lambda: ACL.read_text() + "\npattern read stora-gw/+/cmd\n",
         probe_intruder),
+    "the zigbee2mqtt link may read every site's commands": (
+        lambda: _acl_without("user gw-zigbee2mqtt", "user gw-zigbee2mqtt",
+                             "topic read stora-gw/#"),
+        probe_controller_links),
+    "the zigbee2mqtt link may reconfigure Zigbee2MQTT": (
+        lambda: _acl_without("user gw-zigbee2mqtt", "user gw-zigbee2mqtt",
+                             "topic write zigbee2mqtt/#"),
+        probe_controller_links),
 }
 
 
@@ -427,48 +499,20 @@ FAST = LinkTimings(backoff_initial_s=0.1, backoff_max_s=0.5, liveness_interval_s
 SITE = "site_123"  # the placeholder site id in site-broker.conf
 
 
-def site_broker_conf(*, port: int, password_file: Path, cloud_port: int, cloud_ca: Path,
-                     bridge_password: str, directory: Path, log_path: Path) -> str:
-    """deploy/mosquitto/site-broker.conf as installed, with this test's ports and files.
-
-    Every replaced line must exist exactly once, so a renamed setting fails here rather
-    than being silently tested as something else.  The first lines stand in for what
-    Debian's main /etc/mosquitto/mosquitto.conf sets before including conf.d/.
-    """
-    text = SITE_BROKER_CONF.read_text()
-    replacements = {
-        "listener 1883 127.0.0.1": f"listener {port} 127.0.0.1",
-        "password_file /etc/mosquitto/stora-gateway/passwd": f"password_file {password_file}",
-        "acl_file /etc/mosquitto/stora-gateway/acl": f"acl_file {ACL}",
-        "address mqtt.example.com:8883": f"address 127.0.0.1:{cloud_port}",
-        "bridge_cafile /etc/mosquitto/stora-gateway/cloud-ca.pem": f"bridge_cafile {cloud_ca}",
-        "remote_password CHANGE-ME": f"remote_password {bridge_password}",
-    }
-    for old, new in replacements.items():
-        assert text.count(f"\n{old}\n") == 1, f"site-broker.conf has no line {old!r}"
-        text = text.replace(f"\n{old}\n", f"\n{new}\n")
-    debian_main = [
-        # Started as root, mosquitto would drop to user "mosquitto", who cannot write
-        # the test's directory; as anyone else this line is ignored.
-        f"user {pwd.getpwuid(os.geteuid()).pw_name}",
-        f"persistence_location {directory}/",
-        f"log_dest file {log_path}",
-        "log_type all",
-    ]
-    return "\n".join(debian_main) + "\n" + text
-
-
 @dataclass
 class BridgedSite:
-    """The cloud broker (TLS, the deploy ACL, accounts for the site and the relay), the
-    site broker running deploy/'s config bridged to it, the relay on the cloud broker,
-    and the agent's own MQTT link on the site broker, logged in as the site."""
+    """The cloud broker (deploy/'s cloud-broker.conf: TLS, the ACL, accounts for the
+    site, another site and the relay), the site broker running deploy/'s config bridged
+    to it, the relay on the cloud broker, and the agent's own MQTT link on the site
+    broker's unix socket, logged in as the site."""
 
     cloud: Broker
     site_broker: Broker
     relay: Client
     link: MqttLink
     received: list[Message]
+    tls: TlsFiles
+    cloud_users: dict[str, str]
 
     def wait_received(self, payload: bytes, timeout: float = 10) -> Message:
         """The message with ``payload`` the gateway's link received."""
@@ -476,36 +520,42 @@ class BridgedSite:
                  lambda: f"received {self.received}\n{self.site_broker.log_text()}")
         return next(m for m in self.received if m.payload == payload)
 
+    def cloud_client(self, user: str, client_id: str) -> Client:
+        """A client of the cloud broker, logged in as ``user`` with ``client_id``."""
+        return Client(self.cloud, client_id, username=user, password=self.cloud_users[user],
+                      tls=self.tls, host="127.0.0.1")
 
-@pytest.fixture
-def bridged(tmp_path: Path) -> Iterator[BridgedSite]:
-    tls = make_tls_files(tmp_path / "tls", hostname="127.0.0.1")
-    cloud_users = {SITE: secrets.token_urlsafe(12), "relay": secrets.token_urlsafe(12)}
-    cloud = Broker(tmp_path / "cloud", users=cloud_users, tls=tls,
-                   extra_conf=[f"acl_file {ACL}"])
-    site_broker = Broker(tmp_path / "site")  # its lifecycle; the config is replaced below
+
+#: The relay's client id on the cloud broker in these tests (its default is random).
+RELAY_ID = "stora-relay-1"
+
+
+@contextlib.contextmanager
+def bridged_site(directory: Path, cloud_text: str | None = None) -> Iterator[BridgedSite]:
+    """A :class:`BridgedSite`; ``cloud_text`` replaces the shipped cloud-broker.conf."""
+    tls = make_tls_files(directory / "tls", hostname="127.0.0.1")
+    cloud_users = {SITE: secrets.token_urlsafe(12), "site_b": secrets.token_urlsafe(12),
+                   "relay": secrets.token_urlsafe(12)}
+    cloud = shipped_broker(directory / "cloud", cloud_users, cloud=True, tls=tls,
+                           text=cloud_text)
     gateway_password = secrets.token_urlsafe(12)
-    passwd = tmp_path / "site-passwd"
-    passwd.write_text(f"{SITE}:{gateway_password}\n")
-    subprocess.run([shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd", "-U",
-                    str(passwd)], check=True, capture_output=True)
-    site_broker.conf_path.write_text(site_broker_conf(
-        port=site_broker.port, password_file=passwd, cloud_port=cloud.port, cloud_ca=tls.ca,
-        bridge_password=cloud_users[SITE], directory=site_broker.directory,
-        log_path=site_broker.log_path))
-    password_file = tmp_path / "gateway-password"
+    site_broker = shipped_broker(directory / "site", {SITE: gateway_password},
+                                 cloud_port=cloud.port, cloud_ca=tls.ca,
+                                 bridge_password=cloud_users[SITE])
+    assert site_broker.socket_path is not None
+    password_file = directory / "gateway-password"
     password_file.write_text(gateway_password)
     password_file.chmod(0o600)
     received: list[Message] = []
     with cloud, site_broker:
-        relay = Client(cloud, "relay", username="relay", password=cloud_users["relay"],
+        relay = Client(cloud, RELAY_ID, username="relay", password=cloud_users["relay"],
                        tls=tls, host="127.0.0.1")
         try:
             relay_listens(relay)
             relay.expect(f"{P}/{SITE}/status/bridge", timeout=15,
                          where=lambda m: m.payload == b"1")
             link = MqttLink(
-                MqttConfig(host=site_broker.host, port=site_broker.port, topic_prefix=P,
+                MqttConfig(host=str(site_broker.socket_path), port=1883, topic_prefix=P,
                            client_id=f"stora-gw-{SITE}", username=SITE,
                            password_file=password_file, tls=False, ca_file=None,
                            cert_file=None, key_file=None, keepalive_s=5),
@@ -516,14 +566,23 @@ def bridged(tmp_path: Path) -> Iterator[BridgedSite]:
             link.start()
             try:
                 assert link.wait_connected(10), site_broker.log_text()
-                yield BridgedSite(cloud, site_broker, relay, link, received)
+                yield BridgedSite(cloud, site_broker, relay, link, received, tls,
+                                  cloud_users)
             finally:
                 link.stop(timeout=3.0)
         finally:
             relay.close()
 
 
+@pytest.fixture
+def bridged(tmp_path: Path) -> Iterator[BridgedSite]:
+    with bridged_site(tmp_path) as site:
+        yield site
+
+
 def test_site_broker_settings_the_gateway_needs() -> None:
+    from gateway.config import MQTT_MAX_PACKET_BYTES
+
     settings = [line.split(None, 1) for line in SITE_BROKER_CONF.read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
     values = dict(settings)
@@ -532,12 +591,35 @@ def test_site_broker_settings_the_gateway_needs() -> None:
     assert values["bridge_insecure"] == "false"
     assert values["cleansession"] == "false"
     assert int(values["max_packet_size"]) >= 4096 + 1024  # a 4 KiB command + overhead
+    # The agent refuses to send what this broker would drop it for (issue 11 item 2).
+    assert int(values["max_packet_size"]) == MQTT_MAX_PACKET_BYTES
     assert values["persistence"] == "true"
+    # Only the unix socket: no TCP port a local user could take while Mosquitto restarts.
+    assert [v for k, v in settings if k == "listener"] == ["0 /run/stora-mqtt/mqtt.sock"]
+    tmpfiles = (DEPLOY / "mosquitto" / "tmpfiles.conf").read_text().splitlines()
+    assert [line for line in tmpfiles if line and not line.startswith("#")] == [
+        "d /run/stora-mqtt 2750 mosquitto stora-gateway -"]
+
+
+@pytest.mark.parametrize("conf", [SITE_BROKER_CONF, CLOUD_BROKER_CONF], ids=lambda p: p.name)
+def test_every_listener_binds_client_ids_to_accounts(conf: Path) -> None:
+    """Mosquitto 2.0 reads use_username_as_clientid as a setting of the listener above
+    it (whatever per_listener_settings says), and before the first listener it opens a
+    default listener on port 1883 on every interface.  So: after each listener line,
+    the commented-out ones included, and never before the first."""
+    lines = [line.strip().lstrip("#").strip() for line in conf.read_text().splitlines()]
+    listeners = [i for i, line in enumerate(lines) if line.startswith("listener ")]
+    assert listeners
+    binding = [i for i, line in enumerate(lines) if line == ID_BINDING]
+    assert binding
+    assert min(binding) > listeners[0]
+    for here, after in zip(listeners, [*listeners[1:], len(lines)], strict=True):
+        assert any(here < i < after for i in binding), f"{conf.name}: {lines[here]}"
 
 
 def test_the_site_broker_takes_no_anonymous_client(bridged: BridgedSite) -> None:
     with pytest.raises(BrokerError, match="did not connect"):
-        Client(bridged.site_broker, "anonymous-probe", timeout=1.0)
+        Client(bridged.site_broker, "anonymous-probe", timeout=1.0, unix=True)
 
 
 def test_the_bridge_carries_commands_in_and_reports_out(bridged: BridgedSite) -> None:
@@ -579,6 +661,231 @@ def test_commands_sent_while_the_site_was_cut_off_arrive_when_the_bridge_returns
     relay.publish(f"{P}/{SITE}/cmd", b"sent while cut off")
     bridged.site_broker.start()
     assert bridged.wait_received(b"sent while cut off", timeout=15).retain is False
+
+
+# ================================= the agent on the site broker's unix socket (issue 11 #2, #5)
+
+
+def test_the_agent_on_the_site_broker_s_socket_survives_an_oversize_alarm(
+        tmp_path: Path) -> None:
+    """deploy/'s site broker as it ships: a unix socket only, client ids bound to
+    accounts, max_packet_size 65536.  The agent connects over the socket, and so does its
+    zigbee2mqtt link, with an account of its own (sharing the agent's, each would
+    disconnect the other).  An alarm over the broker's limit is refused by the agent's
+    link itself and never queued (queued, it would cost the connection at every
+    reconnect); the link stays up and a signed unlock is done."""
+    from tests.support.site import RunningAgent
+
+    passwords = {user: secrets.token_urlsafe(12)
+                 for user in (AGENT_SITE, "relay", "gw-zigbee2mqtt")}
+    broker = shipped_broker(tmp_path / "broker", passwords)
+    assert broker.socket_path is not None
+    with broker:
+        site = make_site(tmp_path, broker)
+        files = {}
+        for user in (AGENT_SITE, "gw-zigbee2mqtt"):
+            files[user] = tmp_path / f"{user}.password"
+            files[user].write_text(passwords[user] + "\n")
+            files[user].chmod(0o600)
+        use_socket(site.config_path, broker.socket_path, AGENT_SITE, files[AGENT_SITE],
+                   extra=f'\n[[controllers]]\nname = "zb"\ndriver = "zigbee2mqtt"\n'
+                         f'username = "gw-zigbee2mqtt"\n'
+                         f'password_file = "{files["gw-zigbee2mqtt"]}"\n\n'
+                         f'[[locks]]\nunit = "unit_z1"\nreference = "Z-1"\n'
+                         f'controller = "zb"\ndevice = "yard/gate"\n')
+        relay = Client(broker, "relay-probe", username="relay", password=passwords["relay"],
+                       unix=True)
+        try:
+            with RunningAgent(site.config_path) as agent:
+                zigbee = agent.site.controllers["zb"].link
+                assert zigbee.wait_connected(10), zigbee.health()
+                alarm = json.dumps({"kind": "controller_offline", "unit": None,
+                                    "detail": "x" * 100_000, "at": "now"}).encode()
+                assert agent.link.publish(f"{AGENT_PREFIX}/alarm", alarm) is False
+                jti, token = site.signer.command("unlock", "unit_b201", ttl=60)
+                relay.publish(f"{AGENT_PREFIX}/cmd", token)
+                [result] = relay.expect(f"{AGENT_PREFIX}/cmd/result", timeout=10,
+                                        where=lambda m: json.loads(m.payload)["jti"] == jti)
+                assert json.loads(result.payload)["status"] == "done"
+                stats = agent.link.stats()
+                assert (stats["connects"], stats["disconnects"]) == (1, 0), stats
+                assert stats["publish_oversize"] == 1
+                assert zigbee.connects == 1  # and the agent never kicked it either
+        finally:
+            relay.close()
+            site.close()
+
+
+# ============================================== client ids bound to accounts (issue 11 #4)
+
+
+#: A Tasmota device's account on the site broker (the ACL names such accounts after
+#: the device's Topic): the most exposed password on a site, on a LAN device.
+DEVICE = "gate_relay"
+
+
+@dataclass
+class AgentOnSocket:
+    """The agent (a real subprocess) on deploy/'s site broker, over its unix socket,
+    with the relay and a device account as clients of the same broker."""
+
+    broker: Broker
+    site: SimSite
+    agent: AgentProcess
+    relay: Client
+    passwords: dict[str, str]
+
+    def client(self, user: str, client_id: str) -> Client:
+        """A client of the site broker, logged in as ``user`` with ``client_id``."""
+        return Client(self.broker, client_id, username=user, password=self.passwords[user],
+                      unix=True)
+
+    def link(self) -> dict[str, Any]:
+        """The agent's broker link, as its control socket reports it."""
+        from gateway.control import ControlClient
+
+        return dict(ControlClient(self.site.socket_path, timeout=5).call("status")["broker"])
+
+    def unlock(self, timeout: float = 10) -> str:
+        """Publish a signed unlock as the relay; the status of its result."""
+        jti, token = self.site.signer.command("unlock", "unit_b201", ttl=120)
+        self.relay.publish(f"{AGENT_PREFIX}/cmd", token)
+        [result] = self.relay.expect(f"{AGENT_PREFIX}/cmd/result", timeout=timeout,
+                                     where=lambda m: json.loads(m.payload)["jti"] == jti)
+        return str(json.loads(result.payload)["status"])
+
+
+def use_socket(config_path: Path, socket_path: Path, username: str, password_file: Path,
+               extra: str = "") -> None:
+    """Point make_site's [mqtt] at the broker's unix socket, logged in as ``username``."""
+    text = config_path.read_text()
+    old = 'host = "127.0.0.1"\n'
+    assert text.count(old) == 1
+    config_path.write_text(text.replace(old, f'host = "{socket_path}"\nusername = '
+                                             f'"{username}"\npassword_file = '
+                                             f'"{password_file}"\n') + extra)
+
+
+@contextlib.contextmanager
+def agent_on_socket(directory: Path, conf_text: str | None = None) -> Iterator[AgentOnSocket]:
+    """An :class:`AgentOnSocket`, started; ``conf_text`` replaces site-broker.conf."""
+    passwords = {user: secrets.token_urlsafe(12) for user in (AGENT_SITE, "relay", DEVICE)}
+    broker = shipped_broker(directory / "broker", passwords, text=conf_text)
+    assert broker.socket_path is not None
+    with broker:
+        site = make_site(directory, broker)
+        password_file = directory / "mqtt-password"
+        password_file.write_text(passwords[AGENT_SITE] + "\n")
+        password_file.chmod(0o600)
+        use_socket(site.config_path, broker.socket_path, AGENT_SITE, password_file)
+        agent = AgentProcess(site)
+        relay = Client(broker, "relay-probe", username="relay", password=passwords["relay"],
+                       unix=True)
+        try:
+            relay.subscribe(f"{AGENT_PREFIX}/cmd/result")
+            relay.subscribe(f"{AGENT_PREFIX}/status")
+            agent.start()
+            yield AgentOnSocket(broker, site, agent, relay, passwords)
+        finally:
+            agent.stop()
+            relay.close()
+            site.close()
+
+
+def probe_agent_id_takeover(on: AgentOnSocket) -> list[str]:
+    """A device account connects under the agent's client id: while the agent runs (it
+    must stay connected), and while it is down with a signed unlock queued in its
+    persistent session (the unlock must still run when it is back)."""
+    problems: list[str] = []
+    # What the agent's config says (make_site: "agent-under-test"), and what a broker
+    # that binds ids makes of it (the site id).
+    for client_id in ("agent-under-test", AGENT_SITE):
+        with on.client(DEVICE, client_id):
+            pass
+    # Positive control: a command round trip after both intruders connected; the
+    # broker ended any connection they took over before answering their CONNECT.
+    try:
+        if on.unlock() != "done":
+            problems.append("an unlock after the intruders failed")
+    except AssertionError:
+        problems.append("an unlock after the intruders got no result")
+    link = on.link()
+    if link["disconnects"] or link["connects"] != 1:
+        problems.append(f"the agent was disconnected {link['disconnects']} time(s) by a "
+                        "client using its id")
+    on.agent.kill()  # kill -9: its session (subscriptions, queued commands) stays
+    on.relay.expect(f"{AGENT_PREFIX}/status", where=lambda m: m.retain is False
+                    and json.loads(m.payload).get("online") is False)  # the will: gone
+    jti, token = on.site.signer.command("unlock", "unit_b201", ttl=120)
+    on.relay.publish(f"{AGENT_PREFIX}/cmd", token)  # queued for the agent
+    for client_id in ("agent-under-test", AGENT_SITE):
+        with on.client(DEVICE, client_id):  # a clean session: would discard the agent's
+            pass
+    on.agent.start()
+    try:
+        on.relay.expect(f"{AGENT_PREFIX}/cmd/result", timeout=10,
+                        where=lambda m: json.loads(m.payload)["jti"] == jti)
+    except AssertionError:
+        problems.append("the unlock queued in the agent's session was lost")
+    return problems
+
+
+def test_another_account_cannot_take_the_agent_s_client_id(tmp_path: Path) -> None:
+    with agent_on_socket(tmp_path) as on:
+        assert probe_agent_id_takeover(on) == [], on.broker.log_text()[-3000:]
+
+
+def test_the_takeover_probe_fails_on_a_broker_that_does_not_bind_ids(tmp_path: Path) -> None:
+    """The same probe against site-broker.conf without use_username_as_clientid (as it
+    was): the device account kicks the agent and wipes its queued command."""
+    with agent_on_socket(tmp_path, without_id_binding(SITE_BROKER_CONF.read_text())) as on:
+        problems = probe_agent_id_takeover(on)
+    assert any(p.startswith("the agent was disconnected") for p in problems), problems
+    assert "the unlock queued in the agent's session was lost" in problems, problems
+
+
+def probe_bridge_id_takeover(bridged: BridgedSite) -> list[str]:
+    """Another site's account connects to the cloud broker under the bridge's id while
+    the site is cut off with a command queued in the bridge's cloud session (it must
+    still arrive); then under the bridge's and the relay's ids while all run (both must
+    stay connected)."""
+    problems: list[str] = []
+    relay = bridged.relay
+    bridged.site_broker.terminate()
+    relay.expect(f"{P}/{SITE}/status/bridge", where=lambda m: m.payload == b"0")
+    relay.publish(f"{P}/{SITE}/cmd", b"queued while cut off")
+    for client_id in (f"stora-bridge-{SITE}", SITE):  # clean sessions
+        with bridged.cloud_client("site_b", client_id):
+            pass
+    bridged.site_broker.start()
+    try:
+        bridged.wait_received(b"queued while cut off", timeout=15)
+    except AssertionError:
+        problems.append("the command queued in the bridge's cloud session was lost")
+    for client_id in (f"stora-bridge-{SITE}", SITE, RELAY_ID, "relay"):
+        with bridged.cloud_client("site_b", client_id):
+            pass
+    try:  # positive control, after the broker answered every intruder's CONNECT
+        relay.publish(f"{P}/{SITE}/cmd", b"after the intruders")
+        bridged.wait_received(b"after the intruders", timeout=10)
+    except (AssertionError, BrokerError):
+        problems.append("a command after the intruders did not arrive")
+    if relay.disconnects:
+        problems.append(f"the relay was disconnected {relay.disconnects} time(s)")
+    return problems
+
+
+def test_another_site_cannot_take_the_bridge_s_or_the_relay_s_id(tmp_path: Path) -> None:
+    with bridged_site(tmp_path) as bridged:
+        assert probe_bridge_id_takeover(bridged) == [], bridged.cloud.log_text()[-3000:]
+
+
+def test_the_bridge_probe_fails_on_a_cloud_broker_that_does_not_bind_ids(
+        tmp_path: Path) -> None:
+    with bridged_site(tmp_path, without_id_binding(CLOUD_BROKER_CONF.read_text())) as b:
+        problems = probe_bridge_id_takeover(b)
+    assert "the command queued in the bridge's cloud session was lost" in problems, problems
+    assert any(p.startswith("the relay was disconnected") for p in problems), problems
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float,

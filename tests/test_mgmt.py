@@ -81,16 +81,53 @@ def test_status_answers_with_the_agent_status(site: SimSite, client: Client) -> 
     assert res["result"]["broker"]["connected"] is True
 
 
-def test_config_get_returns_the_redacted_config_and_the_file_hash(site: SimSite,
-                                                                  client: Client) -> None:
+def test_config_get_returns_the_file_text_and_its_hash(site: SimSite, client: Client) -> None:
     with RunningAgent(site.config_path):
         res = answer(client, ask(site, client, "config.get"))
     assert res["status"] == "done", res
     assert res["result"]["sha256"] == sha(site.config_path)
-    assert res["result"]["config"]["site"]["id"] == SITE
-    assert res["result"]["config"]["stora"]["token_file"].endswith("token")
+    assert res["result"]["toml"] == site.config_path.read_text()
+    assert res["result"]["next_offset"] is None
     # The secret's bytes never travel, only the path of its file.
     assert "test-token" not in json.dumps(res)
+
+
+def test_config_get_of_a_large_site_comes_in_pages_under_the_broker_limit(
+        tmp_path: Path) -> None:
+    """Found in review: a large site's config (about 380 locks passes 64 KiB) made an
+    answer over the broker's max_packet_size, and the broker dropped the agent.  Pages
+    of at most 32 KiB as JSON, on a broker that enforces 64 KiB like deploy/'s."""
+    with Broker(tmp_path / "broker", max_packet_size=65536) as broker:
+        site = make_site(tmp_path, broker)
+        try:
+            # A config as long as one with hundreds of locks; comments cost the same bytes
+            # and leave the simulated bus alone.  Quotes and backslashes: JSON doubles them.
+            filler = "".join(f'# lock "{n:04d}" \\ wired at bay {n}\n' for n in range(3000))
+            site.config_path.write_text(site.config_path.read_text() + filler)
+            assert site.config_path.stat().st_size > 100_000
+            client = site.client()
+            client.subscribe(f"{PREFIX}/mgmt/result")
+            pages: list[dict[str, Any]] = []
+            with RunningAgent(site.config_path) as agent:
+                offset: int | None = 0
+                while offset is not None:
+                    args = {"offset": offset} if offset else {}
+                    res = answer(client, ask(site, client, "config.get", args=args))
+                    assert res["status"] == "done", res
+                    pages.append(res["result"])
+                    offset = res["result"]["next_offset"]
+                assert agent.link.connected
+                jti, token = site.signer.command("lock", "unit_a101")
+                client.publish(f"{PREFIX}/cmd", token, qos=1)
+                assert command_result(client, jti)["status"] == "done"
+            sizes = [len(m.payload) for m in client.messages(f"{PREFIX}/mgmt/result")]
+        finally:
+            site.close()
+    assert len(pages) >= 4
+    assert max(sizes) < 40 * 1024, sizes
+    text = "".join(p["toml"] for p in pages)
+    assert text == site.config_path.read_text()
+    assert {p["sha256"] for p in pages} == {hashlib.sha256(text.encode()).hexdigest()}
 
 
 def test_unknown_args_are_malformed(site: SimSite, client: Client) -> None:
@@ -110,11 +147,15 @@ def test_forged_expired_and_retained_requests_are_rejected_like_commands(
     other_site = CommandSigner(site.signer._key, "test-2026", "site_other")
     level = logging.getLogger().level
     with RunningAgent(site.config_path) as agent:
+        forged = [ask(site, client, "log.level", signer=stranger, args={"level": "DEBUG"}),
+                  ask(site, client, "log.level", signer=unknown, args={"level": "DEBUG"})]
+        # Their ids are the forger's word: answered without them (found in review).
+        unverified = client.expect(f"{PREFIX}/mgmt/result", 10, count=2,
+                                   where=lambda m: json.loads(m.payload)["jti"] is None)
+        assert sorted(json.loads(m.payload)["reason"] for m in unverified) == [
+            "bad_signature", "unknown_key"]
+        assert all(json.loads(m.payload)["cmd"] is None for m in unverified)
         cases = {
-            ask(site, client, "log.level", signer=stranger, args={"level": "DEBUG"}):
-                "bad_signature",
-            ask(site, client, "log.level", signer=unknown, args={"level": "DEBUG"}):
-                "unknown_key",
             ask(site, client, "log.level", signer=other_site, args={"level": "DEBUG"}):
                 "wrong_site",
             ask(site, client, "log.level", args={"level": "DEBUG"},
@@ -127,12 +168,13 @@ def test_forged_expired_and_retained_requests_are_rejected_like_commands(
             res = answer(client, jti)
             assert (res["status"], res["reason"]) == ("rejected", reason), res
         retained = ask(site, client, "log.level", args={"level": "DEBUG"}, retain=True)
-        res = answer(client, retained)
-        assert (res["status"], res["reason"]) == ("rejected", "retained"), res
+        # A retained message is refused before its signature is judged: no ids either.
+        client.expect(f"{PREFIX}/mgmt/result", 10, where=lambda m: json.loads(m.payload)[
+            "reason"] == "retained" and json.loads(m.payload)["jti"] is None)
         client.publish(f"{PREFIX}/mgmt", b"", qos=1, retain=True)  # clear it
         # None of them ran, and none was recorded as seen.
         assert logging.getLogger().level == level
-        for jti in [*cases, retained]:
+        for jti in [*forged, *cases, retained]:
             assert agent.store.command(jti) is None
 
 
@@ -231,7 +273,7 @@ def test_config_set_applies_commands_and_telemetry_live_and_returns_the_hash(
      "commands.trusted_keys.mine"),
     (lambda t, k: t.replace('clock = "system"', 'clock = "system"\nmax_lifetime_s = 86400'),
      "commands.max_lifetime_s"),
-    (lambda t, k: t.replace("http://127.0.0.1:9/2025-09", "http://attacker.example/x"),
+    (lambda t, k: t.replace("http://127.0.0.1:9/2025-09", "https://attacker.example/x"),
      "stora.base_url"),
     (lambda t, k: t.replace('token_file = "', 'token_file = "/etc/../', 1), "stora.token_file"),
     (lambda t, k: t.replace('client_id = "agent-under-test"', 'client_id = "other"'),
@@ -253,6 +295,92 @@ def test_config_set_may_not_touch_trust_endpoints_or_storage(
     assert "only be changed on the gateway itself" in res["result"]["error"]
     assert refused in res["result"]["error"]
     assert site.config_path.read_bytes() == before
+
+
+def _swap_channels(text: str) -> str:
+    """A-101 on A-102's relay and the other way round."""
+    return (text.replace('reference = "A-101"\ncontroller = "bus1"\nchannel = 0\n',
+                         'reference = "A-101"\ncontroller = "bus1"\nchannel = 9\n')
+            .replace('reference = "A-102"\ncontroller = "bus1"\nchannel = 1\n',
+                     'reference = "A-102"\ncontroller = "bus1"\nchannel = 0\n')
+            .replace("channel = 9\n", "channel = 1\n"))
+
+
+@pytest.mark.parametrize(("edit", "refused"), [
+    # Found in review: pyserial's spy:// handler truncates and writes the file it names
+    # (here the agent's own database) while the doors keep working.
+    (lambda t: t.replace('driver = "lockboard"\nport = "', 'driver = "lockboard"\nport = "'
+                         '/dev/ttyUSB3"\n# was "', 1), "controllers[lockers].port"),
+    (_swap_channels, "locks[unit_a101].channel"),
+    (lambda t: t.replace('reference = "A-103"\ncontroller = "bus1"\nchannel = 2\n',
+                         'reference = "A-103"\ncontroller = "bus1"\nchannel = 2\n'
+                         'energize_to = "lock"\n'), "locks[unit_a103].energize_to"),
+    (lambda t: t.replace('door_input = 0\n', 'door_input = 3\n', 1),
+     "locks[unit_a101].door_input"),
+    (lambda t: t.replace('reference = "A-101"', 'reference = "A-999"'),
+     "locks[unit_a101].reference"),
+    (lambda t: t.replace("address = 0\n", "address = 5\n", 1), "controllers[lockers].address"),
+    (lambda t: t + '[[locks]]\nunit = "unit_new"\nreference = "N-1"\ncontroller = "bus1"\n'
+                   "channel = 3\n", "locks[unit_new] (added)"),
+])
+def test_config_set_may_not_rewire_the_site(site: SimSite, client: Client, edit: Any,
+                                            refused: str) -> None:
+    """Lock wiring and bus endpoints are on-site only: a flipped energize_to makes
+    "locked" physically open while read-back says locked; swapped channels make a
+    tenant's unlock open another unit with a false audit trail (found in review)."""
+    before = site.config_path.read_bytes()
+    text = edit(before.decode())
+    assert text != before.decode()
+    db = site.directory / "state" / "gateway.db"
+    with RunningAgent(site.config_path) as agent:
+        db_before = db.read_bytes()[:16]
+        res = answer(client, ask(site, client, "config.set", args={"toml": text}))
+        assert agent.restart_reason is None
+        assert not [m for m in client.messages(f"{PREFIX}/alarm")
+                    if json.loads(m.payload)["kind"] == "config_changed"]
+    assert (res["status"], res["reason"]) == ("rejected", "malformed"), res
+    assert refused in res["result"]["error"]
+    assert site.config_path.read_bytes() == before
+    assert db.read_bytes()[:16] == db_before == b"SQLite format 3\0"
+
+
+def test_config_set_refuses_a_spy_port_even_where_it_would_be_a_new_controller(
+        site: SimSite, client: Client) -> None:
+    """Defence in depth: the config's own rule refuses the spy:// URL before any
+    comparison, so the file it names is never opened."""
+    victim = site.directory / "victim"
+    victim.write_bytes(b"precious")
+    text = site.config_path.read_text().replace(
+        f'port = "{site.modbus.path}"', f'port = "spy://{site.modbus.path}?file={victim}"')
+    with RunningAgent(site.config_path):
+        res = answer(client, ask(site, client, "config.set", args={"toml": text}))
+    assert (res["status"], res["reason"]) == ("rejected", "malformed"), res
+    assert "controllers[0].port" in res["result"]["error"]
+    assert "spy:// is not allowed" in res["result"]["error"]
+    assert victim.read_bytes() == b"precious"
+
+
+def test_an_accepted_config_set_is_alarmed_and_put_on_the_timeline(
+        site: SimSite, client: Client) -> None:
+    text = site.config_path.read_text().replace("unlock_seconds = 2", "unlock_seconds = 3", 1)
+    import gateway.mgmt
+
+    with RunningAgent(site.config_path) as agent:
+        # A restart-needing change (locks); not within the uptime guard for this test.
+        agent.started_at -= gateway.mgmt.RESTART_MIN_UPTIME_S
+        jti = ask(site, client, "config.set", actor="ops dashboard", args={"toml": text})
+        res = answer(client, jti)
+        assert res["status"] == "done", res
+        alarm = json.loads(client.expect(f"{PREFIX}/alarm", 5, where=lambda m: json.loads(
+            m.payload)["kind"] == "config_changed")[0].payload)
+        events = [e for e in agent.store.events() if e.kind == "config_changed"]
+    assert jti in alarm["detail"]
+    assert "remote ops dashboard" in alarm["detail"]
+    assert "locks" in alarm["detail"]
+    assert len(events) == 1
+    assert events[0].description.startswith(
+        "Gateway configuration changed via TestGate — sections locks; sha256 ")
+    assert events[0].actor == "remote ops dashboard"
 
 
 def test_a_request_that_expires_while_waiting_is_not_run(
@@ -421,3 +549,55 @@ def test_log_level_changes_the_agent_log_level(site: SimSite, client: Client) ->
     assert res["result"] == {"level": "DEBUG", "previous": "INFO"}
     assert level == logging.DEBUG
     assert (bad["status"], bad["reason"]) == ("rejected", "malformed")
+
+
+def test_a_flood_of_one_forged_request_is_shed_like_one_on_the_command_topic(
+        site: SimSite, client: Client, caplog: pytest.LogCaptureFixture) -> None:
+    """Found in review: P/S/mgmt had none of the command topic's shedding (each repeat
+    cost a full signature check and an INFO line) and counted each rejection twice.
+    Now a repeat is refused from the cache (gateway/intake.py), counted once, logged at
+    debug level only, and its answers stay within the rejection bucket."""
+    stranger = CommandSigner(generate_keypair()[0], "test-2026", SITE)
+    _, forged = stranger.command("log.level", args={"level": "DEBUG"})
+    count = 300
+    caplog.set_level(logging.INFO, logger="gateway.mgmt")
+    with RunningAgent(site.config_path) as agent:
+        for _ in range(count):
+            client.publish(f"{PREFIX}/mgmt", forged, qos=1)
+        marker = ask(site, client, "status")
+        assert answer(client, marker, timeout=30)["status"] == "done"
+        counters = dict(agent.mgmt.counters)
+    assert counters["rejected"] == count
+    assert counters["refused_again"] == count - 1
+    answers = [m for m in client.messages(f"{PREFIX}/mgmt/result")
+               if json.loads(m.payload)["reason"] == "bad_signature"]
+    assert 0 < len(answers) < count  # the bucket: a burst, then its rate
+    assert not [r for r in caplog.records if "rejected" in r.getMessage()]
+
+
+def test_config_set_through_a_symlinked_config_replaces_the_target_and_keeps_the_link(
+        tmp_path: Path, broker: Broker) -> None:
+    """deploy/: /etc/stora-gateway (root's) holds gateway.toml as a link to the file in
+    the one directory the agent may write.  The new file goes there; the link stays, and
+    relative paths keep resolving against the link's directory."""
+    site = make_site(tmp_path, broker)
+    try:
+        staged = tmp_path / "staged"
+        staged.mkdir()
+        real = staged / "gateway.toml"
+        text = site.config_path.read_text().replace(
+            f'token_file = "{tmp_path / "token"}"', 'token_file = "token"')
+        real.write_text(text)
+        site.config_path.unlink()
+        site.config_path.symlink_to(real)
+        client = site.client()
+        client.subscribe(f"{PREFIX}/mgmt/result")
+        new = text.replace("keepalive_s = 5", "keepalive_s = 5\n# tuned remotely")
+        with RunningAgent(site.config_path):
+            res = answer(client, ask(site, client, "config.set", args={"toml": new}))
+        assert res["status"] == "done", res
+        assert site.config_path.is_symlink()
+        assert real.read_text() == new
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".gateway.toml")]
+    finally:
+        site.close()

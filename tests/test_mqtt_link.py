@@ -13,6 +13,7 @@ Every test that needs ``mosquitto`` gets it from the ``broker`` fixture, which r
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -959,3 +960,176 @@ def test_broker_binary_is_found() -> None:
     from support.broker import find_mosquitto
 
     assert os.access(find_mosquitto(), os.X_OK)
+
+
+# --------------------------------------------------------------------------- packet caps
+
+#: What a hostile "broker" declares in one PUBLISH: the largest length MQTT can express
+#: (256 MiB; with paho's copies of a whole packet the review saw the agent reach ~800
+#: MiB), and how much of it it streams at most.  Without a cap the link keeps every
+#: byte; the stream limit keeps that failure affordable on a test machine.
+_HOSTILE_DECLARED = 268_435_455
+_HOSTILE_STREAMED = 128 * 1024 * 1024
+#: Peak RSS growth allowed while the hostile packet arrives: the read-ahead chunk and the
+#: kernel's socket buffer, not the packet.
+_HOSTILE_RSS_MAX_KIB = 16 * 1024
+
+_LINK_AGAINST_HOSTILE_BROKER = """
+import json, sys, time
+from gateway.config import MqttConfig
+from gateway.mqtt import LinkTimings, MqttLink
+
+def kib(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+
+cfg = MqttConfig(host="127.0.0.1", port=int(sys.argv[1]), topic_prefix="stora-gw",
+                 client_id="stora-gw-site_1", username="", password_file=None, tls=False,
+                 ca_file=None, cert_file=None, key_file=None, keepalive_s=30,
+                 max_packet_bytes=65536)
+# Liveness far away: the fake broker echoes nothing, and only the packet is on trial.
+timings = LinkTimings(backoff_initial_s=0.1, backoff_max_s=0.2, liveness_interval_s=60,
+                      liveness_timeout_s=60, connect_timeout_s=5)
+link = MqttLink(cfg, status_topic="stora-gw/site_1/status", birth=lambda: b"{}",
+                will=b"{}", subscriptions=[("stora-gw/site_1/cmd", 1)],
+                on_message=lambda m: None, timings=timings)
+start_kib = kib("VmRSS")
+link.start()
+deadline = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < deadline and link.stats()["connects"] < 2:
+    time.sleep(0.02)
+stats = link.stats()
+print(json.dumps({"start_kib": start_kib, "peak_kib": kib("VmHWM"),
+                  "connects": stats["connects"], "oversize": stats["inbound_oversize"],
+                  "reason": stats["last_disconnect_reason"]}), flush=True)
+link.stop(timeout=1.0)
+"""
+
+
+def test_a_hostile_broker_s_huge_packet_is_refused_before_it_is_buffered() -> None:
+    """Fault matrix #15, issue 11 item 5: a fake broker answers CONNACK and SUBACK, then
+    sends one PUBLISH declaring 256 MiB and streams it.  The link announced its limit in
+    CONNECT (MQTT 5 Maximum Packet Size), drops the connection as soon as the length is
+    decoded, counts it, and reconnects; its peak RSS stays flat.  (Without the cap it
+    kept all 128 MiB the fake streamed and never came back.)"""
+    from support.fake_broker import MAXIMUM_PACKET_SIZE, HostileBroker
+
+    with HostileBroker(declared=_HOSTILE_DECLARED, stream_limit=_HOSTILE_STREAMED) as fake:
+        done = subprocess.run(
+            [sys.executable, "-c", _LINK_AGAINST_HOSTILE_BROKER, str(fake.port), "15"],
+            capture_output=True, text=True, timeout=60, check=False,
+            cwd=Path(__file__).resolve().parents[1])
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout.splitlines()[-1])
+        assert fake.wait(lambda: fake.sent > 0, 5)
+        sent = fake.sent
+        connects = list(fake.connects)
+    growth_kib = report["peak_kib"] - report["start_kib"]
+    print(f"\nhostile PUBLISH declaring {_HOSTILE_DECLARED:,} bytes: the fake got "
+          f"{sent / 1024:.0f} KiB out before the link hung up; the link's peak RSS grew "
+          f"{growth_kib / 1024:.1f} MiB (start {report['start_kib'] / 1024:.1f} MiB)")
+    assert connects[0].properties.get(MAXIMUM_PACKET_SIZE) == 65536
+    assert growth_kib < _HOSTILE_RSS_MAX_KIB, report
+    assert report["oversize"] == 1, report
+    assert "over mqtt.max_packet_bytes" in (report["reason"] or ""), report
+    assert report["connects"] == 2, report  # came back, to a broker that behaves
+
+
+def test_an_oversize_publish_is_refused_locally_and_the_link_stays_up(
+    tmp_path: Path, make_link: LinkFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 11 item 2: a message over mqtt.max_packet_bytes (the broker's 65536) is not
+    queued: publish() says False, counts it and logs it once per topic.  Queued, the
+    broker would drop the link over it, and a QoS 1 message is re-sent after every
+    reconnect: a loop that keeps every command out."""
+    caplog.set_level(logging.WARNING, logger="gateway.mqtt")
+    alarm = "stora-gw/site_1/alarm"
+    with Broker(tmp_path / "broker", max_packet_size=65536) as broker:
+        link, agent = make_link(broker, cfg=mqtt_config(broker, max_packet_bytes=65536))
+        assert link.wait_connected(5)
+        with Client(broker) as watcher:
+            watcher.subscribe(alarm)
+            big = b'{"kind":"controller_offline","detail":"' + b"x" * 80_000 + b'"}'
+            assert link.publish(alarm, big) is False
+            assert link.publish(alarm, big) is False
+            # Just under the limit, with its topic and header, still goes.
+            fits = 65536 - (1 + 3 + 2 + len(alarm) + 2 + 1)
+            assert link.publish(alarm, b"y" * fits) is True
+            assert link.publish(alarm, b"y" * (fits + 1)) is False
+            assert link.publish(alarm, b"small") is True
+            watcher.expect(alarm, where=lambda m: m.payload == b"small")
+            relay_cmd = b"unlock after the oversize alarm"
+            watcher.publish(CMD, relay_cmd)
+            agent.wait(lambda: relay_cmd in agent.payloads())
+        assert [len(m.payload) for m in watcher.messages(alarm)] == [fits, 5]
+        stats = link.stats()
+    assert stats["publish_oversize"] == 3
+    assert stats["disconnects"] == 0
+    assert stats["connects"] == 1
+    warnings = [r for r in caplog.records if "max_packet_bytes" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+
+
+_MINIMAL_TOML = """\
+[site]
+id = "site_1"
+app_name = "T"
+
+[mqtt]
+{mqtt}
+
+[commands]
+trusted_keys = {{ k = "{key}" }}
+
+[stora]
+base_url = "http://127.0.0.1:9/2025-09"
+auth = "static"
+token_file = "{token}"
+timeline_source_id = "tsrc_1"
+"""
+
+
+@pytest.mark.parametrize(("mqtt", "expected"), [
+    ("", ("127.0.0.1:1883", False, 65536)),
+    ('host = "/run/stora-mqtt/mqtt.sock"', ("/run/stora-mqtt/mqtt.sock", True, 65536)),
+    ("max_packet_bytes = 131072", ("127.0.0.1:1883", False, 131072)),
+    ("max_packet_bytes = 4096", "mqtt.max_packet_bytes: must be between 8192 and"),
+    ('host = "/run/stora-mqtt/mqtt.sock"\ntls = true\nca_file = "{ca}"',
+     "mqtt.tls: must be false when mqtt.host is a unix socket path"),
+])
+def test_mqtt_config_reads_a_socket_path_and_a_packet_cap(
+        tmp_path: Path, mqtt: str, expected: tuple[str, bool, int] | str) -> None:
+    import tomllib
+
+    from gateway.config import parse_config
+
+    ca, token = tmp_path / "ca.pem", tmp_path / "token"
+    ca.write_text("x")
+    token.write_text("t\n")
+    token.chmod(0o600)
+    text = _MINIMAL_TOML.format(mqtt=mqtt.replace("{ca}", str(ca)), key="A" * 43,
+                                token=token)
+    data = tomllib.loads(text)
+    if isinstance(expected, str):
+        with pytest.raises(ConfigError) as caught:
+            parse_config(data, "gateway.toml", tmp_path)
+        assert expected in str(caught.value)
+        return
+    cfg = parse_config(data, "gateway.toml", tmp_path).mqtt
+    assert (cfg.where, cfg.unix_socket, cfg.max_packet_bytes) == expected
+
+
+def test_a_missing_broker_socket_is_retried_without_leaking(
+        tmp_path: Path, broker: Broker, make_link: LinkFactory) -> None:
+    """While the broker restarts its socket path is missing: paho 2.2 left the unix
+    socket of every failed attempt open (a ResourceWarning, an error under pytest),
+    drivers.mqtt_client.PahoClient closes it.  The link keeps trying, and says where."""
+    missing = tmp_path / "not-yet.sock"
+    link, _ = make_link(broker, cfg=mqtt_config(broker, host=str(missing)))
+    wait_until(lambda: link.stats()["connect_failures"] >= 3, 5)
+    assert not link.connected
+    assert str(missing) in link.stats()["last_connect_error"] or \
+        "No such file" in link.stats()["last_connect_error"]
+    link.stop(timeout=2.0)
+    gc.collect()

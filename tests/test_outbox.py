@@ -21,15 +21,19 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
 
 from gateway.cli import main
-from gateway.outbox import Drainer
+from gateway.config import StoraConfig
+from gateway.outbox import MAX_NOTE_CHARS, Drainer, build_drainer
 from gateway.sandbox import EVENT_SCOPE, Sandbox, max_in_window
 from gateway.stora import (
+    MAX_DETAILS,
+    MAX_TOKEN_RESPONSE_BYTES,
     USER_AGENT,
     ClientCredentialsTokens,
     FileTokens,
@@ -37,8 +41,10 @@ from gateway.stora import (
     RateLimiter,
     StoraClient,
 )
+from gateway.stora_http import MAX_TEXT_CHARS
 from gateway.store import SEND_HISTORY_KEEP_S, Store
 from gateway.timeline import external_id_for, make_event
+from tests.support.hostile_http import HostileServer, Reply, Request
 from tests.support.site import RunningAgent
 
 T0 = 1_800_000_000.5
@@ -85,7 +91,8 @@ class Rig:
     alarms: list[tuple[str, str | None, str]] = field(default_factory=list)
 
     def open(self, *, auth: str = "static", base_url: str | None = None,
-             drainer_cls: type[Drainer] = Drainer) -> Drainer:
+             drainer_cls: type[Drainer] = Drainer, token_url: str | None = None,
+             **drainer_options: Any) -> Drainer:
         """(Re)open the store and build a drainer whose limiter starts from the history."""
         self.store = Store(self.db, clock=self.clock)
         history = self.store.send_history(self.clock() - SEND_HISTORY_KEEP_S)
@@ -95,7 +102,7 @@ class Rig:
         if auth == "client_credentials":
             (self.tmp / "secret").write_text(SECRET + "\n")
             tokens = ClientCredentialsTokens(
-                token_url=self.sandbox.token_url, client_id=CLIENT_ID,
+                token_url=token_url or self.sandbox.token_url, client_id=CLIENT_ID,
                 secret_file=self.tmp / "secret", scope=EVENT_SCOPE, http=self.http,
                 limiter=limiter, monotonic=self.clock, clock=self.clock,
                 rng=random.Random(7))
@@ -105,7 +112,8 @@ class Rig:
         client = StoraClient(base_url or self.sandbox.api_url, tokens, limiter, http=self.http,
                              clock=self.clock, rng=random.Random(11))
         self.drainer = drainer_cls(self.store, client, source_id="tsrc_test", template_id=None,
-                                   alarm=lambda *a: self.alarms.append(a), clock=self.clock)
+                                   alarm=lambda *a: self.alarms.append(a), clock=self.clock,
+                                   **drainer_options)
         return self.drainer
 
     def add(self, count: int, start: int = 0) -> list[str]:
@@ -445,7 +453,7 @@ socket = "{tmp / 'no-agent.sock'}"
 [[controllers]]
 name = "bus1"
 driver = "modbus"
-port = "loop://"
+port = "/dev/ttyUSB9"
 address = 1
 
 [[locks]]
@@ -808,3 +816,188 @@ def test_missing_scope_pauses_then_a_fixed_scope_delivers_under_a_new_key(rig: R
     assert row.state == "delivered"
     assert row.generation >= 1
     assert [r.status for r in rig.posts()][-1] == 201
+
+
+# -- issue 11: what comes back from Stora is bounded ------------------------------------------
+def all_strings(value: Any) -> Iterator[str]:
+    """Every string inside a JSON-like value."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from all_strings(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from all_strings(v)
+
+
+def test_a_403_with_an_80_kb_message_is_capped_in_everything_kept(rig: Rig) -> None:
+    rig.sandbox.fail_next(1_000, 403, message_chars=80_000)
+    rig.add(2)
+    rig.drain(stop_when=lambda: rig.clock() >= T0 + 600)
+    assert rig.drainer.state == "paused: config"
+    assert rig.store.event_count("dead") == 0
+    assert [a[0] for a in rig.alarms] == ["timeline_config"]
+    detail = rig.alarms[0][2]
+    assert len(detail) <= MAX_NOTE_CHARS
+    assert "…(+" in detail  # the cut is visible
+    status = rig.drainer.status()
+    assert len(status["last_error"]) <= MAX_NOTE_CHARS
+    assert len(json.dumps(status)) < 2 * MAX_NOTE_CHARS
+    for row in rig.store.events():
+        assert row.last_error is None or len(row.last_error) <= MAX_NOTE_CHARS
+
+
+def test_a_refusal_with_huge_details_is_a_small_dead_letter(rig: Rig) -> None:
+    # 1 000 details of 500 characters: half a MiB, under the 1 MiB read cap.
+    rig.sandbox.fail_next(1, 422, message_chars=500, details=1_000)
+    (ext,) = rig.add(1)
+    rig.drain()
+    (row,) = rig.store.events()
+    assert row.state == "dead"
+    error = row.as_dict()["error"]
+    assert len(error["details"]) == MAX_DETAILS + 1  # the last one says how many were cut
+    assert error["details"][-1]["message"] == f"…(+{1_000 - MAX_DETAILS} more details)"
+    assert all(len(text) <= MAX_TEXT_CHARS for text in all_strings(error))
+    assert len(json.dumps(error)) < 16 * MAX_TEXT_CHARS
+    assert row.last_error is not None
+    assert len(row.last_error) <= MAX_NOTE_CHARS
+    assert [a[0] for a in rig.alarms] == ["timeline_dead_letter"]
+    assert len(rig.alarms[0][2]) <= MAX_NOTE_CHARS
+    assert ext not in rig.sandbox.count_by_external_id()
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_redirect_pauses_delivery_as_config_until_fixed(rig: Rig, status: int) -> None:
+    with HostileServer(lambda r: Reply(201)) as elsewhere:
+        rig.sandbox.redirect_next(1_000, status, location=elsewhere.url)
+        ids = rig.add(4)
+        rig.drain(stop_when=lambda: rig.clock() >= T0 + 3600)
+        assert rig.drainer.state == "paused: config"
+        assert rig.store.event_count("dead") == 0
+        assert rig.store.event_count("pending") == 4
+        assert [a[0] for a in rig.alarms] == ["timeline_config"]  # one alarm, not four
+        assert f"{status} redirect" in rig.alarms[0][2]
+        assert "base_url" in rig.alarms[0][2]
+        assert "redirect" in rig.drainer.status()["last_error"]
+        posts = rig.posts()
+        assert 1 <= len(posts) <= 10  # an hour: retried slowly
+        assert {r.status for r in posts} == {status}
+        assert elsewhere.requests == []  # never followed, so the token never went there
+    rig.sandbox.redirect_next(0)  # base_url fixed (or the API is back where it was)
+    rig.drain()
+    rig.assert_exactly_once(ids)
+    assert rig.drainer.state == "ok"
+
+
+def memory_kib() -> dict[str, int]:
+    text = Path("/proc/self/status").read_text()
+    return {k: int(text.split(f"{k}:")[1].split()[0]) for k in ("VmHWM", "VmRSS")}
+
+
+def reset_peak_rss() -> bool:
+    """Start the process's RSS high-water mark (VmHWM) at now; False where Linux cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def test_a_300_mb_token_answer_is_cut_at_the_cap(rig: Rig) -> None:
+    size = 300 * 1024 * 1024
+
+    def token(request: Request) -> Reply:
+        return Reply(200, headers=[("Content-Type", "application/json")], size=size)
+
+    with HostileServer(token) as server:
+        rig.store.close()
+        rig.open(auth="client_credentials", token_url=server.url + "/oauth2/token")
+        rig.add(1)
+        measured = reset_peak_rss()
+        before = memory_kib()["VmRSS"]
+        rig.drainer.guarded_step()
+        grown_mib = (memory_kib()["VmHWM"] - before) / 1024
+    assert len(server.requests) == 1
+    # The client read 64 KiB and hung up; what the server got out is the socket buffers.
+    assert server.bytes_sent < 16 * 1024 * 1024
+    assert grown_mib < 32 or not measured  # today's code: +900 MiB
+    status = rig.drainer.status()
+    assert status["drain"] == "backing off"
+    assert f"more than {MAX_TOKEN_RESPONSE_BYTES} bytes" in status["last_error"]
+    assert status["token"]["state"] == "failing"
+    assert f"more than {MAX_TOKEN_RESPONSE_BYTES} bytes" in status["token"]["last_error"]
+    assert rig.store.event_count("pending") == 1
+    print(f"300 MiB token answer: {server.bytes_sent} bytes sent, RSS peak +{grown_mib:.1f} MiB")
+
+
+def test_a_dripping_token_answer_ends_by_its_deadline_shows_and_alarms(
+        tmp_path: Path, http: httpx.Client) -> None:
+    deadline_s, alarm_after_s = 1.5, 3.0  # production: 15 s and 30 s
+    body = b'{"access_token": "tok", "token_type": "Bearer", "expires_in": 7200}'
+
+    def token(request: Request) -> Reply:
+        return Reply(200, body, [("Content-Type", "application/json")], drip_s=0.5)
+
+    alarms: list[tuple[float, str, str]] = []
+    with HostileServer(token) as server, Store(tmp_path / "g.db") as store:
+        (tmp_path / "secret").write_text(SECRET)
+        limiter = RateLimiter(PER_S, PER_MIN)
+        tokens = ClientCredentialsTokens(
+            token_url=server.url + "/oauth2/token", client_id=CLIENT_ID,
+            secret_file=tmp_path / "secret", scope=EVENT_SCOPE, http=http, limiter=limiter,
+            deadline_s=deadline_s)
+        client = StoraClient("http://127.0.0.1:9/2025-09", tokens, limiter, http=http)
+        started = time.monotonic()
+        drainer = Drainer(store, client, source_id="tsrc_test", template_id=None,
+                          alarm=lambda k, u, d: alarms.append((time.monotonic(), k, d)),
+                          token_alarm_after_s=alarm_after_s)
+        with store.transaction() as tx:
+            tx.add_event(record(1))
+        first = threading.Thread(target=drainer.guarded_step)
+        first.start()
+        seen: dict[str, Any] = {}
+        while first.is_alive():  # the agent's status, asked while the refresh is stuck
+            seen = drainer.status()["token"]
+            if (seen["refreshing_for_s"] or 0) >= 0.5:
+                break
+            time.sleep(0.05)
+        first.join()
+        first_took = time.monotonic() - started
+        assert first_took < deadline_s + 1.0
+        assert seen["state"] == "refreshing"
+        while not alarms and time.monotonic() - started < 20:
+            time.sleep(min(drainer.guarded_step(), 0.5))
+        status = drainer.status()
+    assert [a[1] for a in alarms] == ["timeline_token"]
+    # At most one refresh in flight when the alarm falls due, and it ends by its deadline:
+    # alarm_after_s + deadline_s, plus slack for a loaded machine (production: 45 s).
+    assert alarms[0][0] - started < alarm_after_s + deadline_s + 2.0
+    assert f"no complete answer within {deadline_s:g} s" in alarms[0][2]
+    assert status["drain"] == "backing off"
+    assert status["token"]["state"] == "failing"
+    assert f"within {deadline_s:g} s" in status["last_error"]
+    assert len(server.requests) >= 1
+    print(f"dripping token answer: first refresh ended after {first_took:.2f} s "
+          f"(deadline {deadline_s} s), alarm after {alarms[0][0] - started:.2f} s "
+          f"(due at {alarm_after_s} s), {len(server.requests)} token requests")
+
+
+def test_build_drainer_passes_stora_dates_to_the_clock(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text(STATIC)
+    dates: list[float] = []
+    with Sandbox(static_tokens={STATIC}) as sandbox, Store(tmp_path / "g.db") as store:
+        cfg = StoraConfig(
+            base_url=sandbox.api_url, auth="static", token_url=sandbox.token_url,
+            client_id="", client_secret_file=None, token_file=tmp_path / "token",
+            scope=EVENT_SCOPE, timeline_source_id="tsrc_test", timeline_template_id="",
+            max_per_second=PER_S, max_per_minute=PER_MIN)
+        drainer = build_drainer(SimpleNamespace(stora=cfg), store, on_server_date=dates.append)
+        with store.transaction() as tx:
+            tx.add_event(record(1))
+        before = time.time()
+        drainer.run_until_idle(time.sleep, max_steps=20)
+        drainer.client.close()
+        assert store.event_count("delivered") == 1
+    assert len(dates) == 1  # the sandbox stamps its replies with the real time
+    assert before - 2 <= dates[0] <= time.time() + 1

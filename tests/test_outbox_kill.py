@@ -199,7 +199,10 @@ def test_kill_9_at_random_points_loses_and_duplicates_no_committed_event(
         _, public = generate_keypair()
         config, _ = write_agent_config(
             tmp_path, SimpleNamespace(host="127.0.0.1", port=1),  # type: ignore[arg-type]
-            tmp_path / "ttyMB", tmp_path / "ttyLB", public, stora_url=sandbox.api_url,
+            # Ports that do not exist (the child never opens them), in /dev as a
+            # config requires (drivers/ports.py).
+            Path("/dev/ttyNOSUCH-MB"), Path("/dev/ttyNOSUCH-LB"), public,
+            stora_url=sandbox.api_url,
             stora_limits=(RATE, RATE * 60))
         h = Harness(tmp_path, tmp_path / "state" / "gateway.db")
         h.db.parent.mkdir()

@@ -631,6 +631,37 @@ def test_fail_next_counts_and_statuses(sandbox: Sandbox) -> None:
     assert sandbox.count_by_external_id() == {"c": 1}
 
 
+def test_fail_next_can_answer_a_huge_message_and_details(sandbox: Sandbox) -> None:
+    # What the gateway must survive (issue 11): no real Stora answers like this.
+    sandbox.fail_next(2, 403, message_chars=80_000)
+    r = post_event(sandbox, "a", key="a")
+    assert (r.status, r.error()["code"]) == (403, "forbidden")
+    assert len(r.error()["message"]) == 80_000
+    assert r.error()["details"] == []
+    assert post_event(sandbox, "a", key="a").body == r.body  # stored under its key
+    sandbox.fail_next(1, 422, message_chars=500, details=40)
+    error = post_event(sandbox, "b").error()
+    assert len(error["details"]) == 40
+    assert {len(d["message"]) for d in error["details"]} == {500}
+    sandbox.fail_next(1, 500)  # the padding is set with each fail_next
+    assert len(post_event(sandbox, "c").error()["message"]) < 100
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_redirect_next_answers_in_front_of_the_api(sandbox: Sandbox, status: int) -> None:
+    sandbox.redirect_next(2, status, location="http://127.0.0.1:9/")
+    r = post_event(sandbox, "a", key="k1")
+    assert r.status == status
+    assert r.headers["location"] == "http://127.0.0.1:9" + EVENTS
+    assert get_token(sandbox).status == status  # every API path: the whole API moved
+    assert sandbox.events() == []
+    assert [x.status for x in sandbox.requests] == [status, status]
+    assert state(sandbox)["idempotency_keys"] == 0  # nothing behind the proxy saw it
+    assert post_event(sandbox, "a", key="k1").status == 201  # used up
+    with pytest.raises(ValueError, match="not one of"):
+        sandbox.redirect_next(1, 200)
+
+
 def test_expire_tokens(sandbox: Sandbox) -> None:
     token = get_token(sandbox).json()["access_token"]
     assert post_event(sandbox, "a", token=token).status == 201
@@ -665,6 +696,8 @@ def test_reset_faults(sandbox: Sandbox) -> None:
     sandbox.set_slow(5)
     sandbox.drop_after_commit(3)
     sandbox.reject_external_ids({"ext-1"})
+    sandbox.fail_next(1, 403, message_chars=1000, details=3)
+    sandbox.redirect_next(2, 307)
     sandbox.reset_faults()
     started = time.monotonic()
     assert post_event(sandbox).status == 201
@@ -673,6 +706,11 @@ def test_reset_faults(sandbox: Sandbox) -> None:
         "outage": False,
         "fail_next": 0,
         "fail_status": 500,
+        "fail_message_chars": 0,
+        "fail_details": 0,
+        "redirect_next": 0,
+        "redirect_status": 301,
+        "redirect_location": "https://moved.invalid",
         "storm_until": None,
         "slow_s": 0.0,
         "drop_after_commit": 0,
@@ -723,6 +761,18 @@ def test_admin_api_sets_every_switch(sandbox: Sandbox, clock: FakeClock) -> None
     started = time.monotonic()
     post_event(sandbox, "f")
     assert time.monotonic() - started >= 0.2
+    admin(sandbox, {"slow_s": 0})
+
+    admin(sandbox, {"fail_next": 1, "fail_status": 403, "fail_message_chars": 5000,
+                    "fail_details": 2})
+    r = post_event(sandbox, "g")
+    assert r.status == 403
+    assert len(r.error()["message"]) == 5000
+    assert len(r.error()["details"]) == 2
+
+    admin(sandbox, {"redirect_next": 1, "redirect_status": 308})
+    assert post_event(sandbox, "h").status == 308
+    assert post_event(sandbox, "h").status == 201
 
 
 @pytest.mark.parametrize(
@@ -735,6 +785,8 @@ def test_admin_api_sets_every_switch(sandbox: Sandbox, clock: FakeClock) -> None
         {"outage": 1},
         {"reject_external_ids": "x"},
         {"outage": True, "fail_status": 418},  # all or nothing: outage stays off
+        {"outage": True, "redirect_status": 200},
+        {"fail_message_chars": -1},
     ],
 )
 def test_admin_api_rejects_bad_settings(sandbox: Sandbox, settings: dict[str, Any]) -> None:

@@ -72,7 +72,7 @@ def test_every_job_has_an_id_and_deliberate_misfire_settings() -> None:
     ids = [job.id for job in JOBS]
     assert len(ids) == len(set(ids))
     assert {"units.reconcile", "telemetry.publish", "clock.persist", "outbox.wake",
-            "stora.token_refresh", "watchdog.heartbeat"} == set(ids)
+            "stora.token_refresh", "store.prune", "watchdog.heartbeat"} == set(ids)
     for job in JOBS:
         assert job.interval_s > 0
         assert job.coalesce is True, job.id  # no backlog is ever replayed as a burst

@@ -11,15 +11,19 @@ cannot misbehave the required way (a proxy's 502, a dripping body, odd 429 heade
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import ipaddress
 import json
 import logging
 import random
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,7 @@ from hypothesis import strategies as st
 from gateway.config import StoraConfig
 from gateway.sandbox import EVENT_SCOPE, Sandbox, max_in_window
 from gateway.stora import (
+    MAX_TOKEN_RESPONSE_BYTES,
     REPLAY_SAFE_S,
     USER_AGENT,
     AuthFailed,
@@ -48,8 +53,11 @@ from gateway.stora import (
     TokenUnavailable,
     backoff_delay,
     credential_retry_delay,
+    make_http_client,
     parse_retry_delay,
 )
+from gateway.stora_http import MAX_TEXT_CHARS, cap_text, parse_http_date, safe_id
+from tests.support.hostile_http import HostileServer, Reply, Request, json_reply
 
 T0 = 1_800_000_000.5
 PER_S, PER_MIN = 5, 20
@@ -937,3 +945,301 @@ def test_from_config_builds_a_working_client(tmp_path: Path, auth: str) -> None:
             assert isinstance(outcome, Delivered)
             assert len(c.limiter.history()) == len(recorded) + 1
         assert sb.count_by_external_id() == {"cfg": 1}
+
+
+# -- issue 11: hostile answers ---------------------------------------------------------------------
+DATE = "Sun, 06 Nov 1994 08:49:37 GMT"  # RFC 9110's example
+DATE_EPOCH = 784_111_777.0
+TOKEN_BODY = '{"access_token": "tok-A_1", "token_type": "Bearer", "expires_in": 7200}'
+CREATED = '{"event": {"id": "aevt_1"}}'
+
+
+def hostile_client(
+    server: HostileServer, tmp: Path, http: httpx.Client, *, deadline_s: float = 5.0,
+    token_deadline_s: float = 5.0, on_server_date: Callable[[float], None] | None = None,
+) -> StoraClient:
+    """A client_credentials client whose token endpoint and API are ``server``."""
+    clock = FakeClock()
+    (tmp / "secret").write_text(SECRET + "\n")
+    limiter = make_limiter(clock)
+    tokens = ClientCredentialsTokens(
+        token_url=server.url + TOKEN_PATH, client_id=CLIENT_ID, secret_file=tmp / "secret",
+        scope=EVENT_SCOPE, http=http, limiter=limiter, monotonic=clock, clock=clock,
+        rng=random.Random(7), deadline_s=token_deadline_s)
+    return StoraClient(server.url + "/2025-09", tokens, limiter, http=http, clock=clock,
+                       rng=random.Random(11), deadline_s=deadline_s,
+                       on_server_date=on_server_date)
+
+
+def routes(token: Reply, event: Reply) -> Callable[[Request], Reply]:
+    return lambda request: token if request.path == TOKEN_PATH else event
+
+
+def test_stora_text_cannot_forge_or_swell_log_lines(
+        tmp_path: Path, http: httpx.Client, caplog: pytest.LogCaptureFixture) -> None:
+    forged = "aevt_1\n2026-05-01 12:00:00 ERROR gateway.agent: door A-101 forced\x1b[31m"
+    error = json.dumps({"error": {
+        "code": "forbidden\r\nINFO forged line", "type": "invalid_request_error",
+        "message": "no\n\x1b[2J" + "x" * 10_000, "request_id": "r\n" * 5_000,
+        "details": [{"message": "\n" * 3_000, "pointer": "/a\u202e"}]}})
+    replies = iter([json_reply(201, json.dumps({"event": {"id": forged}})),
+                    json_reply(422, error)])
+    with HostileServer(lambda r: json_reply(200, TOKEN_BODY) if r.path == TOKEN_PATH
+                       else next(replies)) as server, caplog.at_level(logging.DEBUG):
+        client = hostile_client(server, tmp_path, http)
+        delivered = client.post_event(body_for("f1"), IdempotencyKey("f1"))
+        dead = client.post_event(body_for("f2"), IdempotencyKey("f2"))
+    assert isinstance(delivered, Delivered)
+    assert delivered.event_id is None  # not id-shaped: not kept
+    assert isinstance(dead, Dead)
+    record = dead.as_record()
+    assert record["code"] == "forbidden\\r\\nINFO forged line"  # escaped, visible
+    texts = [record["code"], record["message"], record["request_id"],
+             *(d[k] for d in record["details"] for k in ("message", "pointer"))]
+    assert all(len(t) <= MAX_TEXT_CHARS and t.isprintable() for t in texts)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("not id-shaped" in m for m in messages)
+    for message in messages:
+        assert "\n" not in message
+        assert "\r" not in message
+        assert "\x1b" not in message
+        assert len(message) < 2_000
+
+
+def test_a_body_nested_too_deep_is_no_error_envelope_and_no_crash(
+        tmp_path: Path, http: httpx.Client) -> None:
+    deep = json_reply(422, "[" * 100_000)
+    with HostileServer(routes(json_reply(200, TOKEN_BODY), deep)) as server:
+        outcome = hostile_client(server, tmp_path, http).post_event(body_for("n"),
+                                                                    IdempotencyKey("n"))
+    assert isinstance(outcome, Dead)
+    assert (outcome.status, outcome.code) == (422, "http_422")
+
+
+def test_a_token_endpoint_that_redirects_is_a_refused_credential(
+        tmp_path: Path, http: httpx.Client) -> None:
+    moved = Reply(302, headers=[("Location", "https://elsewhere.invalid/steal\nX: y")])
+    with HostileServer(routes(moved, json_reply(201, CREATED))) as server:
+        client = hostile_client(server, tmp_path, http)
+        outcome = client.post_event(body_for("r"), IdempotencyKey("r"))
+        assert isinstance(outcome, AuthFailed)
+        assert "token_url" in outcome.reason
+        assert "302" in outcome.reason
+        assert len(server.requests) == 1  # not followed: the secret went nowhere else
+        assert client.tokens.health().state == "failing"
+
+
+@pytest.mark.parametrize("token_side", [True, False])
+def test_dripped_headers_end_by_the_deadline(
+        tmp_path: Path, token_side: bool) -> None:
+    """httpx's read timeout never fires on a byte every 0.2 s; the overall deadline does."""
+    drip = Reply(200, TOKEN_BODY.encode(), head_drip_s=0.2)
+    script = (routes(drip, json_reply(201, CREATED)) if token_side
+              else routes(json_reply(200, TOKEN_BODY), drip))
+    with HostileServer(script) as server, make_http_client() as http:
+        client = hostile_client(server, tmp_path, http, deadline_s=1.0, token_deadline_s=1.0)
+        started = time.monotonic()
+        outcome = client.post_event(body_for("d"), IdempotencyKey("d"))
+        took = time.monotonic() - started
+    assert took < 1.0 + 0.8
+    assert isinstance(outcome, Retry)
+    if token_side:
+        assert outcome.reason == "token_unavailable"
+        assert "no complete answer within 1 s" in (outcome.detail or "")
+    else:
+        assert outcome.reason == "no_answer"
+        assert outcome.key.unanswered_since is not None  # it may have been created
+
+
+def test_a_compressed_token_answer_is_not_inflated(tmp_path: Path, http: httpx.Client) -> None:
+    bomb = gzip.compress(b"\0" * (64 << 20), compresslevel=9)  # 64 MiB in ~64 KiB
+    assert len(bomb) < MAX_TOKEN_RESPONSE_BYTES
+    token = Reply(200, bomb, [("Content-Type", "application/json"),
+                              ("Content-Encoding", "gzip")])
+    with HostileServer(routes(token, json_reply(201, CREATED))) as server:
+        outcome = hostile_client(server, tmp_path, http).post_event(body_for("z"),
+                                                                    IdempotencyKey("z"))
+    assert isinstance(outcome, Retry)
+    assert outcome.reason == "token_unavailable"
+    assert "compressed (gzip)" in (outcome.detail or "")
+    assert server.requests[0].headers["accept-encoding"] == "identity"
+
+
+def test_an_unusable_token_value_is_refused(tmp_path: Path, http: httpx.Client) -> None:
+    bad = json.dumps({"access_token": "tok\r\nX-Injected: 1", "token_type": "Bearer"})
+    with HostileServer(routes(json_reply(200, bad), json_reply(201, CREATED))) as server:
+        outcome = hostile_client(server, tmp_path, http).post_event(body_for("t"),
+                                                                    IdempotencyKey("t"))
+    assert isinstance(outcome, Retry)
+    assert "unusable token" in (outcome.detail or "")
+    assert [r.path for r in server.requests] == [TOKEN_PATH]
+
+
+def test_cap_text_and_safe_id() -> None:
+    assert cap_text("short") == "short"
+    capped = cap_text("é" * 1000, 50)
+    assert len(capped) <= 50
+    assert capped.endswith(f"…(+{1000 - capped.index('…')} chars)")
+    assert cap_text("a\nb\x1b") == "a\\nb\\x1b"
+    assert safe_id("aevt_01H-x") == "aevt_01H-x"
+    for bad in ("", "a\nb", "a b", "x" * 65, 5, None, "aevt_1\n"):
+        assert safe_id(bad) is None
+
+
+# -- the server's Date, a second source of time for the clock -----------------------------------
+@pytest.mark.parametrize(("value", "expected"), [
+    (DATE, DATE_EPOCH),
+    ("Sunday, 06-Nov-94 08:49:37 GMT", DATE_EPOCH),  # RFC 850, obsolete but valid
+    ("Sun, 06 Nov 1994 08:49:37 -0000", None),  # "no zone": not trusted
+    ("yesterday", None), ("", None), (None, None), ("Sun, 06 Nov 1994 " + "9" * 80, None),
+    ("Mon, 99 Foo 1994 08:49:37 GMT", None),
+])
+def test_parse_http_date(value: str | None, expected: float | None) -> None:
+    assert parse_http_date(value) == expected
+
+
+def test_every_trusted_answer_reports_its_date(tmp_path: Path, http: httpx.Client) -> None:
+    dates: list[float] = []
+    token = json_reply(200, TOKEN_BODY, date=DATE)
+    with HostileServer(routes(token, json_reply(201, CREATED, date=DATE))) as server:
+        client = hostile_client(server, tmp_path, http, on_server_date=dates.append)
+        assert isinstance(client.post_event(body_for("a"), IdempotencyKey("a")), Delivered)
+    assert dates == [DATE_EPOCH, DATE_EPOCH]  # the token answer, then the event's
+
+
+@pytest.mark.parametrize("date", [None, "garbage", "Sun, 06 Nov 1994 08:49:37 -0000"])
+def test_no_or_bad_date_is_ignored(tmp_path: Path, http: httpx.Client, date: str | None) -> None:
+    dates: list[float] = []
+    script = routes(json_reply(200, TOKEN_BODY, date=date), json_reply(201, CREATED, date=date))
+    with HostileServer(script) as server:
+        client = hostile_client(server, tmp_path, http, on_server_date=dates.append)
+        assert isinstance(client.post_event(body_for("a"), IdempotencyKey("a")), Delivered)
+        assert client.probe_server_time() is None
+    assert dates == []
+
+
+@pytest.mark.parametrize(("url", "trusted"), [
+    ("https://public-api.stora.co/2025-09", True),
+    ("http://public-api.stora.co/2025-09", False),  # anyone on the path could write it
+    ("http://10.0.0.1/2025-09", False),
+    ("http://localhost:8080/2025-09", True),
+    ("http://[::1]:8080/2025-09", True),
+])
+def test_dates_are_taken_only_over_tls_or_from_loopback(
+        tmp_path: Path, url: str, trusted: bool) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(201, json={"event": {"id": "aevt_1"}}, headers={"Date": DATE})
+
+    dates: list[float] = []
+    (tmp_path / "token").write_text("tok-1\n")
+    clock = FakeClock()
+    with httpx.Client(transport=httpx.MockTransport(handler)) as http:
+        client = StoraClient(url, FileTokens(tmp_path / "token"), make_limiter(clock),
+                             http=http, clock=clock, on_server_date=dates.append)
+        assert isinstance(client.post_event(body_for("u"), IdempotencyKey("u")), Delivered)
+        assert client.probe_server_time() == (DATE_EPOCH if trusted else None)
+    assert dates == ([DATE_EPOCH] * 2 if trusted else [])
+
+
+def test_a_failing_date_hook_does_not_stop_delivery(
+        tmp_path: Path, http: httpx.Client, caplog: pytest.LogCaptureFixture) -> None:
+    def hook(epoch: float) -> None:
+        raise RuntimeError("the clock is broken")
+
+    script = routes(json_reply(200, TOKEN_BODY, date=DATE), json_reply(201, CREATED, date=DATE))
+    with HostileServer(script) as server:
+        client = hostile_client(server, tmp_path, http, on_server_date=hook)
+        for n in range(3):
+            outcome = client.post_event(body_for(f"h{n}"), IdempotencyKey(f"h{n}"))
+            assert isinstance(outcome, Delivered)
+        assert client.probe_server_time() == DATE_EPOCH
+    assert sum("server-Date hook failed;" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_probe_server_time_asks_without_a_token(tmp_path: Path, http: httpx.Client) -> None:
+    dates: list[float] = []
+    not_found = json_reply(404, '{"error": {"code": "invalid_endpoint"}}', date=DATE)
+    with HostileServer(lambda r: not_found) as server:
+        client = hostile_client(server, tmp_path, http, on_server_date=dates.append)
+        assert client.probe_server_time() == DATE_EPOCH  # any status counts
+        (probe,) = server.requests
+        assert (probe.method, probe.path) == ("GET", "/2025-09")
+        assert "authorization" not in probe.headers
+        assert dates == [DATE_EPOCH]
+        for _ in range(PER_S - 1):  # the probe takes rate-limit slots like any request
+            client.probe_server_time()
+        assert client.probe_server_time() is None  # no slot: nothing sent
+        assert len(server.requests) == PER_S
+    gone = hostile_client(server, tmp_path, http)  # the server is stopped: no answer
+    assert gone.probe_server_time() is None
+
+
+def test_probe_never_raises_when_the_send_time_cannot_be_kept(tmp_path: Path) -> None:
+    def full_disk(at: float) -> None:
+        raise OSError(28, "No space left on device")
+
+    (tmp_path / "token").write_text("tok-1\n")
+    with HostileServer(lambda r: json_reply(404, "{}", date=DATE)) as server:
+        client = StoraClient(server.url, FileTokens(tmp_path / "token"),
+                             RateLimiter(PER_S, PER_MIN, on_record=full_disk))
+        assert client.probe_server_time() is None
+        client.close()
+    assert server.requests == []
+
+
+def test_a_dripping_probe_ends_by_its_deadline(tmp_path: Path) -> None:
+    with HostileServer(lambda r: Reply(200, b"x" * 100, head_drip_s=0.1)) as server, \
+            make_http_client() as http:
+        started = time.monotonic()
+        assert hostile_client(server, tmp_path, http).probe_server_time(deadline_s=0.5) is None
+        assert time.monotonic() - started < 1.2
+
+
+def self_signed(tmp: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (EC P-256: quick to make)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    (tmp / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return tmp / "cert.pem", tmp / "key.pem"
+
+
+def test_over_tls_dates_count_and_a_stuck_handshake_ends_by_the_deadline(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cert, key = self_signed(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # make_http_client trusts it from here
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    (tmp_path / "token").write_text("tok-1\n")
+    dates: list[float] = []
+    with HostileServer(lambda r: json_reply(404, "{}", date=DATE), context) as server, \
+            make_http_client() as http:
+        client = StoraClient(server.url + "/2025-09", FileTokens(tmp_path / "token"),
+                             RateLimiter(PER_S, PER_MIN), http=http,
+                             on_server_date=dates.append)
+        assert client.probe_server_time() == DATE_EPOCH
+    assert dates == [DATE_EPOCH]
+    with socket.socket() as silent, make_http_client() as http:  # accepts, never speaks TLS
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"https://127.0.0.1:{silent.getsockname()[1]}/2025-09"
+        client = StoraClient(url, FileTokens(tmp_path / "token"), RateLimiter(PER_S, PER_MIN),
+                             http=http)
+        started = time.monotonic()
+        assert client.probe_server_time(deadline_s=0.5) is None
+        assert time.monotonic() - started < 1.3

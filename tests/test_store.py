@@ -798,3 +798,73 @@ def test_the_last_delivery_time_is_read_through_an_index(tmp_path: Path) -> None
             "EXPLAIN QUERY PLAN SELECT max(delivered_at) FROM events "
             "WHERE state = 'delivered'").fetchall()
     assert "COVERING INDEX events_state_delivered_at" in str(plan)
+
+
+# --------------------------------------------------------------------------- retention
+
+
+def test_prune_keeps_what_dedupe_and_delivery_need_and_drops_the_rest(store: Store) -> None:
+    """Found in review: the commands and delivered events tables grew for ever on the SD
+    card.  What dedupe or delivery still needs (queued and executing commands, pending
+    events, anything newer than the cut) is never touched."""
+    day = 86_400.0
+    with store.transaction() as tx:
+        for n, (status, age) in enumerate([("done", 9), ("rejected", 9), ("unknown", 9),
+                                           ("done", 1), ("queued", 9), ("executing", 9)]):
+            jti = f"c{n}-{status}"
+            if status == "queued":
+                assert tx.queue_command(jti, "unlock", "unit_abc", T0 - age * day, b"t")
+                continue
+            assert tx.claim_command(jti, "unlock", "unit_abc", T0 - age * day)
+            if status != "executing":
+                tx.finish_command(jti, status, None, {"jti": jti})
+        for n in range(6):
+            assert tx.add_event(record(n))
+    seqs = [e.seq for e in store.events()]
+    with store.transaction() as tx:
+        tx.mark_delivered(seqs[0], generation=0, attempts=1, delivered_at=T0 - 40 * day,
+                          stora_event_id="aevt_1")
+        tx.mark_delivered(seqs[1], generation=0, attempts=1, delivered_at=T0 - 2 * day,
+                          stora_event_id="aevt_2")
+        tx.mark_dead(seqs[2], generation=0, unanswered_since=None, attempts=1, status=422,
+                     code="invalid", error={}, dead_at=T0 - 100 * day)
+        tx.mark_dead(seqs[3], generation=0, unanswered_since=None, attempts=1, status=422,
+                     code="invalid", error={}, dead_at=T0 - 10 * day)
+    with store.transaction() as tx:
+        gone = tx.prune(commands_before=T0 - 7 * day, delivered_before=T0 - 30 * day,
+                        dead_before=T0 - 90 * day)
+    assert gone == {"commands": 3, "delivered": 1, "dead": 1}
+    left = {jti: store.command(jti) for jti in
+            ("c0-done", "c1-rejected", "c2-unknown", "c3-done", "c4-queued", "c5-executing")}
+    assert [jti for jti, row in left.items() if row is not None] == [
+        "c3-done", "c4-queued", "c5-executing"]
+    assert [e.seq for e in store.events()] == [seqs[1], *seqs[3:]]
+    assert store.event_count("pending") == 2
+    with store.transaction() as tx:  # idempotent
+        assert tx.prune(commands_before=T0 - 7 * day, delivered_before=T0 - 30 * day,
+                        dead_before=T0 - 90 * day) == {"commands": 0, "delivered": 0,
+                                                       "dead": 0}
+
+
+def test_command_retention_covers_every_copy_that_could_still_pass() -> None:
+    from gateway.store import COMMAND_KEEP_MIN_S, command_keep_s
+
+    assert command_keep_s(300, 30) == COMMAND_KEEP_MIN_S
+    # A site that allows day-long commands keeps their ids past exp + skew, with a day
+    # to spare for a clock stepped back.
+    assert command_keep_s(86_400 * 10, 30) >= 86_400 * 10 + 2 * 30 + 86_400
+
+
+def test_the_write_probe_never_follows_a_planted_link(tmp_path: Path) -> None:
+    """Found in review: the read-only probe opened a predictable name with O_TRUNC, so a
+    symlink planted there truncated the file it pointed to."""
+    from gateway import store as store_module
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    for pid_name in (f".stora-gateway-probe-{os.getpid()}",):
+        (tmp_path / pid_name).symlink_to(victim)
+    assert store_module._refuses_writes(tmp_path) is False
+    assert victim.read_bytes() == b"keep me"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".stora-gateway-probe-")
+                and not p.is_symlink()]

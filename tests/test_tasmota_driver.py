@@ -432,3 +432,33 @@ def test_kill9_during_unlock_the_device_relocks_at_the_end_of_its_pulse(
         client.close()
         sim.close()
         site.close()
+
+
+# --------------------------------------------------------------------------- the broker
+
+
+def test_the_link_reaches_the_broker_s_unix_socket_with_its_own_account(
+        tmp_path: Path) -> None:
+    """deploy/'s site broker listens on a unix socket only and binds client ids to
+    accounts: the link connects there (host = the socket's path) as its own user, its
+    commands reach the device and the device's reports reach it."""
+    users = {"gw-tasmota": "link-secret", "gate_relay": "device-secret"}
+    with Broker(tmp_path / "broker", users=users, unix_socket=True) as broker:
+        assert broker.socket_path is not None
+        client = TasmotaClient(BrokerSettings(str(broker.socket_path), 1883, "gw-tasmota-1",
+                                              username="gw-tasmota", password="link-secret"))
+        view = client.attach("gate_relay")
+        try:
+            assert client.wait_connected(5), client.last_error
+            with Client(broker, "gate_relay", username="gate_relay",
+                        password="device-secret", unix=True) as device:
+                device.subscribe("cmnd/gate_relay/#")
+                mark = client.publish("gate_relay", m.power(1, True))
+                [command] = device.expect("cmnd/gate_relay/POWER1")
+                assert command.payload == b"ON"
+                device.publish("stat/gate_relay/POWER1", b"ON", qos=0)
+                assert client.wait_for(
+                    lambda: view.power.get(1) is not None and view.power[1].seq > mark, 5)
+        finally:
+            client.detach("gate_relay")
+        assert "link-secret" not in repr(client.settings)

@@ -29,6 +29,8 @@ CONTRACT_WORDING = {
     "overlocked": "Unit overlocked via YourApp",
     "overlock_removed": "Overlock removed via YourApp",
     "unlock_refused": "Unlock refused via YourApp",
+    # Added by issue 11 (CHANGELOG): an accepted signed config.set is audited in Stora.
+    "config_changed": "Gateway configuration changed via YourApp",
 }
 
 

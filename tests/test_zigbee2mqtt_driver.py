@@ -520,8 +520,10 @@ def test_a_lock_on_a_second_broker_through_the_gateway(tmp_path: Path, broker: B
         assert not controller.link._thread or not controller.link._thread.is_alive()
 
 
-def test_on_the_mqtt_broker_with_its_credentials_and_tls(tmp_path: Path) -> None:
-    """No host/port: the [mqtt] broker, with its user, password file and CA."""
+def test_on_the_mqtt_broker_with_its_own_account_and_the_agent_s_tls(tmp_path: Path) -> None:
+    """No host/port: the [mqtt] broker, with [mqtt]'s CA but the controller's own user
+    and password file (a broker that binds client ids to accounts gives the agent's
+    account one connection)."""
     from gateway.config import load_config
     from gateway.hardware import build_site
 
@@ -529,11 +531,16 @@ def test_on_the_mqtt_broker_with_its_credentials_and_tls(tmp_path: Path) -> None
     password = tmp_path / "password"
     password.write_text("s3cret\n")
     password.chmod(0o600)
-    with Broker(tmp_path / "broker", tls=tls, users={"gw": "s3cret", "z2m": "z"}) as broker:
+    link_password = tmp_path / "z2m-password"
+    link_password.write_text("l1nk-s3cret\n")
+    link_password.chmod(0o600)
+    users = {"gw": "s3cret", "gw-z2m": "l1nk-s3cret", "z2m": "z"}
+    with Broker(tmp_path / "broker", tls=tls, users=users) as broker:
         config = load_config(write_config(
             tmp_path, f'host = "localhost"\nport = {broker.port}\nusername = "gw"\n'
                       f'password_file = "{password}"\ntls = true\nca_file = "{tls.ca}"',
-            'base_topic = "z2m"', "gate"))
+            f'base_topic = "z2m"\nusername = "gw-z2m"\npassword_file = "{link_password}"',
+            "gate"))
         site = build_site(config)
         try:
             controller = site.controllers["zb"]
@@ -544,6 +551,47 @@ def test_on_the_mqtt_broker_with_its_credentials_and_tls(tmp_path: Path) -> None
                 bridge.publish("z2m/gate", b'{"state":"LOCK","lock_state":"locked"}', qos=0)
                 wait_for(lambda: controller.stats.reports == 1)
             assert controller.read(LockPoint(0, device="gate")).lock is LockState.LOCKED
+            assert controller.link.settings.username == "gw-z2m"
             assert "s3cret" not in repr(controller.link.settings)
         finally:
             site.close()
+
+
+@pytest.mark.parametrize(("mqtt", "controller", "complaint"), [
+    # On the [mqtt] broker without an account of its own: it used to borrow the agent's.
+    ('username = "site_z"', "", "controllers[0].username: required for a zigbee2mqtt "
+                                "controller on the [mqtt] broker"),
+    ('username = "site_z"', 'username = "site_z"', "controllers[0].username: must differ "
+                                                   "from mqtt.username 'site_z'"),
+    # host/port naming the [mqtt] broker itself is still that broker.
+    ('username = "site_z"\nport = 1884',
+     'host = "127.0.0.1"\nport = 1884\nusername = "site_z"',
+     "controllers[0].username: must differ"),
+    ('host = "/run/stora-mqtt/mqtt.sock"\nusername = "site_z"',
+     'host = "/run/stora-mqtt/mqtt.sock"\nusername = "site_z"',
+     "controllers[0].username: must differ"),
+    ('username = "site_z"', 'username = "gw-zigbee2mqtt"', None),
+    # Another broker, or a broker without accounts (the demo, tests): not the agent's.
+    ('username = "site_z"', 'host = "10.0.0.9"\nusername = "site_z"', None),
+    ("", "", None),
+])
+def test_check_config_refuses_a_link_that_would_share_the_agent_s_account(
+        tmp_path: Path, mqtt: str, controller: str, complaint: str | None) -> None:
+    """The shipped brokers give one account one connection (use_username_as_clientid),
+    so a zigbee2mqtt link logged in as the agent would disconnect it, and it the link,
+    forever.  check-config says so in one line naming the key."""
+    import io
+
+    from gateway.cli import main
+
+    path = write_config(tmp_path, mqtt, controller, "gate")
+    out, err = io.StringIO(), io.StringIO()
+    status = main(["check-config", "--config", str(path)], out=out, err=err)
+    if complaint is None:
+        assert status == 0, err.getvalue()
+        return
+    assert status == 2
+    message = err.getvalue().strip()
+    assert len(message.splitlines()) == 1, message
+    assert complaint in message, message
+    assert "Traceback" not in message

@@ -41,6 +41,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from drivers.base import Clock
 from drivers.errors import LinkDownError
+from drivers.mqtt_client import PahoClient, is_socket_path
 from drivers.tasmota.messages import (
     STAT,
     TELE,
@@ -69,8 +70,10 @@ class BrokerSettings:
     """Where the devices' broker is and how to log in.
 
     ``client_id`` must differ from every other client of that broker (the agent's own
-    link included), or the broker disconnects one of the two.  ``tls`` is a ready client
-    context (the caller loads the CA and checks the hostname), None for plain TCP.
+    link included), or the broker disconnects one of the two; on a broker that binds
+    client ids to accounts, so must ``username``.  A ``host`` that starts with ``/`` is
+    the path of the broker's unix socket (``port`` is then unused).  ``tls`` is a ready
+    client context (the caller loads the CA and checks the hostname), None for plain TCP.
     """
 
     host: str
@@ -144,9 +147,10 @@ class TasmotaClient:
     # -- lifecycle -----------------------------------------------------------------------
     def _make_paho(self) -> paho.Client:
         s = self.settings
-        client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                             client_id=s.client_id, clean_session=True,
-                             protocol=paho.MQTTv311)
+        client = PahoClient(callback_api_version=CallbackAPIVersion.VERSION2,
+                            client_id=s.client_id, clean_session=True,
+                            protocol=paho.MQTTv311,
+                            transport="unix" if is_socket_path(s.host) else "tcp")
         if s.username:
             client.username_pw_set(s.username, s.password)
         if s.tls is not None:
@@ -166,8 +170,8 @@ class TasmotaClient:
             if self._started:
                 return
             self._started = True
-        LOGGER.debug("tasmota link: connecting to %s:%d as %s", self.settings.host,
-                     self.settings.port, self.settings.client_id)
+        LOGGER.debug("tasmota link: connecting to %s as %s", self._where(),
+                     self.settings.client_id)
         self._paho.connect_async(self.settings.host, self.settings.port,
                                  keepalive=self.settings.keepalive_s)
         self._paho.loop_start()
@@ -257,8 +261,13 @@ class TasmotaClient:
         LOGGER.debug("tasmota link: > %s %r", command.topic(topic), command.payload)
         return mark
 
+    def _where(self) -> str:
+        """``host:port``, or the socket path, for messages."""
+        s = self.settings
+        return s.host if is_socket_path(s.host) else f"{s.host}:{s.port}"
+
     def _down_text(self) -> str:
-        where = f"{self.settings.host}:{self.settings.port}"
+        where = self._where()
         reason = f" ({self._last_error})" if self._last_error else ""
         return f"no connection to the MQTT broker at {where}{reason}"
 
@@ -274,7 +283,10 @@ class TasmotaClient:
             LOGGER.warning("tasmota link: %s", self._last_error)
             return
         sock: Any = client.socket()
-        if isinstance(sock, socket.socket):  # paho leaves Nagle on: +40 ms per round trip
+        # paho leaves Nagle on: +40 ms per round trip.  A unix socket has no Nagle and
+        # refuses the option.
+        if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET,
+                                                               socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self.cond:
             for topic in self._views:
@@ -283,7 +295,7 @@ class TasmotaClient:
             self._last_error = None
             self.connects += 1
             self.cond.notify_all()
-        LOGGER.info("tasmota link: connected to %s:%d", self.settings.host, self.settings.port)
+        LOGGER.info("tasmota link: connected to %s", self._where())
 
     def _on_connect_fail(self, client: paho.Client, userdata: object) -> None:
         with self.cond:
@@ -296,8 +308,8 @@ class TasmotaClient:
             was = self._connected and self._started
             self._set_disconnected(str(reason_code))
         if was:
-            LOGGER.warning("tasmota link: disconnected from %s:%d (%s); reconnecting",
-                           self.settings.host, self.settings.port, reason_code)
+            LOGGER.warning("tasmota link: disconnected from %s (%s); reconnecting",
+                           self._where(), reason_code)
 
     def _set_disconnected(self, reason: str) -> None:
         """Called with :attr:`cond` held: nothing heard before is current any more."""

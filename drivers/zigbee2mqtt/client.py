@@ -51,6 +51,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from drivers.base import Clock, Health
 from drivers.errors import LinkDownError
+from drivers.mqtt_client import PahoClient, is_socket_path
 
 LOGGER = logging.getLogger(__name__)
 
@@ -65,6 +66,9 @@ _TICK_S: Final = 0.5
 class BrokerSettings:
     """Where and how to connect.  ``password`` is the secret itself, never logged.
 
+    A ``host`` that starts with ``/`` is the path of the broker's unix socket (``port``
+    is then unused), as for the agent's own link.  ``username`` is the link's own broker
+    account: a broker that binds client ids to accounts gives an account one connection.
     ``tls`` is a ready client context (chain and hostname checked) or ``None``.
     Timings: ``connect_timeout_s`` bounds TCP connect, TLS handshake, CONNACK and the
     first SUBACK together; ``backoff_initial_s`` / ``backoff_max_s`` are the reconnect
@@ -90,9 +94,14 @@ class BrokerSettings:
                 f"tls={self.tls is not None})")
 
     @property
+    def unix_socket(self) -> bool:
+        """True when ``host`` is a unix socket path."""
+        return is_socket_path(self.host)
+
+    @property
     def where(self) -> str:
-        """``host:port``, for messages."""
-        return f"{self.host}:{self.port}"
+        """``host:port`` (or the socket path), for messages."""
+        return self.host if self.unix_socket else f"{self.host}:{self.port}"
 
 
 class BridgeLink:
@@ -122,11 +131,12 @@ class BridgeLink:
         self.last_ok_at: float | None = None
         self.failures = 0
         self.connects = 0
-        self._paho = paho.Client(
+        self._paho = PahoClient(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=settings.client_id,
             clean_session=True,
             protocol=paho.MQTTv311,
+            transport="unix" if settings.unix_socket else "tcp",
         )
         if settings.username:
             self._paho.username_pw_set(settings.username, settings.password)
@@ -270,8 +280,10 @@ class BridgeLink:
                 close_failed(None)
             return
         sock: Any = self._paho.socket()
-        if isinstance(sock, socket.socket | ssl.SSLSocket):
+        if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET,
+                                                               socket.AF_INET6):
             # paho leaves Nagle on: with delayed ACKs a command would wait ~40 ms.
+            # (A unix socket has no Nagle, and refuses the option.)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         deadline = self._clock() + self.settings.connect_timeout_s
         while not self._stop.is_set():

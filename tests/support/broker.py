@@ -11,6 +11,10 @@ signals, the cheapest faithful way to break a broker on one machine:
   into the listen backlog, which is exactly a half-open, wedged broker (fault matrix #3);
 * :meth:`Broker.restart` comes back on the same port with the same persistence file.
 
+``Broker(..., unix_socket=True)`` adds a unix-socket listener at :attr:`Broker.socket_path`
+(in a short directory of its own: a socket path is limited to 107 bytes, which pytest's
+temporary directories exceed); ``Client(broker, unix=True)`` connects through it.
+
 :class:`Client` wraps paho's threaded client so a test reads like a script:
 ``client.publish(topic, payload)`` returns once the broker has the message and
 ``client.expect(topic)`` waits for what the gateway sends.
@@ -31,6 +35,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -44,6 +49,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from drivers.mqtt_client import PahoClient
 from gateway.mqtt import Message
 
 __all__ = [
@@ -223,9 +229,16 @@ class Broker:
         require_client_cert: bool = False,
         extra_conf: Sequence[str] = (),
         port: int | None = None,
+        unix_socket: bool = False,
     ) -> None:
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
+        #: The unix socket listener's path (``unix_socket=True``), else ``None``.  A test
+        #: that rewrites :attr:`conf_path` with only this listener keeps the path: then
+        #: :meth:`wait_ready` watches it.
+        self.socket_path: Path | None = None
+        if unix_socket:
+            self.socket_path = Path(tempfile.mkdtemp(prefix="mq-")) / "mqtt.sock"
         self.persistence = persistence
         self.tls = tls
         self.port = port if port is not None else free_port()
@@ -246,6 +259,7 @@ class Broker:
             # write our temporary directory; as anyone else this line is ignored.
             f"user {pwd.getpwuid(os.geteuid()).pw_name}",
             f"listener {self.port} {self.host}",
+            *([f"listener 0 {self.socket_path}"] if self.socket_path is not None else []),
             f"log_dest file {self.log_path}",
             "log_type error",
             "log_type warning",
@@ -320,12 +334,18 @@ class Broker:
             if self._proc is None or self._proc.poll() is not None:
                 raise BrokerError(f"mosquitto exited at start:\n{self.log_text()}")
             try:
+                if self.socket_path is not None:
+                    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                        probe.settimeout(0.5)
+                        probe.connect(str(self.socket_path))
+                    return
                 with socket.create_connection((self.host, self.port), timeout=0.5):
                     return
             except OSError:
                 if time.monotonic() > deadline:
                     raise BrokerError(
-                        f"mosquitto did not listen on {self.port} within {timeout}s:\n"
+                        f"mosquitto did not listen on {self.socket_path or self.port} "
+                        f"within {timeout}s:\n"
                         f"{self.log_text()}"
                     ) from None
                 time.sleep(0.01)
@@ -380,6 +400,8 @@ class Broker:
         """Kill the broker if it runs; safe to call twice."""
         self.kill()
         self._proc = None
+        if self.socket_path is not None:
+            shutil.rmtree(self.socket_path.parent, ignore_errors=True)
 
     def _proc_or_fail(self) -> subprocess.Popen[bytes]:
         if self._proc is None or self._proc.poll() is not None:
@@ -424,18 +446,26 @@ class Client:
         tls: TlsFiles | None = None,
         host: str | None = None,
         timeout: float = 5.0,
+        unix: bool = False,
     ) -> None:
         self.client_id = client_id or f"test-client-{os.getpid()}-{next(_client_ids)}"
+        #: Connections lost since it connected (paho reconnects by itself): a client
+        #: another one took the id of is disconnected over and over.
+        self.disconnects = 0
+        if unix and broker.socket_path is None:
+            raise BrokerError("Client(unix=True) needs a Broker(unix_socket=True)")
         self._cond = threading.Condition()
         self._messages: list[Message] = []
         self._subscribed: set[str] = set()
         self._suback: dict[int, list[ReasonCode]] = {}
         self._connected = threading.Event()
-        self._paho = paho.Client(
+        # PahoClient: paho's own leaks a unix socket at each failed reconnect.
+        self._paho = PahoClient(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             clean_session=clean_session,
             protocol=paho.MQTTv311,
+            transport="unix" if unix else "tcp",
         )
         if username is not None:
             self._paho.username_pw_set(username, password)
@@ -444,9 +474,11 @@ class Client:
         self._paho.on_connect = self._on_connect
         self._paho.on_message = self._on_message
         self._paho.on_subscribe = self._on_subscribe
-        self._paho.connect(host or broker.host, broker.port, keepalive=30)
+        self._paho.on_disconnect = self._on_disconnect
+        where = str(broker.socket_path) if unix else (host or broker.host)
+        self._paho.connect(where, broker.port, keepalive=30)
         sock: Any = self._paho.socket()
-        if sock is not None:  # paho leaves Nagle on; see gateway/mqtt.py
+        if sock is not None and not unix:  # paho leaves Nagle on; see gateway/mqtt.py
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._paho.loop_start()
         if not self._connected.wait(timeout):
@@ -457,6 +489,18 @@ class Client:
                     reason_code: ReasonCode, properties: Properties | None) -> None:
         if not reason_code.is_failure:
             self._connected.set()
+
+    def _on_disconnect(self, client: paho.Client, userdata: object,
+                       flags: paho.DisconnectFlags, reason_code: ReasonCode,
+                       properties: Properties | None) -> None:
+        with self._cond:
+            self.disconnects += 1
+            self._cond.notify_all()
+
+    @property
+    def connected(self) -> bool:
+        """True while paho's connection is up."""
+        return self._paho.is_connected()
 
     def _on_message(self, client: paho.Client, userdata: object,
                     msg: paho.MQTTMessage) -> None:
