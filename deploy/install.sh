@@ -205,6 +205,11 @@ if [ -f "$CONFIG" ] && [ ! -L "$CONFIG" ]; then
   # mode are set while it is still in root's directory, then one rename (-T: never into
   # a directory planted under that name) moves it to config/.
   say "moving $CONFIG to $CONFIG_DIR/gateway.toml (config.set writes only config/ now)"
+  # Checked again now that root owns the directory and no one else can swap the name: a
+  # hard link made while pip ran would hand the chown below another file (found in
+  # review; where fs.protected_hardlinks is off).
+  [ "$(stat -c %h -- "$CONFIG")" = 1 ] \
+    || die "$CONFIG has other hard links; copy it to a file of its own, then run this again."
   chown -h "$AGENT_UID:$AGENT_GID" "$CONFIG"
   chmod 0640 "$CONFIG"
   mv -T "$CONFIG" "$CONFIG_DIR/gateway.toml"

@@ -7,15 +7,26 @@ missing, or nothing accepts) leaves an open descriptor behind at every attempt, 
 frozen broker whose backlog is full blocks the connect forever.  :class:`PahoClient`
 gives it what paho's TCP path has: ``connect_timeout`` and a socket closed on failure.
 Every MQTT link of the drivers and the agent's (``gateway.mqtt_wire``) builds on it.
+
+It also refuses an incoming packet larger than :attr:`PahoClient.max_packet_bytes`
+before buffering a byte of its body: paho reads whatever length a broker declares (up to
+256 MiB), so a fake or broken broker could take a small box's memory with one packet.
+The connection is ended instead (paho then reports it lost and the link reconnects).
 """
 
 from __future__ import annotations
 
 import socket
+from typing import Any, Final
 
 import paho.mqtt.client as paho
 
-__all__ = ["PahoClient", "is_socket_path"]
+__all__ = ["DRIVER_MAX_PACKET_BYTES", "PahoClient", "is_socket_path"]
+
+#: The incoming packet cap of a driver's link.  Zigbee2MQTT publishes its whole device
+#: list as one retained message (a few hundred bytes a device), Tasmota far less; 2 MiB
+#: leaves room for a few thousand devices and bounds what a broker can make a Pi hold.
+DRIVER_MAX_PACKET_BYTES: Final = 2 * 1024 * 1024
 
 
 def is_socket_path(host: str) -> bool:
@@ -24,7 +35,40 @@ def is_socket_path(host: str) -> bool:
 
 
 class PahoClient(paho.Client):
-    """paho's client; a unix-socket connect has a timeout and never leaks its socket."""
+    """paho's client; a unix-socket connect has a timeout and never leaks its socket, and
+    an incoming packet over ``max_packet_bytes`` (0: no cap) ends the connection.
+
+    :attr:`oversize` is the declared size of the packet that ended the last connection,
+    or ``None``.
+    """
+
+    def __init__(self, *args: Any, max_packet_bytes: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_packet_bytes = max_packet_bytes
+        self.oversize: int | None = None
+
+    def _too_large(self) -> bool:
+        """Whether paho is about to read the body of a packet over the cap.
+
+        paho decodes the remaining length first (``have_remaining``) and only then asks
+        for the body; that request is the moment to refuse, before a byte of it is kept.
+        """
+        packet = self._in_packet
+        if not self.max_packet_bytes or not packet["have_remaining"]:
+            return False
+        size = 1 + len(packet["remaining_count"]) + packet["remaining_length"]
+        if size <= self.max_packet_bytes:
+            return False
+        self.oversize = size
+        return True
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._too_large():
+            # An empty read is how paho learns a connection ended: it closes the socket
+            # and reports MQTT_ERR_CONN_LOST without logging a receive error of its own.
+            return b""
+        data: bytes = super()._sock_recv(bufsize)
+        return data
 
     def _create_unix_socket_connection(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -12,7 +12,9 @@ doors kept working.  So a port is one of:
   while the config is written); anywhere else only a path that resolves to a character
   device at the time it is checked (a symlink to a pseudo-terminal, as the simulators
   make).  A path that exists and is not a character device (a regular file, a
-  directory, a FIFO) is refused wherever it is;
+  directory, a FIFO) is refused wherever it is, and so is any path in a directory
+  anyone may write to (``/dev/shm``, ``/tmp``), where another user could plant the name
+  between the check and the open;
 * ``socket://HOST:PORT`` or ``rfc2217://HOST:PORT``: a serial device server on the
   network (a Moxa or USR-style RS-485-to-Ethernet box), the two schemes a real install
   needs, with no query string (pyserial reads options such as ``logging=`` from it), no
@@ -90,6 +92,16 @@ def _path_problem(port: str) -> str | None:
     if "?" in port or "#" in port:
         return f"must be a plain device path, found {port!r}"
     under_dev = os.path.normpath(port).startswith(DEVICE_DIR)
+    parent = os.path.dirname(os.path.normpath(port))
+    try:
+        open_to_all = bool(os.stat(parent).st_mode & stat.S_IWOTH)
+    except (OSError, ValueError):
+        open_to_all = False  # a missing directory: nothing can be planted in it either
+    if open_to_all:
+        # /dev/shm, /dev/mqueue, /tmp: any local user may create (or swap) the name
+        # between this check and the open (found in review).
+        return (f"{port} is in {parent}, which anyone may write to; use the device's "
+                "own path (/dev/ttyUSB0, /dev/serial/by-id/…)")
     try:
         st = os.stat(port)  # follows links: what would actually be opened
     except FileNotFoundError:

@@ -84,6 +84,9 @@ SWITCH_INTERVAL_S = 0.001
 #: paths or Stora's capped reason (gateway/outbox.py keeps its notes to the same 1200),
 #: far below any broker's packet limit.
 ALARM_DETAIL_MAX: Final = 1200
+#: Rows deleted per transaction by the prune job: the first run after an upgrade may
+#: find months of history, and a command waits for the store's lock meanwhile.
+PRUNE_BATCH: Final = 2000
 #: Command ids remembered in memory to answer a late duplicate without a query.
 RECENT_JTIS_MAX = 10_000
 #: Results kept while the broker is unreachable (the oldest go first beyond this).
@@ -123,6 +126,12 @@ class Agent:
         )
 
         def clock_alarm(kind: str, detail: str) -> None:
+            # The clock stepped or its floor moved: an `expired` verdict may no longer
+            # be final, so the screens forget theirs (gateway/intake.py).
+            for screen in (getattr(self, "screen", None),
+                           getattr(getattr(self, "mgmt", None), "screen", None)):
+                if screen is not None:
+                    screen.forget()
             # Before the first connection (a step or a reset at start) nothing can be
             # published: kept for on_connected like the storage alarms.
             link = getattr(self, "link", None)
@@ -432,11 +441,14 @@ class Agent:
             self._result(Outcome(command.jti, command.cmd, command.unit, "failed",
                                  "hardware_error", None, time.time()))
             return
-        if first is not None and first.status == "queued":
-            # Received before and never started (held at a restart while the clock was
-            # untrusted): this copy verified now, so it runs; the store's queued ->
-            # executing step still lets only one copy execute.  Found in review: it was
-            # answered as a duplicate and never ran.
+        if (first is not None and first.status == "queued" and command.jti in self._held
+                and (first.cmd, first.unit) == (command.cmd, command.unit)):
+            # Received before a restart and held there for an untrusted clock: this copy
+            # verified now, so it runs (found in review: it was answered as a duplicate
+            # and never ran).  Only the same action on the same unit: a reused jti never
+            # moves another lock.  The store's queued -> executing step still lets only
+            # one copy execute.
+            self._held.discard(command.jti)
             self._submit(command)
             return
         if first is not None:
@@ -454,13 +466,13 @@ class Agent:
         LOGGER.debug("command rejected: %s (%s)", rejection.reason, rejection.detail)
         self.rejected_by_reason[rejection.reason] = (
             self.rejected_by_reason.get(rejection.reason, 0) + 1)
+        if not self.rejections.take():
+            return  # a flood is not amplified onto the broker, duplicates included
         # Only a jti this agent answered recently can be a late duplicate; anything
         # else (a flood of replayed tokens) costs no database lookup.
         stored = (self.store.command(rejection.jti)
                   if rejection.claims_verified and rejection.jti is not None
                   and rejection.jti in self._recent_jtis else None)
-        if not self.rejections.take():
-            return  # a flood is not amplified onto the broker, duplicates included
         if stored is not None and stored.result:
             # A genuine command we already answered, redelivered after it expired:
             # the original result, as a duplicate (contract §4).
@@ -795,18 +807,38 @@ class Agent:
 
     def prune_store(self) -> dict[str, int] | None:
         """Delete what no guarantee needs any more (the ``store.prune`` job); how many
-        rows went, or ``None`` when skipped because the wall clock is not trusted."""
-        from gateway.store import DEAD_KEEP_S, DELIVERED_KEEP_S, command_keep_s
+        rows went, or ``None`` when skipped because the wall clock is not trusted.
+
+        Times are measured from the trusted-time floor, not the wall clock: a command's
+        ``jti`` goes only once it arrived :func:`~gateway.store.command_dedupe_s` before
+        the floor, so no clock the agent can trust would take a replay of it as fresh,
+        and a forged step forward (which the floor does not follow) deletes nothing
+        early.  Found in review: measured from the wall clock, a trusted forward step
+        deleted ids that dedupe still needed.
+        """
+        from gateway.store import (
+            COMMAND_KEEP_MIN_S,
+            DEAD_KEEP_S,
+            DELIVERED_KEEP_S,
+            command_dedupe_s,
+        )
 
         if not self.clock.trusted()[0]:
             return None
-        now = self.clock.now()
+        base = min(self.clock.now(), self.clock.floor)
         commands = self.config.commands
-        with self.store.transaction() as tx:
-            gone: dict[str, int] = tx.prune(
-                commands_before=now - command_keep_s(commands.max_lifetime_s,
-                                                     commands.clock_skew_s),
-                delivered_before=now - DELIVERED_KEEP_S, dead_before=now - DEAD_KEEP_S)
+        gone = {"commands": 0, "delivered": 0, "dead": 0}
+        while True:  # in batches: commands wait for the store's lock meanwhile
+            with self.store.transaction() as tx:
+                batch: dict[str, int] = tx.prune(
+                    commands_before=min(base - COMMAND_KEEP_MIN_S, base - command_dedupe_s(
+                        commands.max_lifetime_s, commands.clock_skew_s)),
+                    delivered_before=base - DELIVERED_KEEP_S, dead_before=base - DEAD_KEEP_S,
+                    limit=PRUNE_BATCH)
+            for key, count in batch.items():
+                gone[key] += count
+            if max(batch.values()) < PRUNE_BATCH or self.stop_event.is_set():
+                break
         if any(gone.values()):
             LOGGER.info("database pruned: %d ended commands, %d delivered and %d dead "
                         "Timeline Events", gone["commands"], gone["delivered"], gone["dead"])
@@ -823,7 +855,9 @@ class Agent:
         trusted (a periodic job; cheap when there are none)."""
         if self._held and self.clock.trusted()[0]:
             with self._intake:  # not beside a live copy of the same command
-                self._run_queued(only=set(self._held))
+                held, self._held = self._held, set()
+                # Only those still queued: one a re-send ran meanwhile is not run again.
+                self._run_queued(only=held)
 
     def start(self) -> None:
         """Start everything, the periodic jobs and the watchdog's checks last; returns
@@ -838,6 +872,14 @@ class Agent:
         self.recover()
         self.link.start()
         from gateway.outbox import build_drainer
+
+        plain = [url for url in (self.config.stora.base_url, self.config.stora.token_url)
+                 if url.startswith("http://")]
+        if plain:  # only loopback passes check-config; say it is not for a real site
+            LOGGER.warning("[stora] uses plain http:// (%s): any local user who binds "
+                           "that port while its server is down gets the credential and "
+                           "can answer with any Date; fine for a sandbox, not for a site",
+                           ", ".join(plain))
 
         # Every trusted Stora answer's Date is a second source for the clock's floor.
         self.outbox = build_drainer(self.config, self.store, self.alarm,

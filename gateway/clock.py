@@ -55,6 +55,12 @@ prove without believing any clock:
   trusted raises ``clock_step``, synchronized or not: a trusted clock never needs such a
   correction.  (The first synchronization after boot moves the clock by however long
   the box was off; the clock is not trusted yet then, so that step is not alarmed.)
+* **Confirmed time.**  While the clock is trusted, a time from another source (the
+  HTTPS ``Date`` of Stora or the relay) that agrees with the wall clock within
+  :data:`SERVER_TIME_TOLERANCE_S` moves the proven time up to it, so on a gateway that
+  talks to Stora the floor follows the real time; a forged step forward is not
+  confirmed.  A floor saved by an earlier version, with no proven time beside it, that
+  the wall clock has already passed is taken as proven at the first start.
 * **Second source.**  While the wall clock reads before the floor, a time from another
   source (the HTTPS ``Date`` of Stora or the relay: :meth:`TrustedClock.observe_server_time`)
   that agrees with it within :data:`SERVER_TIME_TOLERANCE_S` confirms the wall clock:
@@ -504,6 +510,15 @@ class TrustedClock:
             self._store = store
             self._proven_base = _proven_base(stored_proven, self._build_floor)
             self._proven_mono = self._mono()
+            if (stored_proven is None and bad_proven is None and floor is not None
+                    and garbage is None and floor <= self._wall()):
+                # Saved by a version without the proven time: a floor the wall clock has
+                # passed is taken as proven (found in review: it was reported as forged
+                # on every upgraded site and dropped to the build date).  One still ahead
+                # of the wall clock is judged as any other.
+                LOGGER.info("trusted-time floor %s from an earlier version taken as the "
+                            "proven time", _at(floor))
+                self._proven_base = max(self._proven_base, floor)
             effective, problem = _judge_floor(floor, garbage, self._proven_base)
             if effective is not None and effective > self._floor:
                 self._floor = effective
@@ -558,7 +573,10 @@ class TrustedClock:
             return
         with self._lock:
             wall = self._observe()
-            if not (math.isfinite(server) and math.isfinite(wall)) or wall >= self._floor:
+            if not (math.isfinite(server) and math.isfinite(wall)):
+                return
+            if wall >= self._floor:
+                self._confirm_proven(wall, server)
                 return
             old = self._floor
             proven = self._proven_now()
@@ -613,6 +631,18 @@ class TrustedClock:
                 "saved": saved, "clock": self.status()}
 
     # -- internals (called with self._lock held, unless said otherwise) ------------------------
+    def _confirm_proven(self, wall: float, server: float) -> None:
+        """A trusted wall clock that a server's time confirms moves the proven time up to
+        it.  Found in review: proven time alone (build date plus run time) trails the real
+        time by every day the box was off or waiting to be installed, and with it the
+        floor, which then guarded against almost no step back.  A forged step forward is
+        not confirmed (the server disagrees), so the bound still holds against it."""
+        if abs(server - wall) > SERVER_TIME_TOLERANCE_S or not self._judge(wall)[0]:
+            return
+        confirmed = min(wall, server)
+        if confirmed > self._proven_now():
+            self._proven_base, self._proven_mono = confirmed, self._mono()
+
     def _proven_now(self) -> float:
         # Monotonic time never goes back; max() keeps an injected clock's from doing so.
         return self._proven_base + max(0.0, self._mono() - self._proven_mono)

@@ -152,7 +152,8 @@ class CommandsConfig:
     max_lifetime_s: int
     #: When the wall clock may judge command freshness (gateway/clock.py): "ntp" (the
     #: kernel says it is synchronized) or "system" (a box with an RTC or another time
-    #: discipline); both refuse a clock earlier than the last time known good.
+    #: discipline); both refuse a clock earlier than the trusted-time floor
+    #: (gateway/clock.py).
     clock: str = "ntp"
 
 

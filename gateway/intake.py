@@ -50,8 +50,9 @@ __all__ = [
 REFUSED_CACHE_MAX = 4096
 #: Rejection reasons that no later moment can change for the same bytes under the same
 #: configuration.  Not ``not_yet_valid`` or ``clock_untrusted`` (time cures those) and not
-#: ``retained`` (the same bytes may come live).  ``expired`` is final: the clock is
-#: trusted only at or above its floor, which follows trusted time forward.
+#: ``retained`` (the same bytes may come live).  ``expired`` is final while the trusted
+#: clock only moves forward; when it does not (a step, the floor lowered or reset) the
+#: agent calls :meth:`Screen.forget`.
 LASTING_REASONS = frozenset({"malformed", "bad_signature", "unknown_key", "wrong_site",
                              "expired", "lifetime_too_long", "unknown_unit"})
 #: Marks a payload whose claims were refused while its signature was not checked.
@@ -148,17 +149,26 @@ class Screen:
         # popping a dict's oldest key scans the slots its earlier deletions left behind,
         # which a flood turns quadratic.
         self._refused: OrderedDict[bytes, Rejection | object] = OrderedDict()
+        self._stale = False
 
     def reset(self, verifier: CommandVerifier) -> None:
         """New keys or rules: verify with ``verifier`` and forget every verdict."""
         self.verifier = verifier
         self._refused.clear()
 
+    def forget(self) -> None:
+        """Forget every verdict before the next check; safe from any thread (the clock
+        stepped or its floor moved, so ``expired`` may no longer be final)."""
+        self._stale = True
+
     def __len__(self) -> int:
         return len(self._refused)
 
     def check(self, payload: bytes, *, retained: bool) -> Command | Rejection | None:
         """The verdict on ``payload`` (see the class docstring)."""
+        if self._stale:
+            self._stale = False
+            self._refused.clear()
         # Oversized payloads fail on their length alone; hashing them would cost more.
         digest = (hashlib.blake2b(payload, digest_size=16).digest()
                   if not retained and len(payload) <= self._max_bytes else None)

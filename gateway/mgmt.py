@@ -130,8 +130,19 @@ REMOTE_SETTINGS: Final = frozenset({
     "locks[*].unlock_seconds",
     "controllers[*].timeout_ms", "controllers[*].retries",
 })
-#: Remote changes to these may only make them smaller (stricter freshness).
-_TIGHTEN_ONLY: Final = frozenset({"commands.clock_skew_s", "commands.max_lifetime_s"})
+#: Remote changes to these may only make them smaller: stricter freshness, and no more
+#: load on Stora than the site was given.
+_TIGHTEN_ONLY: Final = frozenset({"commands.clock_skew_s", "commands.max_lifetime_s",
+                                  "stora.max_per_second", "stora.max_per_minute"})
+#: How far a remote change may go, so that one signed request cannot lock the relay out
+#: (found in review): the relay signs lockouts and clears for up to 300 s (contract
+#: §7.3), and under 5 s of skew a relay whose clock is a few seconds off is refused.  An
+#: unlock held longer than 5 minutes by default is a site decision, not a remote one.
+_REMOTE_BOUNDS: Final = {
+    "commands.max_lifetime_s": (300, None),
+    "commands.clock_skew_s": (5, None),
+    "locks[*].unlock_seconds": (None, 300),
+}
 
 
 def _flatten(value: Any, prefix: str) -> dict[str, Any]:
@@ -194,6 +205,12 @@ def protected_changes(old: Any, new: Any) -> list[str]:
         if not allowed:
             refused.append(path if path in before and path in after
                            else f"{path} ({'added' if path in after else 'removed'})")
+            continue
+        low, high = _REMOTE_BOUNDS.get(pattern, (None, None))
+        if isinstance(now, int) and low is not None and now < low:
+            refused.append(f"{path} (remotely at least {low})")
+        elif isinstance(now, int) and high is not None and now > high:
+            refused.append(f"{path} (remotely at most {high})")
     return refused
 
 
@@ -328,6 +345,14 @@ class Management:
     def _rejected(self, rejection: Rejection) -> None:
         from gateway.store import StoreError
 
+        # Debug only, as for commands: a flood would write a line per message; the
+        # counts are in `status`.
+        LOGGER.debug("management request rejected: %s", rejection)
+        if not self.agent.rejections.take():
+            # Throttled: nothing would be published, so no database lookup either (a
+            # flood of one captured, expired request must not cost a query each).
+            self._count("rejected")
+            return
         if rejection.claims_verified and rejection.jti is not None:
             try:
                 row = self.agent.store.command(rejection.jti)
@@ -337,20 +362,15 @@ class Management:
                 # An expired re-send of a request already answered: its result again,
                 # within the same bucket as every rejection (no amplification).
                 self._count("duplicates")
-                if self.agent.rejections.take():
-                    self._publish(_stored_payload(row))
+                self._publish(_stored_payload(row))
                 return
         self._count("rejected")
-        # Debug only, as for commands: a flood would write a line per message; the
-        # counts are in `status`.
-        LOGGER.debug("management request rejected: %s", rejection)
-        if self.agent.rejections.take():  # a flood is not amplified onto the broker
-            # Unverified ids are the sender's word: never echoed (see
-            # gateway.agent.rejection_outcome).
-            verified = rejection.claims_verified
-            self._publish(self._payload(rejection.jti if verified else None,
-                                        rejection.cmd if verified else None, "rejected",
-                                        rejection.reason, None))
+        # Unverified ids are the sender's word: never echoed (see
+        # gateway.agent.rejection_outcome).
+        verified = rejection.claims_verified
+        self._publish(self._payload(rejection.jti if verified else None,
+                                    rejection.cmd if verified else None, "rejected",
+                                    rejection.reason, None))
 
     def _duplicate(self, request: Command, first: Any) -> None:
         self._count("duplicates")
@@ -415,8 +435,17 @@ class Management:
                 "duplicate": duplicate, "at": rfc3339(time.time())}
 
     def _publish(self, payload: Mapping[str, Any]) -> None:
+        from gateway.mqtt_wire import publish_packet_size
+
+        topic = f"{self.agent.prefix}/mgmt/result"
         data = json.dumps(payload, separators=(",", ":"), default=str).encode()
-        if not self.agent.link.publish(f"{self.agent.prefix}/mgmt/result", data, qos=1):
+        cap = self.agent.config.mqtt.max_packet_bytes
+        if publish_packet_size(topic, len(data), 1) > cap:
+            # Found in review: a large answer (a locks.test of every lock on a big site)
+            # was refused by the link and looked like "broker not connected".
+            payload = _shrunk(payload, len(data), cap)
+            data = json.dumps(payload, separators=(",", ":"), default=str).encode()
+        if not self.agent.link.publish(topic, data, qos=1):
             LOGGER.warning("management result %s not sent: broker not connected (a re-send "
                            "of the request gets it)", payload.get("jti"))
 
@@ -621,6 +650,20 @@ def config_page_end(text: str, offset: int, limit: int = CONFIG_CHUNK_CHARS) -> 
         else:
             hi = mid - 1
     return lo
+
+
+def _shrunk(payload: Mapping[str, Any], size: int, cap: int) -> dict[str, Any]:
+    """``payload`` with its ``result`` cut to the top-level scalars (``passed``, counts,
+    hashes) and a note saying the full answer did not fit the broker's packet limit."""
+    result = payload.get("result")
+    kept: dict[str, Any] = {}
+    if isinstance(result, Mapping):
+        kept = {k: v for k, v in result.items()
+                if v is None or isinstance(v, bool | int | float)
+                or (isinstance(v, str) and len(v) <= 200)}
+    kept["omitted"] = (f"the full result is {size} bytes, over mqtt.max_packet_bytes "
+                       f"({cap}); ask for less (fewer units, a config.get offset)")
+    return {**payload, "result": kept}
 
 
 def _stored_payload(row: Any) -> dict[str, Any]:

@@ -104,8 +104,6 @@ class ReadAheadClient(PahoClient):
         self._ahead = bytearray()
         self._ahead_sock: object = None
         self.recv_calls = 0
-        self.max_packet_bytes = 0
-        self.oversize: int | None = None
         self._publish_handler: PublishHandler | None = None
 
     def set_publish_handler(self, handler: PublishHandler | None) -> None:
@@ -193,21 +191,6 @@ class ReadAheadClient(PahoClient):
     def buffered(self) -> int:
         """Bytes read from the socket that paho has not taken yet."""
         return len(self._ahead) if self._ahead_sock is self._sock else 0
-
-    def _too_large(self) -> bool:
-        """Whether paho is about to read the body of a packet over the cap.
-
-        paho decodes the remaining length first (``have_remaining``) and only then asks
-        for the body; that request is the moment to refuse, before a byte of it is kept.
-        """
-        packet = self._in_packet
-        if not self.max_packet_bytes or not packet["have_remaining"]:
-            return False
-        size = 1 + len(packet["remaining_count"]) + packet["remaining_length"]
-        if size <= self.max_packet_bytes:
-            return False
-        self.oversize = size
-        return True
 
     def _sock_recv(self, bufsize: int) -> bytes:
         ahead = self._ahead

@@ -119,7 +119,7 @@ __all__ = [
     "StoreReadOnly",
     "Transaction",
     "UnitRow",
-    "command_keep_s",
+    "command_dedupe_s",
     "migrate",
 ]
 
@@ -373,6 +373,14 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             "CREATE INDEX events_state_delivered_at ON events (state, delivered_at)",
         ),
     ),
+    Migration(
+        "index of arrival times of commands (pruning ended ones)",
+        (
+            # The hourly prune deletes ended commands oldest first; without this it scans
+            # the whole inbox every hour.
+            "CREATE INDEX commands_received_at ON commands (received_at)",
+        ),
+    ),
 )
 
 #: Event states: ``pending`` until delivered; ``dead`` when Stora refused it for good
@@ -381,7 +389,8 @@ EVENT_STATES: Final = frozenset({"pending", "delivered", "dead"})
 #: Send times older than this are pruned: the 60 s window plus the limiter's margin and
 #: room for clock noise.
 SEND_HISTORY_KEEP_S: Final = 120.0
-#: An ended command's id is kept at least this long (:func:`command_keep_s`), so the
+#: An ended command's row is kept at least this long, for a technician's look back, and
+#: longer while dedupe needs it (:func:`command_dedupe_s`); then it is pruned, so the
 #: table stays bounded on an SD card (found in review: it was never pruned).
 COMMAND_KEEP_MIN_S: Final = 7 * 86_400.0
 #: Delivered Timeline Events are kept this long, for ``outbox`` and a technician's look
@@ -393,16 +402,17 @@ DELIVERED_KEEP_S: Final = 30 * 86_400.0
 DEAD_KEEP_S: Final = 90 * 86_400.0
 
 
-def command_keep_s(max_lifetime_s: float, clock_skew_s: float) -> float:
-    """How long an ended command's ``jti`` must be kept for dedupe, with room to spare.
+def command_dedupe_s(max_lifetime_s: float, clock_skew_s: float) -> float:
+    """How long before the trusted-time floor a command must have arrived for no copy of
+    its token to pass the freshness check any more.
 
-    A copy of the token passes the freshness check only until ``exp + clock_skew_s``;
-    ``exp`` is at most ``iat + max_lifetime_s`` and ``iat`` at most ``clock_skew_s``
-    after arrival, so ``received_at + max_lifetime_s + 2 × clock_skew_s`` bounds it.  A
-    day on top covers a wall clock stepped back (within the trusted floor), and
-    :data:`COMMAND_KEEP_MIN_S` keeps a week of audit whatever the settings.
+    A copy passes only until ``exp + clock_skew_s``; ``exp`` is at most ``iat +
+    max_lifetime_s`` and ``iat`` at most ``clock_skew_s`` after arrival, so a command
+    received before ``floor - (max_lifetime_s + 2 × clock_skew_s)`` is expired at any
+    wall time the clock can be trusted at (gateway/clock.py).  A minute on top for
+    rounding.  Its ``jti`` may then go: nothing can replay it.
     """
-    return max(COMMAND_KEEP_MIN_S, max_lifetime_s + 2 * clock_skew_s + 86_400.0)
+    return max_lifetime_s + 2 * clock_skew_s + 60.0
 
 
 def migrate(conn: sqlite3.Connection, migrations: Sequence[Migration] = MIGRATIONS) -> int:
@@ -797,23 +807,29 @@ class Transaction:
         return cur.rowcount
 
     def prune(self, *, commands_before: float, delivered_before: float,
-              dead_before: float) -> dict[str, int]:
+              dead_before: float, limit: int = 10_000) -> dict[str, int]:
         """Delete what no guarantee needs any more; how many rows of each kind went.
 
         Commands that ended (any final status) and were received before
         ``commands_before``; Timeline Events delivered before ``delivered_before``;
-        dead letters that died before ``dead_before``.  Queued and executing commands
-        and pending events are never touched.  The caller picks the times from what
-        dedupe needs (:data:`COMMAND_KEEP_S`, :func:`command_keep_s`).
+        dead letters that died before ``dead_before``; at most ``limit`` of each, oldest
+        first (call again while a count reaches it).  Queued and executing commands and
+        pending events are never touched.  The caller picks the times from what dedupe
+        needs (:data:`COMMAND_KEEP_MIN_S`, :func:`command_dedupe_s`).
         """
         final = tuple(sorted(_FINAL_STATUSES))
         marks = ", ".join("?" * len(final))
-        commands = self._q(f"DELETE FROM commands WHERE status IN ({marks}) "  # noqa: S608
-                           "AND received_at < ?", (*final, commands_before)).rowcount
-        delivered = self._q("DELETE FROM events WHERE state = 'delivered' "
-                            "AND delivered_at < ?", (delivered_before,)).rowcount
-        dead = self._q("DELETE FROM events WHERE state = 'dead' AND dead_at < ?",
-                       (dead_before,)).rowcount
+        commands = self._q(
+            "DELETE FROM commands WHERE rowid IN (SELECT rowid FROM commands "  # noqa: S608
+            f"WHERE received_at < ? AND status IN ({marks}) ORDER BY received_at LIMIT ?)",
+            (commands_before, *final, limit)).rowcount
+        delivered = self._q(
+            "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE state = "
+            "'delivered' AND delivered_at < ? ORDER BY delivered_at LIMIT ?)",
+            (delivered_before, limit)).rowcount
+        dead = self._q(
+            "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE state = 'dead' "
+            "AND dead_at < ? ORDER BY seq LIMIT ?)", (dead_before, limit)).rowcount
         return {"commands": commands, "delivered": delivered, "dead": dead}
 
     def record_send(self, at: float) -> None:

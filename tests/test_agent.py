@@ -489,18 +489,24 @@ def test_a_resend_of_a_command_held_at_restart_runs_it(site: SimSite) -> None:
     """...and a re-send of it, once verified, runs it instead of being answered as a
     duplicate of a command that never ran (found in review)."""
     _ntp_site(site)
-    jti, token = site.signer.command("unlock", "unit_a102", dur=1)
+    jti, token = site.signer.command("unlock", "unit_a102", dur=3)  # no relock meanwhile
     _queue_before_restart(site, token, jti, "unit_a102")
     synced = {"now": False}
     client = site.client()
-    with Running(site, clock_synced=lambda: synced["now"]) as agent:
+    with Running(site, clock_synced=lambda: synced["now"],
+                 job_intervals={"units.reconcile": 0.2}) as agent:
+        # A copy reusing the held jti for another unit moves nothing (found in review).
+        _, other = site.signer.command("unlock", "unit_a103", dur=1, jti=jti)
         synced["now"] = True  # the clock becomes trusted; the relay re-sends at once
+        send(client, other)
         send(client, token)
-        got = result_for(client, jti, timeout=10)
-        assert [(r["status"], r["duplicate"]) for r in got] == [("done", False)]
-        time.sleep(0.5)
-        assert len(result_for(client, jti)) == 1
+        got = result_for(client, jti, timeout=10, count=2)  # the reused copy's answer too
+        assert ("done", False) in [(r["status"], r["duplicate"]) for r in got]
+        time.sleep(1.0)  # several retry passes: none runs it again or keeps it held
+        assert [r["duplicate"] for r in result_for(client, jti, count=2)].count(False) == 1
+        assert agent._held == set()
         assert agent.units.actuations == 1
+        assert site.coil("unit_a103") is False
 
 
 @pytest.mark.parametrize("params", [
@@ -528,15 +534,39 @@ def test_a_technician_test_with_absurd_timings_is_refused_over_the_control_socke
 def test_the_prune_job_drops_old_ended_commands_only_while_the_clock_is_trusted(
     site: SimSite,
 ) -> None:
+    """Measured from the trusted-time floor, not the wall clock (found in review: a
+    trusted forward step deleted ids dedupe still needed).  With nothing to confirm the
+    clock here, the floor is the build date: what came before it goes, what came after
+    stays, however old the wall clock says it is."""
+    from gateway.clock import BUILD_FLOOR
+
     _ntp_site(site)
     synced = {"now": False}
     with Running(site, clock_synced=lambda: synced["now"]) as agent:
-        old = time.time() - 30 * 86_400
         with agent.store.transaction() as tx:
-            assert tx.claim_command("ancient", "unlock", "unit_a101", old)
-            tx.finish_command("ancient", "done", None, {"jti": "ancient"})
+            for jti, at in (("ancient", BUILD_FLOOR - 10 * 86_400),
+                            ("recent", time.time() - 8 * 86_400)):
+                assert tx.claim_command(jti, "unlock", "unit_a101", at)
+                tx.finish_command(jti, "done", None, {"jti": jti})
         assert agent.prune_store() is None  # a clock it cannot trust decides nothing
         assert agent.store.command("ancient") is not None
         synced["now"] = True
         assert agent.prune_store() == {"commands": 1, "delivered": 0, "dead": 0}
         assert agent.store.command("ancient") is None
+        assert agent.store.command("recent") is not None
+
+
+def test_cached_verdicts_are_forgotten_when_the_clock_floor_moves(site: SimSite) -> None:
+    """`expired` is cached as final only while the trusted clock moves forward; a reset
+    (or lowering) of the floor, or a step, makes the screens judge again (review)."""
+    client = site.client()
+    with Running(site) as agent:
+        jti, stale = site.signer.command("unlock", "unit_a101", iat=int(time.time()) - 900)
+        send(client, stale)
+        send(client, stale)
+        result_for(client, jti, count=2)
+        assert agent.counters["refused_again"] == 1
+        agent.reset_clock_floor("test")
+        send(client, stale)
+        result_for(client, jti, count=3)
+        assert agent.counters["refused_again"] == 1  # judged again, not from the cache

@@ -461,3 +461,58 @@ def test_stored_floor_without_a_database(t: FakeTime) -> None:
     shown = stored_floor(None, now=t.wall)
     assert shown["floor"] == rfc3339(BUILD_FLOOR, timespec="seconds")
     assert shown["floor_ok"] is True
+
+
+# -- found in review: the proven time must follow a confirmed clock -------------------------
+
+
+def test_a_server_date_confirming_a_trusted_clock_lets_the_floor_follow_the_real_time(
+        t: FakeTime) -> None:
+    """Installed 30 days after its build, the box's run time alone proves only the build
+    date: the floor would trail the real time by a month (or by every day the box was
+    off), guarding against almost no step back.  An HTTPS Date that agrees with the
+    trusted wall clock moves the proven time, and with it the saved floor, up to now."""
+    store = MemoryMeta()
+    t.synced = True
+    clock, alarms = loaded(t, store)
+    clock.save_floor()
+    assert float(store.values[FLOOR_KEY]) == pytest.approx(BUILD_FLOOR + FLOOR_MARGIN_S)
+    clock.observe_server_time(t.wall + 1)
+    t.advance(60)
+    clock.save_floor()
+    assert float(store.values[FLOOR_KEY]) == t.wall
+    assert float(store.values[PROVEN_KEY]) == pytest.approx(t.wall, abs=1)
+    assert alarms == []
+    # So a step back of a day, trusted by a forged NTP, is now refused by the floor.
+    t.step_wall(-DAY)
+    restarted, _ = loaded(t, store)
+    assert restarted.trusted()[0] is False
+
+
+def test_a_forged_step_forward_is_not_confirmed_by_the_server(t: FakeTime) -> None:
+    store = MemoryMeta()
+    t.synced = True
+    clock, _ = loaded(t, store)
+    clock.trusted()
+    real = t.wall
+    t.step_wall(3650 * DAY)  # forged NTP, "synchronized"
+    clock.observe_server_time(real)  # Stora says otherwise
+    assert clock.proven() < real
+    clock.save_floor()
+    assert float(store.values[FLOOR_KEY]) < real
+
+
+def test_a_floor_from_an_earlier_version_that_the_clock_has_passed_is_kept_quietly(
+        t: FakeTime) -> None:
+    """Found in review: every upgraded site got a "forged clock step" alarm and lost its
+    floor, because earlier versions saved no proven time beside it."""
+    store = MemoryMeta(**{FLOOR_KEY: repr(t.wall - 120)})  # the last run's, no proven time
+    t.synced = True
+    clock, alarms = loaded(t, store)
+    assert alarms == []
+    assert clock.floor == t.wall - 120
+    assert clock.proven() >= t.wall - 120
+    # One still ahead of the wall clock is judged as before: dropped, with the alarm.
+    ahead = MemoryMeta(**{FLOOR_KEY: repr(t.wall + 3650 * DAY)})
+    _, alarms = loaded(t, ahead)
+    assert alarms.kinds() == ["clock_floor_invalid"]

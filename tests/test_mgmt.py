@@ -273,6 +273,16 @@ def test_config_set_applies_commands_and_telemetry_live_and_returns_the_hash(
      "commands.trusted_keys.mine"),
     (lambda t, k: t.replace('clock = "system"', 'clock = "system"\nmax_lifetime_s = 86400'),
      "commands.max_lifetime_s"),
+    # Tighter, but so tight that the relay's own lockouts (300 s) and a relay clock a
+    # second off would be refused: one request would lock the relay out (found in review).
+    (lambda t, k: t.replace('clock = "system"', 'clock = "system"\nmax_lifetime_s = 1'),
+     "commands.max_lifetime_s (remotely at least 300)"),
+    (lambda t, k: t.replace('clock = "system"', 'clock = "system"\nclock_skew_s = 0'),
+     "commands.clock_skew_s (remotely at least 5)"),
+    (lambda t, k: t.replace("unlock_seconds = 2", "unlock_seconds = 3600", 1),
+     "locks[unit_a101].unlock_seconds (remotely at most 300)"),
+    (lambda t, k: t.replace("max_per_second = 10", "max_per_second = 50"),
+     "stora.max_per_second"),
     (lambda t, k: t.replace("http://127.0.0.1:9/2025-09", "https://attacker.example/x"),
      "stora.base_url"),
     (lambda t, k: t.replace('token_file = "', 'token_file = "/etc/../', 1), "stora.token_file"),
@@ -601,3 +611,29 @@ def test_config_set_through_a_symlinked_config_replaces_the_target_and_keeps_the
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".gateway.toml")]
     finally:
         site.close()
+
+
+def test_an_answer_too_large_for_the_broker_is_shrunk_not_lost(site: SimSite,
+                                                               client: Client) -> None:
+    """Found in review: an answer over mqtt.max_packet_bytes (here outbox.retry of 15,000
+    dead letters, its list of numbers ~90 KB) was refused by the link and lost, logged as
+    "broker not connected".  It goes out cut to its summary, saying so."""
+    from gateway.timeline import external_id_for, make_event
+
+    with RunningAgent(site.config_path) as agent:
+        with agent.store.transaction() as tx:
+            for n in range(15_000):
+                tx.add_event(make_event(
+                    "locked", app_name="TestGate", site_id=SITE, unit="unit_a101",
+                    reference="A-101", external_id=external_id_for("big", str(n)),
+                    occurred_at=time.time()))
+        seqs = [e.seq for e in agent.store.events(limit=20_000)]
+        with agent.store.transaction() as tx:
+            for seq in seqs:
+                tx.mark_dead(seq, generation=0, unanswered_since=None, attempts=1,
+                             status=422, code="invalid", error={}, dead_at=time.time())
+        res = answer(client, ask(site, client, "outbox.retry", args={"all_dead": True}),
+                     timeout=30)
+        assert agent.link.connected
+    assert res["status"] == "done", res
+    assert "over mqtt.max_packet_bytes (65536)" in res["result"]["omitted"]

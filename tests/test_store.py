@@ -662,7 +662,7 @@ def test_migration_2_upgrades_a_version_1_file_keeping_its_events_due(db: Path) 
         assert (row.external_id, row.state, row.generation, row.next_attempt_at) == (
             "sgw-old", "pending", 0, 0.0)
         assert s.send_history(0) == []
-    assert raw(db).execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 3
+    assert raw(db).execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 4
 
 
 def test_due_event_is_oldest_first_and_honours_next_attempt_at(store: Store) -> None:
@@ -846,13 +846,25 @@ def test_prune_keeps_what_dedupe_and_delivery_need_and_drops_the_rest(store: Sto
                                                        "dead": 0}
 
 
-def test_command_retention_covers_every_copy_that_could_still_pass() -> None:
-    from gateway.store import COMMAND_KEEP_MIN_S, command_keep_s
+def test_command_dedupe_window_covers_every_copy_that_could_still_pass() -> None:
+    from gateway.store import command_dedupe_s
 
-    assert command_keep_s(300, 30) == COMMAND_KEEP_MIN_S
-    # A site that allows day-long commands keeps their ids past exp + skew, with a day
-    # to spare for a clock stepped back.
-    assert command_keep_s(86_400 * 10, 30) >= 86_400 * 10 + 2 * 30 + 86_400
+    # Received at r, a token's exp is at most r + skew + lifetime; it is refused once the
+    # trusted wall time passes exp + skew.
+    assert command_dedupe_s(300, 30) >= 300 + 2 * 30
+    assert command_dedupe_s(86_400 * 10, 30) >= 86_400 * 10 + 2 * 30
+
+
+def test_prune_goes_in_batches_oldest_first(store: Store) -> None:
+    with store.transaction() as tx:
+        for n in range(5):
+            assert tx.claim_command(f"c{n}", "unlock", "unit_abc", T0 - 1000 + n)
+            tx.finish_command(f"c{n}", "done", None, {"jti": f"c{n}"})
+    with store.transaction() as tx:
+        assert tx.prune(commands_before=T0, delivered_before=0, dead_before=0,
+                        limit=2)["commands"] == 2
+    assert [store.command(f"c{n}") is None for n in range(5)] == [True, True, False, False,
+                                                                  False]
 
 
 def test_the_write_probe_never_follows_a_planted_link(tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from drivers.base import Clock
 from drivers.errors import LinkDownError
-from drivers.mqtt_client import PahoClient, is_socket_path
+from drivers.mqtt_client import DRIVER_MAX_PACKET_BYTES, PahoClient, is_socket_path
 from drivers.tasmota.messages import (
     STAT,
     TELE,
@@ -150,7 +150,8 @@ class TasmotaClient:
         client = PahoClient(callback_api_version=CallbackAPIVersion.VERSION2,
                             client_id=s.client_id, clean_session=True,
                             protocol=paho.MQTTv311,
-                            transport="unix" if is_socket_path(s.host) else "tcp")
+                            transport="unix" if is_socket_path(s.host) else "tcp",
+                            max_packet_bytes=DRIVER_MAX_PACKET_BYTES)
         if s.username:
             client.username_pw_set(s.username, s.password)
         if s.tls is not None:

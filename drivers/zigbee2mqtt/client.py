@@ -51,7 +51,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from drivers.base import Clock, Health
 from drivers.errors import LinkDownError
-from drivers.mqtt_client import PahoClient, is_socket_path
+from drivers.mqtt_client import DRIVER_MAX_PACKET_BYTES, PahoClient, is_socket_path
 
 LOGGER = logging.getLogger(__name__)
 
@@ -137,6 +137,7 @@ class BridgeLink:
             clean_session=True,
             protocol=paho.MQTTv311,
             transport="unix" if settings.unix_socket else "tcp",
+            max_packet_bytes=DRIVER_MAX_PACKET_BYTES,
         )
         if settings.username:
             self._paho.username_pw_set(settings.username, settings.password)
