@@ -101,7 +101,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from socketserver import TCPServer
+from socketserver import BaseServer, TCPServer
 from types import FrameType
 from typing import Any, Final, TextIO, cast
 from urllib.parse import urlsplit
@@ -1015,7 +1015,43 @@ _SETTINGS: Final[Mapping[str, Callable[[object], bool]]] = {
 
 
 # -- HTTP ---------------------------------------------------------------------------------
-class _Server(ThreadingHTTPServer):
+class ConnectionTracking(BaseServer):
+    """A socketserver mixin that remembers its open connections, so a stop can end them:
+    a keep-alive client must not talk to a stopped server, and a handler thread that
+    never closes its socket leaves it to the garbage collector (a warning in tests).
+    Call :meth:`track_connections` from ``__init__``; list it before the server class.
+    """
+
+    _connections: set[socket.socket]
+    _conn_lock: threading.Lock
+
+    def track_connections(self) -> None:
+        """Start with no connection."""
+        self._connections = set()
+        self._conn_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._conn_lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._conn_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """Shut and close every open connection."""
+        with self._conn_lock:
+            connections = list(self._connections)
+        for conn in connections:
+            with contextlib.suppress(OSError):  # already closed by the peer
+                conn.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                conn.close()
+
+
+class _Server(ConnectionTracking, ThreadingHTTPServer):
     """A threading HTTP server that can close its open connections on stop."""
 
     daemon_threads = True
@@ -1024,8 +1060,7 @@ class _Server(ThreadingHTTPServer):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.sandbox = sandbox
-        self._connections: set[socket.socket] = set()
-        self._conn_lock = threading.Lock()
+        self.track_connections()
         super().__init__(address, _Handler)
 
     def server_bind(self) -> None:
@@ -1042,26 +1077,7 @@ class _Server(ThreadingHTTPServer):
         # body waits for the client's delayed ACK, about 40 ms per request on Linux.
         with contextlib.suppress(OSError):
             request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with self._conn_lock:
-            self._connections.add(request)
         super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with self._conn_lock:
-            self._connections.discard(request)
-        super().shutdown_request(request)
-
-    def close_connections(self) -> None:
-        """Shut every open connection, so no keep-alive client talks to a stopped sandbox."""
-        with self._conn_lock:
-            connections = list(self._connections)
-        for conn in connections:
-            with contextlib.suppress(OSError):  # already closed by the peer
-                conn.shutdown(socket.SHUT_RDWR)
-            # Closed here too: a handler thread (a daemon) may never get to close it
-            # before the process ends, which leaves an unclosed socket to the GC.
-            with contextlib.suppress(OSError):
-                conn.close()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         LOGGER.debug("connection from %s failed", client_address, exc_info=True)

@@ -16,17 +16,9 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from drivers.mqtt_client import DRIVER_MAX_PACKET_BYTES, PahoClient
+from tests.support.fake_broker import encode_varint
 
 DECLARED = 200 * 1024 * 1024
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
 
 
 class _Streamer:
@@ -47,7 +39,7 @@ class _Streamer:
             conn.recv(4096)  # the CONNECT
             conn.sendall(b"\x20\x02\x00\x00")  # CONNACK, accepted
             topic = b"zigbee2mqtt/bridge/devices"
-            conn.sendall(b"\x30" + _varint(DECLARED) + len(topic).to_bytes(2, "big") + topic)
+            conn.sendall(b"\x30" + encode_varint(DECLARED) + len(topic).to_bytes(2, "big") + topic)
             chunk = bytes(65536)
             try:
                 while self.sent < self.limit:

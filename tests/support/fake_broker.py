@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Final
 
-__all__ = ["MAXIMUM_PACKET_SIZE", "ConnectInfo", "HostileBroker"]
+__all__ = ["MAXIMUM_PACKET_SIZE", "ConnectInfo", "HostileBroker", "encode_varint"]
 
 #: How much of the hostile body goes out per send: the size of a typical socket read.
 _CHUNK: Final = 65536
@@ -35,7 +35,8 @@ _CONNECT_PROPERTIES: Final = {0x11: 4, 0x21: 2, 0x27: 4, 0x22: 2, 0x19: 1, 0x17:
 MAXIMUM_PACKET_SIZE: Final = 0x27
 
 
-def _varint(value: int) -> bytes:
+def encode_varint(value: int) -> bytes:
+    """MQTT's variable byte integer (the remaining length of a fixed header)."""
     out = bytearray()
     while True:
         byte, value = value & 0x7F, value >> 7
@@ -113,7 +114,7 @@ def _suback(body: bytes) -> bytes:
         codes.append(body[at] & 0x03)
         at += 1
     rest = packet_id + b"\x00" + bytes(codes)
-    return b"\x90" + _varint(len(rest)) + rest
+    return b"\x90" + encode_varint(len(rest)) + rest
 
 
 @dataclass
@@ -196,7 +197,7 @@ class HostileBroker:
     def _flood(self, conn: socket.socket) -> None:
         topic = self.topic.encode()
         head = len(topic).to_bytes(2, "big") + topic + b"\x00"  # QoS 0, no properties
-        conn.sendall(b"\x30" + _varint(self.declared) + head)
+        conn.sendall(b"\x30" + encode_varint(self.declared) + head)
         chunk = bytes(_CHUNK)
         sent = len(head)
         conn.settimeout(10)

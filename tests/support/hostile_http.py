@@ -18,7 +18,6 @@ joins every handler thread, so a test leaves no socket or thread behind.
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import socketserver
 import ssl
@@ -27,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any
+
+from gateway.sandbox import ConnectionTracking
 
 #: One write of a streamed body; the buffer is allocated once per reply.
 CHUNK = 64 * 1024
@@ -133,15 +134,14 @@ class HostileServer:
                 raise _Gone
 
 
-class _Server(socketserver.ThreadingTCPServer):
+class _Server(ConnectionTracking, socketserver.ThreadingTCPServer):
     daemon_threads = False
     block_on_close = True
     allow_reuse_address = True
 
     def __init__(self, owner: HostileServer) -> None:
         self.owner = owner
-        self._connections: set[socket.socket] = set()
-        self._conn_lock = threading.Lock()
+        self.track_connections()
         super().__init__(("127.0.0.1", 0), _Handler)
 
     def get_request(self) -> tuple[socket.socket, Any]:
@@ -150,23 +150,6 @@ class _Server(socketserver.ThreadingTCPServer):
         if context is not None:  # the handshake happens at the handler's first read
             sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, address
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._conn_lock:
-            self._connections.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with self._conn_lock:
-            self._connections.discard(request)
-        super().shutdown_request(request)
-
-    def close_connections(self) -> None:
-        with self._conn_lock:
-            connections = list(self._connections)
-        for conn in connections:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # a client that went away mid-reply is what these tests are about
