@@ -2,7 +2,9 @@
 # Install (or upgrade) stora-gateway as a hardened systemd service on Raspberry Pi OS or
 # Debian 12+, from this checkout.  Idempotent: run it again after `git pull`.
 #
-#   sudo deploy/install.sh
+#   sudo deploy/install.sh                          install, or upgrade after `git pull`
+#   sudo deploy/install.sh --uninstall              remove it; keep config, secrets, state
+#   sudo deploy/install.sh --uninstall --purge      remove those and the user too
 #
 # What it does (deploy/README.md has the why):
 #   - system user and group "stora-gateway", member of "dialout" (the serial ports);
@@ -17,6 +19,12 @@
 #   - loads the USB serial drivers at boot, so the unit's DeviceAllow= can name them.
 # It starts (or restarts) the agent only when /etc/stora-gateway/gateway.toml exists and
 # passes check-config as the agent's user; otherwise it prints what to do next.
+#
+# --uninstall stops and disables the unit and removes what the install put in place
+# (the unit, the modules-load file, /opt/stora-gateway, the CLI's link).  It keeps
+# /etc/stora-gateway (config and secrets), /var/lib/stora-gateway (the state database:
+# the outbox may hold events Stora has not received yet) and the user and group, and
+# says so; --purge removes them as well.  The site broker's files are not its own.
 #
 # Root never follows a link inside a directory the agent can write: the agent's user may
 # be compromised, and a link planted there must not make root re-own or re-mode a file
@@ -41,6 +49,13 @@ SECRETS="$CONF_DIR/secrets"
 UNIT="$ROOT/etc/systemd/system/stora-gateway.service"
 MODULES="$ROOT/etc/modules-load.d/stora-gateway.conf"
 BIN_LINK="$ROOT/usr/local/bin/stora-gateway"
+COMPLETIONS="$ROOT/usr/share/bash-completion/completions"
+COMPLETION="$COMPLETIONS/stora-gateway"
+# What the CLI's link points to: the same under any root (the link is only followed on
+# the real one).
+BIN_TARGET=/opt/stora-gateway/venv/bin/stora-gateway
+# The unit's StateDirectory=: made by systemd at the first start, not by this script.
+STATE_DIR="$ROOT/var/lib/stora-gateway"
 SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # The system's Python by default: the agent's user must be able to run the venv's
 # interpreter, which a python3 found on root's PATH (pyenv under /root) may not allow.
@@ -51,6 +66,26 @@ fi
 
 say() { printf '==> %s\n' "$*"; }
 die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
+usage() {
+  printf 'install.sh: %s\nusage: %s [--uninstall [--purge]]\n' "$1" "$0" >&2
+  exit 2
+}
+
+uninstall=false
+purge=false
+for arg in "$@"; do
+  case "$arg" in
+    --uninstall) uninstall=true ;;
+    --purge) purge=true ;;
+    -h | --help)
+      sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
+      exit 0 ;;
+    *) usage "unknown argument $arg" ;;
+  esac
+done
+if $purge && ! $uninstall; then
+  usage "--purge goes with --uninstall"
+fi
 
 # A path this script manages must be a real directory (or absent): never a link.
 check_dir() {
@@ -84,7 +119,90 @@ own_dir() {  # path owner group mode
   fi
 }
 
-[ "$(id -u)" = 0 ] || die "run as root: sudo $0"
+[ "$(id -u)" = 0 ] || die "run as root: sudo $0 $*"
+
+# --- uninstall -----------------------------------------------------------------------------
+# Checked first, like the install: every path it removes must be what the install made
+# (a real directory or file, or the CLI's link to the venv), else it stops, changing
+# nothing.  `rm -rf` of a real directory never follows the links inside it (GNU rm
+# walks with O_NOFOLLOW), so links the agent planted in config/ or in its state
+# directory are removed as links, their targets untouched.
+uninstall_all() {
+  local kept=() left=() dir
+  for dir in "$ROOT/etc" "$ROOT/opt" "$PREFIX" "$ROOT/etc/systemd/system" \
+             "$ROOT/etc/modules-load.d" "$ROOT/usr/local/bin"; do
+    check_dir "$dir"
+  done
+  check_file "$UNIT"
+  check_file "$MODULES"
+  check_file "$COMPLETION"
+  if $purge; then
+    for dir in "$CONF_DIR" "$ROOT/var" "$ROOT/var/lib" "$STATE_DIR"; do
+      check_dir "$dir"
+    done
+  fi
+
+  if [ -f "$UNIT" ]; then
+    if [ -z "$ROOT" ] && [ -d /run/systemd/system ]; then
+      say "stopping and disabling $NAME"
+      systemctl disable --now "$NAME.service"
+    elif [ -n "$ROOT" ]; then
+      systemctl --root="$ROOT" disable "$NAME.service"
+    else
+      systemctl disable "$NAME.service"  # no systemd running (a chroot): links only
+    fi
+  fi
+  say "removing the unit, the serial modules file, $PREFIX and $BIN_LINK"
+  rm -f -- "$UNIT" "$MODULES" "$COMPLETION"
+  if [ -d "$UNIT.d" ]; then
+    left+=("$UNIT.d (drop-ins: yours, not the install's)")
+  fi
+  if [ -z "$ROOT" ] && [ -d /run/systemd/system ]; then
+    systemctl daemon-reload
+    systemctl reset-failed "$NAME.service" 2>/dev/null || true
+  fi
+  rm -rf -- "$PREFIX"
+  if [ -L "$BIN_LINK" ] && [ "$(readlink "$BIN_LINK")" = "$BIN_TARGET" ]; then
+    rm -f -- "$BIN_LINK"
+  elif [ -e "$BIN_LINK" ] || [ -L "$BIN_LINK" ]; then
+    left+=("$BIN_LINK (not the link this script made)")
+  fi
+
+  if $purge; then
+    say "removing $CONF_DIR (config and secrets) and $STATE_DIR (state database)"
+    rm -rf -- "$CONF_DIR" "$STATE_DIR"
+    if id -u "$NAME" >/dev/null 2>&1; then
+      say "removing user $NAME"
+      userdel "$NAME"
+    fi
+    if getent group "$NAME" >/dev/null; then
+      say "removing group $NAME"
+      groupdel "$NAME"
+    fi
+  else
+    [ -e "$CONF_DIR" ] && kept+=("$CONF_DIR: the config and the secrets")
+    [ -e "$STATE_DIR" ] && kept+=("$STATE_DIR: the state database (outbox, commands, audit)")
+    id -u "$NAME" >/dev/null 2>&1 && kept+=("user and group $NAME (they own the above)")
+  fi
+
+  echo
+  echo "stora-gateway is uninstalled."
+  if [ "${#kept[@]}" -gt 0 ]; then
+    echo "Kept, so that installing again picks up where it left off:"
+    printf '  %s\n' "${kept[@]}"
+    echo "Remove them too with: $0 --uninstall --purge"
+  fi
+  if [ "${#left[@]}" -gt 0 ]; then
+    echo "Left alone:"
+    printf '  %s\n' "${left[@]}"
+  fi
+  echo "The site broker (Mosquitto, its accounts and ACL) is not touched: deploy/README.md."
+}
+if $uninstall; then
+  uninstall_all
+  exit 0
+fi
+
 if [ ! -f "$SRC/pyproject.toml" ] || [ ! -f "$SRC/deploy/systemd/$NAME.service" ]; then
   die "run from a stora-gateway checkout (no pyproject.toml next to deploy/)"
 fi
@@ -94,11 +212,13 @@ umask 022
 # --- check before changing anything ----------------------------------------------------
 for dir in "$ROOT/etc" "$ROOT/opt" "$PREFIX" "$PREFIX/deploy" "$CONF_DIR" "$CONFIG_DIR" \
            "$SECRETS" "$ROOT/etc/systemd/system" "$ROOT/etc/modules-load.d" \
-           "$ROOT/usr/local/bin"; do
+           "$ROOT/usr/local/bin" "$ROOT/usr/share" "$ROOT/usr/share/bash-completion" \
+           "$COMPLETIONS"; do
   check_dir "$dir"
 done
 check_file "$UNIT"
 check_file "$MODULES"
+check_file "$COMPLETION"
 if [ -L "$CONFIG" ]; then
   [ "$(readlink "$CONFIG")" = "$CONFIG_TARGET" ] \
     || die "$CONFIG is a symbolic link to $(readlink "$CONFIG"), not $CONFIG_TARGET; \
@@ -172,7 +292,15 @@ find "$BUILD" -name __pycache__ -prune -exec rm -rf {} +
 "$VENV/bin/python" -m pip install --quiet --upgrade "$BUILD"
 install -m 0644 "$SRC/deploy/README.md" "$PREFIX/deploy/README.md"
 install -d -m 0755 "$ROOT/usr/local/bin"
-ln -sfn /opt/stora-gateway/venv/bin/stora-gateway "$BIN_LINK"
+ln -sfn "$BIN_TARGET" "$BIN_LINK"
+# Bash completion for technicians, generated from the CLI's own parser (so it lists
+# exactly the commands this release has).  Not fatal: the CLI works without it.
+install -d -m 0755 "$COMPLETIONS"
+if "$VENV/bin/stora-gateway" completion bash > "$BUILD/completion" 2>/dev/null; then
+  install -m 0644 "$BUILD/completion" "$COMPLETION"
+else
+  say "bash completion not installed: \`stora-gateway completion bash\` failed"
+fi
 
 # --- configuration directory ---------------------------------------------------------------
 # /etc/stora-gateway is root's, so the agent can neither add nor replace anything in it;

@@ -17,6 +17,7 @@ each driver's ``frames`` module; this module only moves bytes.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import random
@@ -28,6 +29,7 @@ from typing import Any, Protocol, TypeVar
 
 from drivers.base import Clock, Health, Sleep
 from drivers.errors import BadFrameError, LinkDownError, NoReplyError
+from drivers.port_holders import busy_hint, permission_hint
 from drivers.ports import port_problem
 
 LOGGER = logging.getLogger(__name__)
@@ -125,14 +127,24 @@ class LinkTiming:
         return cls(timeout_s=timeout_s, retries=retries, gap_s=frame_gap_s(baudrate))
 
 
-def _reason(exc: BaseException) -> str:
-    """A short reason for a port failure, without pyserial's repetitions."""
+def _reason(exc: BaseException, url: str | None = None) -> str:
+    """A short reason for a port failure, without pyserial's repetitions, with what to
+    do about it: the group to join, the process holding the port (``url`` is the port,
+    for those two)."""
     errno_ = getattr(exc, "errno", None)
-    if errno_ == 2:  # ENOENT
+    if errno_ == errno.ENOENT:
         return "device not present (adapter unplugged, or wrong port path)"
-    if errno_ == 13:  # EACCES
+    local = url is not None and "://" not in url
+    if errno_ in (errno.EACCES, errno.EPERM):
+        if local:
+            assert url is not None
+            return permission_hint(url)
         return "permission denied (is the agent's user in the dialout group?)"
-    if errno_ == 16:  # EBUSY
+    # EBUSY: the kernel's "in use" (TIOCEXCL); EAGAIN: pyserial's exclusive flock failed.
+    if errno_ in (errno.EBUSY, errno.EAGAIN):
+        if local:
+            assert url is not None
+            return busy_hint(url)
         return "port busy (another program has it open)"
     strerror = getattr(exc, "strerror", None)
     return str(strerror) if strerror else str(exc)
@@ -210,7 +222,8 @@ class SerialBus:
             port.reset_input_buffer()
         except open_errors as exc:
             self._port_failed(exc)
-            raise LinkDownError(f"{self.url}: cannot open port: {_reason(exc)}") from exc
+            raise LinkDownError(
+                f"{self.url}: cannot open port: {_reason(exc, self.url)}") from exc
         if self.reopens or self.last_error:
             LOGGER.info("%s: port opened", self.url)
         self._port = port

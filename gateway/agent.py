@@ -99,6 +99,10 @@ STORAGE_ALARM_INTERVAL_S = 60.0
 RESTART_EXIT_STATUS: Final = 75
 #: ``outbox.list`` returns at most this many rows of each state by default.
 OUTBOX_LIST_MAX = 100
+#: Longest wait per address of a ``scan`` run on the agent's bus: each probe holds the
+#: bus, so a door command waits at most this long behind one (a board that needs more
+#: than a second to answer one read is not one to drive doors with).
+SCAN_TIMEOUT_MAX_MS: Final = 1000
 
 
 class Agent:
@@ -303,15 +307,20 @@ class Agent:
     def status(self) -> dict[str, Any]:
         """Everything ``status`` shows; also the retained ``P/S/status`` payload.
 
-        ``online`` and ``version`` come first (contract §4).  A part that cannot be read
-        (the database failing) says so under ``error`` instead of failing the report.
+        ``online`` and ``version`` come first (contract §4), then the site's ``verdict``
+        and its ``reasons`` (gateway/health.py).  A part that cannot be read (the
+        database failing) says so under ``error`` instead of failing the report.  Every
+        instant is RFC 3339 UTC; numbers are counts, sizes or durations named ``*_s``
+        (a monotonic instant means nothing outside this process).
         """
+        from gateway.health import assess
         from gateway.store import StoreError
-        from gateway.telemetry import host_status
+        from gateway.telemetry import broker_status, host_status, schedule_status
 
         trusted, why = self.clock.trusted()
         controllers = []
         now = time.monotonic()
+        wall = time.time()
         for name, controller in self.site.controllers.items():
             health = controller.health()
             # Drivers stamp last_ok_at on the monotonic clock (drivers/link.py): an age,
@@ -327,33 +336,42 @@ class Agent:
             outbox = self._outbox_status()
         except StoreError as exc:
             outbox = {"error": str(exc), "events_refused": self.store.events_refused}
-        return {
+        status: dict[str, Any] = {
             "online": True,
             "version": __version__,
             "site": self.config.site.id,
             "started_at": rfc3339(self.started_at),
-            "uptime_s": round(time.time() - self.started_at),
+            "uptime_s": round(wall - self.started_at),
             "clock": {"trusted": trusted, "why": why, **self.clock.status()},
-            "broker": {"connected": self.link.connected, **self.link.stats()},
+            "broker": broker_status({"connected": self.link.connected, **self.link.stats()},
+                                    mono_now=now, wall_now=wall),
             "controllers": controllers,
             "outbox": outbox,
+            "storage": {"path": str(self.config.storage.path),
+                        "ephemeral": self.store.ephemeral, "read_only": self.store.read_only},
             "commands": {**self.counters, "rejected_by_reason": dict(self.rejected_by_reason)},
             "management": dict(self.mgmt.counters),
-            "schedule": self.scheduler.stats() if self.scheduler is not None else None,
+            "schedule": schedule_status(
+                self.scheduler.stats() if self.scheduler is not None else None, wall_now=wall),
             "host": host_status(self.config.storage.path),
         }
+        # Judged on the finished report, so the verdict can never contradict it.
+        return {"online": True, "version": __version__, **assess(status).as_dict(), **status}
 
     def _outbox_status(self) -> dict[str, Any]:
         """Depth, oldest pending age, dead letters, drain state, events refused, and when
         Stora last accepted an event (``last_post_at``, from the database: survives a
-        restart)."""
-        from gateway.telemetry import last_delivered_at
+        restart), and the newest dead letter with Stora's reason."""
+        from gateway.telemetry import last_delivered_at, newest_dead_letter
 
         now = time.time()
         summary = self.store.outbox_summary(now)
         drain = self.outbox.status() if self.outbox is not None else {"drain": "not started"}
         last = last_delivered_at(self.store)
-        return {**summary, **drain, "events_refused": self.store.events_refused,
+        return {**summary,
+                # Only looked up while some are held: the usual report costs no query.
+                "newest_dead": newest_dead_letter(self.store) if summary["dead"] else None,
+                **drain, "events_refused": self.store.events_refused,
                 "last_post_at": None if last is None else rfc3339(last),
                 "last_post_age_s": None if last is None else round(max(0.0, now - last), 1)}
 
@@ -567,6 +585,8 @@ class Agent:
             return {"outcomes": [entry]} if method == "unlock" else {"outcome": entry}
         if method == "test":
             return self._test(params, actor)
+        if method == "scan":
+            return self._scan(params)
         if method == "outbox.list":
             return self._outbox_list(params)
         if method == "outbox.retry":
@@ -611,7 +631,9 @@ class Agent:
 
         lock = self.config.lock_by_id(text)
         if lock is None:
-            raise ControlError(f"unknown unit {text!r}", 2)
+            from gateway.technician import unknown_unit_message
+
+            raise ControlError(unknown_unit_message(self.config, text), 2)
         return lock
 
     @staticmethod
@@ -637,8 +659,17 @@ class Agent:
                  "lockout": self.store.unit(r.unit).lockout, "error": r.error} for r in rows]
 
     def _test(self, params: Mapping[str, Any], actor: str) -> dict[str, Any]:
+        """The technician's test of some or all locks, one at a time on each unit's queue.
+
+        Through the control socket the CLI sees each row as it finishes (a progress
+        line) and stops the run by hanging up (Ctrl-C): the lock under test is relocked
+        at once, the ones not yet started are cancelled and listed as such, and no door
+        is opened after that (gateway/control_stream.py).
+        """
+        from concurrent.futures import CancelledError
 
         from gateway.control import ControlError
+        from gateway.control_stream import current_call
         from gateway.technician import TEST_RELOCK_TIMEOUT, TEST_SECONDS, check_test_timing
 
         try:  # found in review: NaN, infinity or 1e9 held the unit's queue for decades
@@ -651,38 +682,65 @@ class Agent:
             locks = list(self.config.locks)
         else:
             locks = [self._find(str(u)) for u in params.get("units", [])]
-        results = []
-        for lock in locks:
-            # On the unit's queue: a lockout queued ahead of the test is seen, and no
-            # command runs in the middle of the cycle.
-            future = self.units.run_exclusive(
-                lock.unit, functools.partial(self._test_one, lock, seconds, relock_timeout,
-                                             actor))
-            try:
-                results.append(future.result(timeout=CONTROL_WAIT_S + seconds +
-                                             relock_timeout))
-            except FutureTimeout:
-                future.cancel()
-                results.append({"unit": lock.unit, "reference": lock.reference,
-                                "passed": False, "unlock_ms": None, "relock_ms": None,
-                                "detail": "the unit stayed busy; not tested"})
-        return {"passed": all(r["passed"] for r in results), "results": results}
+        call = current_call()
+        results: list[dict[str, Any]] = []
+        cancelled: list[dict[str, Any]] = []
+        with call.watch() as stop:
+            for lock in locks:
+                row: dict[str, Any] | None = None
+                if not stop.is_set():
+                    # On the unit's queue: a lockout queued ahead of the test is seen, and
+                    # no command runs in the middle of the cycle.
+                    future = self.units.run_exclusive(
+                        lock.unit, functools.partial(self._test_one, lock, seconds,
+                                                     relock_timeout, actor, stop))
+                    call.on_cancel(future.cancel)  # one still queued never starts
+                    try:
+                        row = future.result(timeout=CONTROL_WAIT_S + seconds + relock_timeout)
+                    except CancelledError:
+                        row = None
+                    except FutureTimeout:
+                        future.cancel()
+                        row = {"unit": lock.unit, "reference": lock.reference,
+                               "passed": False, "unlock_ms": None, "held_ms": None,
+                               "relock_ms": None, "detail": "the unit stayed busy; not tested"}
+                if row is None:
+                    cancelled.append({"unit": lock.unit, "reference": lock.reference})
+                else:
+                    results.append(row)
+                call.progress({"done": len(results) + len(cancelled), "total": len(locks),
+                               **({"result": row} if row is not None else
+                                  {"cancelled": cancelled[-1]})})
+        interrupted = stop.is_set()
+        if interrupted:
+            LOGGER.warning("test by %s interrupted: %d lock(s) tested, %d cancelled before "
+                           "they started (%s)", actor, len(results), len(cancelled),
+                           ", ".join(c["reference"] for c in cancelled) or "none")
+        return {"passed": not interrupted and all(r["passed"] for r in results),
+                "interrupted": interrupted, "results": results, "cancelled": cancelled}
 
     def _test_one(self, lock: LockConfig, seconds: float, relock_timeout: float,
-                  actor: str) -> dict[str, Any]:
-        """One technician test cycle, refused in lockout, audited like any unlock."""
+                  actor: str, stop: threading.Event | None = None) -> dict[str, Any] | None:
+        """One technician test cycle, refused in lockout, audited like any unlock.
+
+        ``None`` when the technician stopped the run before this lock's turn came: no
+        door is opened after a Ctrl-C.
+        """
         from gateway.technician import run_test_cycle
         from gateway.timeline import external_id_for, make_event
 
+        if stop is not None and stop.is_set():
+            return None
         if self.store.unit(lock.unit).lockout:
             return {"unit": lock.unit, "reference": lock.reference, "passed": False,
-                    "unlock_ms": None, "relock_ms": None,
+                    "unlock_ms": None, "held_ms": None, "relock_ms": None,
                     "detail": "in lockout: not tested (clear the lockout first)"}
         # Driven outside the unit manager: a read-back taken during the cycle must not be
         # applied after it (a false "drift" and an extra lock, found in review).
         self.units.mark_acted(lock.unit)
         try:
-            r = run_test_cycle(self.site, lock, seconds, relock_timeout_s=relock_timeout)
+            r = run_test_cycle(self.site, lock, seconds, relock_timeout_s=relock_timeout,
+                               cancel=stop)
         finally:
             self.units.mark_acted(lock.unit)
         if r.unlock_ms is not None:  # the door was driven: audit both halves
@@ -697,9 +755,50 @@ class Agent:
                         external_id=external_id_for(self.config.site.id, "test", key, kind),
                         occurred_at=self.clock.now(), actor=actor,
                         detail=f"{detail}; unit {lock.reference}; by {actor}"))
-        LOGGER.info("test of %s by %s: %s", lock.reference, actor, "pass" if r.passed else "FAIL")
-        return {"unit": r.unit, "reference": r.reference, "passed": r.passed,
-                "unlock_ms": r.unlock_ms, "relock_ms": r.relock_ms, "detail": r.detail}
+        LOGGER.info("test of %s by %s: %s (%s)", lock.reference, actor,
+                    "pass" if r.passed else "FAIL", r.detail)
+        return r.as_dict()
+
+    def _scan(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """``scan`` on the agent's own bus (it owns the port), between its transactions.
+
+        Each address is one transaction, so commands and reconciliation wait at most one
+        probe; a progress line per address; the CLI's Ctrl-C stops it.
+        """
+        from drivers.errors import DriverError
+        from gateway.control import ControlError
+        from gateway.control_stream import current_call
+        from gateway.hardware import HardwareUnavailableError, scan_site_bus
+
+        name = str(params.get("controller", ""))
+        addresses = params.get("addresses")
+        timeout_ms = params.get("timeout_ms")
+        if addresses is not None and not (
+                isinstance(addresses, list) and all(
+                    isinstance(a, int) and not isinstance(a, bool) and 0 <= a <= 255
+                    for a in addresses)):
+            raise ControlError("addresses must be a list of integers from 0 to 255", 2)
+        if timeout_ms is not None and not (
+                isinstance(timeout_ms, int) and not isinstance(timeout_ms, bool)
+                and 1 <= timeout_ms <= SCAN_TIMEOUT_MAX_MS):
+            raise ControlError(f"--timeout-ms must be from 1 to {SCAN_TIMEOUT_MAX_MS} while "
+                               "the agent runs (each probe holds its bus)", 2)
+        call = current_call()
+        with call.watch() as stop:
+            try:
+                report = scan_site_bus(
+                    self.site, name, addresses,
+                    timeout_s=None if timeout_ms is None else timeout_ms / 1000,
+                    on_address=lambda done, total, address, found: call.progress(
+                        {"done": done, "total": total, "address": address,
+                         "found": None if found is None else
+                         {"address": found.address, "description": found.description}}),
+                    stop=stop)
+            except HardwareUnavailableError as exc:
+                raise ControlError(str(exc), 2) from None
+            except DriverError as exc:  # the port itself failed: no bus to scan
+                raise ControlError(f"scan of {name} stopped: {exc}", 1) from None
+        return report.as_dict()
 
     # -- remote management (gateway/mgmt.py) ----------------------------------------------
     def apply_config(self, new: Config) -> tuple[list[str], str]:

@@ -50,6 +50,7 @@ COMMANDS: dict[str, str] = {
     "run": "run the agent in the foreground, logging to stderr (for systemd)",
     "status": "the agent, broker link, outbox, controllers' health and clock sync",
     "check-config": "validate the configuration file and say what is wrong",
+    "init": "write a first config from flags or by asking on a terminal; never overwrites",
     "ports": "list the serial ports present (device, description, serial number)",
     "scan": "probe the addresses on one controller's bus and list what answers",
     "locks": "one row per lock: unit, reference, controller, state, door, lockout",
@@ -59,8 +60,16 @@ COMMANDS: dict[str, str] = {
     "outbox": "queued and dead-lettered Timeline Events; `outbox retry ID|--all-dead`",
     "demo": "run the whole loop on this machine with simulated lock controllers",
     "sandbox": "run a local stand-in for the Stora API, for tests and benchmarks",
+    "simulate": "run one lock controller's simulator (a pty or an MQTT device) with its "
+                "faults, to rehearse without hardware",
+    "selftest": "send a signed unlock through the broker and check agent, lock, relock "
+                "and Timeline Events",
+    "watch": "show commands, results, lock states, alarms and Timeline Events as they "
+             "happen",
     "clock": "whether the clock is trusted and why; `clock --reset-floor` resets the "
              "trusted-time floor to the build date (audited)",
+    "completion": "print a shell completion script: "
+                  "`source <(stora-gateway completion bash)`",
 }
 
 
@@ -73,12 +82,16 @@ class CliError(Exception):
 
 
 # -- parser ---------------------------------------------------------------------------
-def _common(json_output: bool) -> argparse.ArgumentParser:
+def _common(json_output: bool, *, config: bool = True) -> argparse.ArgumentParser:
+    """The options shared by commands: ``--debug``; ``--config``, shown in the help only
+    of commands that read the config (contract §2: every command takes it, so the others
+    accept it and ignore it); ``--json`` for commands that print data."""
     # SUPPRESS keeps a value given before the command from being reset by the subparser.
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument(
         "--config", default=argparse.SUPPRESS, metavar="PATH",
-        help="config file (default: $STORA_GATEWAY_CONFIG, else /etc/stora-gateway/gateway.toml)",
+        help="config file (default: $STORA_GATEWAY_CONFIG, else "
+        "/etc/stora-gateway/gateway.toml)" if config else argparse.SUPPRESS,
     )
     parent.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS,
@@ -106,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     data, plain = _common(True), _common(False)
+    # Commands that never read the config: no --config in their help to mislead.
+    bare, json_only = _common(False, config=False), _common(True, config=False)
 
     def add(name: str, parent: argparse.ArgumentParser) -> argparse.ArgumentParser:
         return sub.add_parser(
@@ -113,9 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     add("run", plain)
-    add("status", data)
-    add("check-config", data)
-    add("ports", data)
+    p = add("status", data)
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="after the summary, every field the agent reports")
+    p = add("check-config", data)
+    p.add_argument("--online", action="store_true",
+                   help="also ask Stora: get a token with the configured credential and "
+                   "look the timeline source up (exit 1 when either fails)")
+    from gateway.init_options import add_arguments as add_init_arguments
+
+    add_init_arguments(add("init", plain))
+    add("ports", json_only)
     p = add("scan", data)
     p.add_argument("controller", help="controller name from the config")
     p.add_argument(
@@ -123,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="address range to probe, e.g. 1-16 (default: the driver's whole range)",
     )
     p.add_argument(
-        "--timeout-ms", type=int, default=50, help="reply timeout per address (default 50)"
+        "--timeout-ms", type=int, default=None, metavar="MS",
+        help="reply timeout per address (default: the driver's, 100)"
     )
     add("locks", data)
     p = add("unlock", data)
@@ -137,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("units", nargs="*", metavar="UNIT", help="units or references to test")
     p.add_argument("--all", action="store_true", help="test every lock in the config")
     p.add_argument(
-        "--seconds", type=float, default=1.0, help="unlock duration per lock (default 1)"
+        "--seconds", type=float, default=1.0,
+        help="how long each lock is held unlocked before the relock (default 1; a board "
+        "that relocks by itself must hold it too; a lock board's fixed pulse is reported)"
     )
     p.add_argument(
         "--relock-timeout", type=float, default=10.0, metavar="S",
@@ -159,14 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="set the trusted-time floor back to this release's build date, when "
                    "the clock is right but commands are refused clock_untrusted (logged and "
                    "raised as an alarm naming you)")
-    p = add("demo", plain)
+    p = add("demo", bare)
     p.add_argument("--pace", type=float, default=1.5, metavar="S",
                    help="pause before each demo step, in seconds (default 1.5; 0 runs "
                    "as fast as the simulated hardware allows)")
     p.add_argument("--broker", choices=["auto", "mosquitto", "embedded"], default="auto",
                    help="MQTT broker: Mosquitto if installed, else the embedded pure-Python "
                    "one (auto, the default), or either of them")
-    p = add("sandbox", plain)
+    p = add("sandbox", bare)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8089, help="TCP port; 0 picks a free one "
                    "(default 8089)")
@@ -182,18 +208,52 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests allowed in any 60-second window (default 60)")
     p.add_argument("--token-ttl", type=int, default=7200, metavar="S",
                    help="lifetime of issued access tokens in seconds (default 7200)")
+    # simulate: a sub-command per driver; the options module imports no simulator.
+    from gateway.simulate_options import add_driver_parsers
+
+    add_driver_parsers(add("simulate", json_only), [json_only])
+    p = add("watch", data)
+    p.add_argument("--username", default=None,
+                   help="broker account of its own, never the agent's (default "
+                   "$STORA_GATEWAY_WATCH_USERNAME, else gw-watch on a broker with accounts)")
+    p.add_argument("--password-file", default=None, metavar="FILE",
+                   help="file holding that account's password, not readable by others "
+                   "(default $STORA_GATEWAY_WATCH_PASSWORD_FILE)")
+    p.add_argument("--no-timeline", action="store_true",
+                   help="do not read the outbox for Timeline Events")
+    p = add("selftest", data)
+    p.add_argument("unit", nargs="?", help="Stora unit id (unit_…) or the lock's reference "
+                   "label; the door really opens")
+    p.add_argument("--seconds", type=int, default=3, help="unlock duration, 1-60 (default 3)")
+    p.add_argument("--key-file", default=None, metavar="FILE",
+                   help="the self-test's Ed25519 key (PEM, mode 600; default "
+                   "$STORA_GATEWAY_SELFTEST_KEY)")
+    p.add_argument("--kid", default="selftest",
+                   help="its key id in [commands] trusted_keys (default selftest)")
+    p.add_argument("--new-key", default=None, metavar="FILE",
+                   help="write a new key to FILE and print the trusted_keys line for it")
+    p.add_argument("--username", default=None,
+                   help="broker account of its own, never the agent's (default "
+                   "$STORA_GATEWAY_SELFTEST_USERNAME, else gw-selftest on a broker with "
+                   "accounts)")
+    p.add_argument("--password-file", default=None, metavar="FILE",
+                   help="file holding that account's password, not readable by others "
+                   "(default $STORA_GATEWAY_SELFTEST_PASSWORD_FILE)")
+    p.add_argument("--timeline-wait", type=float, default=15.0, metavar="S",
+                   help="how long to wait for both Timeline Events to reach Stora "
+                   "(default 15)")
+    p = add("completion", bare)
+    p.add_argument("shell", choices=["bash"], help="the shell to complete for")
     return parser
 
 
 # -- output helpers -----------------------------------------------------------------------
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A plain text table, columns sized to fit."""
-    cells = [[str(h) for h in headers], *[["-" if c is None else str(c) for c in r] for r in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-             for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    """A plain text table, columns sized to fit; PASS/FAIL, verdicts and lock states
+    coloured on a terminal (gateway/term.py)."""
+    from gateway.term import table as term_table
+
+    return term_table(headers, rows)
 
 
 def _print_json(obj: Any, out: TextIO) -> None:
@@ -202,31 +262,6 @@ def _print_json(obj: Any, out: TextIO) -> None:
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f} ms"
-
-
-class Progress:
-    """A progress bar on stderr for long work (a line per step when not a terminal)."""
-
-    def __init__(self, total: int, stream: TextIO) -> None:
-        self.total = total
-        self.stream = stream
-        self.done = 0
-        self.tty = stream.isatty()
-
-    def step(self, label: str) -> None:
-        """Advance by one, naming the item."""
-        self.done += 1
-        width = 24
-        filled = width * self.done // max(self.total, 1)
-        bar = "#" * filled + "-" * (width - filled)
-        text = f"[{bar}] {self.done}/{self.total} {label}"
-        if self.tty:
-            self.stream.write("\r" + text.ljust(60))
-            if self.done == self.total:
-                self.stream.write("\n")
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
 
 
 # -- commands -----------------------------------------------------------------------------
@@ -257,8 +292,9 @@ class Context:
         config = self.config()
         lock = config.lock_by_id(text)
         if lock is None:
-            raise CliError(f"unknown unit {text!r}: no lock in {config.path} has that unit id "
-                           "or reference")
+            from gateway.technician import unknown_unit_message
+
+            raise CliError(unknown_unit_message(config, text))  # with the near matches
         return lock
 
     def site(self, only: Sequence[str] | None = None) -> Site:
@@ -300,32 +336,27 @@ class Context:
 
 
 def cmd_check_config(ctx: Context) -> int:
-    """``check-config``: load and validate; print a summary."""
-    from gateway.config import config_path_from_env, load_config
-    from gateway.errors import ConfigError
+    """``check-config [--online]``: every problem of the file, one line each (exit 2);
+    with ``--online`` also the credential and timeline source at Stora (exit 1)."""
+    from gateway.check_config import run_check_config
+    from gateway.config import config_path_from_env
 
-    path = config_path_from_env(ctx.args.config)
+    return run_check_config(config_path_from_env(ctx.args.config), as_json=ctx.json,
+                            online=bool(getattr(ctx.args, "online", False)), out=ctx.out,
+                            err=ctx.err, prog=PROG)
+
+
+def cmd_init(ctx: Context) -> int:
+    """``init``: write a first config to ``--config`` from flags, asking on a terminal for
+    what they leave out; refuses to overwrite anything (exit 2)."""
+    from gateway.config import config_path_from_env
+    from gateway.init_config import InitError, run_init
+
     try:
-        config = load_config(path)
-    except ConfigError as exc:
-        if ctx.json:
-            _print_json({"ok": False, "file": exc.file, "key": exc.key, "reason": exc.reason},
-                        ctx.out)
-            return EXIT_USAGE
-        raise
-    summary = {
-        "ok": True,
-        "file": str(config.path),
-        "site": config.site.id,
-        "controllers": len(config.controllers),
-        "locks": len(config.locks),
-    }
-    if ctx.json:
-        _print_json(summary, ctx.out)
-    else:
-        ctx.out.write(f"{config.path}: OK — site {config.site.id}, "
-                      f"{len(config.controllers)} controllers, {len(config.locks)} locks\n")
-    return EXIT_OK
+        return run_init(ctx.args, config_path_from_env(ctx.args.config), stdin=sys.stdin,
+                        out=ctx.out, err=ctx.err, prog=PROG)
+    except InitError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
 
 
 def cmd_ports(ctx: Context) -> int:
@@ -359,23 +390,10 @@ def _parse_range(text: str) -> range:
 
 
 def cmd_scan(ctx: Context) -> int:
-    """``scan CONTROLLER``: probe the bus of one controller."""
-    from gateway.hardware import scan_controller
+    """``scan CONTROLLER``: probe the bus of one controller (gateway/cli_technician.py)."""
+    from gateway.cli_technician import run_scan
 
-    addresses = _parse_range(ctx.args.addresses) if ctx.args.addresses else None
-    found = scan_controller(ctx.config(), ctx.args.controller, addresses,
-                            timeout_s=ctx.args.timeout_ms / 1000)
-    if ctx.json:
-        _print_json({"controller": ctx.args.controller,
-                     "found": [{"address": r.address, "description": r.description}
-                               for r in found]}, ctx.out)
-    elif not found:
-        ctx.out.write(f"{ctx.args.controller}: nothing answered (check wiring, A/B polarity, "
-                      "baud rate and termination: hardware.md)\n")
-    else:
-        ctx.out.write(table(["address", "answered"], [[r.address, r.description] for r in found])
-                      + "\n")
-    return EXIT_OK
+    return run_scan(ctx)
 
 
 def _actor() -> str:
@@ -420,7 +438,7 @@ LOCK_KEYS = ("unit", "reference", "controller", "locked", "door", "lockout", "er
 OUTCOME_KEYS = ("unit", "reference", "action", "status", "detail", "elapsed_ms", "state",
                 "door")
 #: The keys of one ``test --json`` result, in both modes.
-TEST_KEYS = ("unit", "reference", "passed", "unlock_ms", "relock_ms", "detail")
+TEST_KEYS = ("unit", "reference", "passed", "unlock_ms", "held_ms", "relock_ms", "detail")
 
 
 def _shape(item: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
@@ -519,7 +537,13 @@ def _unlock_direct(ctx: Context) -> list[dict[str, Any]]:
         results.append(_outcome_dict(opened))
         if not ctx.json:
             _say(ctx, results[-1])
-        if not opened.self_relocking:
+        if not opened.ok:
+            # Nothing to hold: whatever state the lock is in, lock it now rather than
+            # wait out the unlock time.
+            results.append(_outcome_dict(technician.relock(site, lock)))
+            if not ctx.json:
+                _say(ctx, results[-1])
+        elif not opened.self_relocking:
             # Direct mode owns the relock timer; Ctrl-C relocks at once rather than
             # leaving the door open.
             if not ctx.json:
@@ -562,61 +586,11 @@ def cmd_lock(ctx: Context) -> int:
 
 
 def cmd_test(ctx: Context) -> int:
-    """``test UNIT… | --all``: the test cycle with a pass/fail table."""
-    config = ctx.config()
-    if ctx.args.all and ctx.args.units:
-        raise CliError("give units or --all, not both")
-    if not ctx.args.all and not ctx.args.units:
-        raise CliError("name at least one unit, or use --all")
-    count = len(config.locks) if ctx.args.all else len(ctx.args.units)
-    budget = AGENT_ACTION_S + count * (ctx.args.seconds + ctx.args.relock_timeout
-                                       + AGENT_TEST_MARGIN_S)
-    if not ctx.json and count > 1:
-        # One request for the whole run: no progress bar, so say that work is under way.
-        ctx.err.write(f"testing {count} locks…\n")
-    answer = ctx.through_agent(
-        "test", budget, units=list(ctx.args.units), all=bool(ctx.args.all),
-        seconds=ctx.args.seconds, relock_timeout=ctx.args.relock_timeout, actor=_actor(),
-    )
-    if answer is not None:
-        results = [_shape(r, TEST_KEYS) for r in _items(answer, "results")]
-    else:
-        results = _test_direct(ctx)
-    # The agent's verdict counts too: it may fail a run for a reason no row shows.
-    passed = all(r["passed"] for r in results) and (answer or {}).get("passed") is not False
-    if ctx.json:
-        _print_json({"passed": passed, "results": results}, ctx.out)
-    else:
-        ctx.out.write(table(
-            ["unit", "reference", "result", "unlock", "relock", "detail"],
-            [[r["unit"], r["reference"], "PASS" if r["passed"] else "FAIL",
-              _ms(r["unlock_ms"]), _ms(r["relock_ms"]), r["detail"]] for r in results]) + "\n")
-        failed = sum(not r["passed"] for r in results)
-        ctx.out.write(f"{len(results) - failed} passed, {failed} failed\n")
-    return EXIT_OK if passed else EXIT_FAILED
+    """``test UNIT… | --all``: the test cycle with a pass/fail table (progress, Ctrl-C:
+    gateway/cli_technician.py)."""
+    from gateway.cli_technician import run_test
 
-
-def _test_direct(ctx: Context) -> list[dict[str, Any]]:
-    from gateway import technician
-
-    config = ctx.config()
-    locks = list(config.locks) if ctx.args.all else [ctx.find_lock(u) for u in ctx.args.units]
-    site = ctx.site(only=sorted({lock.controller for lock in locks}))
-    progress = Progress(len(locks), ctx.err) if ctx.args.all and not ctx.json else None
-    results = []
-    try:
-        for lock in locks:
-            r = technician.run_test_cycle(
-                site, lock, ctx.args.seconds, relock_timeout_s=ctx.args.relock_timeout
-            )
-            results.append(_shape({"unit": r.unit, "reference": r.reference,
-                                   "passed": r.passed, "unlock_ms": r.unlock_ms,
-                                   "relock_ms": r.relock_ms, "detail": r.detail}, TEST_KEYS))
-            if progress:
-                progress.step(lock.reference)
-    finally:
-        site.close()
-    return results
+    return run_test(ctx)
 
 
 #: The order of ``status`` sections; any other section the agent sends follows them.
@@ -694,17 +668,18 @@ def render_status(status: Mapping[str, Any]) -> str:
 
 
 def cmd_status(ctx: Context) -> int:
-    """``status``: what the running agent reports about itself (it only exists there)."""
-    from gateway.control import AgentUnavailable
+    """``status``: the verdict (OK, DEGRADED, DOWN) and why, then the details; exit 0, 3
+    or 4 by the verdict (gateway/cli_status.py)."""
+    from gateway.cli_status import run_status
 
-    try:
-        answer = ctx.ask_agent("status", AGENT_READ_S)
-    except AgentUnavailable as exc:
-        raise CliError(f"agent not running ({exc})", EXIT_FAILED) from exc
-    if ctx.json:
-        _print_json(answer, ctx.out)
-    else:
-        ctx.out.write(render_status(answer))
+    return run_status(ctx)
+
+
+def cmd_completion(ctx: Context) -> int:
+    """``completion bash``: the completion script, made from this parser."""
+    from gateway.completion import bash_script
+
+    ctx.out.write(bash_script(build_parser(), PROG))
     return EXIT_OK
 
 
@@ -771,7 +746,9 @@ def cmd_outbox(ctx: Context) -> int:
         if ctx.json:
             _print_json({"retried": retried}, ctx.out)
         elif retried:
-            ctx.out.write(f"{len(retried)} event(s) queued again under a new key: "
+            from gateway.term import plural
+
+            ctx.out.write(f"{plural(len(retried), 'event')} queued again under a new key: "
                           f"{', '.join(str(r) for r in retried)}\n")
         else:
             ctx.out.write("no dead-lettered events\n")
@@ -909,10 +886,84 @@ def cmd_sandbox(ctx: Context) -> int:
                        EXIT_FAILED) from exc
 
 
+def cmd_simulate(ctx: Context) -> int:
+    """``simulate DRIVER``: one simulator standalone until Ctrl-C (gateway/simulate.py)."""
+    from gateway.simulate import SimulateError, run_simulate
+
+    try:
+        return run_simulate(ctx.args, ctx.out, json_lines=ctx.json)
+    except SimulateError as exc:
+        raise CliError(str(exc), exc.status) from exc
+
+
+def cmd_watch(ctx: Context) -> int:
+    """``watch``: the site live, one line (or JSON object) per event (gateway/watch.py)."""
+    from gateway.site_client import SiteLinkError, resolve_account
+    from gateway.watch import WATCH_ACCOUNT, WATCH_PASSWORD_ENV, WATCH_USER_ENV, run_watch
+
+    a = ctx.args
+    try:
+        account = resolve_account(ctx.config(), a.username, a.password_file,
+                                  default_user=WATCH_ACCOUNT, user_env=WATCH_USER_ENV,
+                                  password_env=WATCH_PASSWORD_ENV)
+        return run_watch(ctx.config(), account, ctx.out, ctx.err, json_lines=ctx.json,
+                         timeline=not a.no_timeline)
+    except SiteLinkError as exc:
+        raise CliError(str(exc), exc.status) from exc
+
+
+def cmd_selftest(ctx: Context) -> int:
+    """``selftest UNIT``: a signed unlock through broker, agent, lock and Timeline
+    (gateway/selftest.py, dev kit); ``selftest --new-key FILE`` makes its key."""
+    import os
+    from pathlib import Path
+
+    from gateway.selftest import (
+        SELFTEST_ACCOUNT,
+        SELFTEST_KEY_ENV,
+        SELFTEST_PASSWORD_ENV,
+        SELFTEST_USER_ENV,
+        new_key,
+        run_selftest,
+    )
+    from gateway.site_client import SiteLinkError, resolve_account
+
+    a = ctx.args
+    try:
+        if a.new_key is not None:
+            if a.unit is not None:
+                raise CliError("--new-key makes a key and tests nothing: give it without UNIT")
+            line = new_key(Path(a.new_key), a.kid)
+            ctx.out.write(f"wrote {a.new_key} (keep it 600, off the gateway if you can); add "
+                          f"this to [commands] trusted_keys, restart the agent, and remove "
+                          f"it once the site is commissioned:\n{line}\n")
+            return EXIT_OK
+        if a.unit is None:
+            raise CliError("give the UNIT to test (a unit id or reference), or --new-key FILE")
+        if not 1 <= a.seconds <= 60:
+            raise CliError("--seconds must be from 1 to 60")
+        if not 0 <= a.timeline_wait <= 600:
+            raise CliError("--timeline-wait must be from 0 to 600 seconds")
+        key_file = a.key_file or os.environ.get(SELFTEST_KEY_ENV)
+        if not key_file:
+            raise CliError(f"give --key-file (or ${SELFTEST_KEY_ENV}); make a key with "
+                           "`stora-gateway selftest --new-key FILE`")
+        lock = ctx.find_lock(a.unit)
+        account = resolve_account(ctx.config(), a.username, a.password_file,
+                                  default_user=SELFTEST_ACCOUNT, user_env=SELFTEST_USER_ENV,
+                                  password_env=SELFTEST_PASSWORD_ENV)
+        return run_selftest(ctx.config(), lock, account, Path(key_file), ctx.out, kid=a.kid,
+                            seconds=a.seconds, timeline_wait_s=a.timeline_wait,
+                            json_output=ctx.json)
+    except SiteLinkError as exc:
+        raise CliError(str(exc), exc.status) from exc
+
+
 HANDLERS: dict[str, Callable[[Context], int]] = {
     "run": cmd_run,
     "status": cmd_status,
     "check-config": cmd_check_config,
+    "init": cmd_init,
     "ports": cmd_ports,
     "scan": cmd_scan,
     "locks": cmd_locks,
@@ -922,7 +973,11 @@ HANDLERS: dict[str, Callable[[Context], int]] = {
     "outbox": cmd_outbox,
     "demo": cmd_demo,
     "sandbox": cmd_sandbox,
+    "simulate": cmd_simulate,
+    "watch": cmd_watch,
+    "selftest": cmd_selftest,
     "clock": cmd_clock,
+    "completion": cmd_completion,
 }
 
 
@@ -954,6 +1009,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
         # pymodbus logs every timed-out attempt as an ERROR; the driver reports the
         # outcome after its retries, once.
         logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    from gateway.term import use_colour, wants_colour
+
+    use_colour(wants_colour(out))  # never when piped, NO_COLOR or TERM=dumb
     ctx = Context(args, out, err)
     from drivers.errors import DriverError
     from gateway.errors import GatewayError

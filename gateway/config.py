@@ -4,10 +4,20 @@ The file format is contract §3 (with the per-driver keys of its table); this mo
 the only place that knows it.  Everything is checked while the objects are built, so the
 rest of the gateway can trust a :class:`Config` and never sees a dict of strings.
 
-Every problem, from a missing file to a lock channel beyond its board, is raised as a
-single :class:`~gateway.errors.ConfigError` naming the file, the dotted key and the reason,
+Every problem, from a missing file to a lock channel beyond its board, is a
+:class:`~gateway.errors.ConfigError` naming the file, the dotted key and the reason,
 e.g. ``gateway.toml: locks[3].channel: channel 9 is out of range for controller 'bus1'
-(0–7)``.  Checks run in file order and the first problem found is reported.
+(0–7)``.  Every problem a file has is found in one pass and raised together as
+:class:`ConfigErrors` (itself a ConfigError: the first problem, with the whole list in
+``errors``): a bad value in one lock does not stop the checking of the others.  Only what
+makes every later check meaningless (a missing or unreadable file, bad UTF-8, TOML
+syntax) stops at once, as a single ConfigError.  How the reading keeps going after a
+problem is :mod:`gateway.config_reader`'s docstring.
+
+Ids have the shapes Stora gives them (stora-api §1): ``site.id`` starts with ``site_``,
+lock units with ``unit_``, ``stora.timeline_source_id`` with ``tsrc_`` and
+``stora.timeline_template_id`` (when set) with ``aetpl_``, so a config that would have
+every Timeline Event refused is refused here first.
 
 Rules the contract leaves open, decided here:
 
@@ -33,16 +43,28 @@ import binascii
 import difflib
 import os
 import re
-import stat
 import tomllib
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
+from functools import partial
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final, Literal, NoReturn, TypeVar
-from urllib.parse import urlsplit
+from typing import Any, Final, Literal, TypeVar
 
 from drivers.ports import port_problem
+from gateway.config_reader import (
+    ConfigErrors,
+    MissingFileError,
+    Problems,
+    Table,
+    check_stora_id,
+    check_topic_segment,
+    config_problems,
+    guarded,
+    os_reason,
+    show,
+    show_int,
+)
 from gateway.errors import ConfigError
 
 __all__ = [
@@ -51,15 +73,19 @@ __all__ = [
     "DRIVERS",
     "CommandsConfig",
     "Config",
+    "ConfigErrors",
     "ControlConfig",
     "ControllerConfig",
     "LockConfig",
+    "MissingFileError",
     "MqttConfig",
     "SiteConfig",
     "StoraConfig",
     "StorageConfig",
     "TelemetryConfig",
     "config_path_from_env",
+    "config_problems",
+    "known_keys",
     "load_config",
     "parse_config",
     "parse_config_bytes",
@@ -357,7 +383,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except PermissionError as exc:
         raise ConfigError(file, "", "permission denied reading the config file") from exc
     except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
-        raise ConfigError(file, "", f"cannot read the config file: {_os_reason(exc)}") from exc
+        raise ConfigError(file, "", f"cannot read the config file: {os_reason(exc)}") from exc
     return parse_config_bytes(raw, file, Path(file).absolute().parent)
 
 
@@ -412,26 +438,34 @@ def parse_config(data: Mapping[str, Any], file: str, base_dir: Path) -> Config:
     """Validate already-parsed TOML ``data`` and build a :class:`Config`.
 
     ``file`` is used in error messages and as ``Config.path``; relative paths in the data
-    resolve against ``base_dir``.  Raises :class:`ConfigError` only.
+    resolve against ``base_dir``.  Raises :class:`ConfigError` only: a
+    :class:`ConfigErrors` listing every problem found, or a single ConfigError when the
+    top of the document is not a table.
     """
     if not isinstance(data, Mapping):
-        raise ConfigError(file, "", f"expected a TOML table at the top, found {_show(data)}")
-    root = _Table(data, file, "", base_dir.absolute())
+        raise ConfigError(file, "", f"expected a TOML table at the top, found {show(data)}")
+    problems = Problems()
+    root = Table(data, file, "", base_dir.absolute(), problems)
     root.check_keys(_SECTIONS, section=True)
-    site = _parse_site(root.table("site", required=True))
-    mqtt = _parse_mqtt(root.table("mqtt"), site)
-    commands = _parse_commands(root.table("commands", required=True))
-    stora = _parse_stora(root.table("stora", required=True))
-    storage_table = root.table("storage")
-    storage_table.check_keys({"path"})
-    storage = StorageConfig(path=storage_table.get_path("path", _DEFAULT_DB))
-    control_table = root.table("control")
-    control_table.check_keys({"socket"})
-    control = ControlConfig(socket=control_table.get_path("socket", _DEFAULT_SOCKET))
-    telemetry = _parse_telemetry(root.table("telemetry"))
-    controllers = _parse_controllers(root.tables("controllers"))
-    _check_mqtt_accounts(mqtt, controllers, root.tables("controllers"))
-    locks = _parse_locks(root.tables("locks"), {c.name: c for c in controllers})
+    site = _section(root.table("site", required=True), _parse_site, _no_site)
+    mqtt_table = root.table("mqtt")
+    mqtt = _section(mqtt_table, lambda t: _parse_mqtt(t, site),
+                    lambda: _parse_mqtt(_scratch(root, "mqtt"), site))
+    commands = _section(root.table("commands", required=True), _parse_commands, _no_commands)
+    stora = _section(root.table("stora", required=True), _parse_stora, _no_stora)
+    storage = _section(root.table("storage"), _parse_storage,
+                       lambda: StorageConfig(path=Path(_DEFAULT_DB)))
+    control = _section(root.table("control"), _parse_control,
+                       lambda: ControlConfig(socket=Path(_DEFAULT_SOCKET)))
+    telemetry = _section(root.table("telemetry"), _parse_telemetry, TelemetryConfig)
+    parsed = _parse_controllers(root.tables("controllers"))
+    # With [[controllers]] itself wrong, a lock naming one cannot be judged.
+    parsed.unnamed |= not root.ok("controllers")
+    # Judging accounts needs the [mqtt] broker and user as they are meant to be.
+    if mqtt_table is not None and mqtt_table.ok("host", "port", "username"):
+        _check_mqtt_accounts(mqtt, parsed)
+    locks = _parse_locks(root.tables("locks"), parsed)
+    problems.raise_any()
     return Config(
         path=Path(file),
         site=site,
@@ -440,308 +474,74 @@ def parse_config(data: Mapping[str, Any], file: str, base_dir: Path) -> Config:
         stora=stora,
         storage=storage,
         control=control,
-        controllers=controllers,
+        controllers=tuple(c for _, c in parsed.built),
         locks=locks,
         telemetry=telemetry,
     )
 
 
-# --------------------------------------------------------------------------- reading helper
-
-
 _SECTIONS: Final = ("site", "mqtt", "commands", "stora", "storage", "control", "telemetry",
                     "controllers", "locks")
-_TOPIC_FORBIDDEN: Final = frozenset("+#\0")
 
 
-class _Table:
-    """One TOML table being read.
+def _section(table: Table | None, parse: Callable[[Table], _T],
+             fallback: Callable[[], _T]) -> _T:
+    """One section parsed, or ``fallback()`` when it is missing, not a table, or stopped
+    by a problem that made the rest of it meaningless (recorded)."""
+    if table is None:
+        return fallback()
+    return guarded(table.problems, lambda: parse(table), fallback)
 
-    It knows its file, its dotted position and the config's directory, so every typed
-    getter can check the value and raise a ConfigError naming the exact key.  A getter
-    whose ``default`` is ``None`` treats the key as required.
+
+def _nothing() -> None:
+    """The fallback of an item that could not be built: it is left out."""
+
+
+def _scratch(root: Table, name: str) -> Table:
+    """An empty table whose problems go nowhere: parsed, it gives a section's defaults."""
+    return Table({}, root.file, name, root.base_dir, Problems())
+
+
+def known_keys() -> dict[str, frozenset[str]]:
+    """Every key the loader accepts, by section.
+
+    ``site``, ``mqtt``, ``commands``, ``stora``, ``storage``, ``control``, ``telemetry``,
+    ``locks``, and ``controllers.<driver>`` for each driver (``commands.trusted_keys``
+    holds key ids of the operator's choosing, so it has no fixed keys).  The shipped
+    example config and the docs are checked against this, so a new key without an
+    example fails a test.
     """
-
-    __slots__ = ("base_dir", "data", "file", "prefix")
-
-    def __init__(self, data: Mapping[str, Any], file: str, prefix: str, base_dir: Path) -> None:
-        self.data = data
-        self.file = file
-        self.prefix = prefix
-        self.base_dir = base_dir
-
-    def key(self, name: str) -> str:
-        """The dotted key of ``name`` in this table."""
-        return f"{self.prefix}.{name}" if self.prefix else name
-
-    def fail(self, name: str, reason: str) -> NoReturn:
-        """Raise the ConfigError for key ``name`` of this table."""
-        raise ConfigError(self.file, self.key(name), reason)
-
-    def has(self, name: str) -> bool:
-        """True when ``name`` is present in the table."""
-        return name in self.data
-
-    def check_keys(
-        self,
-        allowed: Collection[str],
-        *,
-        section: bool = False,
-        driver: str | None = None,
-        other_drivers_keys: Collection[str] = (),
-    ) -> None:
-        """Reject any key not in ``allowed``, suggesting the closest allowed one.
-
-        With ``driver``, a key that some other driver accepts is reported as "not valid
-        for driver X" — the usual mistake is a key copied from another controller.
-        """
-        for raw_name in self.data:
-            if raw_name in allowed:
-                continue
-            name = str(raw_name)
-            if driver is not None and name in other_drivers_keys:
-                self.fail(
-                    name,
-                    f"key not valid for driver {driver} (its keys are: "
-                    f"{', '.join(sorted(allowed))})",
-                )
-            close = difflib.get_close_matches(name, list(allowed), n=1)
-            if section:
-                hint = f"; did you mean [{close[0]}]?" if close else ""
-                self.fail(name, f"unknown section [{name}]{hint}")
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            self.fail(name, f"unknown key{hint}")
-
-    def _raw(self, name: str, default: object) -> object:
-        if name in self.data:
-            return self.data[name]
-        if default is None:
-            self.fail(name, "required key is missing")
-        return default
-
-    def get_str(self, name: str, default: str | None = None, *, nonempty: bool = False) -> str:
-        """A string; with ``nonempty``, blank text is refused too."""
-        value = self._raw(name, default)
-        if not isinstance(value, str):
-            self.fail(name, _expected("a string", value))
-        if nonempty and not value.strip():
-            self.fail(name, "must not be empty")
-        return value
-
-    def get_int(
-        self, name: str, default: int | None = None, lo: int | None = None, hi: int | None = None
-    ) -> int:
-        """An integer (never a bool or a float) within ``lo``..``hi`` when given."""
-        value = self._raw(name, default)
-        # bool is a subclass of int in Python; "pulse = true" where a number is meant is a
-        # mistake, not the number 1.
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.fail(name, _expected("an integer", value))
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            if hi is None:
-                self.fail(name, f"must be at least {lo}, found {_show_int(value)}")
-            self.fail(name, f"must be between {lo} and {hi}, found {_show_int(value)}")
-        return value
-
-    def get_opt_int(self, name: str) -> int | None:
-        """An integer, or ``None`` when absent (range checks are left to the caller)."""
-        return self.get_int(name) if name in self.data else None
-
-    def get_bool(self, name: str, default: bool) -> bool:
-        """A TOML boolean (``true``/``false``, not 0/1 nor "yes")."""
-        value = self._raw(name, default)
-        if not isinstance(value, bool):
-            self.fail(name, _expected("a boolean (true or false)", value))
-        return value
-
-    def get_choice(self, name: str, default: str, choices: Mapping[str, _T]) -> _T:
-        """One of the string keys of ``choices``, returned as its (typed) value."""
-        value = self.get_str(name, default)
-        if value not in choices:
-            listed = ", ".join(f"'{c}'" for c in choices)
-            self.fail(name, f"must be one of {listed}, found {_show(value)}")
-        return choices[value]
-
-    def get_url(self, name: str, default: str) -> str:
-        """An absolute https URL, without a trailing slash (paths are appended to it).
-
-        ``http://`` is accepted only for a loopback host (``127.0.0.0/8``, ``::1``,
-        ``localhost``): a relay or sandbox on the same box, and tests.  Anywhere else it
-        would send the credential and every event in the clear, so it is refused rather
-        than accepted silently (found in review).
-        """
-        value = self.get_str(name, default, nonempty=True)
-        try:
-            parts = urlsplit(value)
-            ok = parts.scheme in ("http", "https") and bool(parts.hostname)
-        except ValueError:  # e.g. an invalid IPv6 literal or port
-            ok = False
-        if not ok:
-            self.fail(name, f"must be an https:// URL, found {_show(value)}")
-        if parts.scheme == "http" and not _is_loopback(parts.hostname or ""):
-            self.fail(name, f"must be an https:// URL: http:// would send the token and "
-                            f"events in the clear (it is accepted only for a loopback "
-                            f"host such as 127.0.0.1), found {_show(value)}")
-        return value.rstrip("/")
-
-    def get_topic(self, name: str, default: str | None = None) -> str:
-        """A non-empty MQTT topic (or prefix) without wildcards or empty levels at the ends."""
-        value = self.get_str(name, default, nonempty=True)
-        if _TOPIC_FORBIDDEN & set(value):
-            self.fail(name, f"must not contain MQTT wildcards '+' or '#', found {_show(value)}")
-        if value.startswith(("/", "$")) or value.endswith("/"):
-            self.fail(
-                name, f"must not start with '/' or '$' nor end with '/', found {_show(value)}"
-            )
-        return value
-
-    def get_path(self, name: str, default: str) -> Path:
-        """A non-empty path, made absolute against the config's directory."""
-        return self._join(name, self.get_str(name, default, nonempty=True))
-
-    def get_opt_path(self, name: str) -> Path | None:
-        """A path made absolute against the config's directory, ``None`` when blank."""
-        text = self.get_str(name, "")
-        return self._join(name, text) if text.strip() else None
-
-    def _join(self, name: str, text: str) -> Path:
-        # No OS call accepts a NUL byte; catch it here rather than when the agent starts.
-        if "\0" in text:
-            self.fail(name, f"a path must not contain a NUL character, found {_show(text)}")
-        return self.base_dir / text
-
-    def get_file(self, name: str) -> Path | None:
-        """An optional path to a file that must exist (e.g. a CA certificate)."""
-        path = self.get_opt_path(name)
-        if path is not None:
-            st = self._stat(name, path, "file")
-            if not stat.S_ISREG(st.st_mode):
-                self.fail(name, f"file {path} is not a regular file")
-        return path
-
-    def get_secret_file(self, name: str) -> Path | None:
-        """An optional path to a secret: a regular file no one but its owner may access.
-
-        The file is only stat-ed, never read: the agent reads it when it needs it, and
-        the Config stays free of secrets.
-        """
-        path = self.get_opt_path(name)
-        if path is None:
-            return None
-        st = self._stat(name, path, "secret file")
-        if not stat.S_ISREG(st.st_mode):
-            self.fail(name, f"secret file {path} is not a regular file")
-        if st.st_mode & 0o077:
-            mode = stat.S_IMODE(st.st_mode)
-            self.fail(
-                name,
-                f"secret file {path} has mode {mode:04o} and is open to group or others; "
-                f"run: chmod 600 {path}",
-            )
-        return path
-
-    def _stat(self, name: str, path: Path, what: str) -> os.stat_result:
-        try:
-            return path.stat()
-        except FileNotFoundError:
-            self.fail(name, f"{what} {path} does not exist")
-        except (OSError, ValueError) as exc:  # ValueError: NUL byte or unencodable name
-            self.fail(name, f"cannot check {what} {path}: {_os_reason(exc)}")
-
-    def table(self, name: str, *, required: bool = False) -> _Table:
-        """The sub-table ``name`` (a section); an empty one when absent and optional."""
-        if name not in self.data:
-            if required:
-                self.fail(name, f"missing required section [{self.key(name)}]")
-            value: object = {}
-        else:
-            value = self.data[name]
-        if not isinstance(value, Mapping):
-            self.fail(name, _expected("a table", value))
-        return _Table(value, self.file, self.key(name), self.base_dir)
-
-    def tables(self, name: str) -> list[_Table]:
-        """The array of tables ``[[name]]``, each named ``name[i]`` in messages."""
-        value = self.data.get(name, [])
-        if not isinstance(value, list | tuple):
-            self.fail(name, _expected(f"an array of tables (write [[{name}]])", value))
-        items: list[_Table] = []
-        for index, item in enumerate(value):
-            key = f"{self.key(name)}[{index}]"
-            if not isinstance(item, Mapping):
-                raise ConfigError(self.file, key, _expected("a table", item))
-            items.append(_Table(item, self.file, key, self.base_dir))
-        return items
-
-
-def _show(value: object) -> str:
-    """A short description of a value for a message: its TOML type and, if small, itself."""
-    if isinstance(value, bool):
-        return f"boolean {'true' if value else 'false'}"
-    if isinstance(value, int):
-        return f"integer {_show_int(value)}"
-    if isinstance(value, float):
-        return f"float {value!r}"
-    if isinstance(value, str):
-        text = value if len(value) <= 60 else value[:57] + "..."
-        return f"string {text!r}"
-    if isinstance(value, Mapping):
-        return "a table"
-    if isinstance(value, list | tuple):
-        return "an array"
-    if value is None:
-        return "nothing (None)"
-    # TOML dates and times, or whatever an in-memory caller passed.
-    return f"a {type(value).__name__}"
-
-
-def _show_int(value: int) -> str:
-    # str() of an int with thousands of digits raises ValueError in Python >= 3.11.
-    return str(value) if abs(value) < 10**18 else "(a very large number)"
-
-
-def _expected(what: str, value: object) -> str:
-    return f"expected {what}, found {_show(value)}"
-
-
-def _os_reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
-
-
-def _is_loopback(host: str) -> bool:
-    """Whether ``host`` (from a URL) names this machine: ``localhost`` or a loopback IP."""
-    import ipaddress
-
-    if host.lower() in ("localhost", "localhost."):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _check_topic_segment(table: _Table, name: str, value: str) -> None:
-    """``site.id`` and unit ids become single MQTT topic levels (contract §4)."""
-    if not value:
-        table.fail(name, "must not be empty")
-    if any(ch in "/+#\0" or ch.isspace() for ch in value):
-        table.fail(
-            name,
-            f"must not contain '/', '+', '#' or whitespace (it is an MQTT topic level), "
-            f"found {_show(value)}",
-        )
+    keys: dict[str, frozenset[str]] = {
+        "site": _SITE_KEYS,
+        "mqtt": _MQTT_KEYS,
+        "commands": _COMMANDS_KEYS,
+        "stora": _STORA_KEYS,
+        "storage": frozenset({"path"}),
+        "control": frozenset({"socket"}),
+        "telemetry": _TELEMETRY_KEYS,
+        "locks": _LOCK_KEYS,
+    }
+    for driver, spec in _DRIVERS.items():
+        keys[f"controllers.{driver}"] = spec.keys
+    return keys
 
 
 # --------------------------------------------------------------------------- sections
 
 
-def _parse_site(t: _Table) -> SiteConfig:
-    t.check_keys({"id", "app_name"})
+_SITE_KEYS: Final = frozenset({"id", "app_name"})
+
+
+def _parse_site(t: Table) -> SiteConfig:
+    t.check_keys(_SITE_KEYS)
     site_id = t.get_str("id")
-    _check_topic_segment(t, "id", site_id)
+    if t.ok("id") and check_stora_id(t, "id", site_id, "site_", "site id"):
+        check_topic_segment(t, "id", site_id)
     return SiteConfig(id=site_id, app_name=t.get_str("app_name", nonempty=True))
+
+
+def _no_site() -> SiteConfig:
+    return SiteConfig(id="", app_name="")
 
 
 _MQTT_KEYS: Final = frozenset({
@@ -750,12 +550,12 @@ _MQTT_KEYS: Final = frozenset({
 })
 
 
-def _parse_mqtt(t: _Table, site: SiteConfig) -> MqttConfig:
+def _parse_mqtt(t: Table, site: SiteConfig) -> MqttConfig:
     t.check_keys(_MQTT_KEYS)
     host = t.get_str("host", "127.0.0.1", nonempty=True)
     port = t.get_int("port", 1883, 1, 65535)
-    if "\0" in host:
-        t.fail("host", f"must not contain a NUL character, found {_show(host)}")
+    if t.ok("host") and "\0" in host:
+        t.error("host", f"must not contain a NUL character, found {show(host)}")
     max_packet_bytes = t.get_int("max_packet_bytes", MQTT_MAX_PACKET_BYTES,
                                  *MQTT_MAX_PACKET_RANGE)
     topic_prefix = t.get_topic("topic_prefix", "stora-gw")
@@ -767,15 +567,15 @@ def _parse_mqtt(t: _Table, site: SiteConfig) -> MqttConfig:
     cert_file = t.get_file("cert_file")
     key_file = t.get_secret_file("key_file")
     keepalive_s = t.get_int("keepalive_s", 30, 5, 3600)
-    if tls and host.startswith("/"):
+    if tls and host.startswith("/") and t.ok("tls", "host"):
         # TLS checks the broker's name, which a socket path is not; the socket's
         # directory permissions are what keeps others out (deploy/README.md).
-        t.fail("tls", "must be false when mqtt.host is a unix socket path")
-    if tls and ca_file is None:
-        t.fail("ca_file", "required when mqtt.tls = true (the CA that signed the broker)")
-    if (cert_file is None) != (key_file is None):
+        t.error("tls", "must be false when mqtt.host is a unix socket path")
+    if tls and ca_file is None and t.ok("tls", "ca_file"):
+        t.error("ca_file", "required when mqtt.tls = true (the CA that signed the broker)")
+    if (cert_file is None) != (key_file is None) and t.ok("cert_file", "key_file"):
         missing = "key_file" if key_file is None else "cert_file"
-        t.fail(missing, "cert_file and key_file go together for a client certificate")
+        t.error(missing, "cert_file and key_file go together for a client certificate")
     return MqttConfig(
         host=host, port=port, topic_prefix=topic_prefix, client_id=client_id,
         username=username, password_file=password_file, tls=tls, ca_file=ca_file,
@@ -784,17 +584,13 @@ def _parse_mqtt(t: _Table, site: SiteConfig) -> MqttConfig:
     )
 
 
-def _parse_commands(t: _Table) -> CommandsConfig:
-    t.check_keys({"trusted_keys", "clock_skew_s", "max_lifetime_s", "clock"})
+_COMMANDS_KEYS: Final = frozenset({"trusted_keys", "clock_skew_s", "max_lifetime_s", "clock"})
+
+
+def _parse_commands(t: Table) -> CommandsConfig:
+    t.check_keys(_COMMANDS_KEYS)
     keys_table = t.table("trusted_keys", required=True)
-    if not keys_table.data:
-        t.fail("trusted_keys", "must hold at least one key: kid = \"<Ed25519 public key>\"")
-    trusted: dict[str, bytes] = {}
-    for raw_kid in keys_table.data:
-        kid = str(raw_kid)
-        if not kid.strip():
-            keys_table.fail(kid, "a key id (kid) must not be empty")
-        trusted[kid] = _parse_public_key(keys_table, kid, keys_table.get_str(kid))
+    trusted = _parse_trusted_keys(t, keys_table) if keys_table is not None else {}
     return CommandsConfig(
         trusted_keys=MappingProxyType(trusted),
         clock_skew_s=t.get_int("clock_skew_s", 30, 0, 600),
@@ -803,23 +599,58 @@ def _parse_commands(t: _Table) -> CommandsConfig:
     )
 
 
+def _parse_trusted_keys(t: Table, keys_table: Table) -> dict[str, bytes]:
+    """Each key id and its raw public key; a bad key does not stop the others."""
+    if not keys_table.data:
+        t.error("trusted_keys", "must hold at least one key: kid = \"<Ed25519 public key>\"")
+    trusted: dict[str, bytes] = {}
+    for raw_kid in keys_table.data:
+        kid = str(raw_kid)
+        if not kid.strip():
+            keys_table.error(kid, "a key id (kid) must not be empty")
+            continue
+        text = keys_table.get_str(kid)
+        if keys_table.ok(kid):
+            with keys_table.checking(kid):
+                trusted[kid] = _parse_public_key(keys_table, kid, text)
+    return trusted
+
+
+def _no_commands() -> CommandsConfig:
+    return CommandsConfig(trusted_keys=MappingProxyType({}), clock_skew_s=30,
+                          max_lifetime_s=300)
+
+
 _B64URL: Final = re.compile(r"[A-Za-z0-9_-]+={0,2}")
 
 
-def _parse_telemetry(t: _Table) -> TelemetryConfig:
-    t.check_keys({"interval_s", "prometheus_textfile"})
+def _parse_storage(t: Table) -> StorageConfig:
+    t.check_keys({"path"})
+    return StorageConfig(path=t.get_path("path", _DEFAULT_DB))
+
+
+def _parse_control(t: Table) -> ControlConfig:
+    t.check_keys({"socket"})
+    return ControlConfig(socket=t.get_path("socket", _DEFAULT_SOCKET))
+
+
+_TELEMETRY_KEYS: Final = frozenset({"interval_s", "prometheus_textfile"})
+
+
+def _parse_telemetry(t: Table) -> TelemetryConfig:
+    t.check_keys(_TELEMETRY_KEYS)
     interval = t.get_int("interval_s", TELEMETRY_INTERVAL_S, *TELEMETRY_INTERVAL_RANGE)
     textfile = t.get_opt_path("prometheus_textfile")
     # node_exporter's textfile collector reads only *.prom (Path(".prom").suffix is ""):
     # any other name would be written faithfully and never scraped, unnoticed.
     if textfile is not None and textfile.suffix != ".prom":
-        t.fail("prometheus_textfile",
-               "must name a *.prom file (node_exporter's textfile collector reads no "
-               f"other), found {_show(t.get_str('prometheus_textfile'))}")
+        t.error("prometheus_textfile",
+                "must name a *.prom file (node_exporter's textfile collector reads no "
+                f"other), found {show(t.data['prometheus_textfile'])}")
     return TelemetryConfig(interval_s=interval, prometheus_textfile=textfile)
 
 
-def _parse_public_key(t: _Table, kid: str, text: str) -> bytes:
+def _parse_public_key(t: Table, kid: str, text: str) -> bytes:
     """Raw 32 Ed25519 public-key bytes from PEM or from base64url of the raw bytes."""
     wanted = (
         "expected an Ed25519 public key as PEM (-----BEGIN PUBLIC KEY-----) or as "
@@ -836,12 +667,12 @@ def _parse_public_key(t: _Table, kid: str, text: str) -> bytes:
         try:
             key = serialization.load_pem_public_key(stripped.encode("utf-8"))
         except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-            t.fail(kid, f"not a valid PEM public key ({_os_reason(exc)}); {wanted}")
+            t.fail(kid, f"not a valid PEM public key ({os_reason(exc)}); {wanted}")
         if not isinstance(key, Ed25519PublicKey):
             t.fail(kid, f"the PEM key is not Ed25519 ({type(key).__name__}); {wanted}")
         return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     if not _B64URL.fullmatch(stripped):
-        t.fail(kid, f"{wanted}, found {_show(text)}")
+        t.fail(kid, f"{wanted}, found {show(text)}")
     unpadded = stripped.rstrip("=")
     try:
         raw = base64.urlsafe_b64decode(unpadded + "=" * (-len(unpadded) % 4))
@@ -862,31 +693,48 @@ _STORA_KEYS: Final = frozenset({
 _AUTH_MODES: Final[Mapping[str, StoraAuth]] = {
     "client_credentials": "client_credentials", "static": "static", "broker": "broker",
 }
+_DEFAULT_BASE_URL: Final = "https://public-api.stora.co/2025-09"
+_DEFAULT_TOKEN_URL: Final = "https://public-api.stora.co/oauth2/token"  # noqa: S105 - a URL
+#: The scope ``POST /timeline/events`` needs (stora-api §3.2): a client credential
+#: asking without it gets a token every event post is refused with (403).
+EVENT_SCOPE: Final = "public.timeline_event:write"
+#: stora-api §2.6: scopes are named ``public.<resource>:read|write``.
+_SCOPE_RE: Final = re.compile(r"public\.[a-z_]+:(read|write)")
 
 
-def _parse_stora(t: _Table) -> StoraConfig:
+def _parse_stora(t: Table) -> StoraConfig:
     t.check_keys(_STORA_KEYS)
-    base_url = t.get_url("base_url", "https://public-api.stora.co/2025-09")
+    base_url = t.get_url("base_url", _DEFAULT_BASE_URL)
     auth = t.get_choice("auth", "client_credentials", _AUTH_MODES)
-    token_url = t.get_url("token_url", "https://public-api.stora.co/oauth2/token")
+    token_url = t.get_url("token_url", _DEFAULT_TOKEN_URL)
     client_id = t.get_str("client_id", "")
     client_secret_file = t.get_secret_file("client_secret_file")
     token_file = t.get_secret_file("token_file")
-    scope = t.get_str("scope", "public.timeline_event:write")
+    scope = t.get_str("scope", EVENT_SCOPE)
+    if t.ok("scope"):
+        _check_scope(t, scope, auth)
     timeline_source_id = t.get_str("timeline_source_id", nonempty=True)
+    if t.ok("timeline_source_id"):
+        check_stora_id(t, "timeline_source_id", timeline_source_id, "tsrc_",
+                       "timeline source id")
     timeline_template_id = t.get_str("timeline_template_id", "")
+    if timeline_template_id and t.ok("timeline_template_id"):
+        check_stora_id(t, "timeline_template_id", timeline_template_id, "aetpl_",
+                       "timeline template id")
     # Stora's documented limits are per second and per minute; no sane limit is higher.
     max_per_second = t.get_int("max_per_second", 10, 1, 10_000)
     max_per_minute = t.get_int("max_per_minute", 60, 1, 600_000)
-    if auth == "client_credentials":
-        if not client_id.strip():
-            t.fail("client_id", 'required when stora.auth = "client_credentials"')
-        if client_secret_file is None:
-            t.fail("client_secret_file", 'required when stora.auth = "client_credentials"')
-    elif token_file is None:
-        t.fail("token_file", f'required when stora.auth = "{auth}"')
-    if max_per_minute < max_per_second:
-        t.fail(
+    if not t.ok("auth"):
+        pass  # which credential keys are needed depends on the mode
+    elif auth == "client_credentials":
+        if not client_id.strip() and t.ok("client_id"):
+            t.error("client_id", 'required when stora.auth = "client_credentials"')
+        if client_secret_file is None and t.ok("client_secret_file"):
+            t.error("client_secret_file", 'required when stora.auth = "client_credentials"')
+    elif token_file is None and t.ok("token_file"):
+        t.error("token_file", f'required when stora.auth = "{auth}"')
+    if max_per_minute < max_per_second and t.ok("max_per_second", "max_per_minute"):
+        t.error(
             "max_per_minute",
             f"must be at least max_per_second ({max_per_second}), found {max_per_minute}",
         )
@@ -895,6 +743,33 @@ def _parse_stora(t: _Table) -> StoraConfig:
         client_secret_file=client_secret_file, token_file=token_file, scope=scope,
         timeline_source_id=timeline_source_id, timeline_template_id=timeline_template_id,
         max_per_second=max_per_second, max_per_minute=max_per_minute,
+    )
+
+
+def _check_scope(t: Table, scope: str, auth: StoraAuth) -> None:
+    """The scopes a client credential asks for: Stora's shape, and the one events need.
+
+    Only ``client_credentials`` sends ``scope``; a static or broker token carries the
+    scopes it was made with, which the gateway cannot see.
+    """
+    if auth != "client_credentials":
+        return
+    names = scope.split()
+    wrong = [name for name in names if not _SCOPE_RE.fullmatch(name)]
+    if wrong:
+        t.error("scope", f"{show(wrong[0])} is not a Stora scope (public.<resource>:read "
+                         "or :write, separated by spaces)")
+    elif EVENT_SCOPE not in names:
+        t.error("scope", f"must include {EVENT_SCOPE}: without it Stora refuses every "
+                         f"Timeline Event (403), found {show(scope)}")
+
+
+def _no_stora() -> StoraConfig:
+    return StoraConfig(
+        base_url=_DEFAULT_BASE_URL, auth="client_credentials", token_url=_DEFAULT_TOKEN_URL,
+        client_id="", client_secret_file=None, token_file=None, scope=EVENT_SCOPE,
+        timeline_source_id="", timeline_template_id="", max_per_second=10,
+        max_per_minute=60,
     )
 
 
@@ -953,21 +828,27 @@ _BAUDRATES: Final = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)
 # takes ~30 ms; 200 ms leaves room for slow boards without stalling the bus.
 _TIMEOUT_MS: Final = _Range(10, 10_000, 200)
 _RETRIES: Final = _Range(0, 10, 2)
+#: Keys of a controller that locks depend on: with a problem in one of them, the checks
+#: of its locks' channels and inputs would only repeat it.
+_KEYS_LOCKS_USE: Final = ("name", "driver", "channels", "inputs")
 
 
-def _get_range(t: _Table, name: str, rng: _Range | None) -> int:
+def _get_range(t: Table, name: str, rng: _Range | None) -> int:
     return 0 if rng is None else t.get_int(name, rng.default, rng.lo, rng.hi)
 
 
-def _parse_controller(t: _Table) -> ControllerConfig:
+def _parse_controller(t: Table) -> ControllerConfig | None:
+    """One controller, or ``None`` when its driver is unknown (nothing else to check)."""
     name = t.get_str("name", nonempty=True)
     driver = t.get_str("driver")
     spec = _DRIVERS.get(driver)
     if spec is None:
-        close = difflib.get_close_matches(driver, DRIVERS, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        t.fail("driver", f"unknown driver {driver!r}{hint}; known drivers: "
-                         f"{', '.join(DRIVERS)}")
+        if t.ok("driver"):
+            close = difflib.get_close_matches(driver, DRIVERS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            t.error("driver", f"unknown driver {driver!r}{hint}; known drivers: "
+                              f"{', '.join(DRIVERS)}")
+        return None
     t.check_keys(spec.keys, driver=driver, other_drivers_keys=_ALL_CONTROLLER_KEYS)
     serial = spec.address is not None
     port: str | None = None
@@ -978,13 +859,13 @@ def _parse_controller(t: _Table) -> ControllerConfig:
     broker_password_file: Path | None = None
     if serial:
         port = t.get_str("port", nonempty=True)
-        problem = port_problem(port)
+        problem = port_problem(port) if t.ok("port") else None
         if problem is not None:
-            t.fail("port", problem)
+            t.error("port", problem)
         baudrate = t.get_int("baudrate", 9600)
-        if baudrate not in _BAUDRATES:
-            t.fail("baudrate", f"{baudrate} is not supported; use one of "
-                               f"{', '.join(map(str, _BAUDRATES))}")
+        if baudrate not in _BAUDRATES and t.ok("baudrate"):
+            t.error("baudrate", f"{baudrate} is not supported; use one of "
+                                f"{', '.join(map(str, _BAUDRATES))}")
     else:
         # For MQTT drivers, host/port name another broker than [mqtt], when set.
         broker_host = t.get_str("host", "", nonempty=True) if t.has("host") else None
@@ -993,9 +874,18 @@ def _parse_controller(t: _Table) -> ControllerConfig:
         # addition; _check_mqtt_accounts refuses sharing it on the [mqtt] broker).
         broker_username = t.get_str("username", "")
         broker_password_file = t.get_secret_file("password_file")
-        if broker_password_file is not None and not broker_username:
-            t.fail("password_file", "needs username: MQTT sends a password only with a "
-                                    "user name")
+        if broker_password_file is not None and not broker_username and t.ok("username"):
+            t.error("password_file", "needs username: MQTT sends a password only with a "
+                                     "user name")
+    scbk_file = t.get_secret_file("scbk_file")
+    allow_insecure = t.get_bool("allow_insecure", False)
+    if (driver == "osdp" and scbk_file is None and not allow_insecure
+            and t.ok("scbk_file", "allow_insecure")):
+        # The driver refuses such a PD when the agent starts (hardware.md, "Secure
+        # Channel keys"); said here, it cannot pass check-config and fail on site.
+        t.error("scbk_file", "required for an osdp controller: the PD's Secure Channel key "
+                             "(32 hex digits; hardware.md, \"Secure Channel keys\"), or "
+                             "allow_insecure = true to drive it in the clear")
     return ControllerConfig(
         name=name,
         driver=driver,
@@ -1015,43 +905,68 @@ def _parse_controller(t: _Table) -> ControllerConfig:
         broker_host=broker_host,
         broker_port=broker_port,
         topic=t.get_topic("topic") if driver == "tasmota" else None,
-        scbk_file=t.get_secret_file("scbk_file"),
-        allow_insecure=t.get_bool("allow_insecure", False),
+        scbk_file=scbk_file,
+        allow_insecure=allow_insecure,
         broker_username=broker_username,
         broker_password_file=broker_password_file,
     )
 
 
-def _parse_controllers(tables: list[_Table]) -> tuple[ControllerConfig, ...]:
-    controllers: list[ControllerConfig] = []
-    names: dict[str, int] = {}
+@dataclass(slots=True)
+class _Controllers:
+    """The controllers as far as they could be read, for the checks of the locks.
+
+    ``built``: each controller that could be built, with its table.  ``names``: every
+    controller name read without a problem (first index).  ``usable``: the controllers
+    whose keys that locks depend on are sound.  ``unnamed``: some controller's name
+    could not be read, so a lock naming an unknown controller may mean that one.
+    """
+
+    built: list[tuple[Table, ControllerConfig]] = field(default_factory=list)
+    names: dict[str, int] = field(default_factory=dict)
+    usable: dict[str, ControllerConfig] = field(default_factory=dict)
+    unnamed: bool = False
+
+
+def _parse_controllers(tables: list[Table]) -> _Controllers:
+    found = _Controllers()
     buses: dict[str, ControllerConfig] = {}  # port -> first controller on it
     addresses: dict[tuple[str, int], ControllerConfig] = {}
-    for index, t in enumerate(tables):
-        c = _parse_controller(t)
-        if c.name in names:
-            t.fail("name", f"duplicate controller name {c.name!r} "
-                           f"(also controllers[{names[c.name]}])")
-        names[c.name] = index
-        if c.port is not None:
+    for t in tables:
+        c = guarded(t.problems, partial(_parse_controller, t), _nothing)
+        if not t.ok("name"):
+            found.unnamed = True
+        if c is None:
+            if t.ok("name"):
+                found.names.setdefault(t.data["name"], t.index or 0)
+            continue
+        if t.ok("name"):
+            if c.name in found.names:
+                t.error("name", f"duplicate controller name {c.name!r} "
+                                f"(also controllers[{found.names[c.name]}])")
+            else:
+                found.names[c.name] = t.index or 0
+        if c.port is not None and t.ok("port", "driver", "baudrate"):
             first = buses.setdefault(c.port, c)
             if first.driver != c.driver:
-                t.fail("driver", f"port {c.port} is already a {first.driver} bus (controller "
-                                 f"{first.name!r}); one bus speaks one protocol")
-            if first.baudrate != c.baudrate:
-                t.fail("baudrate", f"baudrate {c.baudrate} differs from {first.baudrate} of "
-                                   f"controller {first.name!r} on the same port {c.port}; one "
-                                   "bus runs at one speed")
-            other = addresses.setdefault((c.port, c.address), c)
-            if other is not c:
-                t.fail("address", f"address {c.address} is already used by controller "
-                                  f"{other.name!r} on the same port {c.port}")
-        controllers.append(c)
-    return tuple(controllers)
+                t.error("driver", f"port {c.port} is already a {first.driver} bus (controller "
+                                  f"{first.name!r}); one bus speaks one protocol")
+            elif first.baudrate != c.baudrate:
+                t.error("baudrate", f"baudrate {c.baudrate} differs from {first.baudrate} of "
+                                    f"controller {first.name!r} on the same port {c.port}; "
+                                    "one bus runs at one speed")
+            elif t.ok("address"):
+                other = addresses.setdefault((c.port, c.address), c)
+                if other is not c:
+                    t.error("address", f"address {c.address} is already used by controller "
+                                       f"{other.name!r} on the same port {c.port}")
+        found.built.append((t, c))
+        if t.ok(*_KEYS_LOCKS_USE):
+            found.usable.setdefault(c.name, c)
+    return found
 
 
-def _check_mqtt_accounts(mqtt: MqttConfig, controllers: tuple[ControllerConfig, ...],
-                         tables: list[_Table]) -> None:
+def _check_mqtt_accounts(mqtt: MqttConfig, found: _Controllers) -> None:
     """Refuse an MQTT-driver link that would log in to the ``[mqtt]`` broker as the agent.
 
     The shipped brokers bind each client id to its account (``use_username_as_clientid``,
@@ -1061,8 +976,8 @@ def _check_mqtt_accounts(mqtt: MqttConfig, controllers: tuple[ControllerConfig, 
     """
     if not mqtt.username:
         return
-    for c, t in zip(controllers, tables, strict=True):
-        if c.serial:
+    for t, c in found.built:
+        if c.serial or not t.ok("host", "port", "username"):
             continue
         own = c.broker_host is not None or c.broker_port is not None
         host = c.broker_host or mqtt.host
@@ -1070,13 +985,13 @@ def _check_mqtt_accounts(mqtt: MqttConfig, controllers: tuple[ControllerConfig, 
         if host != mqtt.host or (port != mqtt.port and not mqtt.unix_socket):
             continue  # another broker: its accounts are not the agent's
         if not c.broker_username:
-            t.fail("username", f"required for a {c.driver} controller on the [mqtt] "
-                               "broker: give its link an account of its own, not "
-                               f"mqtt.username {mqtt.username!r} (hardware.md)")
-        if c.broker_username == mqtt.username:
-            t.fail("username", f"must differ from mqtt.username {mqtt.username!r}: the "
-                               "broker gives one account one connection, so this link "
-                               "would disconnect the agent (hardware.md)")
+            t.error("username", f"required for a {c.driver} controller on the [mqtt] "
+                                "broker: give its link an account of its own, not "
+                                f"mqtt.username {mqtt.username!r} (hardware.md)")
+        elif c.broker_username == mqtt.username:
+            t.error("username", f"must differ from mqtt.username {mqtt.username!r}: the "
+                                "broker gives one account one connection, so this link "
+                                "would disconnect the agent (hardware.md)")
 
 
 # --------------------------------------------------------------------------- locks
@@ -1089,45 +1004,58 @@ _LOCK_KEYS: Final = frozenset({
 _ENERGIZE: Final[Mapping[str, EnergizeTo]] = {"unlock": "unlock", "lock": "lock"}
 
 
-def _not_for_driver(t: _Table, name: str, driver: str, why: str) -> None:
+def _not_for_driver(t: Table, name: str, driver: str, why: str) -> None:
     if t.has(name):
-        t.fail(name, f"key not valid for driver {driver}: {why}")
+        t.error(name, f"key not valid for driver {driver}: {why}")
 
 
-def _get_index(t: _Table, name: str, what: str, c: ControllerConfig, count: int) -> int | None:
-    """An optional 0-based output/input number that must exist on controller ``c``."""
+def _get_index(t: Table, name: str, what: str, c: ControllerConfig | None,
+               count: int) -> int | None:
+    """An optional 0-based output/input number that must exist on controller ``c``.
+
+    ``None`` when absent or wrong; without a usable controller only its type is checked.
+    """
     value = t.get_opt_int(name)
-    if value is not None and not 0 <= value < count:
+    if value is None or c is None or not t.ok(name):
+        return value
+    if not 0 <= value < count:
         span = f"0–{count - 1}" if count else f"it has no {what}s"
-        t.fail(name, f"{what} {_show_int(value)} is out of range for controller "
-                     f"{c.name!r} ({span})")
+        t.error(name, f"{what} {show_int(value)} is out of range for controller "
+                      f"{c.name!r} ({span})")
+        return None
     return value
 
 
-def _parse_lock(t: _Table, controllers: Mapping[str, ControllerConfig]) -> LockConfig:
+def _parse_lock(t: Table, found: _Controllers) -> LockConfig:
     t.check_keys(_LOCK_KEYS)
     unit = t.get_str("unit")
-    if not unit.startswith("unit_") or unit == "unit_":
-        t.fail("unit", f"must be a Stora unit id starting with 'unit_', found {_show(unit)}")
-    _check_topic_segment(t, "unit", unit)
+    if t.ok("unit") and check_stora_id(t, "unit", unit, "unit_", "unit id"):
+        check_topic_segment(t, "unit", unit)
     reference = t.get_str("reference", nonempty=True)
     name = t.get_str("controller")
-    c = controllers.get(name)
-    if c is None:
-        known = ", ".join(repr(n) for n in controllers) or "none are defined"
-        t.fail("controller", f"no controller named {name!r} (known: {known})")
-    driver = c.driver
+    c = found.usable.get(name) if t.ok("controller") else None
+    if t.ok("controller") and name not in found.names and not found.unnamed:
+        known = ", ".join(repr(n) for n in found.names) or "none are defined"
+        t.error("controller", f"no controller named {name!r} (known: {known})")
     device: str | None = None
     channel: int | None = None
-    if driver == "zigbee2mqtt":
+    if c is None:
+        # The controller is unknown or has problems of its own (reported there): what
+        # depends on it cannot be judged, and the checks across locks skip this one.
+        t.bad.add("controller")
+        channel = t.get_opt_int("channel")
+    elif c.driver == "zigbee2mqtt":
+        driver = c.driver
         _not_for_driver(t, "channel", driver, "a zigbee2mqtt lock is named by its device")
         _not_for_driver(t, "door_input", driver, "the Zigbee lock reports its door itself")
         _not_for_driver(t, "status_input", driver, "status_input is for modbus boards")
         if not t.has("device"):
-            t.fail("device", f"required for a lock on zigbee2mqtt controller {c.name!r}: "
-                             "the device's friendly name")
-        device = t.get_topic("device")
+            t.error("device", f"required for a lock on zigbee2mqtt controller {c.name!r}: "
+                              "the device's friendly name")
+        else:
+            device = t.get_topic("device")
     else:
+        driver = c.driver
         _not_for_driver(t, "device", driver, "device is for zigbee2mqtt locks; use channel")
         if driver == "lockboard":
             _not_for_driver(t, "door_input", driver,
@@ -1136,66 +1064,84 @@ def _parse_lock(t: _Table, controllers: Mapping[str, ControllerConfig]) -> LockC
             _not_for_driver(t, "status_input", driver,
                             "status_input (lock feedback) is read on modbus boards only")
         if not t.has("channel"):
-            t.fail("channel", "required key is missing: the output number on controller "
-                              f"{c.name!r}")
-        channel = _get_index(t, "channel", "channel", c, c.channels)
+            t.error("channel", "required key is missing: the output number on controller "
+                               f"{c.name!r}")
+        else:
+            channel = _get_index(t, "channel", "channel", c, c.channels)
+    inputs = c.inputs if c is not None else 0
     return LockConfig(
         unit=unit,
         reference=reference,
-        controller=c.name,
+        controller=name,
         channel=channel,
-        door_input=_get_index(t, "door_input", "input", c, c.inputs),
-        status_input=_get_index(t, "status_input", "input", c, c.inputs),
+        door_input=_get_index(t, "door_input", "input", c, inputs),
+        status_input=_get_index(t, "status_input", "input", c, inputs),
         device=device,
         energize_to=t.get_choice("energize_to", "unlock", _ENERGIZE),
         unlock_seconds=t.get_int("unlock_seconds", 8, 1, 3600),
     )
 
 
-def _parse_locks(
-    tables: list[_Table], controllers: Mapping[str, ControllerConfig]
-) -> tuple[LockConfig, ...]:
-    locks: list[LockConfig] = []
+def _parse_locks(tables: list[Table], found: _Controllers) -> tuple[LockConfig, ...]:
+    locks: list[tuple[Table, LockConfig]] = []
     units: dict[str, int] = {}
     references: dict[str, int] = {}
     outputs: dict[tuple[str, int | str], int] = {}  # (controller, channel or device)
     inputs: dict[tuple[str, int], tuple[int, str]] = {}  # (controller, input) -> (lock, key)
-    for index, t in enumerate(tables):
-        lock = _parse_lock(t, controllers)
-        if lock.unit in units:
-            t.fail("unit", f"duplicate unit id {lock.unit!r} (also locks[{units[lock.unit]}])")
-        units[lock.unit] = index
+    for t in tables:
+        index = t.index or 0
+        lock = guarded(t.problems, partial(_parse_lock, t, found), _nothing)
+        if lock is None:
+            continue
+        locks.append((t, lock))
+        if t.ok("unit"):
+            if lock.unit in units:
+                t.error("unit", f"duplicate unit id {lock.unit!r} (also "
+                                f"locks[{units[lock.unit]}])")
+            else:
+                units[lock.unit] = index
         folded = lock.reference.casefold()
-        if folded in references:
-            t.fail("reference", f"duplicate reference {lock.reference!r} "
-                                f"(also locks[{references[folded]}])")
-        references[folded] = index
-        if lock.device is not None:
-            where: tuple[str, int | str] = (lock.controller, lock.device)
-            key, label = "device", f"device {lock.device!r}"
-        else:
-            assert lock.channel is not None
-            where = (lock.controller, lock.channel)
-            key, label = "channel", f"channel {lock.channel}"
-        if where in outputs:
-            t.fail(key, f"{label} of controller {lock.controller!r} is already used by "
-                        f"locks[{outputs[where]}]")
-        outputs[where] = index
-        for input_key in ("door_input", "status_input"):
-            number = getattr(lock, input_key)
-            if number is None:
-                continue
-            if (lock.controller, number) in inputs:
-                other, other_key = inputs[(lock.controller, number)]
-                t.fail(input_key, f"input {number} of controller {lock.controller!r} is "
-                                  f"already used as locks[{other}].{other_key}")
-            inputs[(lock.controller, number)] = (index, input_key)
-        locks.append(lock)
+        if t.ok("reference"):
+            if folded in references:
+                t.error("reference", f"duplicate reference {lock.reference!r} "
+                                     f"(also locks[{references[folded]}])")
+            else:
+                references[folded] = index
+        if not t.ok("controller"):
+            continue  # outputs and inputs belong to a controller that is not sound
+        _check_wiring(t, lock, outputs, inputs)
     # A reference that is another lock's unit id would make `unlock UNIT` ambiguous.
-    for index, lock in enumerate(locks):
+    for t, lock in locks:
         owner = units.get(lock.reference)
-        if owner is not None and owner != index:
-            tables[index].fail("reference", f"{lock.reference!r} is also the unit id of "
-                                            f"locks[{owner}]; a reference must differ from "
-                                            "every unit id")
-    return tuple(locks)
+        if owner is not None and owner != t.index and t.ok("reference"):
+            t.error("reference", f"{lock.reference!r} is also the unit id of "
+                                 f"locks[{owner}]; a reference must differ from every unit "
+                                 "id")
+    return tuple(lock for _, lock in locks)
+
+
+def _check_wiring(t: Table, lock: LockConfig, outputs: dict[tuple[str, int | str], int],
+                  inputs: dict[tuple[str, int], tuple[int, str]]) -> None:
+    """No two locks on one output of a controller, nor on one of its inputs."""
+    index = t.index or 0
+    where: tuple[str, int | str] | None = None
+    if lock.device is not None and t.ok("device"):
+        where, key, label = (lock.controller, lock.device), "device", f"device {lock.device!r}"
+    elif lock.channel is not None and t.ok("channel"):
+        where, key, label = (lock.controller, lock.channel), "channel", f"channel {lock.channel}"
+    if where is not None:
+        if where in outputs:
+            t.error(key, f"{label} of controller {lock.controller!r} is already used by "
+                         f"locks[{outputs[where]}]")
+        else:
+            outputs[where] = index
+    for input_key in ("door_input", "status_input"):
+        number = getattr(lock, input_key)
+        if number is None or not t.ok(input_key):
+            continue
+        if (lock.controller, number) in inputs:
+            other, other_key = inputs[(lock.controller, number)]
+            t.error(input_key, f"input {number} of controller {lock.controller!r} is "
+                               f"already used as locks[{other}].{other_key}")
+        else:
+            inputs[(lock.controller, number)] = (index, input_key)

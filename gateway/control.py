@@ -12,6 +12,9 @@ a connection may carry several requests, answered in order::
     ← {"id": 7, "ok": true, "result": {...}}
     ← {"id": 7, "ok": false, "error": "one line", "status": 1, "code": "error"}
 
+A long request (``test``, ``scan``) may send progress lines before its answer when
+asked, and is cancelled by the client hanging up: ``gateway.control_stream``.
+
 ``status`` is the exit status the CLI should give (1 the operation failed, 2 bad
 usage); ``code`` says which kind of failure it is: ``error`` (the handler refused or
 failed), ``denied`` (this caller may not use the socket), ``bad_request`` (not a
@@ -559,15 +562,15 @@ class ControlServer:
                         return
                     if line is None:
                         return
-                    conn.sendall(self._answer(line, peer))
+                    conn.sendall(self._answer(line, peer, conn))
         except OSError:
             pass  # the client went away or stayed silent too long: nothing to answer
         finally:
             with self._mutex:
                 self._connections.pop(conn, None)
 
-    def _answer(self, line: bytes, peer: Peer) -> bytes:
-        response = self._respond(line, peer)
+    def _answer(self, line: bytes, peer: Peer, conn: socket.socket | None = None) -> bytes:
+        response = self._respond(line, peer, conn)
         try:
             return _encode(response)
         except (ValueError, TypeError, RecursionError):  # e.g. a circular result
@@ -575,8 +578,14 @@ class ControlServer:
             return _encode(_error(response.get("id"), "internal error in the agent (bad "
                                                       "result); see its log", 1, "internal"))
 
-    def _respond(self, line: bytes, peer: Peer) -> dict[str, Any]:
-        """The answer to one request line; never raises."""
+    def _respond(self, line: bytes, peer: Peer,
+                 conn: socket.socket | None = None) -> dict[str, Any]:
+        """The answer to one request line; never raises.
+
+        The handler runs with the request as ``gateway.control_stream.current_call()``:
+        its progress lines and its cancel switch (the client hanging up).
+        """
+        from gateway.control_stream import serving
         try:
             request = json.loads(line, parse_constant=_no_constant, parse_float=_finite)
         except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
@@ -602,7 +611,8 @@ class ControlServer:
                           "bad_request")
         LOGGER.debug("control: %s from uid %d (pid %d)", method, peer.uid, peer.pid)
         try:
-            result = self.handler.handle(method, params, peer)
+            with serving(conn, request_id, request.get("stream") is True):
+                result = self.handler.handle(method, params, peer)
         except ControlDenied as exc:
             return _error(request_id, str(exc), 2, "denied")
         except ControlError as exc:

@@ -41,6 +41,9 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Final, TextIO
 
+from gateway import liveview
+from gateway.liveview import LiveView, describe_state
+
 if TYPE_CHECKING:
     from gateway.agent import Agent
     from gateway.sandbox import Sandbox
@@ -171,41 +174,8 @@ channel = 1
 
 
 # -- the live view ------------------------------------------------------------------------
-class LiveView:
-    """Readable lines with the time since the start, written whole from any thread."""
-
-    def __init__(self, out: TextIO) -> None:
-        self.out = out
-        self.started = time.monotonic()
-        self._lock = threading.Lock()
-
-    def write(self, text: str) -> None:
-        """Write ``text`` as it is (headers, tables)."""
-        with self._lock:
-            self.out.write(text)
-            self.out.flush()
-
-    def line(self, tag: str, text: str) -> None:
-        """``  12.3s  tag     text``."""
-        self.write(f"{time.monotonic() - self.started:6.1f}s  {tag:<7} {text}\n")
-
-
-def describe_state(state: Mapping[str, Any]) -> str:
-    """A unit's retained state in words: "A-101 unlocked, door closed, in lockout"."""
-    locked = state.get("locked")
-    words = [str(state.get("reference") or state.get("unit")),
-             "unknown" if locked is None else "locked" if locked else "unlocked"]
-    if state.get("door") not in (None, "unknown"):
-        words[-1] += ","
-        words.append(f"door {state['door']}")
-    if state.get("lockout"):
-        words[-1] += ","
-        words.append("in lockout")
-    return " ".join(words)
-
-
-def _state_key(state: Mapping[str, Any]) -> tuple[Any, ...]:
-    return state.get("locked"), state.get("lockout"), state.get("door")
+# LiveView and the describe_* functions live in gateway/liveview.py (product code), which
+# `stora-gateway watch` shares; the demo only adds its unit labels.
 
 
 class Watcher:
@@ -254,25 +224,19 @@ class Watcher:
                 online = bool(doc.get("online"))
                 if online != self.online:
                     self.online = online
-                    version = f" (stora-gateway {doc['version']})" if doc.get("version") else ""
-                    self.view.line("agent", ("online" + version) if online else "offline")
+                    self.view.line("agent", liveview.describe_online(doc))
             elif suffix == "cmd/result":
                 self.results.append(doc)
                 self.view.line("←", describe_result(doc))
             elif suffix.startswith("units/"):
                 history = self.states.setdefault(str(doc.get("unit")), [])
-                if not history or _state_key(history[-1]) != _state_key(doc):
-                    note = ""
-                    if doc.get("relock_at") and doc.get("locked") is False:
-                        note = f" (relocks at {doc['relock_at'][11:19]} UTC)"
-                    elif history and history[-1].get("lockout") and not doc.get("lockout"):
-                        note = ", lockout cleared"
-                    self.view.line("lock", describe_state(doc) + note)
+                line = liveview.describe_state_change(history[-1] if history else None, doc)
+                if line is not None:
+                    self.view.line("lock", line)
                 history.append(doc)
             elif suffix == "alarm":
                 self.alarms.append(doc)
-                unit = REFERENCES.get(str(doc.get("unit")), doc.get("unit") or "site")
-                self.view.line("alarm", f"{doc.get('kind')} at {unit}: {doc.get('detail')}")
+                self.view.line("alarm", liveview.describe_alarm(doc, REFERENCES))
             self._cond.notify_all()
 
     def send(self, token: bytes) -> None:
@@ -307,15 +271,7 @@ class Watcher:
 
 def describe_result(doc: Mapping[str, Any]) -> str:
     """A command result in words: "done: unlock A-101", "rejected (overlocked): …"."""
-    status = str(doc.get("status"))
-    if doc.get("reason"):
-        status += f" ({doc['reason']})"
-    what = " ".join(str(p) for p in (doc.get("cmd"), REFERENCES.get(str(doc.get("unit")),
-                                                                    doc.get("unit"))) if p)
-    text = f"{status}: {what or 'a token whose signature did not verify (no id echoed)'}"
-    if doc.get("duplicate"):
-        text += " [duplicate: the original result again; not run twice]"
-    return text
+    return liveview.describe_result(doc, REFERENCES)
 
 
 class EventFeed:

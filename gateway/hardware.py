@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from drivers.base import Controller, LockPoint, ProbeResult
 from drivers.link import LinkTiming, SerialBus, SerialFactory, open_serial
@@ -89,19 +89,6 @@ def _build_lockboard(cfg: ControllerConfig, site: Site, bus: SerialBus | None) -
     assert bus is not None
     del site
     return LockboardController(cfg.name, bus, cfg.address, channels=cfg.channels)
-
-
-def _scan_modbus(bus: SerialBus, addresses: Iterable[int]) -> list[ProbeResult]:
-    from drivers.modbus import ModbusBus
-    from drivers.modbus import scan as modbus_scan
-
-    return list(modbus_scan(ModbusBus(bus), addresses))
-
-
-def _scan_lockboard(bus: SerialBus, addresses: Iterable[int]) -> list[ProbeResult]:
-    from drivers.lockboard import scan as lockboard_scan
-
-    return list(lockboard_scan(bus, addresses))
 
 
 def _mqtt_driver_broker(cfg: ControllerConfig, site: Site, kind: str) -> dict[str, Any]:
@@ -207,12 +194,6 @@ BUILDERS: dict[str, Builder] = {
     "tasmota": _build_tasmota,
 }
 
-#: driver name -> (bus scan, default address range).
-SCANNERS: dict[str, tuple[Callable[[SerialBus, Iterable[int]], list[ProbeResult]], range]] = {
-    "modbus": (_scan_modbus, range(1, 248)),
-    "lockboard": (_scan_lockboard, range(32)),
-}
-
 SERIAL_DRIVERS = frozenset({"modbus", "lockboard", "osdp"})
 
 
@@ -263,15 +244,79 @@ def opened_site(
         site.close()
 
 
-def scan_controller(
-    config: Config,
-    name: str,
-    addresses: Iterable[int] | None = None,
-    *,
-    factory: SerialFactory = open_serial,
-    timeout_s: float = 0.05,
-) -> list[ProbeResult]:
-    """Probe ``addresses`` on the bus of controller ``name`` and list what answers."""
+# -- scan ---------------------------------------------------------------------------------
+Probe = Callable[[int], ProbeResult | None]
+"""Ask one address on a bus; what answered there, or ``None`` for silence."""
+
+#: ``on_address(done, total, address, found)``: called as each address is finished.
+OnAddress = Callable[[int, int, int, ProbeResult | None], None]
+
+
+class Stop(Protocol):
+    """Set when the person scanning pressed Ctrl-C (``threading.Event`` is one)."""
+
+    def is_set(self) -> bool:
+        """True once asked to stop."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ScanReport:
+    """What one ``scan`` found, and whether it was stopped before the last address."""
+
+    controller: str
+    found: list[ProbeResult]
+    probed: int
+    total: int
+    interrupted: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        """``scan --json`` (the same through the agent and directly)."""
+        return {"controller": self.controller,
+                "found": [{"address": r.address, "description": r.description}
+                          for r in self.found],
+                "probed": self.probed, "total": self.total, "interrupted": self.interrupted}
+
+
+def _modbus_probe(bus: SerialBus, site: Site | None, timeout_s: float | None) -> Probe:
+    from drivers.modbus import ModbusBus
+    from drivers.modbus import scan as modbus_scan
+
+    # The agent's own Modbus client for that bus when it has one (no second client).
+    shared = site.shared.get(("modbus", bus.url)) if site is not None else None
+    client = shared if isinstance(shared, ModbusBus) else ModbusBus(bus)
+    wait = {} if timeout_s is None else {"timeout_s": timeout_s}
+
+    def probe(address: int) -> ProbeResult | None:
+        found = modbus_scan(client, [address], **wait)
+        return found[0] if found else None
+
+    return probe
+
+
+def _lockboard_probe(bus: SerialBus, site: Site | None, timeout_s: float | None) -> Probe:
+    from drivers.lockboard import scan as lockboard_scan
+
+    del site
+    wait = {} if timeout_s is None else {"timeout_s": timeout_s}
+
+    def probe(address: int) -> ProbeResult | None:
+        found = lockboard_scan(bus, [address], **wait)
+        return found[0] if found else None
+
+    return probe
+
+
+#: driver name -> (a probe over a bus, default address range).  Each probe is one
+#: transaction, so a scan on the agent's bus lets commands through between addresses.
+SCANNERS: dict[str, tuple[Callable[[SerialBus, Site | None, float | None], Probe], range]] = {
+    "modbus": (_modbus_probe, range(1, 248)),
+    "lockboard": (_lockboard_probe, range(32)),
+}
+
+
+def _scannable(config: Config, name: str) -> tuple[ControllerConfig, Callable[
+        [SerialBus, Site | None, float | None], Probe], range]:
     cfg = config.controller(name)
     if cfg is None:
         known = ", ".join(c.name for c in config.controllers)
@@ -281,10 +326,71 @@ def scan_controller(
         raise HardwareUnavailableError(
             f"controller {name!r}: driver {cfg.driver!r} has no bus scan"
         )
-    scan, default_range = scanner
-    timing = LinkTiming.for_baudrate(cfg.baudrate, timeout_s, retries=0)
+    return cfg, *scanner
+
+
+def _run_scan(name: str, probe: Probe, addresses: Iterable[int],
+              on_address: OnAddress | None, stop: Stop | None) -> ScanReport:
+    wanted = list(addresses)
+    found: list[ProbeResult] = []
+    for done, address in enumerate(wanted, 1):
+        if stop is not None and stop.is_set():
+            return ScanReport(name, found, done - 1, len(wanted), interrupted=True)
+        result = probe(address)
+        if result is not None:
+            found.append(result)
+        if on_address is not None:
+            on_address(done, len(wanted), address, result)
+    return ScanReport(name, found, len(wanted), len(wanted))
+
+
+def scan_controller(
+    config: Config,
+    name: str,
+    addresses: Iterable[int] | None = None,
+    *,
+    factory: SerialFactory = open_serial,
+    timeout_s: float | None = None,
+    on_address: OnAddress | None = None,
+    stop: Stop | None = None,
+) -> ScanReport:
+    """Probe ``addresses`` on the bus of controller ``name`` and list what answers.
+
+    Opens the port itself (no agent running).  ``timeout_s`` is the wait per address
+    (default: the driver's); ``on_address`` hears of each address as it is done;
+    ``stop`` ends the scan between two addresses.
+    """
+    cfg, make_probe, default_range = _scannable(config, name)
+    assert cfg.port is not None
+    # Silence is the common answer in a scan: no retries (garbled replies are retried
+    # by the drivers' own scan rules).
+    timing = LinkTiming.for_baudrate(cfg.baudrate, timeout_s or 0.1, retries=0)
     bus = SerialBus(cfg.port, cfg.baudrate, timing=timing, factory=factory)
     try:
-        return scan(bus, addresses if addresses is not None else default_range)
+        return _run_scan(name, make_probe(bus, None, timeout_s),
+                         addresses if addresses is not None else default_range,
+                         on_address, stop)
     finally:
         bus.close()
+
+
+def scan_site_bus(
+    site: Site,
+    name: str,
+    addresses: Iterable[int] | None = None,
+    *,
+    timeout_s: float | None = None,
+    on_address: OnAddress | None = None,
+    stop: Stop | None = None,
+) -> ScanReport:
+    """``scan_controller`` on a running site's own bus (the agent owns the port).
+
+    Every probe is one transaction on the shared bus, so the site's commands and reads
+    take turns with the scan; the bus's timing and reopen state are the site's.
+    """
+    cfg, make_probe, default_range = _scannable(site.config, name)
+    bus = site.buses.get(cfg.port or "")
+    if bus is None:
+        raise HardwareUnavailableError(f"controller {name!r}: its bus is not open here")
+    return _run_scan(name, make_probe(bus, site, timeout_s),
+                     addresses if addresses is not None else default_range, on_address, stop)

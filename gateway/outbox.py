@@ -109,7 +109,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from gateway.stora import (
@@ -132,10 +132,12 @@ __all__ = [
     "IDLE_WAIT_S",
     "IN_FLIGHT_KEY",
     "MAX_NOTE_CHARS",
+    "NEWEST_DEAD_KEY",
     "TOKEN_ALARM_AFTER_S",
     "Drainer",
     "build_drainer",
     "is_config_problem",
+    "refusal_text",
 ]
 
 LOGGER = logging.getLogger(__name__)
@@ -162,6 +164,9 @@ DRAIN_STATES: Final = ("ok", "backing off", "paused: auth", "paused: config",
 
 #: ``meta`` key of the attempt in flight: ``{"seq", "generation", "at"}`` as JSON, or "".
 IN_FLIGHT_KEY: Final = "outbox.in_flight"
+#: ``meta`` key of the event dead-lettered last (its ``seq``), so ``status`` can quote the
+#: newest refusal with one lookup however many dead letters are held.
+NEWEST_DEAD_KEY: Final = "outbox.newest_dead"
 #: A ``last_error``, alarm detail or status line quotes at most a code and a message from
 #: Stora (each capped at ``MAX_TEXT_CHARS``) in a sentence of ours; it never exceeds this,
 #: so an alarm and the retained status stay far below the broker's 64 KiB packet limit.
@@ -186,6 +191,20 @@ def is_config_problem(outcome: Dead) -> bool:
 def _note(text: str) -> str:
     """One line of at most :data:`MAX_NOTE_CHARS`: what is stored, alarmed and shown."""
     return cap_text(text, MAX_NOTE_CHARS)
+
+
+def refusal_text(error: Mapping[str, Any]) -> str:
+    """Stora's refusal as one line: status, code, message, each detail with its pointer,
+    and the request id (for Stora's support), from a dead letter's record
+    (``Dead.as_record`` or ``EventRow.as_dict()["error"]``); capped like every note."""
+    text = f"{error.get('status') or '-'} {error.get('code') or '?'}: {error.get('message')}"
+    details = [f"{d.get('pointer') or '-'}: {d.get('message')}"
+               for d in error.get("details") or () if isinstance(d, Mapping)]
+    if details:
+        text += f" ({'; '.join(details)})"
+    if error.get("request_id"):
+        text += f" [request {error['request_id']}]"
+    return _note(text)
 
 
 def _no_alarm(kind: str, unit: str | None, detail: str) -> None:
@@ -395,11 +414,14 @@ class Drainer:
                              status=outcome.status, code=outcome.code, error=error,
                              dead_at=now)
                 tx.set_meta(IN_FLIGHT_KEY, "")
+                tx.set_meta(NEWEST_DEAD_KEY, str(row.seq))
             self.counters["dead_lettered"] += 1
+            # Our words first, Stora's last: the note is capped, and what gets cut must
+            # be the tail of Stora's text, not the hint where to look.  The details are
+            # what names the field at fault ("the request body is invalid" alone does not).
             self._alarm("timeline_dead_letter", row.unit, _note(
-                f"event {row.seq} ({row.kind}, {row.reference}) refused by Stora: "
-                f"{outcome.status or '-'} {outcome.code}: {outcome.message}; kept as a "
-                "dead letter (stora-gateway outbox --dead)"))
+                f"event {row.seq} ({row.kind}, {row.reference}) refused by Stora and kept "
+                f"as a dead letter (stora-gateway outbox --dead): {refusal_text(error)}"))
             return
         if isinstance(outcome, Dead):  # the configuration: pause, keep the event
             if key.unanswered_since is None:

@@ -10,6 +10,9 @@ Endpoints::
 
     POST /oauth2/token              Client Credentials, JSON body (stora-api §2.2)
     POST /2025-09/timeline/events   creates an ``aevt_…`` event (stora-api §3.2)
+    GET  /2025-09/timeline/sources  the ``timeline_sources`` given, paged (stora-api §3.4;
+                                    scope ``public.timeline_source:read``), for
+                                    ``check-config --online``
     /_sandbox/…                     admin API (state, faults, clock); not Stora's
     anything else                   404 invalid_endpoint
 
@@ -104,7 +107,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from socketserver import BaseServer, TCPServer
 from types import FrameType
 from typing import Any, Final, TextIO, cast
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 __all__ = [
     "API_VERSION",
@@ -125,6 +128,12 @@ EVENTS_PATH: Final = f"/{API_VERSION}/timeline/events"
 ADMIN_PREFIX: Final = "/_sandbox"
 #: The scope ``POST /timeline/events`` needs (stora-api §3.2).
 EVENT_SCOPE: Final = "public.timeline_event:write"
+SOURCES_PATH: Final = f"/{API_VERSION}/timeline/sources"
+#: The scope ``GET /timeline/sources`` needs (stora-api §3.4).
+SOURCE_SCOPE: Final = "public.timeline_source:read"
+#: stora-api §5: ``limit`` is 1–100, default 50.
+PAGE_LIMIT_DEFAULT: Final = 50
+PAGE_LIMIT_MAX: Final = 100
 #: A request body larger than this is refused; an event is well under 4 KiB.
 MAX_BODY: Final = 1 << 20
 #: How often the serving loop looks for a stop request; bounds :meth:`Sandbox.stop`.
@@ -410,6 +419,7 @@ class Sandbox:
         idempotency_ttl_s: float = 86400,
         store_unauthorized: bool = True,
         clock: Clock = time.time,
+        timeline_sources: Iterable[str] = (),
     ) -> None:
         if max_per_second < 1 or max_per_minute < 1:
             raise ValueError("rate limits must be at least 1 request per window")
@@ -426,6 +436,8 @@ class Sandbox:
         #: Whether a 401 is stored under its Idempotency-Key (module docstring).
         self.store_unauthorized = store_unauthorized
         self._clients = dict(clients or {})
+        #: The operator's timeline sources (ids), listed by GET /timeline/sources.
+        self.timeline_sources = list(timeline_sources)
         self._clock = clock
         self._offset = 0.0
         self._lock = threading.Lock()
@@ -706,7 +718,8 @@ class Sandbox:
             self._log.append(RequestRecord(self.now(), method, path, None, key, refused=True))
             return True
 
-    def _handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> _Reply:
+    def _handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes,
+                query: str = "") -> _Reply:
         """Answer one API request (layers 2–8 of the module docstring) and record it."""
         key = headers.get("idempotency-key") or None
         with self._lock:
@@ -720,6 +733,9 @@ class Sandbox:
             reply = self._issue_token(headers, body)
         elif method == "POST" and path == EVENTS_PATH:
             reply, replayed, mismatch = self._post_event(headers, body, key)
+        elif method == "GET" and path == SOURCES_PATH:
+            self._delay()
+            reply = self._list_sources(headers, query)
         else:
             self._delay()
             reply = _error("invalid_endpoint", f"no endpoint {method} {path}")
@@ -842,7 +858,8 @@ class Sandbox:
                     self._inflight.discard(key)
         return reply, False, False
 
-    def _authenticate(self, headers: Mapping[str, str]) -> _Token | _Reply:
+    def _authenticate(self, headers: Mapping[str, str],
+                      scope: str = EVENT_SCOPE) -> _Token | _Reply:
         scheme, _, token = headers.get("authorization", "").partition(" ")
         with self._lock:
             info = self._tokens.get(token.strip()) if scheme.lower() == "bearer" else None
@@ -852,9 +869,36 @@ class Sandbox:
             return _error(
                 "invalid_token", why, (), (("WWW-Authenticate", 'Bearer error="invalid_token"'),)
             )
-        if info.scopes is not None and EVENT_SCOPE not in info.scopes:
-            return _error("forbidden", f"the access token lacks the {EVENT_SCOPE} scope")
+        if info.scopes is not None and scope not in info.scopes:
+            return _error("forbidden", f"the access token lacks the {scope} scope")
         return info
+
+    def _list_sources(self, headers: Mapping[str, str], query: str) -> _Reply:
+        """``GET /timeline/sources``: one page of the sources, as stora-api §3.4 and §5."""
+        token = self._authenticate(headers, SOURCE_SCOPE)
+        if isinstance(token, _Reply):
+            return token
+        params = dict(parse_qsl(query))
+        try:
+            page = int(params.get("page", "1"))
+            limit = int(params.get("limit", str(PAGE_LIMIT_DEFAULT)))
+        except ValueError:
+            page = limit = 0
+        if page < 1 or not 1 <= limit <= PAGE_LIMIT_MAX:
+            return _error("invalid_url_param",
+                          f"page must be at least 1 and limit 1–{PAGE_LIMIT_MAX}")
+        stamp = _rfc3339(self.now())
+        sources = [{"id": ident, "name": f"Sandbox source {ident}", "website_url": None,
+                    "global": False, "created_at": stamp, "updated_at": stamp}
+                   for ident in self.timeline_sources]
+        pages = max(1, math.ceil(len(sources) / limit))
+        pagination = {"count": len(sources), "page": page, "pages": pages, "limit": limit,
+                      "next": page + 1 if page < pages else None,
+                      "prev": page - 1 if page > 1 else None, "last": pages}
+        return _json_reply(200, {
+            "timeline_sources": sources[(page - 1) * limit:page * limit],
+            "meta": {"pagination": pagination, "request_id": str(uuid.uuid4())},
+        })
 
     def _create_event(self, headers: Mapping[str, str], body: bytes) -> _Reply:
         """Layers 6 and 7: authenticate, validate and commit one event."""
@@ -1112,7 +1156,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         sandbox = cast(_Server, self.server).sandbox
-        path = urlsplit(self.path).path
+        path, query = urlsplit(self.path).path, urlsplit(self.path).query
         headers = {k.lower(): v for k, v in self.headers.items()}
         if path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/"):
             try:
@@ -1130,7 +1174,7 @@ class _Handler(BaseHTTPRequestHandler):
         except _BadFramingError as exc:
             self._send(_error("invalid_request", str(exc)), close=True)
             return
-        reply = sandbox._handle(self.command, path, headers, body)
+        reply = sandbox._handle(self.command, path, headers, body, query)
         if reply.drop:
             self.close_connection = True
         else:

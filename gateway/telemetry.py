@@ -29,6 +29,14 @@ than written as 0 or NaN, so an alert on it never fires on an absence.  Controll
 names are label values, escaped (``\\``, ``"``, newline) as the format requires; error
 texts are not exported (unbounded label values), they stay in the JSON status.
 
+Times
+-----
+``status`` leaves this process (MQTT, the control socket, files), so every instant in it
+is RFC 3339 UTC and every other number a count, a size or a duration named ``*_s``:
+:func:`broker_status` and :func:`schedule_status` turn the link's and the scheduler's
+monotonic stamps into wall times by their age.  The verdict (gateway/health.py) is
+exported as the state set ``stora_gateway_verdict{verdict=…}``.
+
 Textfile
 --------
 :func:`write_textfile` writes a temporary file in the target's directory (named so the
@@ -50,6 +58,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from gateway.clock import rfc3339
+from gateway.health import VERDICTS
+
 if TYPE_CHECKING:
     from gateway.store import Store
 
@@ -57,14 +68,18 @@ __all__ = [
     "METRIC_PREFIX",
     "THERMAL_ROOT",
     "Metric",
+    "broker_status",
     "cpu_temperature",
     "disk_usage",
     "host_status",
     "last_delivered_at",
     "load_1m",
     "metrics_from_status",
+    "newest_dead_letter",
     "render_prometheus",
     "resident_memory",
+    "schedule_status",
+    "wall_time",
     "write_textfile",
 ]
 
@@ -153,6 +168,76 @@ def host_status(storage_path: Path, *, thermal_root: Path = THERMAL_ROOT) -> dic
     }
 
 
+# --------------------------------------------------------------------------- times
+
+#: ``MqttLink.stats()`` keys that are instants on the link's monotonic clock: shown as
+#: RFC 3339 wall times, since a monotonic number means nothing outside the process.
+_LINK_INSTANTS: Final = ("last_connect_at", "last_disconnect_at")
+
+
+def wall_time(monotonic: float | None, *, mono_now: float, wall_now: float) -> str | None:
+    """A monotonic instant as RFC 3339 UTC, by its age: ``wall_now - (mono_now - t)``."""
+    if monotonic is None:
+        return None
+    return rfc3339(wall_now - max(0.0, mono_now - monotonic))
+
+
+def broker_status(stats: Mapping[str, Any], *, mono_now: float,
+                  wall_now: float) -> dict[str, Any]:
+    """The ``broker`` part of ``status`` from ``MqttLink.stats()``: instants as RFC 3339,
+    ``reconnect_delays`` named for their unit (``reconnect_delays_s``).
+
+    ``mono_now`` must be read from the link's clock: ``time.monotonic``, its default,
+    which the agent keeps.
+    """
+    out = dict(stats)
+    for key in _LINK_INSTANTS:
+        if key in out:
+            value = out[key]
+            out[key] = wall_time(value, mono_now=mono_now, wall_now=wall_now) \
+                if isinstance(value, int | float) else value
+    if "reconnect_delays" in out:
+        out["reconnect_delays_s"] = [round(d, 2) for d in out.pop("reconnect_delays")]
+    return out
+
+
+def schedule_status(stats: Mapping[str, Any] | None, *, wall_now: float) -> Any:
+    """The ``schedule`` part of ``status`` from ``Scheduler.stats()``: each job's
+    ``last_run_s_ago`` becomes ``last_run_at`` (RFC 3339), when it last finished."""
+    if not isinstance(stats, Mapping):
+        return stats
+    jobs = stats.get("jobs")
+    if not isinstance(jobs, Mapping):
+        return dict(stats)
+    shown = {}
+    for name, job in jobs.items():
+        shown[name] = {k: v for k, v in job.items() if k != "last_run_s_ago"}
+        ago = job.get("last_run_s_ago")
+        shown[name]["last_run_at"] = None if ago is None else rfc3339(wall_now - ago)
+    return {**stats, "jobs": shown}
+
+
+def newest_dead_letter(store: Store) -> dict[str, Any] | None:
+    """The dead letter ``status`` quotes: the one dead-lettered last, else the oldest held.
+
+    ``{"seq", "unit", "reference", "kind", "dead_at", "reason"}`` with ``reason`` Stora's
+    refusal (:func:`gateway.outbox.refusal_text`), or ``None`` when none is held.  Two
+    key lookups at most, however many are held.  Raises ``StoreError`` like any read.
+    """
+    from gateway.outbox import NEWEST_DEAD_KEY, refusal_text
+
+    marker = store.meta(NEWEST_DEAD_KEY)
+    row = store.event(int(marker)) if marker and marker.isdigit() else None
+    if row is None or row.state != "dead":  # retried or pruned since: any one held
+        held = store.events(state="dead", limit=1)
+        row = held[0] if held else None
+    if row is None:
+        return None
+    error = row.as_dict()["error"] or {}
+    return {"seq": row.seq, "unit": row.unit, "reference": row.reference, "kind": row.kind,
+            "dead_at": error.get("dead_at"), "reason": refusal_text(error)}
+
+
 def last_delivered_at(store: Store) -> float | None:
     """When Stora last accepted a Timeline Event (wall time), from the outbox; ``None``.
 
@@ -225,6 +310,13 @@ def metrics_from_status(status: Mapping[str, Any]) -> list[Metric]:
         1, version=str(status.get("version", "")), site=str(status.get("site", "")))
     metric("online", "gauge", "1 while the agent runs (the retained status says online).").add(
         bool(status.get("online")))
+    verdict = metric("verdict", "gauge",
+                     "1 for the site's verdict (ok, degraded, down), 0 for the others.")
+    if status.get("verdict") in VERDICTS:
+        # Every state written (a state set): an alert on ``{verdict="down"} == 1`` then
+        # sees a 0, not an absent series, when the site is well.
+        for state in VERDICTS:
+            verdict.add(status["verdict"] == state, verdict=state)
     metric("start_time_seconds", "gauge", "When the agent started, seconds since the epoch.").add(
         _timestamp(status.get("started_at")))
     metric("uptime_seconds", "gauge", "Seconds since the agent started.").add(

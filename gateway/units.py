@@ -417,6 +417,7 @@ class UnitManager:
         # at the next write, say) can leave the door open without a relock coming.
         self._schedule_in(lock.unit, dur)
         result, error = self._drive(lock, "unlock", dur)
+        confirmed = result is not None and result.confirmed
         with self.store.transaction() as tx:
             row = tx.unit(lock.unit)
             status, reason = _verdict(result)
@@ -427,9 +428,15 @@ class UnitManager:
                     if command.override:
                         detail += f"; overlock overridden: {command.reason}"
                     self._event(tx, "unlocked", lock, command.jti, command, detail)
+            if not confirmed:
+                # The unlock failed, but the door may have half moved: it is locked again
+                # now, not after the unlock time (found in review, issue 12).
+                row = replace(row, relock_at=self._now())
             tx.put_unit(row)
             outcome = self._finish(tx, Outcome(command.jti, command.cmd, lock.unit, status,
                                                reason, self._state(row), self._now()))
+        if not confirmed:
+            self._schedule_in(lock.unit, 0.0)
         if error:
             self._alarm("hardware_error", lock.unit, error)
         self._publish(row)

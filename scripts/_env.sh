@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by scripts/demo and scripts/test: make .venv with this project installed.
 # Works on a fresh Debian / Raspberry Pi OS with Python 3.11+.
 set -euo pipefail

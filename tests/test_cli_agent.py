@@ -25,7 +25,7 @@ from gateway.demo import write_demo_config
 LOCK_KEYS = ["unit", "reference", "controller", "locked", "door", "lockout", "error"]
 OUTCOME_KEYS = ["unit", "reference", "action", "status", "detail", "elapsed_ms", "state",
                 "door"]
-TEST_KEYS = ["unit", "reference", "passed", "unlock_ms", "relock_ms", "detail"]
+TEST_KEYS = ["unit", "reference", "passed", "unlock_ms", "held_ms", "relock_ms", "detail"]
 
 
 def outcome(action: str, status: str = "done", **extra: Any) -> dict[str, Any]:
@@ -216,8 +216,9 @@ def test_test_json_has_the_direct_mode_shape(site: AgentSite) -> None:
                               "--relock-timeout", "4")
     assert status == 1
     report = json.loads(out)
-    assert list(report) == ["passed", "results"]
+    assert list(report) == ["passed", "interrupted", "results", "cancelled"]
     assert report["passed"] is False
+    assert (report["interrupted"], report["cancelled"]) == (False, [])
     assert [list(r) for r in report["results"]] == [TEST_KEYS, TEST_KEYS]
     assert report["results"][0]["relock_ms"] == 39.0
     method, params = site.only_call()
@@ -238,15 +239,20 @@ def test_test_table_through_the_agent(site: AgentSite) -> None:
 
 def test_status_json_is_the_agent_s_answer_as_is(site: AgentSite) -> None:
     status, out, _ = site.run("status", "--json")
-    assert status == 0
+    assert status == 3  # lockers offline: DEGRADED, judged by the CLI (no verdict sent)
     assert json.loads(out) == site.agent.handle("status", {}, Peer(0, 0, 0, ()))
     assert site.agent.calls[0][0] == "status"
 
 
-def test_status_text_has_readable_sections(site: AgentSite) -> None:
+def test_status_text_has_the_verdict_then_readable_sections(site: AgentSite) -> None:
     status, out, _ = site.run("status")
-    assert status == 0
-    sections = [line for line in out.splitlines() if line and not line.startswith(" ")]
+    assert status == 3
+    assert out.splitlines()[0] == "DEGRADED: 1 controller offline: lockers (no reply)"
+    assert "controllers 1 of 2 offline: lockers: no reply\n" in out
+    status, out, _ = site.run("status", "--verbose")
+    assert status == 3
+    sections = [line for line in out.split("\n\n", 2)[2].splitlines()
+                if line and not line.startswith(" ")]
     assert sections == ["agent", "broker", "outbox", "controllers", "clock"]
     assert "  online   yes" in out
     assert "  oldest_age_s  13" in out
@@ -307,10 +313,11 @@ def sim_site(tmp_path: Path) -> Iterator[SimSite]:
 
 
 @pytest.mark.simulator_only
-def test_status_without_an_agent_is_one_line_exit_1(sim_site: SimSite) -> None:
+def test_status_without_an_agent_is_down_exit_4(sim_site: SimSite) -> None:
     status, out, err = sim_site.run("status")
-    assert (status, out) == (1, "")
-    assert err == f"stora-gateway: agent not running (no control socket at {sim_site.socket})\n"
+    assert (status, err) == (4, "")
+    assert out.startswith(f"DOWN: the agent is not running (no control socket at "
+                          f"{sim_site.socket}): remote commands are not executed")
 
 
 @pytest.mark.simulator_only
@@ -332,9 +339,9 @@ def test_a_stale_socket_file_also_means_direct_mode(sim_site: SimSite) -> None:
     assert status == 0
     assert json.loads(out)["status"] == "done"
     assert sim_site.modbus.board(1).coil(0) is False
-    status, _, err = sim_site.run("status")
-    assert status == 1
-    assert "agent not running (nothing listens on" in err
+    status, out, _ = sim_site.run("status")
+    assert status == 4
+    assert "DOWN: the agent is not running (nothing listens on" in out
 
 
 @pytest.mark.simulator_only

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +16,7 @@ from drivers.lockboard.sim import LockboardSim, start_lockboard_sim
 from drivers.modbus.sim import ModbusSimBus
 from gateway.cli import main
 from gateway.demo import write_demo_config
+from tests.support.sampler import Sampler
 
 pytestmark = pytest.mark.simulator_only
 
@@ -157,7 +160,123 @@ def test_scan_rejects_a_bad_range_and_unknown_controller(site: SimSite) -> None:
     assert "bus1" in err  # lists the known ones
 
 
-def test_ports_json_is_a_list(site: SimSite) -> None:
-    status, out, _ = site.run("ports", "--json")
+def test_ports_json_is_a_list() -> None:
+    out = io.StringIO()
+    status = main(["ports", "--json"], out=out)  # no --config: ports never reads one
     assert status == 0
-    assert isinstance(json.loads(out), list)
+    assert isinstance(json.loads(out.getvalue()), list)
+
+
+# -- technician actions are what they say (issue 12 item 5) -------------------------------
+def test_test_holds_the_coil_for_the_seconds_asked(site: SimSite) -> None:
+    """Found in the field: `test --seconds 3` held a strike for 13 ms and said PASS (the
+    relock was sent at once on a board without pulse)."""
+    board = site.modbus.board(1)
+    with Sampler({"A-101": lambda: board.coil(0)}) as doors:
+        status, out, _ = site.run("test", "A-101", "--seconds", "2", "--json")
+    assert status == 0, out
+    (row,) = json.loads(out)["results"]
+    assert row["passed"] is True
+    assert row["held_ms"] >= 2000
+    (held,) = doors.intervals("A-101")
+    assert held.off_at is not None  # relocked, and confirmed so
+    assert held.at_least_s >= 2.0
+    assert board.coil(0) is False
+
+
+def test_test_all_prints_a_line_per_lock_as_it_finishes(site: SimSite) -> None:
+    status, out, err = site.run("test", "--all", "--seconds", "0.2", "--relock-timeout", "2")
+    assert status == 0, out
+    lines = [line for line in err.splitlines() if line.startswith("[")]
+    assert [line.split("]")[0] for line in lines] == [f"[{i}/5" for i in range(1, 6)]
+    assert lines[0].startswith("[1/5] A-101 (unit_a101): PASS — held 0.2 s, relocked")
+    assert "held" in out  # the table's column: how long each lock stayed open
+
+
+def test_test_json_keeps_stderr_quiet(site: SimSite) -> None:
+    status, out, err = site.run("test", "A-101", "B-201", "--seconds", "0.2", "--json")
+    assert status == 0, out
+    assert err == ""
+    assert [r["reference"] for r in json.loads(out)["results"]] == ["A-101", "B-201"]
+
+
+@pytest.mark.parametrize("fault", ["silent", "stuck"])
+def test_a_direct_unlock_that_fails_relocks_at_once(site: SimSite, fault: str) -> None:
+    """Item 4: an unlock that did not confirm is not held for its time (here 60 s)."""
+    if fault == "silent":
+        site.modbus.faults.ignore_requests = True
+    else:
+        site.modbus.board(1).stick_relay(1)
+    started = time.monotonic()
+    status, out, _ = site.run("unlock", "A-102", "--seconds", "60", "--json")
+    took = time.monotonic() - started
+    assert status == 1
+    unlocked, relocked = json.loads(out)
+    assert unlocked["status"] == ("hardware_error" if fault == "silent" else "not_confirmed")
+    assert relocked["action"] == "lock"
+    assert took < 10, f"waited {took:.1f} s before relocking a failed unlock"
+
+
+def test_a_silent_board_s_error_says_what_to_check(site: SimSite) -> None:
+    site.modbus.faults.ignore_requests = True
+    status, out, _ = site.run("lock", "A-101", "--json")
+    assert status == 1
+    detail = json.loads(out)["detail"]
+    assert "no reply from address 1: check the address, A/B polarity, baud rate" in detail
+
+
+def test_an_unknown_unit_lists_near_matches(site: SimSite) -> None:
+    status, out, err = site.run("unlock", "A-1O1")  # a letter O for a zero
+    assert (status, out) == (2, "")
+    assert err.count("\n") == 1
+    assert "unknown unit 'A-1O1'" in err
+    assert "did you mean A-101 (unit_a101)" in err
+    status, _, err = site.run("test", "unit_b2O1")
+    assert status == 2
+    assert "did you mean B-201 (unit_b201)" in err
+    status, _, err = site.run("lock", "nothing-like-it")
+    assert status == 2
+    assert "did you mean" not in err
+    assert "stora-gateway locks" in err
+
+
+def test_scan_prints_a_line_per_address(site: SimSite) -> None:
+    status, out, err = site.run("scan", "bus1", "--addresses", "1-3")
+    assert status == 0
+    assert err.splitlines() == ["[1/3] address 1: Modbus relay board",
+                                "[2/3] address 2: no answer", "[3/3] address 3: no answer"]
+    assert "Modbus relay board" in out
+    status, out, err = site.run("scan", "bus1", "--addresses", "1-3", "--json")
+    assert (status, err) == (0, "")
+    assert json.loads(out)["through_agent"] is False
+
+
+def test_scan_timeout_reaches_the_probe(site: SimSite) -> None:
+    """`--timeout-ms` was accepted and ignored (the drivers used their own 100 ms)."""
+    started = time.monotonic()
+    status, _, _ = site.run("scan", "bus1", "--addresses", "2-4", "--timeout-ms", "400")
+    assert status == 0
+    assert time.monotonic() - started >= 3 * 0.4  # three silent addresses, waited out
+
+
+def test_scan_of_a_port_another_program_holds_names_it(site: SimSite) -> None:
+    from drivers.link import open_serial
+
+    held = open_serial(str(site.modbus.path), 9600, 0.1)  # exclusive, as the agent opens it
+    try:
+        status, out, err = site.run("scan", "bus1", "--addresses", "1-2")
+    finally:
+        held.close()
+    assert (status, out) == (1, "")
+    assert err.count("\n") == 1
+    assert f"port in use by pid {os.getpid()}" in err
+
+
+def test_test_timings_out_of_bounds_are_usage_errors_in_direct_mode_too(site: SimSite) -> None:
+    """They were refused only through the agent; directly, `--seconds 0` ended in a
+    ValueError from the driver."""
+    for argv in (["--seconds", "0"], ["--seconds", "31"], ["--relock-timeout", "0"]):
+        status, out, err = site.run("test", "A-101", *argv)
+        assert (status, out) == (2, ""), argv
+        assert "must be a number from" in err
+    assert site.modbus.board(1).coil(0) is False

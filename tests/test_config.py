@@ -1,7 +1,9 @@
 """The configuration loader: a full valid file, the mistakes a technician makes, and fuzzing.
 
-Every mistake must come back as one ConfigError whose single-line message names the file,
-the exact dotted key and the reason, because that line is all ``check-config`` shows.
+Every mistake must come back as a ConfigError whose single-line message names the file,
+the exact dotted key and the reason, because that line is all ``check-config`` shows;
+a file with several independent mistakes reports each of them in one pass, and a single
+mistake is reported once (nothing that depends on it is judged again).
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ from gateway.config import (
     CONFIG_ENV_VAR,
     DEFAULT_CONFIG_PATH,
     Config,
+    ConfigErrors,
+    MissingFileError,
     config_path_from_env,
+    config_problems,
     load_config,
     parse_config,
 )
@@ -211,7 +216,7 @@ def test_minimal_config_takes_the_contract_defaults(tmp_path: Path) -> None:
     (tmp_path / "secret").chmod(0o600)
     path = tmp_path / "gw.toml"
     path.write_text(
-        '[site]\nid = "s1"\napp_name = "App"\n'
+        '[site]\nid = "site_1"\napp_name = "App"\n'
         f'[commands]\ntrusted_keys = {{ k1 = "{RAW_KEY_B64}" }}\n'
         '[stora]\nclient_id = "c"\nclient_secret_file = "secret"\ntimeline_source_id = "tsrc_x"\n'
     )
@@ -471,7 +476,7 @@ MISTAKES: list[tuple[str, Mutation, str, str]] = [
      "commands.trusted_keys.relay-2026", "expected an Ed25519 public key"),
     ("no-trusted-keys", sub(f'relay-2026 = "{RAW_KEY_B64}"\nrelay-pem = """\n{PEM_TEXT}"""',
                             ""), "commands.trusted_keys", "at least one key"),
-    ("site-id-slash", sub('id = "site_123"', 'id = "site/123"'), "site.id",
+    ("site-id-slash", sub('id = "site_123"', 'id = "site_1/23"'), "site.id",
      "must not contain '/', '+', '#' or whitespace"),
     ("topic-prefix-wildcard", sub('topic_prefix = "stora-gw"', 'topic_prefix = "gw/#"'),
      "mqtt.topic_prefix", "wildcards"),
@@ -506,7 +511,8 @@ MISTAKES: list[tuple[str, Mutation, str, str]] = [
     ("device-on-modbus", sub("channel = 0\n", 'channel = 0\ndevice = "x"\n'), "locks[0].device",
      "key not valid for driver modbus"),
     ("tasmota-topic-wildcard",
-     append('[[controllers]]\nname = "t"\ndriver = "tasmota"\ntopic = "a/+"\n'),
+     append('[[controllers]]\nname = "t"\ndriver = "tasmota"\ntopic = "a/+"\n'
+            'username = "gw-t"\n'),
      "controllers[2].topic", "wildcards"),
     ("telemetry-misspelt", append("[telemetri]\ninterval_s = 30\n"), "telemetri",
      "did you mean [telemetry]?"),
@@ -527,7 +533,32 @@ MISTAKES: list[tuple[str, Mutation, str, str]] = [
      "telemetry.prometheus_textfile", "must name a *.prom file"),
     ("telemetry-textfile-not-string", append("[telemetry]\nprometheus_textfile = true\n"),
      "telemetry.prometheus_textfile", "expected a string"),
+    # Issue 12: ids Stora would refuse, and credentials every event would be refused with,
+    # are refused here rather than dead-lettering every Timeline Event on site.
+    ("site-id-prefix", sub('id = "site_123"', 'id = "123"'), "site.id",
+     "must be a Stora site id starting with 'site_', found string '123'"),
+    ("timeline-source-prefix", sub('timeline_source_id = "tsrc_1"',
+                                   'timeline_source_id = "src_1"'),
+     "stora.timeline_source_id",
+     "must be a Stora timeline source id starting with 'tsrc_', found string 'src_1'"),
+    ("timeline-source-bare-prefix", sub('timeline_source_id = "tsrc_1"',
+                                        'timeline_source_id = "tsrc_"'),
+     "stora.timeline_source_id", "starting with 'tsrc_'"),
+    ("timeline-template-prefix", append_to_stora('timeline_template_id = "tpl_1"'),
+     "stora.timeline_template_id",
+     "must be a Stora timeline template id starting with 'aetpl_', found string 'tpl_1'"),
+    ("scope-without-event-write", append_to_stora('scope = "public.site:read"'),
+     "stora.scope", "must include public.timeline_event:write"),
+    ("scope-not-a-scope", append_to_stora('scope = "timeline_event:write"'), "stora.scope",
+     "string 'timeline_event:write' is not a Stora scope"),
+    ("osdp-without-key",
+     append('[[controllers]]\nname = "pd"\ndriver = "osdp"\nport = "/dev/ttyUSB7"\n'),
+     "controllers[2].scbk_file", "required for an osdp controller"),
 ]
+
+#: Mistakes whose consequence is a second, true problem: the lock that named the
+#: renamed controller now names none.
+CONSEQUENCES = {"duplicate-controller-name": ["locks[2].controller"]}
 
 
 @pytest.mark.parametrize(
@@ -548,6 +579,99 @@ def test_mistake_is_one_line_naming_file_key_and_reason(
     assert err.key == key
     assert message.startswith(f"{path}: {key}: " if key else f"{path}: ")
     assert fragment in err.reason
+
+
+@pytest.mark.parametrize(
+    ("name", "mutate", "key"), [pytest.param(i, m, k, id=i) for i, m, k, _ in MISTAKES])
+def test_one_mistake_is_reported_once(tmp_path: Path, name: str, mutate: Mutation,
+                                      key: str) -> None:
+    """Checking goes on after a problem, but never reports the consequences of a fallback
+    value: one mistake is one line (found writing the collector: a missing secret file
+    also said "required when stora.auth = ...")."""
+    path = write_config(tmp_path)
+    path.write_text(mutate(tmp_path, VALID_TOML), encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    keys = [p.key for p in config_problems(info.value)]
+    assert keys == [key, *CONSEQUENCES.get(name, [])]
+
+
+def test_independent_mistakes_are_all_reported_in_one_pass(tmp_path: Path) -> None:
+    """Issue 12: an installer needed eleven check-config rounds for one board.  Three
+    mistakes in three places (a section, a controller, a lock) come back together, in
+    file order, each one line; str() stays one line and says how many more there are."""
+    text = (VALID_TOML.replace('timeline_source_id = "tsrc_1"', 'timeline_source_id = "x1"')
+            .replace("baudrate = 19200", "baudrate = 19201")
+            .replace("channel = 15", "channel = 16"))
+    path = write_config(tmp_path, text)
+    with pytest.raises(ConfigErrors) as info:
+        load_config(path)
+    problems = info.value.errors
+    assert [(p.key, p.file) for p in problems] == [
+        ("stora.timeline_source_id", str(path)), ("controllers[0].baudrate", str(path)),
+        ("locks[2].channel", str(path))]
+    assert isinstance(info.value, ConfigError)  # callers catching ConfigError still do
+    assert (info.value.key, info.value.reason) == (problems[0].key, problems[0].reason)
+    message = str(info.value)
+    assert len(message.splitlines()) == 1
+    assert message == f"{problems[0]} (and 2 more problems; `stora-gateway check-config` " \
+                      "lists them all)"
+
+
+def test_a_bad_value_in_one_lock_does_not_stop_checking_the_others(tmp_path: Path) -> None:
+    extra = "".join(
+        f'[[locks]]\nunit = "{unit}"\nreference = "C-{i}"\ncontroller = "bus1"\n'
+        f"channel = {channel}\n\n"
+        for i, (unit, channel) in enumerate([("c1", 4), ("unit_c2", 5), ("unit_c3", 99)]))
+    path = write_config(tmp_path, VALID_TOML + "\n" + extra)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert [(p.key, p.reason) for p in config_problems(info.value)] == [
+        ("locks[3].unit", "must be a Stora unit id starting with 'unit_', found string 'c1'"),
+        ("locks[5].channel", "channel 99 is out of range for controller 'bus1' (0–7)"),
+    ]
+
+
+def test_several_mistakes_in_one_table_are_each_reported(tmp_path: Path) -> None:
+    text = (VALID_TOML.replace('id = "site_123"', 'id = "123"')
+            .replace('app_name = "YourApp"', 'app_name = ""\nbogus = 1'))
+    path = write_config(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert [p.key for p in config_problems(info.value)] == [
+        "site.bogus", "site.id", "site.app_name"]
+
+
+def test_a_syntax_error_stops_at_once(tmp_path: Path) -> None:
+    """After a TOML syntax error nothing else can be judged: one plain ConfigError."""
+    text = VALID_TOML.replace('id = "site_123"', 'id = "123"') + "oops = \n"
+    path = write_config(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert config_problems(info.value) == (info.value,)
+    assert info.value.reason.startswith("TOML syntax error at line")
+
+
+def test_a_missing_file_is_told_apart_from_a_wrong_value(tmp_path: Path) -> None:
+    """``init`` writes a config whose only problems are secret files still to put in
+    place; the loader marks those with their own type."""
+    path = write_config(tmp_path, VALID_TOML.replace("baudrate = 19200", "baudrate = 1"))
+    (tmp_path / "secrets/stora-client-secret").unlink()
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    kinds = [(p.key, isinstance(p, MissingFileError)) for p in config_problems(info.value)]
+    assert kinds == [("stora.client_secret_file", True), ("controllers[0].baudrate", False)]
+
+
+def test_config_errors_pickle_with_every_problem() -> None:
+    import pickle
+
+    errors = ConfigErrors([ConfigError("f.toml", "a", "one"), ConfigError("f.toml", "b", "two")])
+    again = pickle.loads(pickle.dumps(errors))
+    assert str(again) == str(errors)
+    assert [str(e) for e in again.errors] == ["f.toml: a: one", "f.toml: b: two"]
+    with pytest.raises(ValueError, match="at least one"):
+        ConfigErrors([])
 
 
 def test_there_are_at_least_twenty_distinct_mistakes() -> None:

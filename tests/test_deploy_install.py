@@ -18,6 +18,7 @@ root hand the target to the agent at the next upgrade.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ if [ "$1" = -u ] && [ "$2" = stora-gateway ]; then echo {AGENT_ID}; else exec /u
     "groupadd": "#!/bin/sh\necho \"groupadd $*\" >>\"$STUB_LOG\"\n",
     "useradd": "#!/bin/sh\necho \"useradd $*\" >>\"$STUB_LOG\"\n",
     "usermod": "#!/bin/sh\necho \"usermod $*\" >>\"$STUB_LOG\"\n",
+    "userdel": "#!/bin/sh\necho \"userdel $*\" >>\"$STUB_LOG\"\n",
+    "groupdel": "#!/bin/sh\necho \"groupdel $*\" >>\"$STUB_LOG\"\n",
     "systemctl": "#!/bin/sh\necho \"systemctl $*\" >>\"$STUB_LOG\"\n",
     "modprobe": "#!/bin/sh\necho \"modprobe $*\" >>\"$STUB_LOG\"\n",
     "apt-get": "#!/bin/sh\necho \"apt-get $*\" >>\"$STUB_LOG\"\nexit 1\n",
@@ -91,12 +94,16 @@ class Machine:
     def conf(self) -> Path:
         return self.root / "etc" / "stora-gateway"
 
-    def install(self) -> subprocess.CompletedProcess[str]:
+    def install(self, *args: str) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "STORA_GATEWAY_INSTALL_ROOT": str(self.root),
                "PATH": f"{self.bin}:{os.environ.get('PATH', '/usr/bin:/bin')}",
                "PYTHON": str(self.bin / "python3"), "STUB_LOG": str(self.log)}
-        return subprocess.run(["bash", str(INSTALL)], env=env, capture_output=True,
+        return subprocess.run(["bash", str(INSTALL), *args], env=env, capture_output=True,
                               text=True, timeout=60, check=False)
+
+    def stub_calls(self) -> list[str]:
+        """What the stand-ins were asked to do, in order."""
+        return self.log.read_text().splitlines() if self.log.exists() else []
 
     def old_layout(self, config: str = "[site]\nid = \"site_1\"\n") -> None:
         """/etc/stora-gateway as the previous install.sh left it: the agent's, with a
@@ -243,3 +250,125 @@ def test_a_link_to_somewhere_else_named_gateway_toml_stops_the_install(
     assert (f"{link} is a symbolic link to {machine.outside / 'shadow-copy'}, not "
             "config/gateway.toml") in done.stderr
     untouched(machine)
+
+
+# ====================================================================== --uninstall
+# Issue 12 item 8.  The agent's user writes config/ and its state directory; links it
+# planted there must be removed as links, never followed, when root uninstalls.
+
+INSTALLED = ("etc/systemd/system/stora-gateway.service",
+             "etc/modules-load.d/stora-gateway.conf", "opt/stora-gateway")
+
+
+def installed_site(machine: Machine) -> Path:
+    """A fresh install, a config and a secret, a state database as the agent leaves it,
+    and links the agent's user planted in its own directories.  Returns the state dir."""
+    assert machine.install().returncode == 0
+    conf = machine.conf
+    (conf / "config" / "gateway.toml").write_text("[site]\nid = \"site_1\"\n")
+    secret = conf / "secrets" / "mqtt-password"
+    secret.write_text("pw\n")
+    os.chown(secret, AGENT_ID, AGENT_ID)
+    secret.chmod(0o600)
+    state = machine.root / "var" / "lib" / "stora-gateway"
+    state.mkdir(parents=True)
+    (state / "gateway.db").write_bytes(b"SQLite format 3\x00")
+    for link, target in ((conf / "config" / "evil", "shadow-copy"),
+                         (conf / "config" / "crond", "cron.d"),
+                         (state / "evil", "shadow-copy"), (state / "crond", "cron.d")):
+        link.symlink_to(machine.outside / target)
+        os.lchown(link, AGENT_ID, AGENT_ID)
+    for path in (state, state / "gateway.db"):
+        os.chown(path, AGENT_ID, AGENT_ID)
+    return state
+
+
+def test_uninstall_removes_the_install_and_keeps_config_secrets_and_state(
+        machine: Machine) -> None:
+    state = installed_site(machine)
+    bin_link = machine.root / "usr" / "local" / "bin" / "stora-gateway"
+    assert bin_link.is_symlink()
+    done = machine.install("--uninstall")
+    assert done.returncode == 0, done.stderr
+    for path in INSTALLED:
+        assert not (machine.root / path).exists(), path
+    assert not bin_link.is_symlink()
+    assert f"systemctl --root={machine.root} disable stora-gateway.service" in \
+        machine.stub_calls()
+    # Kept as they were, and said so.
+    conf = machine.conf
+    assert (conf / "config" / "gateway.toml").read_text() == "[site]\nid = \"site_1\"\n"
+    assert (conf / "secrets" / "mqtt-password").read_text() == "pw\n"
+    assert owner_mode(conf / "secrets" / "mqtt-password") == (AGENT_ID, AGENT_ID, 0o600)
+    assert (state / "gateway.db").exists()
+    assert f"{conf}: the config and the secrets" in done.stdout
+    assert f"{state}: the state database" in done.stdout
+    assert "--uninstall --purge" in done.stdout
+    untouched(machine)
+    assert not any(call.startswith(("userdel", "groupdel")) for call in machine.stub_calls())
+    # Installing again picks the kept config up.
+    again = machine.install()
+    assert again.returncode == 0, again.stderr
+    assert (conf / "gateway.toml").read_text() == "[site]\nid = \"site_1\"\n"
+
+
+def test_uninstall_purge_removes_links_not_their_targets(machine: Machine) -> None:
+    state = installed_site(machine)
+    done = machine.install("--uninstall", "--purge")
+    assert done.returncode == 0, done.stderr
+    assert not machine.conf.exists()
+    assert not state.exists()
+    for path in INSTALLED:
+        assert not (machine.root / path).exists(), path
+    untouched(machine)
+    calls = machine.stub_calls()
+    assert "userdel stora-gateway" in calls
+    assert "groupdel stora-gateway" in calls
+    assert "Kept" not in done.stdout
+
+
+@pytest.mark.parametrize("plant", ["var/lib/stora-gateway", "opt/stora-gateway",
+                                   "etc/systemd/system/stora-gateway.service"])
+def test_uninstall_stops_at_a_link_where_a_directory_or_file_belongs(
+        machine: Machine, plant: str) -> None:
+    """Only root can put these links there; all the same, uninstall refuses to follow
+    one, before it stops or removes anything."""
+    assert machine.install().returncode == 0
+    victim = machine.root / plant
+    if victim.is_dir():
+        shutil.rmtree(victim)
+    else:
+        victim.unlink(missing_ok=True)
+    victim.parent.mkdir(parents=True, exist_ok=True)
+    target = machine.outside / ("shadow-copy" if plant.endswith(".service") else "cron.d")
+    victim.symlink_to(target)
+    (machine.outside / "cron.d" / "job").write_text("* * * * * root true\n")
+    calls = machine.stub_calls()
+    done = machine.install("--uninstall", "--purge")
+    assert done.returncode == 1, done.stdout
+    assert done.stderr.startswith(f"install.sh: {victim} is a symbolic link"), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    untouched(machine)
+    assert (machine.outside / "cron.d" / "job").exists()
+    assert victim.is_symlink()
+    assert machine.conf.is_dir()  # nothing removed
+    assert machine.stub_calls() == calls  # nothing stopped or disabled
+
+
+def test_uninstall_leaves_a_cli_link_it_did_not_make(machine: Machine) -> None:
+    assert machine.install().returncode == 0
+    bin_link = machine.root / "usr" / "local" / "bin" / "stora-gateway"
+    bin_link.unlink()
+    bin_link.symlink_to(machine.outside / "shadow-copy")
+    done = machine.install("--uninstall")
+    assert done.returncode == 0, done.stderr
+    assert bin_link.is_symlink()
+    assert f"{bin_link} (not the link this script made)" in done.stdout
+    untouched(machine)
+
+
+def test_purge_without_uninstall_is_bad_usage(machine: Machine) -> None:
+    done = machine.install("--purge")
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[0] == "install.sh: --purge goes with --uninstall"
+    assert not (machine.root / "opt").exists()

@@ -293,6 +293,134 @@ def test_the_status_table_shows_the_new_fields_readably() -> None:
     assert re.search(r"cpu_temp_c\s+-\n", no_temp)
 
 
+def test_the_verdict_metric_is_a_state_set() -> None:
+    samples, types = parse_exposition(render_prometheus({**STATUS, "verdict": "down"}))
+    assert types["stora_gateway_verdict"] == "gauge"
+    assert [value(samples, "verdict", verdict=v) for v in ("ok", "degraded", "down")] == [
+        0, 0, 1]
+    assert not has(parse_exposition(render_prometheus(STATUS))[0], "verdict")  # none given
+
+
+# --------------------------------------------------------------------------- the verdict
+
+#: A status with nothing wrong, to break one part at a time.
+WELL: dict[str, Any] = {
+    "online": True, "version": "1.2.3",
+    "clock": {"trusted": True, "why": ""},
+    "broker": {"connected": True, "publish_oversize": 0, "last_connect_error": None},
+    "controllers": [{"name": "bus1", "online": True, "last_error": None}],
+    "outbox": {"pending": 0, "oldest_age_s": None, "dead": 0, "drain": "ok",
+               "last_error": None, "events_refused": 0,
+               "token": {"state": "ok", "failing_for_s": None, "last_error": None}},
+    "storage": {"ephemeral": False, "read_only": False},
+    "host": {"disk_free_bytes": 7_500_000_000},
+}
+
+
+def broken(section: str, **values: Any) -> dict[str, Any]:
+    status: dict[str, Any] = json.loads(json.dumps(WELL))
+    status[section].update(values)
+    return status
+
+
+@pytest.mark.parametrize(("status", "verdict", "code", "words"), [
+    (WELL, "ok", None, ""),
+    ({"online": True, "version": "1"}, "ok", None, ""),  # a minimal birth is no alarm
+    (broken("clock", trusted=False, why="not synchronized"), "down", "clock_untrusted",
+     "clock untrusted, every command is refused clock_untrusted: not synchronized"),
+    (broken("broker", connected=False, last_connect_error="connection refused"), "down",
+     "broker_disconnected", "MQTT broker not connected, no command can arrive: connection "
+     "refused"),
+    (broken("broker", publish_oversize=2), "degraded", "publish_oversize",
+     "2 messages too large for the broker not published"),
+    (broken("outbox", drain="paused: auth", last_error="auth: 401 unauthorized"), "degraded",
+     "stora_refusing", "Stora refuses the gateway's events, delivery paused: auth: auth: 401"),
+    (broken("outbox", drain="paused: config"), "degraded", "stora_refusing",
+     "delivery paused: config"),
+    (broken("outbox", token={"state": "failing", "failing_for_s": 61.2,
+                             "last_error": "no answer"}),
+     "degraded", "token_failing", "Stora token refresh failing for 61 s: no answer"),
+    (broken("outbox", dead=3, newest_dead={"reason": "422 invalid_content: bad"}), "degraded",
+     "dead_letters", "3 Timeline Events refused by Stora and dead-lettered, newest: 422 "
+     "invalid_content: bad (stora-gateway outbox --dead)"),
+    (broken("outbox", pending=1, oldest_age_s=1800.0, drain="backing off",
+            last_error="no_answer"), "degraded", "outbox_stalled",
+     "1 Timeline Event waiting, the oldest for 30 min: no_answer"),
+    (broken("outbox", pending=1, oldest_age_s=600.0, drain="backing off"), "ok", None, ""),
+    (broken("outbox", events_refused=1), "degraded", "storage", "1 Timeline Event lost"),
+    (broken("outbox", error="database is locked"), "degraded", "storage",
+     "the outbox cannot be read: database is locked"),
+    (broken("storage", ephemeral=True), "degraded", "storage", "temporary in-memory"),
+    (broken("storage", read_only=True), "degraded", "storage", "read-only"),
+    (broken("host", disk_free_bytes=50 * 1024 * 1024), "degraded", "disk_low",
+     "disk nearly full: 50 MiB free"),
+])
+def test_each_rule_gives_its_verdict_and_reason(status: dict[str, Any], verdict: str,
+                                                code: str | None, words: str) -> None:
+    from gateway.health import assess
+
+    found = assess(status)
+    assert found.verdict == verdict
+    assert [r.code for r in found.reasons] == ([code] if code else [])
+    assert words in found.headline
+    assert found.headline.startswith(verdict.upper())
+
+
+def test_offline_controllers_are_counted_and_down_reasons_come_first() -> None:
+    from gateway.health import REASON_MAX_CHARS, assess
+
+    status = broken("clock", trusted=False, why="before the build date")
+    status["controllers"] = [{"name": f"bus{i}", "online": False, "last_error": "x" * 500}
+                             for i in range(7)] + [{"name": "lockers", "online": True}]
+    found = assess(status)
+    assert found.verdict == "down"
+    assert [r.code for r in found.reasons] == ["clock_untrusted", "controllers_offline"]
+    offline = found.reasons[1].text
+    assert offline.startswith("7 controllers offline: bus0 (xxx")
+    assert len(offline) <= REASON_MAX_CHARS  # capped: the retained status stays small
+    two = [{"name": "bus1", "online": False, "last_error": "no reply"},
+           {"name": "lockers", "online": True, "last_error": None}]
+    one = assess({**WELL, "controllers": two})
+    assert one.headline == "DEGRADED: 1 controller offline: bus1 (no reply)"
+    # Every controller offline: no lock can be driven, so no command can be executed.
+    every = assess({**WELL, "controllers": two[:1]})
+    assert every.headline == ("DOWN: every controller offline, no lock can be driven: "
+                              "bus1 (no reply)")
+
+
+def test_monotonic_instants_become_rfc3339_and_durations_say_their_unit() -> None:
+    from gateway.telemetry import broker_status, schedule_status
+
+    broker = broker_status({"connected": True, "last_connect_at": 990.0,
+                            "last_disconnect_at": None, "reconnect_delays": [0.512, 1.25],
+                            "connects": 1}, mono_now=1000.0, wall_now=1_795_942_680.0)
+    assert broker == {"connected": True, "last_connect_at": "2026-11-29T08:57:50.000Z",
+                      "last_disconnect_at": None, "reconnect_delays_s": [0.51, 1.25],
+                      "connects": 1}
+    schedule = schedule_status({"running": True, "jobs": {"units.reconcile": {
+        "runs": 3, "last_run_s_ago": 2.0}, "store.prune": {"runs": 0, "last_run_s_ago": None}},
+        "last_jump_s": None}, wall_now=1_795_942_680.0)
+    assert schedule["jobs"] == {
+        "units.reconcile": {"runs": 3, "last_run_at": "2026-11-29T08:57:58.000Z"},
+        "store.prune": {"runs": 0, "last_run_at": None}}
+    assert schedule_status(None, wall_now=0.0) is None
+
+
+def test_refusal_text_keeps_what_names_the_fault() -> None:
+    from gateway.outbox import MAX_NOTE_CHARS, refusal_text
+
+    text = refusal_text({"status": 422, "code": "invalid_content",
+                         "message": "the request body is invalid",
+                         "details": [{"pointer": "/site/id", "message": "must start with site_"},
+                                     {"pointer": "", "message": "second"}],
+                         "request_id": "req_1"})
+    assert text == ("422 invalid_content: the request body is invalid (/site/id: must start "
+                    "with site_; -: second) [request req_1]")
+    long = refusal_text({"status": 422, "code": "c", "message": "m" * 5000, "details": []})
+    assert len(long) <= MAX_NOTE_CHARS
+    assert long.endswith("chars)")  # the cut is said
+
+
 # --------------------------------------------------------------------------- the textfile
 
 
@@ -453,14 +581,21 @@ def test_retained_status_and_textfile_report_queue_and_controller_health(
         # The CLI: --json is the status itself; the table shows the new fields.
         from gateway.cli import main
 
+        # bus1 offline: DEGRADED, exit 3 (gateway/cli_status.py), in the status too.
+        assert (status["verdict"], [r["code"] for r in status["reasons"]]) == (
+            "degraded", ["controllers_offline"])
+        assert value(samples, "verdict", verdict="degraded") == 1
+        assert value(samples, "verdict", verdict="ok") == 0
         out = io.StringIO()
-        assert main(["status", "--json", "--config", str(site.config_path)], out=out) == 0
+        assert main(["status", "--json", "--config", str(site.config_path)], out=out) == 3
         answer = json.loads(out.getvalue())
         assert list(answer) == list(status)
         assert answer["outbox"]["pending"] == status["outbox"]["pending"]
         assert answer["host"]["disk_total_bytes"] == host["disk_total_bytes"]
         out = io.StringIO()
-        assert main(["status", "--config", str(site.config_path)], out=out) == 0
+        assert main(["status", "--verbose", "--config", str(site.config_path)], out=out) == 3
+        assert out.getvalue().startswith("DEGRADED: 1 controller offline: bus1 (")
+        assert re.search(r"^host +disk [\d.]+ [KMG]iB free of ", out.getvalue(), re.M)
         assert re.search(r"disk_free_bytes\s+[\d.]+ [KMG]iB", out.getvalue())
         assert re.search(r"last_post_at\s+-", out.getvalue())
 

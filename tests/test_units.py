@@ -156,3 +156,16 @@ def test_a_command_interrupted_by_a_restart_is_audited_as_outcome_unknown(rig: R
     # Recovering again finds nothing and records nothing twice.
     assert rig.store.recover_interrupted(rig.wall(), rig.units.audit_interrupted) == []
     assert len(rig.store.events()) == 2
+
+
+def test_an_unlock_that_did_not_confirm_is_locked_again_at_once(rig: Rig) -> None:
+    """The unlock failed (the relay did not move), but a door may half move: it is locked
+    again now, not after the unlock time (issue 12: a failed unlock does not wait out the
+    relock time)."""
+    rig.site.modbus.board(1).stick_relay(0)  # writes acknowledged, relay does not move
+    outcome = rig.run(rig.command("unlock", "unit_a101", dur=600))
+    assert (outcome.status, outcome.reason) == ("failed", "not_confirmed")
+    deadline = time.monotonic() + 5
+    while rig.store.unit("unit_a101").relock_at is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert rig.store.unit("unit_a101").relock_at is None, "the relock waited out 600 s"

@@ -380,7 +380,8 @@ def exchange_once(
                 f"to {request}: {why}"
             ) from exc
         raise NoReplyError(
-            f"{label}: no reply to {request} within {timeout_s * 1000:.0f} ms"
+            f"{label}: no reply to {request} within {timeout_s * 1000:.0f} ms: check the "
+            "board address (DIP switches), A/B polarity, baud rate"
         ) from exc
     return reply
 

@@ -158,15 +158,20 @@ class _BusClient(ModbusSerialClient):
         return data
 
 
-def _translate(exc: ModbusException | OSError, client: _BusClient, what: str) -> DriverError:
-    """The one place pymodbus and port exceptions become driver errors."""
+def _translate(exc: ModbusException | OSError, client: _BusClient, what: str,
+               address: int) -> DriverError:
+    """The one place pymodbus and port exceptions become driver errors, each with what a
+    technician checks first (``address`` is the slave id asked)."""
     if isinstance(exc, ConnectionException | OSError):  # SerialException is an OSError
         return LinkDownError(f"{what}: port failed: {client.port_error or exc}")
     if isinstance(exc, ModbusIOException) and not client.heard:
-        return NoReplyError(f"{what}: no reply")
+        return NoReplyError(f"{what}: no reply from address {address}: check the address, "
+                            "A/B polarity, baud rate")
     if isinstance(exc, ModbusIOException):
         return BadFrameError(
-            f"{what}: reply garbled or from another slave (bad CRC, wrong slave id, noise)"
+            f"{what}: reply garbled or from another slave (bad CRC, wrong slave id, noise): "
+            f"check the baud rate and parity, the termination, and that no other board "
+            f"has address {address}"
         )
     return BadFrameError(f"{what}: bad reply: {exc}")
 
@@ -215,7 +220,7 @@ class ModbusBus:
         try:
             reply = client.execute(False, request)
         except (ModbusException, OSError) as exc:
-            error = _translate(exc, client, what)
+            error = _translate(exc, client, what, request.dev_id)
             if silence_ok and isinstance(error, NoReplyError):
                 return None
             raise error from exc

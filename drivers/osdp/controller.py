@@ -583,7 +583,8 @@ class OsdpController(Controller):
         if self._connecting():
             return "connecting to the PD"
         if not recent:
-            return f"no reply from the PD at address {self.address}"
+            return (f"no reply from the PD at address {self.address}: check the address, "
+                    "A/B polarity, baud rate")
         if self.allow_insecure:
             return "the PD answers but does not come online"
         level, _ = self._cp.check_capability(0, self._osdp.Capability.CommunicationSecurity)

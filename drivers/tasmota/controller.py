@@ -72,6 +72,10 @@ from drivers.tasmota.client import DeviceView, Observation, TasmotaClient
 
 LOGGER = logging.getLogger(__name__)
 
+#: What to check when a Tasmota device does not answer on its topic.
+NO_ANSWER_HINT = ("check the controller's topic against the device's Topic setting and "
+                  "that the device is connected to this broker")
+
 T = TypeVar("T")
 
 #: ``PowerOnState`` values that are safe for a strike (relays off, or restored with the
@@ -209,7 +213,7 @@ class TasmotaController(Controller):
         if obs is None:
             raise NoReplyError(f"{self.name}: no answer from {self.topic} to PulseTime{relay} "
                                f"{value} within {self.timing.reply_timeout_s:g} s; nothing "
-                               "was switched")
+                               f"was switched: {NO_ANSWER_HINT}")
         if obs.value.set != value:
             raise DeviceRejectedError(f"{self.name}: {self.topic} answered PulseTime{relay} "
                                       f"{value} with Set {obs.value.set}; nothing was switched")
@@ -251,7 +255,7 @@ class TasmotaController(Controller):
         obs = self._await(lambda: _after(view.settings.get(name), mark))
         if obs is None:
             raise NoReplyError(f"{self.name}: no answer from {self.topic} to {name} within "
-                               f"{self.timing.reply_timeout_s:g} s")
+                               f"{self.timing.reply_timeout_s:g} s: {NO_ANSWER_HINT}")
         return obs.value
 
     # -- reading -----------------------------------------------------------------------------

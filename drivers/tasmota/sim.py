@@ -290,9 +290,14 @@ class TasmotaSim:
         loop_sleep_s: float = 0.0,
         connect_timeout_s: float = 5.0,
         seed: int = 0,
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
         self.host = host
         self.port = port
+        # A broker with accounts (``stora-gateway simulate`` on a site's): the shipped ACL
+        # names each device's account after its Topic.
+        self._credentials = (username, password) if username else None
         self.topic = m.check_topic(topic)
         self.silent = False
         self.drop_commands = False
@@ -326,6 +331,8 @@ class TasmotaSim:
         client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
                              client_id=self._client_id, protocol=paho.MQTTv5)
         client.will_set(self._topic(m.TELE, "LWT"), m.OFFLINE, qos=1, retain=True)
+        if self._credentials is not None:
+            client.username_pw_set(*self._credentials)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message

@@ -136,6 +136,8 @@ class Zigbee2MqttSim:
         report_delay_s: float = DEFAULT_REPORT_DELAY_S,
         legacy_availability: bool = False,
         seed: int = 0,
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -164,6 +166,8 @@ class Zigbee2MqttSim:
                                  client_id=f"z2m-sim-{next(_ids)}", clean_session=True)
         self._paho.will_set(self.topics.bridge_state, encode_availability(False), qos=1,
                             retain=True)
+        if username:  # a broker with accounts (``stora-gateway simulate`` on a site's)
+            self._paho.username_pw_set(username, password)
         self._paho.on_connect = self._on_connect
         self._paho.on_message = self._on_message
 

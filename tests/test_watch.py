@@ -1,0 +1,327 @@
+"""``stora-gateway watch``: the site live, against a real Mosquitto and a running agent.
+
+The agent runs with the simulators and the sandbox Stora API; the test sends signed
+commands as the relay would, and reads what ``watch`` (a real process) prints.  The
+broker-account tests run the shipped ACL, plus the lines deploy/README.md gives for
+watch while the shipped file lacks them, with client ids bound to accounts as on a
+site: watch must see everything and never disconnect the agent.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.cli import main
+from gateway.config import load_config
+from gateway.sandbox import Sandbox
+from gateway.site_client import SiteLinkError, resolve_account
+from gateway.watch import WATCH_ACCOUNT, WATCH_USER_ENV, run_watch
+from tests.support.broker import Broker, Client
+from tests.support.cli_process import CliProcess
+from tests.support.deploy import ACL, ID_BINDING
+from tests.support.site import PREFIX, SITE, STORA_TOKEN, RunningAgent, SimSite, make_site
+
+pytestmark = pytest.mark.simulator_only
+
+#: What deploy/README.md ("Broker accounts") asks the ACL to give watch: read-only, the
+#: agent's topics and the command topic (site broker only).
+WATCH_ACL = """
+user gw-watch
+topic read stora-gw/+/cmd
+topic read stora-gw/+/cmd/result
+topic read stora-gw/+/status
+topic read stora-gw/+/units/#
+topic read stora-gw/+/alarm
+"""
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[SimSite]:
+    """Broker, sandbox Stora API, simulators and config (the agent is the test's)."""
+    with Broker(tmp_path / "broker") as broker, \
+            Sandbox(static_tokens={STORA_TOKEN}) as sandbox:
+        built = make_site(tmp_path, broker, stora_url=sandbox.api_url)
+        try:
+            yield built
+        finally:
+            built.close()
+
+
+def send_unlock(site: SimSite, unit: str, seconds: int, client: Client | None = None) -> str:
+    """A signed unlock published as the relay would; its jti."""
+    jti, token = site.signer.command("unlock", unit, dur=seconds, actor="tenant app")
+    if client is not None:
+        client.publish(f"{PREFIX}/cmd", token)
+        return jti
+    with Client(site.broker) as sender:
+        sender.publish(f"{PREFIX}/cmd", token)
+    return jti
+
+
+def is_(doc: dict[str, Any], event: str, **data: Any) -> bool:
+    """``doc`` is an ``event`` line whose data has these values."""
+    return doc.get("event") == event and all(
+        (doc.get("data") or {}).get(k) == v for k, v in data.items())
+
+
+def index(docs: list[dict[str, Any]], event: str, **data: Any) -> int:
+    """Where the first such line is (AssertionError naming the lines when absent)."""
+    for i, doc in enumerate(docs):
+        if is_(doc, event, **data):
+            return i
+    raise AssertionError(f"no {event} {data} in:\n" + "\n".join(map(str, docs)))
+
+
+def test_watch_json_shows_an_unlock_and_its_relock(site: SimSite) -> None:
+    """The acceptance: a signed unlock, its result, the unit unlocked then locked again,
+    and both Timeline Events delivered, one JSON object per line, in that order."""
+    with RunningAgent(site.config_path), \
+            CliProcess("watch", "--json", "--config", str(site.config_path)) as watch:
+        watch.wait_json(lambda d: is_(d, "broker", connected=True))
+        watch.wait_json(lambda d: is_(d, "state", unit="unit_a101", locked=True))
+        jti = send_unlock(site, "unit_a101", 1)
+        watch.wait_json(lambda d: is_(d, "timeline", change="delivered", unit="unit_a101",
+                                      kind="locked"))
+        assert watch.interrupt() == 0
+    docs = watch.json_lines()
+    command = index(docs, "command", jti=jti)
+    result = index(docs, "result", jti=jti, status="done")
+    unlocked = index(docs, "state", unit="unit_a101", locked=False)
+    relocked = next(i for i, d in enumerate(docs)
+                    if i > unlocked and is_(d, "state", unit="unit_a101", locked=True))
+    queued = index(docs, "timeline", change="queued", unit="unit_a101", kind="unlocked")
+    delivered = index(docs, "timeline", change="delivered", unit="unit_a101", kind="unlocked")
+    relock_delivered = index(docs, "timeline", change="delivered", unit="unit_a101",
+                             kind="locked")
+    assert command < result < relocked
+    assert unlocked < relocked
+    assert queued < delivered < relock_delivered
+    assert docs[command]["data"]["verified"] is False  # watch does not check signatures
+    assert docs[command]["reference"] == "A-101"
+    assert docs[command]["text"].startswith("unlock A-101 for 1 s by tenant app")
+    assert docs[delivered]["text"].startswith("delivered: Unit unlocked via TestGate")
+    for doc in docs:  # every line: an ISO 8601 time in UTC, the text and the data
+        assert datetime.fromisoformat(doc["at"]).utcoffset() is not None
+        assert isinstance(doc["text"], str)
+        assert isinstance(doc["data"], dict)
+    assert watch.stderr == ""
+
+
+def test_watch_for_people_reads_like_the_demo(site: SimSite) -> None:
+    with RunningAgent(site.config_path), \
+            CliProcess("watch", "--config", str(site.config_path)) as watch:
+        watch.wait_for(lambda line: "lock    B-201 locked" in line)
+        send_unlock(site, "unit_b201", 1)
+        watch.wait_for(lambda line: "Stora   delivered: Unit locked via TestGate" in line)
+        assert watch.interrupt() == 0
+    text = "\n".join(watch.lines)
+    assert f"watching site {SITE}" in text
+    assert "→       unlock B-201 for 1 s by tenant app" in text
+    assert "←       done: unlock B-201" in text
+    assert "lock    B-201 unlocked" in text
+    assert "agent   online (stora-gateway " in text
+
+
+def test_a_refused_command_and_a_forgery_are_shown_with_the_agent_s_verdict(
+        site: SimSite) -> None:
+    from gateway.signer import CommandSigner, generate_keypair
+
+    forger = CommandSigner(generate_keypair()[0], "test-2026", SITE)
+    with RunningAgent(site.config_path), \
+            CliProcess("watch", "--json", "--no-timeline", "--config",
+                       str(site.config_path)) as watch:
+        watch.wait_json(lambda d: is_(d, "broker", connected=True))
+        jti, token = forger.command("unlock", "unit_a102", dur=1)
+        with Client(site.broker) as sender:
+            sender.publish(f"{PREFIX}/cmd", token)
+            sender.publish(f"{PREFIX}/cmd", b"not a token")
+        watch.wait_json(lambda d: is_(d, "result", reason="bad_signature"))
+        watch.wait_json(lambda d: is_(d, "result", reason="malformed"))
+        assert watch.interrupt() == 0
+    docs = watch.json_lines()
+    assert docs[index(docs, "command", jti=jti)]["data"]["verified"] is False
+    assert "not a readable command token" in docs[index(docs, "command", size=11)]["text"]
+    assert not any(is_(d, "state", unit="unit_a102", locked=False) for d in docs)
+
+
+def _accounts_broker(directory: Path, passwords: dict[str, str]) -> Broker:
+    shipped = ACL.read_text()
+    acl = directory / "acl"
+    acl.write_text(shipped if "user gw-watch" in shipped else shipped + WATCH_ACL)
+    return Broker(directory / "broker", users=passwords,
+                  extra_conf=[f"acl_file {acl}", ID_BINDING])
+
+
+def _secret(path: Path, text: str) -> Path:
+    path.write_text(text + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def test_watch_with_its_own_account_never_disconnects_the_agent(tmp_path: Path) -> None:
+    """Shipped ACL, client ids bound to accounts: watch logs in as gw-watch and sees the
+    relay's unlock; the agent keeps its one connection.  The agent's own account is
+    refused before any connection is made."""
+    passwords = {SITE: secrets.token_urlsafe(9), "relay": secrets.token_urlsafe(9),
+                 WATCH_ACCOUNT: secrets.token_urlsafe(9)}
+    with _accounts_broker(tmp_path, passwords) as broker:
+        site = make_site(tmp_path, broker)
+        agent_secret = _secret(tmp_path / "agent-password", passwords[SITE])
+        text = site.config_path.read_text()
+        site.config_path.write_text(text.replace(
+            "keepalive_s = 5\n",
+            f'keepalive_s = 5\nusername = "{SITE}"\npassword_file = "{agent_secret}"\n'))
+        watch_secret = _secret(tmp_path / "watch-password", passwords[WATCH_ACCOUNT])
+        try:
+            with RunningAgent(site.config_path) as agent, \
+                    Client(broker, username="relay", password=passwords["relay"]) as relay, \
+                    CliProcess("watch", "--json", "--password-file", str(watch_secret),
+                               "--config", str(site.config_path)) as watch:
+                watch.wait_json(lambda d: is_(d, "agent", online=True))
+                jti = send_unlock(site, "unit_a101", 1, client=relay)
+                # In the order the agent publishes: the state, then the result.
+                watch.wait_json(lambda d: is_(d, "command", jti=jti))
+                watch.wait_json(lambda d: is_(d, "state", unit="unit_a101", locked=False))
+                watch.wait_json(lambda d: is_(d, "result", jti=jti, status="done"))
+
+                out, err = io.StringIO(), io.StringIO()
+                status = main(["watch", "--username", SITE, "--config",
+                               str(site.config_path)], out=out, err=err)
+                assert status == 2
+                assert "the agent's broker account" in err.getvalue()
+                assert watch.interrupt() == 0
+                stats = agent.link.stats()
+                assert (stats["connects"], stats["disconnects"]) == (1, 0)
+        finally:
+            site.close()
+    assert f"as {WATCH_ACCOUNT}" in broker.log_text()  # the default account for watch
+
+
+def test_account_rules(tmp_path: Path) -> None:
+    """Who watch logs in as: options, then the environment, then gw-watch on a broker
+    with accounts; never the agent's or a controller link's; a password file others may
+    read is refused."""
+    with Broker(tmp_path / "broker") as broker:
+        site = make_site(tmp_path, broker)
+    try:
+        text = site.config_path.read_text().replace(
+            "keepalive_s = 5\n", 'keepalive_s = 5\nusername = "agent-account"\n')
+        site.config_path.write_text(text + (
+            '[[controllers]]\nname = "zb"\ndriver = "zigbee2mqtt"\n'
+            'username = "gw-zigbee2mqtt"\n'))
+        config = load_config(site.config_path)
+        kw: dict[str, Any] = {"default_user": WATCH_ACCOUNT, "user_env": WATCH_USER_ENV,
+                              "password_env": "NONE"}
+        assert resolve_account(config, None, None, environ={}, **kw).username == "gw-watch"
+        assert resolve_account(config, None, None, environ={WATCH_USER_ENV: "tech-7"},
+                               **kw).username == "tech-7"
+        assert resolve_account(config, "alice", None, environ={WATCH_USER_ENV: "tech-7"},
+                               **kw).username == "alice"
+        for user, why in (("agent-account", "agent's"), ("gw-zigbee2mqtt", "controller link")):
+            with pytest.raises(SiteLinkError, match=why) as caught:
+                resolve_account(config, user, None, environ={}, **kw)
+            assert caught.value.status == 2
+        loose = tmp_path / "loose"
+        loose.write_text("pw\n")
+        loose.chmod(0o644)
+        with pytest.raises(SiteLinkError, match="chmod 600"):
+            resolve_account(config, None, str(loose), environ={}, **kw)
+        loose.chmod(0o600)
+        account = resolve_account(config, None, str(loose), environ={}, **kw)
+        assert account.password == "pw"
+        assert "pw" not in repr(account)
+    finally:
+        site.close()
+
+
+def test_silence_from_the_agent_is_explained(site: SimSite,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """No agent status at all (it never ran here, or the ACL hides it): watch says so
+    once, on stderr, and keeps watching; an unreachable broker is exit 1."""
+    import gateway.watch
+
+    monkeypatch.setattr(gateway.watch, "STATUS_HINT_S", 0.0)
+    config = load_config(site.config_path)
+    out, err, stop = io.StringIO(), io.StringIO(), threading.Event()
+    account = resolve_account(config, None, None, default_user=WATCH_ACCOUNT,
+                              user_env=WATCH_USER_ENV, password_env="NONE", environ={})
+    result: list[int] = []
+    runner = threading.Thread(target=lambda: result.append(
+        run_watch(config, account, out, err, timeline=False, stop=stop)))
+    runner.start()
+    deadline = time.monotonic() + 10
+    while "no status from the agent" not in err.getvalue():
+        assert time.monotonic() < deadline, err.getvalue()
+        time.sleep(0.02)
+    stop.set()
+    runner.join(timeout=10)
+    assert result == [0]
+    assert err.getvalue().count("no status from the agent") == 1
+    assert "broker's ACL" in err.getvalue()
+
+    site.broker.kill()
+    out, err = io.StringIO(), io.StringIO()
+    status = main(["watch", "--config", str(site.config_path)], out=out, err=err)
+    assert status == 1
+    assert "cannot reach the broker" in err.getvalue()
+    assert err.getvalue().count("\n") <= 2  # the outbox note, then the one error
+    assert "Traceback" not in err.getvalue()
+
+
+def test_watch_json_lines_are_one_object_each(site: SimSite) -> None:
+    """Piped to a tool: nothing but JSON objects on stdout, one per line."""
+    with RunningAgent(site.config_path), \
+            CliProcess("watch", "--json", "--config", str(site.config_path)) as watch:
+        watch.wait_json(lambda d: is_(d, "agent", online=True))
+        send_unlock(site, "unit_b202", 1)
+        watch.wait_json(lambda d: is_(d, "result", status="done"))
+        assert watch.interrupt() == 0
+    assert watch.lines
+    assert all(isinstance(json.loads(line), dict) for line in watch.lines)
+
+
+def test_a_refused_password_is_one_line_exit_2(tmp_path: Path) -> None:
+    with Broker(tmp_path / "broker", users={WATCH_ACCOUNT: "right"}) as broker:
+        site = make_site(tmp_path, broker)
+        try:
+            text = site.config_path.read_text()
+            site.config_path.write_text(text.replace(
+                "keepalive_s = 5\n", 'keepalive_s = 5\nusername = "agent-account"\n'))
+            wrong = _secret(tmp_path / "wrong", "wrong")
+            out, err = io.StringIO(), io.StringIO()
+            status = main(["watch", "--password-file", str(wrong), "--no-timeline",
+                           "--config", str(site.config_path)], out=out, err=err)
+        finally:
+            site.close()
+    assert status == 2
+    assert f"refused to connect as {WATCH_ACCOUNT}" in err.getvalue()
+    assert err.getvalue().count("\n") == 1
+    assert "wrong" not in err.getvalue().replace(str(wrong), "")  # never the password
+
+
+def test_watch_is_product_code_and_loads_no_dev_kit() -> None:
+    """style.md: the dev kit (demo, sandbox, signer, simulators) is never imported by the
+    product; watch and the live view it shares with the demo are product code."""
+    import subprocess
+    import sys
+
+    from tests.support.cli_process import ROOT, cli_env
+
+    dev_kit = ["gateway.demo", "gateway.demo_broker", "gateway.sandbox", "gateway.signer",
+               "gateway.simulate", "gateway.selftest", "drivers.simbase", "drivers.pty"]
+    code = ("import sys, gateway.watch, gateway.site_client, gateway.liveview, "
+            "gateway.outbox_tail\nfrom gateway.cli import build_parser\nbuild_parser()\n"
+            f"print([m for m in {dev_kit!r} if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=cli_env(), cwd=ROOT, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
