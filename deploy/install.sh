@@ -9,6 +9,8 @@
 # What it does (deploy/README.md has the why):
 #   - system user and group "stora-gateway", member of "dialout" (the serial ports);
 #   - /opt/stora-gateway/venv with this package in it, and /usr/local/bin/stora-gateway;
+#     the documentation next to it, laid out as in the checkout (README.md, hardware.md,
+#     docs/, deploy/README.md and deploy/gateway.example.toml);
 #   - /etc/stora-gateway (root:stora-gateway 0750) with
 #       secrets/       root:stora-gateway 0750; the secret files in it stora-gateway 0600
 #       config/        stora-gateway 0750: the only place the agent writes (config.set)
@@ -210,8 +212,8 @@ fi
 umask 022
 
 # --- check before changing anything ----------------------------------------------------
-for dir in "$ROOT/etc" "$ROOT/opt" "$PREFIX" "$PREFIX/deploy" "$CONF_DIR" "$CONFIG_DIR" \
-           "$SECRETS" "$ROOT/etc/systemd/system" "$ROOT/etc/modules-load.d" \
+for dir in "$ROOT/etc" "$ROOT/opt" "$PREFIX" "$PREFIX/deploy" "$PREFIX/docs" "$CONF_DIR" \
+           "$CONFIG_DIR" "$SECRETS" "$ROOT/etc/systemd/system" "$ROOT/etc/modules-load.d" \
            "$ROOT/usr/local/bin" "$ROOT/usr/share" "$ROOT/usr/share/bash-completion" \
            "$COMPLETIONS"; do
   check_dir "$dir"
@@ -266,7 +268,7 @@ if [ -z "$AGENT_UID" ] || [ -z "$AGENT_GID" ]; then
 fi
 
 # --- the package ---------------------------------------------------------------------------
-install -d -m 0755 -o root -g root "$PREFIX" "$PREFIX/deploy"
+install -d -m 0755 -o root -g root "$PREFIX" "$PREFIX/deploy" "$PREFIX/docs"
 venv_usable() {
   [ -x "$VENV/bin/python" ] && runuser -u "$NAME" -- "$VENV/bin/python" -c 'import sys' 2>/dev/null
 }
@@ -290,7 +292,12 @@ trap 'rm -rf "$BUILD"' EXIT
 cp -R "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/gateway" "$SRC/drivers" "$BUILD/"
 find "$BUILD" -name __pycache__ -prune -exec rm -rf {} +
 "$VENV/bin/python" -m pip install --quiet --upgrade "$BUILD"
-install -m 0644 "$SRC/deploy/README.md" "$PREFIX/deploy/README.md"
+# The documentation, laid out as in the checkout, so that the references between the
+# files (deploy/README.md to ../docs/configuration.md, gateway.example.toml to
+# hardware.md) hold here too, whatever becomes of the checkout.
+install -m 0644 "$SRC/README.md" "$SRC/hardware.md" "$PREFIX/"
+install -m 0644 "$SRC/deploy/README.md" "$SRC/deploy/gateway.example.toml" "$PREFIX/deploy/"
+install -m 0644 "$SRC"/docs/*.md "$PREFIX/docs/"
 install -d -m 0755 "$ROOT/usr/local/bin"
 ln -sfn "$BIN_TARGET" "$BIN_LINK"
 # Bash completion for technicians, generated from the CLI's own parser (so it lists
@@ -308,7 +315,7 @@ fi
 # (an install of the old layout) the agent could still rename entries in it.
 own_dir "$CONF_DIR" root "$AGENT_GID" 0750
 # secrets/: root's too, read by the group; each secret file is the agent's and its alone
-# (the agent refuses a secret open to group or others: fault matrix #48), read-only to
+# (the agent refuses to start with a secret open to group or others), read-only to
 # it under the unit (ReadOnlyPaths=) and in a directory it cannot write.
 own_dir "$SECRETS" root "$AGENT_GID" 0750
 for secret in "$SECRETS"/* "$SECRETS"/.[!.]*; do
@@ -343,7 +350,8 @@ if [ -f "$CONFIG" ] && [ ! -L "$CONFIG" ]; then
   mv -T "$CONFIG" "$CONFIG_DIR/gateway.toml"
 fi
 if [ ! -L "$CONFIG" ]; then
-  # The path of the contract (and of --config's default) stays valid: a link, root's.
+  # The documented path (--config's default, docs/configuration.md) stays valid: a link,
+  # root's.
   ln -s "$CONFIG_TARGET" "$CONFIG"
 fi
 
@@ -408,10 +416,13 @@ EOF
 else
   cat <<EOF
 Next steps:
-  1. Write the config (contract §3, hardware.md) as the agent's user, so that root never
-     writes into the agent's directory:
-       runuser -u $NAME -- tee $CONFIG_DIR/gateway.toml <gateway.toml >/dev/null
-     ($CONFIG links to it.)  Keep secrets out of it, in files of their own:
+  1. Write the config as the agent's user, so that root never writes into the agent's
+     directory; init asks for the site, the controller, its locks and the relay's key:
+       runuser -u $NAME -- stora-gateway init --config $CONFIG
+     It writes $CONFIG_DIR/gateway.toml, where that link points.
+     Every key, its default and where its value comes from:
+       $PREFIX/deploy/gateway.example.toml    $PREFIX/docs/configuration.md
+     Keep secrets out of it, in files of their own:
        install -m 0600 -o $NAME -g $NAME /path/to/mqtt-password $SECRETS/mqtt-password
      and name them relative to $CONF_DIR: password_file = "secrets/mqtt-password".
   2. Check it as the agent's user:
@@ -422,5 +433,6 @@ fi
 cat <<EOF
 Technicians use the CLI through the agent's control socket once in its group:
   usermod -aG $NAME <login>     (then log in again)
-The site broker (Mosquitto with the ACL and the cloud bridge): deploy/README.md.
+The site broker (Mosquitto with the ACL and the cloud bridge), upgrades, rollback and
+uninstall: $PREFIX/deploy/README.md.
 EOF

@@ -49,9 +49,9 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from gateway import __version__
 from gateway.commands import MAX_COMMAND_BYTES, Command, CommandVerifier, Rejection
@@ -60,6 +60,9 @@ from gateway.errors import cap_text
 from gateway.hardware import Site, build_site
 from gateway.intake import RecentIds, Screen, TokenBucket
 from gateway.units import Outcome, UnitManager, rfc3339
+
+if TYPE_CHECKING:
+    from gateway.control_stream import Call
 
 LOGGER = logging.getLogger(__name__)
 
@@ -118,6 +121,10 @@ class Agent:
         self.prefix = f"{config.mqtt.topic_prefix}/{config.site.id}"
         self.started_at = time.time()
         self.stop_event = threading.Event()
+        # The cancels of long technician requests running now: stop() runs them
+        # (see _cancelled_on_stop).
+        self._on_stopping: list[Callable[[], object]] = []
+        self._on_stopping_mutex = threading.Lock()
         self._pending_alarms: list[tuple[str, str | None, str]] = []
         self.store = self._open_store(config.storage.path)
         self.store.on_events_added = self._events_added
@@ -349,7 +356,9 @@ class Agent:
             "outbox": outbox,
             "storage": {"path": str(self.config.storage.path),
                         "ephemeral": self.store.ephemeral, "read_only": self.store.read_only},
-            "commands": {**self.counters, "rejected_by_reason": dict(self.rejected_by_reason)},
+            # The key ids only (never a key): health flags the self-test's if it is listed.
+            "commands": {**self.counters, "rejected_by_reason": dict(self.rejected_by_reason),
+                         "trusted_keys": sorted(self.config.commands.trusted_keys)},
             "management": dict(self.mgmt.counters),
             "schedule": schedule_status(
                 self.scheduler.stats() if self.scheduler is not None else None, wall_now=wall),
@@ -664,7 +673,8 @@ class Agent:
         Through the control socket the CLI sees each row as it finishes (a progress
         line) and stops the run by hanging up (Ctrl-C): the lock under test is relocked
         at once, the ones not yet started are cancelled and listed as such, and no door
-        is opened after that (gateway/control_stream.py).
+        is opened after that (gateway/control_stream.py).  The agent stopping does the
+        same, also to a ``locks.test`` management request, which no client can cancel.
         """
         from concurrent.futures import CancelledError
 
@@ -685,7 +695,7 @@ class Agent:
         call = current_call()
         results: list[dict[str, Any]] = []
         cancelled: list[dict[str, Any]] = []
-        with call.watch() as stop:
+        with self._cancelled_on_stop(call), call.watch() as stop:
             for lock in locks:
                 row: dict[str, Any] | None = None
                 if not stop.is_set():
@@ -713,8 +723,10 @@ class Agent:
                                   {"cancelled": cancelled[-1]})})
         interrupted = stop.is_set()
         if interrupted:
-            LOGGER.warning("test by %s interrupted: %d lock(s) tested, %d cancelled before "
-                           "they started (%s)", actor, len(results), len(cancelled),
+            LOGGER.warning("test by %s interrupted%s: %d lock(s) tested, %d cancelled before "
+                           "they started (%s)", actor,
+                           " (the agent is stopping)" if self.stop_event.is_set() else "",
+                           len(results), len(cancelled),
                            ", ".join(c["reference"] for c in cancelled) or "none")
         return {"passed": not interrupted and all(r["passed"] for r in results),
                 "interrupted": interrupted, "results": results, "cancelled": cancelled}
@@ -743,6 +755,8 @@ class Agent:
                                cancel=stop)
         finally:
             self.units.mark_acted(lock.unit)
+        if r is None:  # stopped after the check above: nothing was driven
+            return None
         if r.unlock_ms is not None:  # the door was driven: audit both halves
             key = uuid.uuid4().hex
             with self.store.transaction() as tx:
@@ -784,7 +798,7 @@ class Agent:
             raise ControlError(f"--timeout-ms must be from 1 to {SCAN_TIMEOUT_MAX_MS} while "
                                "the agent runs (each probe holds its bus)", 2)
         call = current_call()
-        with call.watch() as stop:
+        with self._cancelled_on_stop(call), call.watch() as stop:
             try:
                 report = scan_site_bus(
                     self.site, name, addresses,
@@ -799,6 +813,28 @@ class Agent:
             except DriverError as exc:  # the port itself failed: no bus to scan
                 raise ControlError(f"scan of {name} stopped: {exc}", 1) from None
         return report.as_dict()
+
+    @contextlib.contextmanager
+    def _cancelled_on_stop(self, call: Call) -> Iterator[None]:
+        """While the block runs, the agent stopping cancels ``call`` as a client hanging
+        up would: the lock under test is relocked at once and no other is started.
+
+        A ``locks.test`` management request runs on a detached call that no client can
+        cancel; without this, stopping the agent waited out every lock's hold (up to
+        30 s each), past systemd's stop timeout, whose SIGKILL could land mid-hold and
+        leave a relay energized (found in review).
+        """
+        with self._on_stopping_mutex:
+            stopping = self.stop_event.is_set()
+            if not stopping:
+                self._on_stopping.append(call.cancel)
+        if stopping:  # a signal came first: start nothing
+            call.cancel()
+        try:
+            yield
+        finally:
+            with self._on_stopping_mutex, contextlib.suppress(ValueError):
+                self._on_stopping.remove(call.cancel)
 
     # -- remote management (gateway/mgmt.py) ----------------------------------------------
     def apply_config(self, new: Config) -> tuple[list[str], str]:
@@ -1127,8 +1163,15 @@ class Agent:
 
     def stop(self) -> None:
         """Clean shutdown, each step best effort: no new requests, running work finished
-        (and its results published), pending relocks done, offline status, ports closed."""
+        (and its results published), pending relocks done, offline status, ports closed.
+
+        Long technician requests (``test``, ``scan``) are cancelled first, so the
+        management and control threads are not waited on for a test's whole run."""
         self.stop_event.set()
+        with self._on_stopping_mutex:  # after the set: _cancelled_on_stop sees one or other
+            cancels, self._on_stopping = self._on_stopping, []
+        for cancel in cancels:
+            cancel()  # Call.cancel: never raises (its callbacks are guarded)
         scheduler = self.scheduler
         steps: list[tuple[str, Any]] = [
             # First: no reconciliation pass may queue work behind the units' shutdown.

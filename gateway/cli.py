@@ -1,4 +1,4 @@
-"""``stora-gateway``: the command line (contract §2).
+"""``stora-gateway``: the command line (README, "The command line").
 
 A thin shell: each command builds what it needs from the config and calls a library
 function (``gateway.technician``, ``gateway.hardware``), then prints a table for people
@@ -12,8 +12,10 @@ open the hardware themselves ("direct mode"); the output is the same either way,
 and ``--json``, so scripts need not care which mode ran.
 
 Exit status: 0 success, 1 the operation failed (a lock did not confirm, hardware did not
-answer), 2 bad usage or bad config.  Errors are one sentence on stderr; a traceback only
-with ``--debug``.
+answer), 2 bad usage or bad config; ``status`` also exits 3 when the site is DEGRADED and
+4 when it is DOWN (``gateway/cli_status.py``); a command interrupted with Ctrl-C exits
+130 (``test`` after relocking the lock under test and cancelling the rest).  Errors are
+one sentence on stderr; a traceback only with ``--debug``.
 """
 
 from __future__ import annotations
@@ -129,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("run", plain)
     p = add("status", data)
+    p.epilog = ("exit status: 0 OK; 3 DEGRADED (doors work, something needs a look); "
+                "4 DOWN (remote commands are not executed, or no agent runs); 1 no report "
+                "could be had (the agent answered with an error or not in time); 2 bad "
+                "usage or config")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="after the summary, every field the agent reports")
     p = add("check-config", data)
@@ -158,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("lock", data)
     p.add_argument("unit", help="Stora unit id (unit_…) or the lock's reference label")
     p = add("test", data)
+    p.epilog = ("Ctrl-C stops at once: the lock under test is relocked, the rest are "
+                "cancelled, the results so far are printed, and the exit status is 130 "
+                "(also on a hang-up or SIGTERM).  Exit 1 when a lock fails.")
     p.add_argument("units", nargs="*", metavar="UNIT", help="units or references to test")
     p.add_argument("--all", action="store_true", help="test every lock in the config")
     p.add_argument(
@@ -221,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default $STORA_GATEWAY_WATCH_PASSWORD_FILE)")
     p.add_argument("--no-timeline", action="store_true",
                    help="do not read the outbox for Timeline Events")
+    p.add_argument("--tls-cert-file", default=None, metavar="FILE",
+                   help="watch's own TLS client certificate, never the agent's (default "
+                   "$STORA_GATEWAY_WATCH_TLS_CERT_FILE; none: the CA of [mqtt] only)")
+    p.add_argument("--tls-key-file", default=None, metavar="FILE",
+                   help="its key, mode 600 (default $STORA_GATEWAY_WATCH_TLS_KEY_FILE)")
     p = add("selftest", data)
     p.add_argument("unit", nargs="?", help="Stora unit id (unit_…) or the lock's reference "
                    "label; the door really opens")
@@ -239,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--password-file", default=None, metavar="FILE",
                    help="file holding that account's password, not readable by others "
                    "(default $STORA_GATEWAY_SELFTEST_PASSWORD_FILE)")
+    p.add_argument("--tls-cert-file", default=None, metavar="FILE",
+                   help="selftest's own TLS client certificate, never the agent's (default "
+                   "$STORA_GATEWAY_SELFTEST_TLS_CERT_FILE; none: the CA of [mqtt] only)")
+    p.add_argument("--tls-key-file", default=None, metavar="FILE",
+                   help="its key, mode 600 (default $STORA_GATEWAY_SELFTEST_TLS_KEY_FILE)")
     p.add_argument("--timeline-wait", type=float, default=15.0, metavar="S",
                    help="how long to wait for both Timeline Events to reach Stora "
                    "(default 15)")
@@ -495,7 +514,7 @@ def cmd_unlock(ctx: Context) -> int:
     """``unlock UNIT``: a timed unlock; relocks after the time unless the board does.
 
     Through the agent, the agent owns the relock timer and the lockout check; directly,
-    this process waits and relocks.
+    this process waits and relocks, at once on Ctrl-C, a hang-up or SIGTERM (exit 130).
     """
     if ctx.args.force and not (ctx.args.reason or "").strip():
         raise CliError("--force needs --reason TEXT (it is audited)")
@@ -508,6 +527,7 @@ def cmd_unlock(ctx: Context) -> int:
         seconds=int(wanted) if wanted is not None and float(wanted).is_integer() else wanted,
         force=bool(ctx.args.force), reason=ctx.args.reason, actor=_actor(),
     )
+    interrupted = False
     if answer is not None:
         results = [_shape(o, OUTCOME_KEYS) for o in _items(answer, "outcomes")]
         if not ctx.json:
@@ -517,48 +537,55 @@ def cmd_unlock(ctx: Context) -> int:
                 after = "its unlock time" if wanted is None else f"{wanted:g} s"
                 ctx.out.write(f"the agent relocks it after {after}\n")
     else:
-        results = _unlock_direct(ctx)
+        results, interrupted = _unlock_direct(ctx)
     if ctx.json:
         _print_json(results, ctx.out)
+    if interrupted:
+        from gateway.cli_technician import EXIT_INTERRUPTED
+
+        return EXIT_INTERRUPTED
     return EXIT_OK if all(o["status"] == "done" for o in results) else EXIT_FAILED
 
 
-def _unlock_direct(ctx: Context) -> list[dict[str, Any]]:
-    import time
+def _unlock_direct(ctx: Context) -> tuple[list[dict[str, Any]], bool]:
+    """The unlock on the hardware itself: the outcomes and whether a signal cut it short."""
+    import threading
 
     from gateway import technician
+    from gateway.cli_technician import interrupts_set
 
     lock = ctx.find_lock(ctx.args.unit)
     seconds = ctx.args.seconds if ctx.args.seconds is not None else lock.unlock_seconds
     site = ctx.site(only=[lock.controller])
     results = []
+    stop = threading.Event()
     try:
-        opened = technician.unlock(site, lock, seconds)
-        results.append(_outcome_dict(opened))
-        if not ctx.json:
-            _say(ctx, results[-1])
-        if not opened.ok:
-            # Nothing to hold: whatever state the lock is in, lock it now rather than
-            # wait out the unlock time.
-            results.append(_outcome_dict(technician.relock(site, lock)))
+        # Direct mode owns the relock: from before the unlock's bus transaction to the
+        # relock's read-back, Ctrl-C, a hang-up or SIGTERM relocks at once instead of
+        # killing this process with the door open (no agent would relock it).
+        with interrupts_set(stop):
+            opened = technician.unlock(site, lock, seconds)
+            results.append(_outcome_dict(opened))
             if not ctx.json:
                 _say(ctx, results[-1])
-        elif not opened.self_relocking:
-            # Direct mode owns the relock timer; Ctrl-C relocks at once rather than
-            # leaving the door open.
-            if not ctx.json:
-                ctx.out.write(f"relocking in {seconds:g} s (Ctrl-C relocks now)\n")
-                ctx.out.flush()
-            try:
-                time.sleep(seconds)
-            except KeyboardInterrupt:
-                ctx.err.write("interrupted: relocking now\n")
-            results.append(_outcome_dict(technician.relock(site, lock)))
-            if not ctx.json:
-                _say(ctx, results[-1])
+            if not opened.ok or (opened.self_relocking and stop.is_set()):
+                # Nothing to hold, or no one wants it held: whatever state the lock is
+                # in, lock it now (ending a board's pulse where the board allows it).
+                results.append(_outcome_dict(technician.relock(site, lock)))
+                if not ctx.json:
+                    _say(ctx, results[-1])
+            elif not opened.self_relocking:
+                if not ctx.json:
+                    ctx.out.write(f"relocking in {seconds:g} s (Ctrl-C relocks now)\n")
+                    ctx.out.flush()
+                if stop.wait(seconds):
+                    ctx.err.write("interrupted: relocking now\n")
+                results.append(_outcome_dict(technician.relock(site, lock)))
+                if not ctx.json:
+                    _say(ctx, results[-1])
     finally:
         site.close()
-    return results
+    return results, stop.is_set()
 
 
 def cmd_lock(ctx: Context) -> int:
@@ -907,7 +934,8 @@ def cmd_watch(ctx: Context) -> int:
                                   default_user=WATCH_ACCOUNT, user_env=WATCH_USER_ENV,
                                   password_env=WATCH_PASSWORD_ENV)
         return run_watch(ctx.config(), account, ctx.out, ctx.err, json_lines=ctx.json,
-                         timeline=not a.no_timeline)
+                         timeline=not a.no_timeline, tls_cert_file=a.tls_cert_file,
+                         tls_key_file=a.tls_key_file)
     except SiteLinkError as exc:
         raise CliError(str(exc), exc.status) from exc
 
@@ -954,7 +982,8 @@ def cmd_selftest(ctx: Context) -> int:
                                   password_env=SELFTEST_PASSWORD_ENV)
         return run_selftest(ctx.config(), lock, account, Path(key_file), ctx.out, kid=a.kid,
                             seconds=a.seconds, timeline_wait_s=a.timeline_wait,
-                            json_output=ctx.json)
+                            json_output=ctx.json, tls_cert_file=a.tls_cert_file,
+                            tls_key_file=a.tls_key_file)
     except SiteLinkError as exc:
         raise CliError(str(exc), exc.status) from exc
 

@@ -27,6 +27,8 @@ from gateway.health import Reason, Verdict, agent_not_running, assess
 from gateway.term import paint, plural
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from gateway.cli import Context
 
 __all__ = ["EXIT_DEGRADED", "EXIT_DOWN", "EXIT_FOR", "render_report", "run_status"]
@@ -86,20 +88,29 @@ def _offline_report(ctx: Context, why: str) -> dict[str, Any]:
     return {"online": False, **verdict.as_dict(), **report}
 
 
-def _stored_outbox(path: Any) -> dict[str, Any] | None:
+def _stored_outbox(path: Path) -> dict[str, Any] | None:
     """Pending and dead events read-only from the database (``None`` when it does not
-    exist yet); a database that cannot be read says so under ``error``."""
-    if not path.exists():
-        return None
+    exist yet); a database that cannot be read says so under ``error``.
+
+    A monitoring user outside the ``stora-gateway`` group may not even enter the
+    database's directory (0750 on an install), and Python 3.11's ``Path.exists`` raises
+    ``PermissionError`` there rather than answering: every ``OSError`` on the way is
+    such a report too, so the verdict stays ``DOWN`` (exit 4), never a Python error.
+    """
     from gateway.store import Store, StoreError
     from gateway.telemetry import newest_dead_letter
 
     try:
+        if not path.exists():
+            return None
         with Store(path, read_only=True) as store:
             summary = store.outbox_summary(time.time())
             newest = newest_dead_letter(store) if summary["dead"] else None
     except StoreError as exc:
         return {"error": str(exc)}
+    except OSError as exc:
+        return {"error": f"{path}: {exc.strerror or exc} (run this as root or as a member "
+                         "of group stora-gateway, which may read it)"}
     return {**summary, "newest_dead": newest, "drain": "agent not running"}
 
 

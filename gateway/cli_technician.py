@@ -9,9 +9,13 @@ the hardware directly when it does not, with the same output either way:
 * **Ctrl-C** stops at once and safely: the lock under test is relocked (never left
   open), the locks not yet started are cancelled, nothing else is opened, and the
   results so far are printed; exit status 130.  Through the agent the CLI hangs up its
-  sending side, which the agent takes as "cancel" (``gateway.control_stream``); in
-  direct mode a signal handler sets the same kind of switch the test cycle waits on, so
-  Ctrl-C never lands in the middle of a bus transaction.  A second Ctrl-C is not caught.
+  sending side, which the agent takes as "cancel" (``gateway.control_stream``); a
+  second Ctrl-C, a hang-up or SIGTERM ends the CLI, whose closed connection cancels
+  just the same.  In direct mode no agent would relock a door the CLI left open, so a
+  signal handler (:func:`interrupts_set`) turns Ctrl-C, a hang-up (an SSH session
+  dropping at the door) and SIGTERM into the switch the test cycle waits on, and
+  ignores any further one until the relock is confirmed or has failed; none of them
+  lands in the middle of a bus transaction.  Exit status 130 for each.
 """
 
 from __future__ import annotations
@@ -44,7 +48,12 @@ if TYPE_CHECKING:
     from drivers.base import ProbeResult
 
 #: Exit status after Ctrl-C (128 + SIGINT), as shells report an interrupted command.
+#: Also after a hang-up or SIGTERM in direct mode: one code for "stopped, every lock it
+#: drove relocked", whatever stopped it.
 EXIT_INTERRUPTED: Final = 130
+#: What stops a technician's command in direct mode: Ctrl-C, a hang-up (an SSH session
+#: dropping), and a polite kill (``kill``, ``timeout``, a logout's SIGTERM).
+STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)
 #: After Ctrl-C, how long the CLI waits for the agent to relock the lock under test and
 #: answer: one lock action with the bus's retries takes well under a second, a Zigbee
 #: or Tasmota read-back a few; beyond this the CLI says the outcome is unknown.
@@ -53,29 +62,32 @@ INTERRUPT_WAIT_S: Final = 15.0
 
 # -- Ctrl-C and progress ------------------------------------------------------------------
 @contextlib.contextmanager
-def ctrl_c_sets(stop: threading.Event) -> Iterator[None]:
-    """While the block runs, the first Ctrl-C sets ``stop`` instead of raising.
+def interrupts_set(stop: threading.Event) -> Iterator[None]:
+    """While the block runs, any of :data:`STOP_SIGNALS` sets ``stop`` instead of ending
+    the process, and so does every further one.
 
     The code inside checks ``stop`` between bus transactions (and waits on it during a
-    hold), so an interrupt never cuts a write from its read-back.  A second Ctrl-C
-    raises ``KeyboardInterrupt`` as usual.  Outside the main thread (signals only go
-    there) nothing is installed.
+    hold), so a signal never cuts a write from its read-back, and the block ends only
+    after the relock it owes has been confirmed or has failed: a second Ctrl-C, or the
+    SIGHUP that follows a dropped SSH session, must not kill the CLI with a relay
+    energized (found in review).  Outside the main thread (signals only go there)
+    nothing is installed.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.getsignal(signal.SIGINT)
 
-    def on_sigint(signum: int, frame: FrameType | None) -> None:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
         del signum, frame
         stop.set()
-        signal.signal(signal.SIGINT, previous)
 
-    signal.signal(signal.SIGINT, on_sigint)
+    previous = {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            # None: a handler not set from Python; the default is the closest there is.
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 class ProgressLines:
@@ -213,14 +225,15 @@ def _test_direct(
     cancelled: list[dict[str, Any]] = []
     site = ctx.site(only=sorted({lock.controller for lock in locks}))
     try:
-        with ctrl_c_sets(stop):
+        with interrupts_set(stop):
             for done, lock in enumerate(locks, 1):
-                if stop.is_set():
+                # None once stopped, and then nothing is driven: the rest are cancelled.
+                r = technician.run_test_cycle(site, lock, a.seconds,
+                                              relock_timeout_s=a.relock_timeout, cancel=stop)
+                if r is None:
                     cancelled.append({"unit": lock.unit, "reference": lock.reference})
                     on_progress({"done": done, "cancelled": cancelled[-1]})
                     continue
-                r = technician.run_test_cycle(site, lock, a.seconds,
-                                              relock_timeout_s=a.relock_timeout, cancel=stop)
                 results.append(_shape(r.as_dict(), TEST_KEYS))
                 on_progress({"done": done, "result": results[-1]})
     finally:
@@ -278,7 +291,7 @@ def _scan_direct(ctx: Context, addresses: range | None,
                      "found": None if found is None else {"description": found.description}})
 
     stop = threading.Event()
-    with ctrl_c_sets(stop):
+    with interrupts_set(stop):
         report = scan_controller(
             ctx.config(), ctx.args.controller, addresses,
             timeout_s=None if ctx.args.timeout_ms is None else ctx.args.timeout_ms / 1000,

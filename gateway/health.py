@@ -15,8 +15,9 @@ Prometheus textfile can never disagree.
     refreshes failing), dead-lettered Timeline Events are held, some controllers are
     offline,
     the state database fails or is a temporary one, events have waited longer than
-    :data:`OUTBOX_STALE_S`, messages too large for the broker were dropped, or the disk
-    is nearly full.
+    :data:`OUTBOX_STALE_S`, messages too large for the broker were dropped, the disk
+    is nearly full, or the site self-test's key is still trusted (:data:`SELFTEST_KID`:
+    a commissioning tool whose key file opens every door).
 ``ok``
     None of the above.
 
@@ -39,6 +40,7 @@ __all__ = [
     "DISK_LOW_BYTES",
     "OUTBOX_STALE_S",
     "REASON_MAX_CHARS",
+    "SELFTEST_KID",
     "VERDICTS",
     "Reason",
     "Verdict",
@@ -62,6 +64,11 @@ OUTBOX_STALE_S: Final = 900.0
 #: a gateway stops keeping its outbox (gateway/telemetry.py).  100 MiB holds weeks of
 #: events at the configured rate limits many times over.
 DISK_LOW_BYTES: Final = 100 * 1024 * 1024
+#: The key id the site self-test signs with (``stora-gateway selftest``, dev kit; it is
+#: defined here because the product never imports the dev kit).  While ``[commands]
+#: trusted_keys`` lists it, whoever holds the self-test's key file can open every door:
+#: meant for commissioning only, so the verdict says so until it is removed.
+SELFTEST_KID: Final = "selftest"
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +215,15 @@ def _storage(status: Mapping[str, Any]) -> list[Reason]:
     return reasons
 
 
+def _commands(status: Mapping[str, Any]) -> list[Reason]:
+    trusted = _section(status, "commands").get("trusted_keys")
+    if isinstance(trusted, list) and SELFTEST_KID in trusted:
+        return [Reason("degraded", "commissioning_key_trusted",
+                       f"the self-test key (kid {SELFTEST_KID}) is trusted; remove it from "
+                       "[commands] trusted_keys after commissioning")]
+    return []
+
+
 def assess(status: Mapping[str, Any]) -> Verdict:
     """The verdict ``status`` (``Agent.status``) calls for; see the module docstring.
 
@@ -215,7 +231,7 @@ def assess(status: Mapping[str, Any]) -> Verdict:
     a reason to call a site down.
     """
     reasons = [*_clock(status), *_broker(status), *_controllers(status), *_outbox(status),
-               *_storage(status)]
+               *_storage(status), *_commands(status)]
     if status.get("online") is False:
         reasons.insert(0, Reason("down", "offline", "the agent says it is offline"))
     ordered = tuple(sorted(reasons, key=lambda r: r.severity != "down"))  # stable

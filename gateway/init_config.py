@@ -17,6 +17,10 @@ What it guarantees:
   paths resolve against the directory of the name given, as the agent resolves them.
 * **Mode 0640**: the agent's user writes it and its group (technicians) reads it
   (``deploy/README.md``); it holds no secret, only the names of the files that do.
+  Root never writes it into another user's directory (``sudo stora-gateway init``
+  through the link would leave a ``root:root`` file in ``config/`` that the agent cannot
+  read): ``init`` refuses, exit 2, and gives the ``runuser`` command that runs it as the
+  directory's owner.
 * **It loads.**  The text is validated by the loader before it is written; a wrong
   value (a site id without ``site_``) is refused with the loader's one-line errors,
   exit 2.  Secret files are never written (they belong in ``secrets/``, which only root
@@ -29,6 +33,7 @@ import argparse
 import contextlib
 import json
 import os
+import pwd
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,6 +59,8 @@ CONFIG_MODE: Final = 0o640
 #: Where a USB serial adapter has a name that survives reboots and re-plugging.
 BY_ID_DIR: Final = Path("/dev/serial/by-id")
 _BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
+#: How root runs the CLI as the user who owns the config's directory (deploy/README.md).
+_SUDO_AS: Final = "sudo runuser -u {user} -- stora-gateway"
 
 
 class InitError(Exception):
@@ -435,6 +442,22 @@ def check_directory(target: Path) -> None:
     if not os.access(directory, os.W_OK | os.X_OK):
         raise InitError(f"no permission to write in {directory}; run init as the agent's "
                         "user (deploy/README.md) or pick another --config")
+    owner = directory.stat().st_uid
+    if os.geteuid() == 0 and owner != 0:
+        # Root may write anywhere, but the file would be root's, 0640, which the agent
+        # (the directory's user) cannot read, and root would be working inside a
+        # directory another user writes, where links may be planted: deploy/install.sh
+        # never does that.  The directory's owner writes its own config.
+        try:
+            who = pwd.getpwuid(owner).pw_name
+        except KeyError:  # no name to give runuser
+            raise InitError(f"{directory} belongs to uid {owner}, not root; a config root "
+                            "wrote there would be unreadable to its owner: run init as "
+                            "that user instead") from None
+        raise InitError(f"{directory} belongs to user {who}, not root; a config root wrote "
+                        "there would be unreadable to its owner: run init as that user "
+                        f"instead, with the same options: {_SUDO_AS.format(user=who)} "
+                        "init …")
 
 
 def publish(target: Path, text: str) -> None:

@@ -11,8 +11,8 @@ which one broke:
 4. **unlocked** / **relocked**: the unit's published state (``P/S/units/<unit>``)
    shows it unlocked, then locked again after the unlock time;
 5. **timeline unlock** / **timeline relock**: the two Timeline Events, read from the
-   agent's outbox (:mod:`gateway.outbox_tail`): delivered to Stora, or still queued
-   (with the last error), or refused (dead letter, with Stora's reason).
+   agent's outbox (:class:`gateway.store.Store`, opened read-only): delivered to Stora,
+   or still queued (with the last error), or refused (dead letter, with Stora's reason).
 
 Exit 0 when every step passed, 1 when one failed (the table says which), 2 on bad
 usage (an unknown unit, no key, the agent's own broker account).
@@ -24,15 +24,20 @@ signs one itself (:class:`gateway.signer.CommandSigner`, dev kit) with a key of 
 relay's key: **whoever holds the file can open every door of the site** while the agent
 trusts it.  So it is a commissioning tool: keep the file on the technician's laptop or
 in root's home, and remove the ``selftest`` entry from ``trusted_keys`` (and the file)
-when the site is handed over; every run says so.  A separate key id limits the damage
-(revoking it never touches the relay's keys, and the audit trail names it), but the
-agent does not restrict what a trusted key may do: that would be a change of the
-command contract, which the relay's own site check will make unnecessary.
+when the site is handed over; every run says so, and ``status`` stays DEGRADED
+(``commissioning_key_trusted``, gateway/health.py) while the agent trusts it.  A
+separate key id limits the damage (revoking it never touches the relay's keys, and the
+audit trail names it), but the agent does not restrict what a trusted key may do: that
+would be a change of the command contract, which the relay's own site check will make
+unnecessary.
 
 **Its broker account.**  The shipped ACL lets only the relay write ``P/S/cmd``; the
 self-test needs an account of its own on the site broker (``gw-selftest``,
 ``deploy/README.md`` "Broker accounts") that may write the command topic and read the
 agent's outputs.  Never the agent's account: the broker would disconnect the agent.
+Over TLS the same goes for the client certificate: none, or its own
+(``$STORA_GATEWAY_SELFTEST_TLS_CERT_FILE`` and ``$STORA_GATEWAY_SELFTEST_TLS_KEY_FILE``),
+never the agent's (:func:`gateway.site_client.client_certificate`).
 
 Dev kit: the CLI imports this module only inside the command.
 """
@@ -53,23 +58,32 @@ from typing import TYPE_CHECKING, Any, Final, TextIO
 
 from gateway import liveview
 from gateway.errors import cap_text
-from gateway.site_client import BrokerAccount, SiteClient, SiteLinkError
-from gateway.watch import open_outbox
+from gateway.health import SELFTEST_KID
+from gateway.site_client import (
+    BrokerAccount,
+    ClientCertificate,
+    SiteClient,
+    SiteLinkError,
+    client_certificate,
+)
+from gateway.term import plural
+from gateway.watch import open_outbox, refusal_of
 
 if TYPE_CHECKING:
     from gateway.config import Config, LockConfig
-    from gateway.outbox_tail import OutboxTail
     from gateway.signer import CommandSigner
-    from gateway.store import EventRow
+    from gateway.store import EventRow, Store
 
 __all__ = ["SELFTEST_KID", "SelfTest", "new_key", "run_selftest"]
 
-#: The key id the self-test signs with by default (``[commands] trusted_keys``).
-SELFTEST_KID: Final = "selftest"
 #: Environment variables for the self-test's account, password file and key file.
 SELFTEST_USER_ENV: Final = "STORA_GATEWAY_SELFTEST_USERNAME"
 SELFTEST_PASSWORD_ENV: Final = "STORA_GATEWAY_SELFTEST_PASSWORD_FILE"  # noqa: S105 (a name)
 SELFTEST_KEY_ENV: Final = "STORA_GATEWAY_SELFTEST_KEY"
+#: Environment variables naming the self-test's own TLS client certificate and its key,
+#: for a broker that asks for one (never the agent's: gateway/site_client.py).
+SELFTEST_CERT_ENV: Final = "STORA_GATEWAY_SELFTEST_TLS_CERT_FILE"
+SELFTEST_TLS_KEY_ENV: Final = "STORA_GATEWAY_SELFTEST_TLS_KEY_FILE"
 #: The account deploy/README.md proposes for the self-test on a broker with accounts.
 SELFTEST_ACCOUNT: Final = "gw-selftest"
 #: How long the retained ``P/S/status`` may take to arrive after subscribing: a broker
@@ -216,6 +230,8 @@ class SelfTest:
     jti: str = field(default_factory=lambda: f"selftest-{uuid.uuid4().hex[:16]}")
     #: Called with each step as it ends (the table's lines, printed as they come).
     on_step: Callable[[Step], None] | None = None
+    #: Its own TLS client certificate, for a broker that asks for one.
+    certificate: ClientCertificate | None = None
 
     def add(self, step: str, status: str, started: float | None, detail: str) -> None:
         """Record a step; ``started`` is its ``time.monotonic()`` start."""
@@ -240,7 +256,8 @@ class SelfTest:
         observer = _Observer(prefix, self.lock.unit)
         started = time.monotonic()
         client = SiteClient(self.config.mqtt, self.account, client_name="stora-selftest",
-                            subscriptions=observer.topics, on_message=observer.on_message)
+                            subscriptions=observer.topics, on_message=observer.on_message,
+                            certificate=self.certificate)
         try:
             client.start()
         except SiteLinkError as exc:
@@ -355,7 +372,7 @@ class SelfTest:
                      f"{liveview.describe_state(last) if last else 'unknown'}): check the "
                      "lock at once")
 
-    def _timeline(self, tail: OutboxTail | None, why_not: str | None, baseline: int) -> None:
+    def _timeline(self, tail: Store | None, why_not: str | None, baseline: int) -> None:
         if tail is None:
             for name in ("timeline unlock", "timeline relock"):
                 self.add(name, FAIL, None, f"cannot read the outbox: {why_not}")
@@ -379,16 +396,17 @@ class SelfTest:
                          f"delivered to Stora: {cap_text(row.description, 160)}")
             elif row.state == "dead":
                 self.add(name, FAIL, started, f"REFUSED by Stora (dead letter "
-                         f"{row.seq}: {_dead(row)}); see `stora-gateway outbox --dead`")
+                         f"{row.seq}: {refusal_of(row)}); see `stora-gateway outbox --dead`")
             else:
                 error = f"; last error: {cap_text(row.last_error, 160)}" if row.last_error \
                     else ""
                 self.add(name, FAIL, started, f"queued, not delivered within "
-                         f"{self.timeline_wait_s:.0f} s (event {row.seq}, {row.attempts} "
-                         f"attempt(s){error}); it stays queued: see `stora-gateway outbox`")
+                         f"{self.timeline_wait_s:.0f} s (event {row.seq}, "
+                         f"{plural(row.attempts, 'attempt')}{error}); it stays queued: see "
+                         "`stora-gateway outbox`")
 
 
-def _events_of(tail: OutboxTail, baseline: int, unit: str) -> dict[str, EventRow]:
+def _events_of(tail: Store, baseline: int, unit: str) -> dict[str, EventRow]:
     """The first unlock event of ``unit`` after ``baseline`` and the first lock after it."""
     found: dict[str, EventRow] = {}
     seq = baseline
@@ -404,11 +422,6 @@ def _events_of(tail: OutboxTail, baseline: int, unit: str) -> dict[str, EventRow
                 found["unlocked"] = row
             elif row.kind == "locked" and "unlocked" in found and "locked" not in found:
                 found["locked"] = row
-
-
-def _dead(row: EventRow) -> str:
-    parts = [str(p) for p in (row.dead_status, row.dead_code) if p is not None]
-    return cap_text(" ".join(parts) or row.last_error or "no reason given", 200)
 
 
 #: What to do about a refusal, by contract §4 reason.
@@ -462,10 +475,18 @@ def _reminder(kid: str, key_file: Path) -> str:
 
 def run_selftest(config: Config, lock: LockConfig, account: BrokerAccount, key_file: Path,
                  out: TextIO, *, kid: str = SELFTEST_KID, seconds: int = 3,
-                 timeline_wait_s: float = TIMELINE_WAIT_S, json_output: bool = False) -> int:
-    """Run the self-test of ``lock`` and print the report; 0 when every step passed."""
+                 timeline_wait_s: float = TIMELINE_WAIT_S, json_output: bool = False,
+                 tls_cert_file: str | None = None, tls_key_file: str | None = None) -> int:
+    """Run the self-test of ``lock`` and print the report; 0 when every step passed.
+
+    ``key_file`` is the signing key; ``tls_cert_file``/``tls_key_file`` the self-test's
+    own TLS client certificate (default :data:`SELFTEST_CERT_ENV`/
+    :data:`SELFTEST_TLS_KEY_ENV`; none: the CA alone), never the agent's.
+    """
     signer = _signer(config, key_file, kid)
-    test = SelfTest(config, lock, account, seconds, timeline_wait_s)
+    certificate = client_certificate(config, tls_cert_file, tls_key_file,
+                                     cert_env=SELFTEST_CERT_ENV, key_env=SELFTEST_TLS_KEY_ENV)
+    test = SelfTest(config, lock, account, seconds, timeline_wait_s, certificate=certificate)
     if not json_output:
         def show(step: Step) -> None:
             out.write(_step_line(step))

@@ -40,6 +40,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Final, TextIO
 
+from gateway.term import plural
+
 __all__ = ["SimulateError", "Simulation", "run_simulate", "start_simulation"]
 
 #: How often the simulated hardware is looked at for changes: a 100 ms pulse still
@@ -166,8 +168,9 @@ def _modbus(args: argparse.Namespace) -> Simulation:
               'unit = "unit_a101"\nreference = "A-101"\ncontroller = "sim-modbus"\n'
               f"channel = 0\n{door}")
     return Simulation(
-        "modbus", f"a Modbus RTU relay board (slave {args.address}, {args.coils} relays, "
-        f"{args.inputs} inputs)", {"port": str(path), "device": bus.port.device}, config,
+        "modbus", f"a Modbus RTU relay board (slave {args.address}, "
+        f"{plural(args.coils, 'relay')}, {plural(args.inputs, 'input')})",
+        {"port": str(path), "device": bus.port.device}, config,
         lambda: {f"relay {ch}": "on" if board.coil(ch) else "off"
                  for ch in range(args.coils)},
         bus.close, words, path)
@@ -204,8 +207,9 @@ def _lockboard(args: argparse.Namespace) -> Simulation:
               'unit = "unit_b201"\nreference = "B-201"\ncontroller = "sim-lockers"\n'
               "channel = 0\n")
     return Simulation(
-        "lockboard", f"a lock board (board {address}, {args.locks} locks, latches hold "
-        f"{args.hold:g} s)", {"port": str(path), "device": running.port.device}, config,
+        "lockboard", f"a lock board (board {address}, {plural(args.locks, 'lock')}, "
+        f"latches hold {args.hold:g} s)",
+        {"port": str(path), "device": running.port.device}, config,
         lambda: {f"lock {ch}": "released" if sim.is_unlocked(address, ch + 1) else "latched"
                  for ch in range(args.locks)},
         running.close, words, path)
@@ -257,8 +261,9 @@ def _osdp(args: argparse.Namespace) -> Simulation:
               'unit = "unit_d1"\nreference = "D-1"\ncontroller = "sim-pd"\n'
               f"channel = 0\n{door}")
     return Simulation(
-        "osdp", f"an OSDP peripheral (address {args.address}, {args.outputs} outputs, "
-        f"{args.inputs} inputs, Secure Channel {'off' if args.no_sc else 'on'})",
+        "osdp", f"an OSDP peripheral (address {args.address}, "
+        f"{plural(args.outputs, 'output')}, {plural(args.inputs, 'input')}, "
+        f"Secure Channel {'off' if args.no_sc else 'on'})",
         {"port": str(path), "device": sim.port.device}, config,
         lambda: {f"output {n}": "on" if sim.output(n) else "off"
                  for n in range(args.outputs)},
@@ -322,7 +327,7 @@ def _zigbee2mqtt(args: argparse.Namespace) -> Simulation:
               f'device = "{devices[0]}"\n')
     return Simulation(
         "zigbee2mqtt", f"a Zigbee2MQTT bridge (base topic {args.base_topic}) with "
-        f"{len(devices)} lock(s): {', '.join(devices)}",
+        f"{plural(len(devices), 'lock')}: {', '.join(devices)}",
         {"broker": where, "account": args.username or ""}, config,
         lambda: {f"lock {name}": "unlocked" if sim.unlocked(name) else "locked"
                  for name in devices},

@@ -8,12 +8,21 @@ variable, then the tool's default account on a broker with accounts) and refuses
 agent's and the links'; :class:`SiteClient` connects with it by the ``[mqtt]``
 transport (TCP, TLS or the unix socket), subscribes, and publishes when the tool may.
 
+Over TLS the same holds for the client certificate: a broker with
+``use_identity_as_username`` takes the certificate's name for the account, so a tool
+presenting the agent's ``cert_file`` would log in as the agent (and the agent's key is
+readable by the agent alone anyway).  :func:`tls_context` trusts ``[mqtt] ca_file``
+and presents no certificate, or the tool's own (:func:`client_certificate`: an option,
+then an environment variable), never the agent's files or a certificate naming the
+agent's subject.
+
 Errors are :class:`SiteLinkError`, whose ``status`` is the CLI's exit status.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import stat
 import threading
@@ -25,15 +34,20 @@ from typing import TYPE_CHECKING, Any, Final
 from gateway.errors import GatewayError
 
 if TYPE_CHECKING:
+    import ssl
+
     from gateway.config import Config, MqttConfig
 
 __all__ = [
     "BrokerAccount",
+    "ClientCertificate",
     "Handler",
     "SiteClient",
     "SiteLinkError",
+    "client_certificate",
     "read_password_file",
     "resolve_account",
+    "tls_context",
 ]
 
 #: The CONNACK and every SUBACK must come within this: a LAN broker answers in
@@ -124,6 +138,124 @@ def read_password_file(path: Path) -> str:
     return text or ""
 
 
+# -- the TLS identity ----------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ClientCertificate:
+    """A tool's own TLS client certificate and its key (PEM files), never the agent's."""
+
+    cert_file: Path
+    key_file: Path
+
+
+def client_certificate(config: Config, cert_file: str | None, key_file: str | None, *,
+                       cert_env: str, key_env: str,
+                       environ: Mapping[str, str] = os.environ) -> ClientCertificate | None:
+    """The certificate a tool presents over TLS, or ``None`` (the CA alone).
+
+    ``cert_file``/``key_file`` (options) win over the environment variables
+    ``cert_env``/``key_env``.  Raises :class:`SiteLinkError` (status 2) for one without
+    the other, a certificate without ``[mqtt] tls``, a key file others may read, and for
+    the agent's own ``[mqtt] cert_file`` or ``key_file`` (the same file by any path or
+    link) or a certificate with the agent's subject: with ``use_identity_as_username``
+    the broker would take the tool for the agent and disconnect the agent.
+    """
+    mqtt = config.mqtt
+    cert = cert_file or environ.get(cert_env) or None
+    key = key_file or environ.get(key_env) or None
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        missing = f"its key (${key_env})" if key is None else f"the certificate (${cert_env})"
+        raise SiteLinkError(f"a client certificate goes with its key: give {missing} too", 2)
+    if not mqtt.tls:
+        raise SiteLinkError(f"a client certificate is for TLS, and [mqtt] in {config.path} "
+                            "has tls = false: leave it out", 2)
+    chosen = ClientCertificate(Path(cert), Path(key))
+    for given in (chosen.cert_file, chosen.key_file):
+        for name, agents in (("cert_file", mqtt.cert_file), ("key_file", mqtt.key_file)):
+            if agents is not None and _same_file(given, agents):
+                raise SiteLinkError(_AGENT_IDENTITY.format(
+                    what=f"{given} is the agent's [mqtt] {name}"), 2)
+    _check_key_file(chosen.key_file)
+    if mqtt.cert_file is not None:
+        own, theirs = _names(chosen.cert_file), _names(mqtt.cert_file)
+        # Mosquitto's use_identity_as_username takes the common name, and
+        # use_subject_as_username the whole subject: either one the agent's is its account.
+        same = own & theirs
+        if same:
+            raise SiteLinkError(_AGENT_IDENTITY.format(
+                what=f"{chosen.cert_file} names the agent ({min(same, key=len)})"), 2)
+    return chosen
+
+
+_AGENT_IDENTITY: Final = (
+    "{what}: a broker that takes the certificate's name for the account "
+    "(use_identity_as_username) would log this tool in as the agent and disconnect it; "
+    "give it a certificate of its own, or none (deploy/README.md, \"Broker accounts\")")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """One file by any path: a symlink, a hard link, ``..`` (else, unreadable: the path)."""
+    try:
+        return a.samefile(b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _check_key_file(path: Path) -> None:
+    """A private key is a secret: a regular file others may not read (as a password)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise SiteLinkError(f"cannot read the key file {path}: {exc.strerror or exc}",
+                            2) from exc
+    if not stat.S_ISREG(mode):
+        raise SiteLinkError(f"{path} is not a regular file; give the certificate's key", 2)
+    if mode & 0o007:
+        raise SiteLinkError(f"{path} can be read by others (mode {stat.S_IMODE(mode):04o}); "
+                            f"run: chmod 600 {path}", 2)
+
+
+def _names(path: Path) -> set[str]:
+    """The names a broker may take for the account from the PEM certificate at
+    ``path``: its subject and each common name (``CN=…``); none when it cannot be read
+    (the agent's may be unreadable here; a bad one of the tool's fails when loaded)."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    try:
+        subject = x509.load_pem_x509_certificate(path.read_bytes()).subject
+    except (OSError, ValueError):
+        return set()
+    return {subject.rfc4514_string(),
+            *(f"CN={a.value!s}" for a in subject.get_attributes_for_oid(NameOID.COMMON_NAME))}
+
+
+def tls_context(mqtt: MqttConfig, certificate: ClientCertificate | None) -> ssl.SSLContext:
+    """The agent's TLS settings (``[mqtt] ca_file``, TLS 1.2 at least, the hostname
+    checked) without its client certificate: none, or the tool's ``certificate``.
+
+    Raises :class:`SiteLinkError` (status 2) when a file cannot be loaded.
+    """
+    from gateway.errors import ConfigError
+    from gateway.mqtt import _tls_context
+
+    try:
+        # The agent's own builder, so the checks can never drift apart; without its
+        # cert_file and key_file, which are the agent's identity (module docstring).
+        context = _tls_context(dataclasses.replace(mqtt, cert_file=None, key_file=None))
+    except ConfigError as exc:
+        raise SiteLinkError(str(exc), 2) from exc
+    if certificate is not None:
+        try:
+            context.load_cert_chain(str(certificate.cert_file), str(certificate.key_file))
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise SiteLinkError(f"cannot load the client certificate {certificate.cert_file} "
+                                f"with the key {certificate.key_file}: {reason}", 2) from exc
+    return context
+
+
 # -- the broker connection --------------------------------------------------------------
 Handler = Callable[[str, bytes, bool], None]
 
@@ -143,14 +275,18 @@ class SiteClient:
 
     def __init__(self, mqtt: MqttConfig, account: BrokerAccount, *, client_name: str,
                  subscriptions: Sequence[str], on_message: Handler,
-                 on_connection: Callable[[bool, str | None], None] | None = None) -> None:
+                 on_connection: Callable[[bool, str | None], None] | None = None,
+                 certificate: ClientCertificate | None = None) -> None:
         import paho.mqtt.client as paho
         from paho.mqtt.enums import CallbackAPIVersion
 
         from drivers.mqtt_client import PahoClient
 
+        # First: a file that cannot be loaded must fail before paho opens its sockets.
+        context = tls_context(mqtt, certificate) if mqtt.tls else None
         self.mqtt = mqtt
         self.account = account
+        self.certificate = certificate
         self.subscriptions = list(subscriptions)
         self._on_message_cb = on_message
         self._on_connection_cb = on_connection
@@ -168,10 +304,8 @@ class SiteClient:
             max_packet_bytes=MAX_PACKET_BYTES)
         if account.username:
             self._client.username_pw_set(account.username, account.password)
-        if mqtt.tls:
-            from gateway.mqtt import _tls_context
-
-            self._client.tls_set_context(_tls_context(mqtt))
+        if context is not None:
+            self._client.tls_set_context(context)
         self._client.connect_timeout = CONNECT_TIMEOUT_S
         self._client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         self._client.on_connect = self._on_connect
@@ -185,6 +319,15 @@ class SiteClient:
         """The broker's address for messages."""
         return self.mqtt.where
 
+    @property
+    def _certificate_hint(self) -> str:
+        """Said when a connection fails over TLS without a certificate of the tool's own
+        while the agent shows one: this broker may insist on a certificate."""
+        if not self.mqtt.tls or self.certificate is not None or self.mqtt.cert_file is None:
+            return ""
+        return ("; if the broker requires a client certificate, give this tool one of its "
+                "own, never the agent's")
+
     def start(self, timeout: float = CONNECT_TIMEOUT_S) -> None:
         """Connect and subscribe; :class:`SiteLinkError` if that does not happen."""
         try:
@@ -193,7 +336,8 @@ class SiteClient:
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             self.close()
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise SiteLinkError(f"cannot reach the broker at {self.where}: {reason}") from exc
+            raise SiteLinkError(f"cannot reach the broker at {self.where}: "
+                                f"{reason}{self._certificate_hint}") from exc
         self._client.loop_start()
         with self._cond:
             self._cond.wait_for(lambda: self._ready or self._failure is not None, timeout)
@@ -294,5 +438,12 @@ class SiteClient:
                        properties: object) -> None:
         with self._cond:
             report = self._ready and not self._closing
+            first = not self._ready and not self._closing
+        if first:
+            # Closed before the CONNACK: over TLS, typically a broker that wants a
+            # client certificate (the handshake only fails on its side); else
+            # start() would wait out its whole timeout.
+            self._fail(SiteLinkError(f"the broker at {self.where} closed the connection "
+                                     f"before accepting it ({reason}){self._certificate_hint}"))
         if report and self._on_connection_cb is not None:
             self._on_connection_cb(False, str(reason))

@@ -90,7 +90,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -1147,6 +1147,40 @@ class Store:
         with self._guard("reading units") as conn:
             rows = conn.execute(_SELECT_UNITS + " ORDER BY unit").fetchall()
         return [_unit_row(r) for r in rows]
+
+    #: Most outbox rows one read of :meth:`events_after` returns, and most ``seq`` values
+    #: one statement of :meth:`events_in` asks for: a burst of events (a lockout sweep
+    #: over a whole site) is read in slices of this many, so one poll of ``watch`` or
+    #: ``selftest`` stays short beside the running agent; and a statement's ``?`` marks
+    #: stay well below SQLite's limit on them (999 before SQLite 3.32).
+    OUTBOX_READ_SLICE: Final = 200
+
+    def newest_seq(self) -> int:
+        """The ``seq`` of the newest outbox row (0 when there is none)."""
+        with self._guard("reading the outbox") as conn:
+            row = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()
+        return int(row[0])
+
+    def events_after(self, seq: int, limit: int = OUTBOX_READ_SLICE) -> list[EventRow]:
+        """Outbox rows with a ``seq`` above ``seq``, oldest first, at most ``limit``: the
+        newest end, for people watching a site (``watch``, ``selftest``)."""
+        with self._guard("reading the outbox") as conn:
+            rows = conn.execute(_SELECT_EVENTS + " WHERE seq > ? ORDER BY seq LIMIT ?",
+                                (seq, limit)).fetchall()
+        return [_event_row(r) for r in rows]
+
+    def events_in(self, seqs: Iterable[int]) -> list[EventRow]:
+        """The rows among ``seqs`` that still exist (pruned ones are gone), by ``seq``:
+        all of them, asked for :attr:`OUTBOX_READ_SLICE` at a time."""
+        wanted = sorted(set(seqs))
+        found: list[EventRow] = []
+        with self._guard("reading the outbox") as conn:
+            for start in range(0, len(wanted), self.OUTBOX_READ_SLICE):
+                part = wanted[start:start + self.OUTBOX_READ_SLICE]
+                marks = ",".join("?" * len(part))
+                found += map(_event_row, conn.execute(
+                    _SELECT_EVENTS + f" WHERE seq IN ({marks}) ORDER BY seq", part))
+        return found
 
     def events(self, state: str | None = None, limit: int = 100) -> list[EventRow]:
         """Outbox rows in the order they were added, optionally only those in ``state``."""

@@ -9,8 +9,9 @@ that state, ``hardware_error`` when the controller could not be talked to.
 
 A test cycle is what it says: the unlock is held for the time asked (by this process
 on a lock the agent must relock, by the board on one that relocks itself, and a board
-that relocks early fails the test), and a technician who stops it (Ctrl-C, the CLI
-hanging up on the agent) gets the lock under test relocked at once, never left open.
+that relocks early fails the test), and a stop (Ctrl-C, the CLI hanging up on the
+agent, the agent itself stopping) gets the lock under test relocked at once, never left
+open; a stop that comes before the unlock opens nothing.
 """
 
 from __future__ import annotations
@@ -294,7 +295,7 @@ def run_test_cycle(
     clock: Clock = time.monotonic,
     sleep: Sleep = time.sleep,
     cancel: Cancel | None = None,
-) -> TestResult:
+) -> TestResult | None:
     """Unlock, confirm, hold ``seconds``, relock, confirm: the technician's test cycle.
 
     * A lock the gateway must relock is held ``seconds`` (checked still unlocked at the
@@ -307,10 +308,16 @@ def run_test_cycle(
     * ``cancel`` (Ctrl-C, the CLI hanging up) ends the hold at once: the lock is locked
       now (ending a board's pulse where the board allows it) and the row says
       ``interrupted``.
+    * ``cancel`` already set: ``None``, and nothing is driven.
 
     ``sleep`` is only used when no ``cancel`` is given.
     """
     stop: Cancel = cancel if cancel is not None else _Sleeper(sleep)
+    # Checked here, right before the unlock, and not only by the caller between locks:
+    # the stop may come from another thread (the agent notices a hang-up on a watcher
+    # thread) just after the caller looked, and then no door may open (found in review).
+    if stop.is_set():
+        return None
     opened = unlock(site, lock, seconds, clock=clock)
     if not opened.ok:
         # Nothing to hold: whatever happened, try to leave the door locked, now.

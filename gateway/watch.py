@@ -8,7 +8,7 @@ It is the demo's live view pointed at the site's broker (``[mqtt]``), read-only:
   ``P/S/units/<unit>`` (each unit's current state first, then every change), **alarms**
   on ``P/S/alarm`` and the agent going **online/offline** (retained ``P/S/status``);
 * **Timeline Events** as the outbox queues, retries, delivers or dead-letters them, read
-  from the state database beside the agent (:mod:`gateway.outbox_tail`).
+  from the state database beside the agent (:class:`gateway.store.Store`, opened read-only).
 
 ``--json`` prints one JSON object per line for tools: ``at`` (RFC 3339 UTC, when watch
 saw it), ``event`` (``broker``, ``agent``, ``command``, ``result``, ``state``,
@@ -23,7 +23,10 @@ controller links' ones, and takes ``--username``/``--password-file``, by default
 broker with accounts (``[mqtt] username`` set), the account ``gw-watch`` (read-only in
 the ACL: ``deploy/README.md``, "Broker accounts").  A broker without accounts (a
 bench, the tests) is used anonymously (:mod:`gateway.site_client`, shared with the
-site self-test).
+site self-test).  Over TLS it trusts ``[mqtt] ca_file`` and presents no client
+certificate, or its own (``$STORA_GATEWAY_WATCH_TLS_CERT_FILE`` and
+``$STORA_GATEWAY_WATCH_TLS_KEY_FILE``), never the agent's: a broker with
+``use_identity_as_username`` would take it for the agent.
 
 It runs until Ctrl-C or SIGTERM (exit 0).  A broker that cannot be reached at the
 start is exit 1, refused credentials or a subscription the ACL refuses exit 2; once
@@ -47,18 +50,21 @@ from typing import TYPE_CHECKING, Any, Final, TextIO
 
 from gateway import liveview
 from gateway.errors import cap_text
-from gateway.site_client import BrokerAccount, SiteClient
+from gateway.site_client import BrokerAccount, SiteClient, client_certificate
 
 if TYPE_CHECKING:
     from gateway.config import Config
-    from gateway.outbox_tail import OutboxTail
-    from gateway.store import EventRow
+    from gateway.store import EventRow, Store
 
-__all__ = ["SiteView", "TimelineFeed", "open_outbox", "run_watch"]
+__all__ = ["SiteView", "TimelineFeed", "open_outbox", "refusal_of", "run_watch"]
 
 #: Environment variables naming watch's account and password file.
 WATCH_USER_ENV: Final = "STORA_GATEWAY_WATCH_USERNAME"
 WATCH_PASSWORD_ENV: Final = "STORA_GATEWAY_WATCH_PASSWORD_FILE"  # noqa: S105 (a name)
+#: Environment variables naming watch's own TLS client certificate and its key, for a
+#: broker that asks for one (never the agent's: gateway/site_client.py).
+WATCH_CERT_ENV: Final = "STORA_GATEWAY_WATCH_TLS_CERT_FILE"
+WATCH_KEY_ENV: Final = "STORA_GATEWAY_WATCH_TLS_KEY_FILE"
 #: The account deploy/README.md proposes for watch on a broker with accounts.
 WATCH_ACCOUNT: Final = "gw-watch"
 #: How often the outbox is read: a delivery shows within a quarter second, and a poll
@@ -67,8 +73,9 @@ OUTBOX_POLL_S: Final = 0.25
 #: Largest command payload decoded for display: the agent refuses anything larger
 #: (contract §5), so watch only says how big it was.
 MAX_COMMAND_BYTES: Final = 4096
-#: Pending events followed until delivered.  A backlog larger than this (Stora down for
-#: hours) is followed from its newest end; older ones are no longer reported.
+#: Pending events followed until delivered, all of them read at each poll (in slices:
+#: ``Store.events_in``).  A backlog larger than this (Stora down for hours) is followed
+#: from its newest end; older ones are no longer reported.
 MAX_TRACKED: Final = 1000
 #: After this long connected without the agent's retained status, watch says why that
 #: may be.  Retained messages come with the subscription, so silence this long means
@@ -90,7 +97,7 @@ class TimelineFeed:
     """Follows the outbox from its newest row on: each new row, each failed attempt,
     each delivery and dead letter, once.  Call :meth:`poll` periodically."""
 
-    def __init__(self, tail: OutboxTail) -> None:
+    def __init__(self, tail: Store) -> None:
         self.tail = tail
         self.watermark = tail.newest_seq()
         #: seq -> attempts seen, for rows still pending.
@@ -98,16 +105,21 @@ class TimelineFeed:
 
     def poll(self) -> list[TimelineChange]:
         """The changes since the last call, in ``seq`` order."""
+        # Both reads first: one that fails (StoreError) leaves the feed as it was, so
+        # the next poll reports everything again, nothing twice.
+        known = self.tail.events_in(self._pending)
+        new = self.tail.events_after(self.watermark)
         changes: list[TimelineChange] = []
-        for row in self.tail.events_in(self._pending):
+        still: dict[int, int] = {}  # a pruned row is not read back: no longer tracked
+        for row in known:
             if row.state == "pending":
                 if row.attempts > self._pending[row.seq] and row.last_error:
                     changes.append(TimelineChange("attempt", row))
-                self._pending[row.seq] = row.attempts
+                still[row.seq] = row.attempts
             else:
                 changes.append(TimelineChange(row.state, row))
-                del self._pending[row.seq]
-        for row in self.tail.events_after(self.watermark):
+        self._pending = still
+        for row in new:
             self.watermark = row.seq
             changes.append(TimelineChange("queued", row))
             if row.state == "pending":
@@ -280,15 +292,18 @@ class SiteView:
         elif change.change == "delivered":
             text = f"delivered: {description}"
         else:
-            text = (f"REFUSED by Stora, dead-lettered ({_dead_reason(row)}): {description}; "
+            text = (f"REFUSED by Stora, dead-lettered ({refusal_of(row)}): {description}; "
                     f"see `stora-gateway outbox --dead`")
         self.printer.emit("timeline", "Stora", text, {"change": change.change,
                                                       **row.as_dict()}, row.unit)
 
 
-def _dead_reason(row: EventRow) -> str:
-    parts = [str(p) for p in (row.dead_status, row.dead_code) if p is not None]
-    return cap_text(" ".join(parts) or row.last_error or "no reason given", 200)
+def refusal_of(row: EventRow) -> str:
+    """Stora's full refusal of a dead letter (status, code, message, each detail with its
+    pointer, the request id), as the dead-letter alarm and ``status`` quote it."""
+    from gateway.outbox import refusal_text  # only once a dead letter shows
+
+    return refusal_text(row.as_dict()["error"] or {})
 
 
 # -- running it ----------------------------------------------------------------------------
@@ -313,47 +328,69 @@ class _Stop:
             signal.signal(sig, handler)
 
 
-def open_outbox(config: Config) -> tuple[OutboxTail | None, str | None]:
-    """The outbox beside the agent, or ``None`` and why it cannot be read."""
-    from gateway.outbox_tail import OutboxTail
-    from gateway.store import StoreError
+def open_outbox(config: Config) -> tuple[Store | None, str | None]:
+    """The outbox beside the agent, or ``None`` and why it cannot be read.
+
+    ``watch`` shows each Timeline Event as it is queued, retried, delivered or refused,
+    and ``selftest`` reports whether the events of its unlock reached Stora.  Both read
+    the agent's state database (``[storage] path``) read-only, beside the running agent:
+    SQLite's WAL lets a reader see every committed row without blocking the agent's
+    writes, and a read-only connection cannot change anything.  The agent's control
+    socket was the other candidate, but it lists only pending and dead events: one
+    delivered within milliseconds (the usual case) would never be seen there.
+
+    On an install the database is ``stora-gateway`` 0640 in a 0750 directory
+    (``deploy/``): members of the group (technicians) can read it, as they can use the
+    control socket; anyone else cannot even look into the directory (an ``OSError``).
+    """
+    from gateway.store import Store, StoreError
 
     path = config.storage.path
     try:
-        return OutboxTail(path), None
+        return Store(path, read_only=True), None
     except StoreError as exc:
-        return None, (f"{exc} (on the gateway, run this as a member of group "
-                      "stora-gateway, which may read it)")
+        why = str(exc)
+    except OSError as exc:  # Python 3.11's Path.exists() in a directory it may not enter
+        why = f"{path}: {exc.strerror or exc}"
+    return None, (f"{why} (on the gateway, run this as a member of group stora-gateway, "
+                  "which may read it)")
 
 
 def run_watch(config: Config, account: BrokerAccount, out: TextIO, err: TextIO, *,
               json_lines: bool = False, timeline: bool = True,
-              stop: threading.Event | None = None) -> int:
+              stop: threading.Event | None = None, tls_cert_file: str | None = None,
+              tls_key_file: str | None = None) -> int:
     """Watch the site until ``stop`` is set (or SIGINT/SIGTERM in the main thread).
 
-    Returns 0; raises :class:`SiteLinkError` when the broker cannot be used at the start.
+    ``tls_cert_file``/``tls_key_file``: watch's own TLS client certificate (default
+    :data:`WATCH_CERT_ENV`/:data:`WATCH_KEY_ENV`; none: the CA alone).  Returns 0;
+    raises :class:`SiteLinkError` when the broker cannot be used at the start.
     """
+    certificate = client_certificate(config, tls_cert_file, tls_key_file,
+                                     cert_env=WATCH_CERT_ENV, key_env=WATCH_KEY_ENV)
     stop = stop or threading.Event()
     references = {lock.unit: lock.reference for lock in config.locks}
     printer = Printer(out, json_lines, references)
     prefix = f"{config.mqtt.topic_prefix}/{config.site.id}"
     view = SiteView(prefix, printer)
-    tail: OutboxTail | None = None
-    why_not: str | None = None
-    if timeline:
-        tail, why_not = open_outbox(config)
-    if not json_lines:
-        printer.view.write(
-            f"watching site {config.site.id} on {config.mqtt.where} {account.label} "
-            f"({time.strftime('%Y-%m-%d %Z')}); Ctrl-C to stop\n"
-            "  → command (as sent, before the agent checks it)   ← result   lock = unit "
-            "state   Stora = Timeline Event\n")
-    if why_not is not None:
-        err.write(f"stora-gateway: Timeline Events are not shown: {why_not}\n")
     client = SiteClient(config.mqtt, account, client_name="stora-watch",
                         subscriptions=view.topics, on_message=view.on_message,
-                        on_connection=view.on_connection)
+                        on_connection=view.on_connection, certificate=certificate)
+    tail: Store | None = None
     try:
+        why_not: str | None = None
+        if timeline:
+            tail, why_not = open_outbox(config)
+        if not json_lines:
+            who = account.label + (f" with the certificate {certificate.cert_file}"
+                                   if certificate is not None else "")
+            printer.view.write(
+                f"watching site {config.site.id} on {config.mqtt.where} {who} "
+                f"({time.strftime('%Y-%m-%d %Z')}); Ctrl-C to stop\n"
+                "  → command (as sent, before the agent checks it)   ← result   lock = unit "
+                "state   Stora = Timeline Event\n")
+        if why_not is not None:
+            err.write(f"stora-gateway: Timeline Events are not shown: {why_not}\n")
         with _Stop(stop):
             feed = TimelineFeed(tail) if tail is not None else None
             client.start()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from drivers.lockboard.sim import LockboardSim, start_lockboard_sim
 from drivers.modbus.sim import ModbusSimBus
 from gateway.cli import main
 from gateway.demo import write_demo_config
+from tests.support.cli_process import CliProcess
 from tests.support.sampler import Sampler
 
 pytestmark = pytest.mark.simulator_only
@@ -280,3 +282,72 @@ def test_test_timings_out_of_bounds_are_usage_errors_in_direct_mode_too(site: Si
         assert (status, out) == (2, ""), argv
         assert "must be a number from" in err
     assert site.modbus.board(1).coil(0) is False
+
+
+# -- signals in direct mode: no door is left open ---------------------------------------
+#: The hold asked for in these tests: far longer than any of them waits.
+LONG_HOLD_S = "10"
+#: From the signal to the door read locked again on the simulator: the relock is one
+#: bus transaction and its read-back, a few ms; this is for a loaded machine.
+RELOCK_WITHIN_S = 1.0
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.002)
+
+
+@pytest.mark.parametrize("command", ["test", "unlock"])
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM],
+                         ids=["SIGHUP", "SIGTERM"])
+def test_a_hang_up_or_sigterm_during_the_hold_relocks_at_once(
+    site: SimSite, command: str, signum: signal.Signals,
+) -> None:
+    """Found in review: an SSH session dropping at the door (SIGHUP) or a SIGTERM killed
+    a direct-mode `test` or `unlock` with the relay on, and no agent relocks it."""
+    board = site.modbus.board(1)
+    with Sampler({"A-101": lambda: board.coil(0)}) as doors, CliProcess(
+            command, "A-101", "--seconds", LONG_HOLD_S, "--config", site.config) as proc:
+        wait_for(lambda: doors.on_now("A-101"), 30, "A-101 is unlocked")
+        sent_at = time.monotonic()
+        proc.proc.send_signal(signum)
+        wait_for(lambda: not board.coil(0), RELOCK_WITHIN_S, "A-101 is locked again")
+        code = proc.finish()
+    assert code == 130, "\n".join(proc.lines) + proc.stderr
+    (held,) = doors.intervals("A-101")
+    assert held.off_at is not None
+    assert held.off_at - sent_at < RELOCK_WITHIN_S
+    assert board.coil(0) is False
+
+
+@pytest.mark.parametrize("command", ["test", "unlock"])
+def test_a_second_ctrl_c_during_the_relock_does_not_abandon_it(
+    site: SimSite, command: str,
+) -> None:
+    """Found in review: the first Ctrl-C started the relock and put the default handler
+    back, so a second one killed the CLI before the relay was switched off.  The bus is
+    made to drop requests for a moment so that the second Ctrl-C surely lands while the
+    relock is still being retried."""
+    board = site.modbus.board(1)
+    with Sampler({"A-101": lambda: board.coil(0)}) as doors, CliProcess(
+            command, "A-101", "--seconds", LONG_HOLD_S, "--config", site.config) as proc:
+        wait_for(lambda: doors.on_now("A-101"), 30, "A-101 is unlocked")
+        site.modbus.faults.ignore_requests = True  # the relock's first attempt is lost
+        proc.proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)  # within that attempt's 100 ms reply timeout
+        proc.proc.send_signal(signal.SIGINT)
+        time.sleep(0.01)
+        site.modbus.faults.ignore_requests = False  # the retry gets through
+        wait_for(lambda: not board.coil(0), 5, "A-101 is locked again")
+        code = proc.finish()
+    assert code == 130, "\n".join(proc.lines) + proc.stderr
+    assert board.coil(0) is False
+
+
+def test_test_help_names_the_exit_status_of_an_interrupt(site: SimSite) -> None:
+    status, out, _ = site.run("test", "--help")
+    assert status == 0
+    assert "exit status is 130" in " ".join(out.split())

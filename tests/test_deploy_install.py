@@ -169,6 +169,27 @@ def test_a_fresh_install_makes_the_layout(machine: Machine) -> None:
     assert os.readlink(link) == "config/gateway.toml"
 
 
+def test_the_installed_docs_stand_on_their_own(machine: Machine) -> None:
+    """deploy/README.md is installed in /opt/stora-gateway/deploy: every file it and the
+    docs next to it link to is installed beside them, and the next steps name init and
+    the example config, never a file that does not ship (issue 12, item 2)."""
+    import re
+
+    done = machine.install()
+    assert done.returncode == 0, done.stderr
+    prefix = machine.root / "opt" / "stora-gateway"
+    docs = [prefix / "deploy" / "README.md", prefix / "README.md", *prefix.glob("docs/*.md")]
+    assert prefix / "docs" / "configuration.md" in docs
+    for doc in docs:
+        for target in re.findall(r"\]\(([^)#]+)", doc.read_text()):
+            if "://" not in target:
+                assert (doc.parent / target).is_file(), f"{doc}: {target} is not installed"
+    assert (prefix / "deploy" / "gateway.example.toml").is_file()
+    assert "runuser -u stora-gateway -- stora-gateway init --config" in done.stdout
+    assert f"{prefix}/deploy/gateway.example.toml" in done.stdout
+    assert not re.search(r"contract|fault matrix", done.stdout, re.IGNORECASE)
+
+
 def test_an_install_of_the_old_layout_is_moved_and_planted_links_are_left_alone(
         machine: Machine) -> None:
     """The previous install.sh gave the agent /etc/stora-gateway.  Links it planted in

@@ -242,3 +242,38 @@ def test_init_says_at_once_when_it_cannot_write_there(tmp_path: Path) -> None:
     assert err.getvalue() == (f"stora-gateway: directory {config.parent} does not exist; "
                               "create it first (deploy/install.sh makes "
                               "/etc/stora-gateway/config)\n")
+
+
+#: An id no account here has: the directory's owner may have no name at all.
+NAMELESS_UID = 64_123
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may write in another's directory")
+@pytest.mark.parametrize("owner", ["nobody", NAMELESS_UID])
+def test_root_never_writes_a_config_into_another_users_directory(
+        tmp_path: Path, owner: str | int) -> None:
+    """``sudo stora-gateway init`` through deploy/'s link would leave a root:root 0640
+    file in the agent's config/, which the agent cannot read: refused, exit 2, with the
+    command to run instead, and nothing written."""
+    import pwd
+
+    uid = pwd.getpwnam(owner).pw_uid if isinstance(owner, str) else owner
+    config_dir = tmp_path / "config"
+    config_dir.mkdir(mode=0o750)
+    os.chown(config_dir, uid, uid)
+    link = tmp_path / "gateway.toml"
+    link.symlink_to("config/gateway.toml")
+    done = run_cli("init", "--config", str(link), *BASE_FLAGS, *DRIVER_FLAGS["modbus"])
+    assert done.returncode == 2
+    if isinstance(owner, str):
+        assert done.stderr == (
+            f"stora-gateway: {config_dir} belongs to user {owner}, not root; a config root "
+            "wrote there would be unreadable to its owner: run init as that user instead, "
+            f"with the same options: sudo runuser -u {owner} -- stora-gateway init …\n")
+    else:
+        assert done.stderr == (
+            f"stora-gateway: {config_dir} belongs to uid {uid}, not root; a config root "
+            "wrote there would be unreadable to its owner: run init as that user instead\n")
+    assert done.stdout == ""
+    assert list(config_dir.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config", "gateway.toml"]

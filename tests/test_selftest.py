@@ -29,25 +29,6 @@ from tests.support.site import NO_STORA_URL, SITE, STORA_TOKEN, RunningAgent, Si
 
 pytestmark = pytest.mark.simulator_only
 
-#: What deploy/README.md ("Broker accounts") asks the ACL to give the self-test: the
-#: command topic and the agent's answers (site broker only, while commissioning).
-SELFTEST_ACL = """
-user gw-selftest
-topic write stora-gw/+/cmd
-topic read stora-gw/+/cmd/result
-topic read stora-gw/+/status
-topic read stora-gw/+/units/#
-"""
-#: watch's read-only lines (tests/test_watch.py): an account that reads all the agent
-#: says but may not send a command.
-WATCH_ACL = """
-user gw-watch
-topic read stora-gw/+/cmd
-topic read stora-gw/+/cmd/result
-topic read stora-gw/+/status
-topic read stora-gw/+/units/#
-topic read stora-gw/+/alarm
-"""
 STEPS = ["broker", "agent", "command", "unlocked", "relocked", "timeline unlock",
          "timeline relock"]
 
@@ -228,21 +209,15 @@ def test_usage_errors_are_one_line_exit_2(rig: Rig, tmp_path: Path) -> None:
 
 def test_on_the_shipped_acl_with_its_own_account(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """Client ids bound to accounts and the shipped ACL (plus the self-test's and watch's
-    lines while it lacks them): gw-selftest passes and the agent keeps its one
-    connection; watch's read-only account fails at the command step, named; an account
-    the ACL gives nothing fails at the agent step, and the report says the ACL may be
-    why."""
+    """Client ids bound to accounts and the shipped ACL as it ships (its gw-selftest and
+    gw-watch lines): gw-selftest passes and the agent keeps its one connection; watch's
+    read-only account fails at the command step, named; an account the ACL gives nothing
+    fails at the agent step, and the report says the ACL may be why."""
     import gateway.selftest
 
     monkeypatch.setattr(gateway.selftest, "STATUS_WAIT_S", 1.0)  # as above
     passwords = {SITE: secrets.token_urlsafe(9), "gw-selftest": secrets.token_urlsafe(9),
                  "gw-watch": secrets.token_urlsafe(9), "tech": secrets.token_urlsafe(9)}
-    text = ACL.read_text()
-    for user, lines in (("gw-selftest", SELFTEST_ACL), ("gw-watch", WATCH_ACL)):
-        text += "" if f"user {user}" in text else lines
-    acl = tmp_path / "acl"
-    acl.write_text(text)
     secrets_dir = tmp_path / "secrets"
     secrets_dir.mkdir(mode=0o700)
     files = {}
@@ -251,7 +226,7 @@ def test_on_the_shipped_acl_with_its_own_account(tmp_path: Path,
         files[user].write_text(password + "\n")
         files[user].chmod(0o600)
     with Broker(tmp_path / "broker", users=passwords,
-                extra_conf=[f"acl_file {acl}", ID_BINDING]) as broker, \
+                extra_conf=[f"acl_file {ACL}", ID_BINDING]) as broker, \
             Sandbox(static_tokens={STORA_TOKEN}) as sandbox:
         rig = make_rig(tmp_path, broker, sandbox)
         text = rig.site.config_path.read_text()
@@ -291,3 +266,43 @@ def test_the_agent_s_account_is_refused(rig: Rig) -> None:
         assert status == 2
         assert "the agent's broker account" in err
         assert probe.messages() == []  # nothing was sent
+
+
+def test_the_timeline_steps_quote_stora_s_whole_refusal_and_count_attempts(
+        tmp_path: Path) -> None:
+    """Read from the outbox as the agent leaves it: a dead letter names Stora's message
+    and the field at fault (as the alarm and ``status`` do); a queued event says how
+    many attempts it had, in words ("1 attempt")."""
+    import time
+    from types import SimpleNamespace
+    from typing import cast
+
+    from gateway.selftest import SelfTest
+    from gateway.site_client import BrokerAccount
+    from gateway.store import Store
+    from gateway.timeline import EventRecord
+
+    now = time.time()
+    with Store(tmp_path / "gateway.db") as store, store.transaction() as tx:
+        for n, kind in enumerate(("unlocked", "locked")):
+            tx.add_event(EventRecord(f"e-{n}", kind, "unit_a101", "A-101", SITE,
+                                     f"Unit {kind}", None, None, now))
+        tx.mark_dead(1, generation=0, unanswered_since=None, attempts=1, status=422,
+                     code="invalid_content", dead_at=now, error={
+                         "message": "the request body is invalid", "request_id": "req_9",
+                         "details": [{"pointer": "/contact/id",
+                                      "message": "must be an id starting with 'con_'"}]})
+        tx.record_attempt(2, generation=0, unanswered_since=now, next_attempt_at=now + 60,
+                          attempts=1, last_error="503 unavailable")
+    test = SelfTest(cast(Any, None), cast(Any, SimpleNamespace(unit="unit_a101")),
+                    BrokerAccount(None), seconds=1, timeline_wait_s=0)
+    with Store(tmp_path / "gateway.db", read_only=True) as tail:
+        test._timeline(tail, None, 0)
+    dead, queued = test.steps
+    assert (dead.step, dead.status) == ("timeline unlock", "FAIL")
+    assert dead.detail == (
+        "REFUSED by Stora (dead letter 1: 422 invalid_content: the request body is invalid "
+        "(/contact/id: must be an id starting with 'con_') [request req_9]); see "
+        "`stora-gateway outbox --dead`")
+    assert (queued.step, queued.status) == ("timeline relock", "FAIL")
+    assert "(event 2, 1 attempt; last error: 503 unavailable)" in queued.detail

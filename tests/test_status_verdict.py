@@ -186,6 +186,30 @@ def test_broker_down_is_down_exit_4(site: SimSite, broker: Broker) -> None:
     assert_no_monotonic(report)
 
 
+def test_a_trusted_self_test_key_is_degraded_exit_3_until_removed(site: SimSite) -> None:
+    """Commissioning left the self-test's key in [commands] trusted_keys: whoever holds
+    its file opens every door, so status says so until it is removed."""
+    text = site.config_path.read_text()
+    site.config_path.write_text(text.replace(
+        "trusted_keys = { ", f'trusted_keys = {{ selftest = "{"A" * 43}", '))
+    with RunningAgent(site.config_path) as agent:
+        wait_for(lambda: all(c["online"] for c in agent.status()["controllers"]))
+        status, shown, report = status_both(site)
+    assert status == EXIT_DEGRADED, shown
+    assert shown.splitlines()[0] == (
+        "DEGRADED: the self-test key (kid selftest) is trusted; remove it from [commands] "
+        "trusted_keys after commissioning")
+    assert (report["verdict"], codes(report)) == ("degraded", ["commissioning_key_trusted"])
+    assert report["commands"]["trusted_keys"] == ["selftest", "test-2026"]  # ids, no key
+
+    site.config_path.write_text(text)  # removed, the agent restarted: OK again
+    with RunningAgent(site.config_path) as agent:
+        wait_for(lambda: all(c["online"] for c in agent.status()["controllers"]))
+        status, shown, report = status_both(site)
+    assert status == EXIT_OK, shown
+    assert report["commands"]["trusted_keys"] == ["test-2026"]
+
+
 def test_no_agent_is_down_exit_4_with_one_clear_reason(site: SimSite) -> None:
     status, text, report = status_both(site)
     assert status == EXIT_DOWN
@@ -193,6 +217,92 @@ def test_no_agent_is_down_exit_4_with_one_clear_reason(site: SimSite) -> None:
     assert "remote commands are not executed" in text.splitlines()[0]
     assert report["online"] is False
     assert (report["verdict"], codes(report)) == ("down", ["agent_not_running"])
+
+
+#: Runs ``status`` once as root (so every module the command imports is loaded: the
+#: interpreter lives where nobody may not read), then as nobody (uid 65534), who may
+#: not enter the database's directory; prints both outcomes as JSON.
+AS_NOBODY = """
+import io, json, os, sys
+from gateway.cli import main
+config = sys.argv[1]
+def status(*argv):
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["status", *argv, "--config", config], out=out, err=err)
+    return {"status": code, "out": out.getvalue(), "err": err.getvalue()}
+as_root = status("--json")
+os.setgroups([])
+os.setgid(65534)
+os.setuid(65534)
+print(json.dumps({"root": as_root, "text": status(), "json": status("--json")}))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody")
+def test_a_database_this_user_may_not_reach_is_down_exit_4_not_a_python_error() -> None:
+    """A monitoring user outside the group, the agent stopped: Python 3.11's
+    ``Path.exists`` raises ``PermissionError`` on the 0700 directory; status still
+    answers DOWN, exit 4, and names the unreadable database in the details."""
+    import tempfile
+
+    from gateway.store import Store
+
+    public = Path(tempfile.mkdtemp(prefix="stora-status-"))  # tmp_path is root's alone
+    try:
+        public.chmod(0o755)
+        state = public / "state"
+        state.mkdir(mode=0o700)
+        Store(state / "gateway.db").close()
+        token = public / "token"
+        token.write_text(f"{STORA_TOKEN}\n")
+        token.chmod(0o600)
+        config = public / "gateway.toml"
+        config.write_text(f"""\
+[site]
+id = "site_test"
+app_name = "TestGate"
+
+[mqtt]
+host = "127.0.0.1"
+port = 1
+
+[commands]
+trusted_keys = {{ test-2026 = "{"A" * 43}" }}
+clock = "system"
+
+[stora]
+base_url = "http://127.0.0.1:9/2025-09"
+auth = "static"
+token_file = "{token}"
+timeline_source_id = "tsrc_test"
+
+[storage]
+path = "{state / 'gateway.db'}"
+
+[control]
+socket = "{public / 'run' / 'control.sock'}"
+""")
+        config.chmod(0o644)
+        done = subprocess.run([sys.executable, "-c", AS_NOBODY, str(config)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=90,
+                              env=cli_env(), check=False)
+    finally:
+        subprocess.run(["rm", "-rf", str(public)], check=True)
+    assert done.returncode == 0, done.stderr
+    runs = json.loads(done.stdout)
+    assert runs["root"]["status"] == EXIT_DOWN, runs["root"]  # root reads it: no error
+    assert "error" not in json.loads(runs["root"]["out"])["outbox"]
+    text = runs["text"]
+    assert (text["status"], text["err"]) == (EXIT_DOWN, ""), text
+    first = text["out"].splitlines()[0]
+    assert first.startswith("DOWN: the agent is not running")
+    assert re.search(r"^outbox +cannot be read: .*gateway\.db: Permission denied \(run this "
+                     r"as root or as a member of group stora-gateway", text["out"], re.M)
+    report = json.loads(runs["json"]["out"])
+    assert runs["json"]["status"] == EXIT_DOWN
+    assert report["verdict"] == "down"
+    assert codes(report)[0] == "agent_not_running"
+    assert "Permission denied" in report["outbox"]["error"]
 
 
 def test_a_dead_letter_is_degraded_with_stora_s_full_reason_in_status_alarm_and_journal(
@@ -286,3 +396,20 @@ def test_the_verdict_is_coloured_on_a_terminal_only(site: SimSite) -> None:
     assert piped.returncode == EXIT_DOWN
     assert piped.stdout.startswith("DOWN: ")
     assert "\x1b" not in piped.stdout + piped.stderr
+
+
+def test_status_help_names_every_exit_status() -> None:
+    """A monitoring script's author reads them in ``status --help``: 0, 3, 4 by the
+    verdict, 1 when no report could be had, 2 for bad usage."""
+    import io
+
+    from gateway.cli import main
+    from gateway.cli_status import EXIT_FOR
+
+    out = io.StringIO()
+    assert main(["status", "--help"], out=out, err=io.StringIO()) == 0
+    text = " ".join(out.getvalue().split())
+    for verdict, code in EXIT_FOR.items():
+        assert f"{code} {verdict.upper()}" in text, text
+    assert "1 no report could be had" in text
+    assert "2 bad usage" in text

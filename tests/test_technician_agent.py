@@ -20,7 +20,14 @@ from gateway.cli import main
 from tests.support.broker import Broker
 from tests.support.cli_process import CliProcess
 from tests.support.sampler import Sampler
-from tests.support.site import LOCKBOARD_UNITS, MODBUS_UNITS, AgentProcess, SimSite, make_site
+from tests.support.site import (
+    LOCKBOARD_UNITS,
+    MODBUS_UNITS,
+    PREFIX,
+    AgentProcess,
+    SimSite,
+    make_site,
+)
 
 pytestmark = pytest.mark.simulator_only
 
@@ -175,3 +182,36 @@ def test_an_unknown_unit_through_the_agent_lists_near_matches(
     status, out, err = run(site, "lock", "a102")
     assert (status, out) == (2, "")
     assert "did you mean A-102 (unit_a102)" in err
+
+
+def test_stopping_the_agent_stops_a_remote_locks_test_and_leaves_every_door_locked(
+    site: SimSite, agent: AgentProcess,
+) -> None:
+    """Found in review: a ``locks.test`` management request runs on a call no client can
+    cancel, so SIGTERM waited out every lock's hold (30 s each here, 5 locks) past
+    systemd's stop timeout, whose SIGKILL would leave a relay energized.  Now the lock
+    under test is relocked at once, no other is opened, and the request is answered."""
+    client = site.client()
+    client.subscribe(f"{PREFIX}/mgmt/result")
+    jti, token = site.signer.command("locks.test", args={"all": True, "seconds": 30})
+    with Sampler(doors(site)) as watch:
+        client.publish(f"{PREFIX}/mgmt", token, qos=1)
+        wait_for(lambda: watch.on_now("A-101"), 30, "the first lock is unlocked")
+        stopping_at = time.monotonic()
+        code = agent.stop()  # SIGTERM, as systemd sends it
+        took = time.monotonic() - stopping_at
+        time.sleep(AFTER_S)
+    assert code == 0, agent.log()
+    assert took < 10, agent.log()  # not the 30 s hold, let alone five of them
+    assert watch.opened_after(stopping_at) == []
+    (a101,) = watch.intervals("A-101")
+    assert a101.off_at is not None
+    assert a101.off_at - stopping_at < 5
+    assert not any(watch.on_now(name) for name in doors_names())
+    assert "interrupted (the agent is stopping)" in agent.log()
+    answers = [json.loads(m.payload) for m in client.messages(f"{PREFIX}/mgmt/result")]
+    (report,) = [a["result"] for a in answers if a.get("jti") == jti]
+    assert report["interrupted"] is True
+    assert [r["reference"] for r in report["results"]] == ["A-101"]
+    assert [c["reference"] for c in report["cancelled"]] == ["A-102", "A-103", "B-201",
+                                                            "B-202"]

@@ -63,6 +63,7 @@ def test_a_stop_during_a_board_pulse_ends_it_at_once(
         presser.join()
     finally:
         site.close()
+    assert row is not None
     assert row.interrupted is True
     assert row.passed is False
     assert "interrupted" in row.detail
@@ -92,6 +93,7 @@ def test_a_failed_unlock_is_not_held(sims: tuple[ModbusSimBus, LockboardSim, Pat
         row = run_test_cycle(site, lock, 30, cancel=NoHold())
     finally:
         site.close()
+    assert row is not None
     assert row.passed is False
     assert row.detail.startswith("unlock not confirmed")
     assert row.detail.endswith("relocked at once")
@@ -110,6 +112,7 @@ def test_a_silent_lock_board_says_what_to_check(
         row = run_test_cycle(site, lock, 1)
     finally:
         site.close()
+    assert row is not None
     assert row.passed is False
     assert "no reply" in row.detail
     assert "check the board address (DIP switches), A/B polarity, baud rate" in row.detail
@@ -150,3 +153,34 @@ def test_a_port_held_by_the_agent_says_how_to_pause_it(tmp_path: Path) -> None:
     assert "port in use by the gateway agent, pid 4242 (/usr/bin/python3 " \
            "/usr/bin/stora-gateway run)" in hint
     assert "sudo systemctl stop stora-gateway" in hint
+
+
+def test_a_stop_that_comes_just_before_the_unlock_drives_nothing(
+    sims: tuple[ModbusSimBus, LockboardSim, Path],
+) -> None:
+    """Found in review: the agent notices a hang-up on another thread, so a stop could
+    come after its own check for the lock's turn; the cycle looks again right before the
+    unlock, and then not one frame reaches the bus."""
+    modbus, _, config_path = sims
+    config = load_config(config_path)
+    lock = config.lock_by_id("A-101")
+    assert lock is not None
+    board = modbus.board(1)
+    requests: list[str] = []
+    real_handle = board.handle
+
+    def recording(request: object) -> object:
+        requests.append(type(request).__name__)
+        return real_handle(request)
+
+    board.handle = recording  # type: ignore[method-assign]
+    stop = threading.Event()
+    stop.set()  # Ctrl-C landed after the caller's check
+    site = build_site(config, only=["bus1"])
+    try:
+        row = run_test_cycle(site, lock, 30, cancel=stop)
+    finally:
+        site.close()
+    assert row is None
+    assert requests == []
+    assert board.coil(0) is False

@@ -314,6 +314,7 @@ WELL: dict[str, Any] = {
                "token": {"state": "ok", "failing_for_s": None, "last_error": None}},
     "storage": {"ephemeral": False, "read_only": False},
     "host": {"disk_free_bytes": 7_500_000_000},
+    "commands": {"received": 0, "trusted_keys": ["relay-2026", "relay-2027"]},
 }
 
 
@@ -354,6 +355,9 @@ def broken(section: str, **values: Any) -> dict[str, Any]:
     (broken("storage", read_only=True), "degraded", "storage", "read-only"),
     (broken("host", disk_free_bytes=50 * 1024 * 1024), "degraded", "disk_low",
      "disk nearly full: 50 MiB free"),
+    (broken("commands", trusted_keys=["relay-2026", "selftest"]), "degraded",
+     "commissioning_key_trusted", "the self-test key (kid selftest) is trusted; remove it "
+     "from [commands] trusted_keys after commissioning"),
 ])
 def test_each_rule_gives_its_verdict_and_reason(status: dict[str, Any], verdict: str,
                                                 code: str | None, words: str) -> None:

@@ -2,9 +2,9 @@
 
 The agent runs with the simulators and the sandbox Stora API; the test sends signed
 commands as the relay would, and reads what ``watch`` (a real process) prints.  The
-broker-account tests run the shipped ACL, plus the lines deploy/README.md gives for
-watch while the shipped file lacks them, with client ids bound to accounts as on a
-site: watch must see everything and never disconnect the agent.
+broker-account tests run the shipped ACL as it ships (deploy/mosquitto/acl, with its
+``gw-watch`` lines), with client ids bound to accounts as on a site: watch must see
+everything and never disconnect the agent.
 """
 
 from __future__ import annotations
@@ -32,18 +32,6 @@ from tests.support.deploy import ACL, ID_BINDING
 from tests.support.site import PREFIX, SITE, STORA_TOKEN, RunningAgent, SimSite, make_site
 
 pytestmark = pytest.mark.simulator_only
-
-#: What deploy/README.md ("Broker accounts") asks the ACL to give watch: read-only, the
-#: agent's topics and the command topic (site broker only).
-WATCH_ACL = """
-user gw-watch
-topic read stora-gw/+/cmd
-topic read stora-gw/+/cmd/result
-topic read stora-gw/+/status
-topic read stora-gw/+/units/#
-topic read stora-gw/+/alarm
-"""
-
 
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[SimSite]:
@@ -132,6 +120,25 @@ def test_watch_for_people_reads_like_the_demo(site: SimSite) -> None:
     assert "agent   online (stora-gateway " in text
 
 
+def test_a_dead_letter_shows_stora_s_whole_refusal(site: SimSite) -> None:
+    """Stora refuses an event (a contact id of the wrong shape): its message is generic,
+    only the detail names the field, so watch shows both, as the alarm does."""
+    with RunningAgent(site.config_path), \
+            CliProcess("watch", "--json", "--config", str(site.config_path)) as watch:
+        watch.wait_json(lambda d: is_(d, "broker", connected=True))
+        _, token = site.signer.command("lock", "unit_a101", contact="c-42")
+        with Client(site.broker) as sender:
+            sender.publish(f"{PREFIX}/cmd", token)
+        watch.wait_json(lambda d: is_(d, "timeline", change="dead", unit="unit_a101"))
+        assert watch.interrupt() == 0
+    docs = watch.json_lines()
+    text = docs[index(docs, "timeline", change="dead", unit="unit_a101")]["text"]
+    assert text.startswith("REFUSED by Stora, dead-lettered (422 invalid_content: the "
+                           "request body is invalid (/contact/id: must be an id starting "
+                           "with 'con_'"), text
+    assert text.endswith("see `stora-gateway outbox --dead`")
+
+
 def test_a_refused_command_and_a_forgery_are_shown_with_the_agent_s_verdict(
         site: SimSite) -> None:
     from gateway.signer import CommandSigner, generate_keypair
@@ -155,11 +162,9 @@ def test_a_refused_command_and_a_forgery_are_shown_with_the_agent_s_verdict(
 
 
 def _accounts_broker(directory: Path, passwords: dict[str, str]) -> Broker:
-    shipped = ACL.read_text()
-    acl = directory / "acl"
-    acl.write_text(shipped if "user gw-watch" in shipped else shipped + WATCH_ACL)
+    """The shipped ACL, unchanged: without its gw-watch lines watch sees nothing."""
     return Broker(directory / "broker", users=passwords,
-                  extra_conf=[f"acl_file {acl}", ID_BINDING])
+                  extra_conf=[f"acl_file {ACL}", ID_BINDING])
 
 
 def _secret(path: Path, text: str) -> Path:
@@ -320,8 +325,77 @@ def test_watch_is_product_code_and_loads_no_dev_kit() -> None:
     dev_kit = ["gateway.demo", "gateway.demo_broker", "gateway.sandbox", "gateway.signer",
                "gateway.simulate", "gateway.selftest", "drivers.simbase", "drivers.pty"]
     code = ("import sys, gateway.watch, gateway.site_client, gateway.liveview, "
-            "gateway.outbox_tail\nfrom gateway.cli import build_parser\nbuild_parser()\n"
+            "gateway.store\nfrom gateway.cli import build_parser\nbuild_parser()\n"
             f"print([m for m in {dev_kit!r} if m in sys.modules])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=cli_env(), cwd=ROOT, check=True)
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_the_timeline_feed_follows_every_pending_event_it_tracks(tmp_path: Path) -> None:
+    """A backlog (Stora down for a while) of more events than one read returns: each
+    poll reads every tracked one, so a delivery far above the lowest slice is reported,
+    once; beyond MAX_TRACKED the oldest are let go."""
+    from gateway.store import Store
+    from gateway.timeline import EventRecord
+    from gateway.watch import MAX_TRACKED, TimelineFeed
+
+    path = tmp_path / "gateway.db"
+    count = MAX_TRACKED + 100
+    assert count > 5 * Store.OUTBOX_READ_SLICE
+    with Store(path) as store, Store(path, read_only=True) as tail:
+        feed = TimelineFeed(tail)
+        with store.transaction() as tx:
+            for n in range(1, count + 1):
+                tx.add_event(EventRecord(f"e-{n}", "unlocked", "unit_a101", "A-101", SITE,
+                                         f"event {n}", None, None, time.time()))
+        queued = []
+        while feed.watermark < count:  # a slice per poll
+            queued += [c.row.seq for c in feed.poll() if c.change == "queued"]
+        assert queued == list(range(1, count + 1))
+        with store.transaction() as tx:
+            for seq in (50, count - 50):
+                tx.mark_delivered(seq, generation=0, attempts=1, delivered_at=time.time(),
+                                  stora_event_id=None)
+            tx.record_attempt(count - 400, generation=0, unanswered_since=None,
+                              next_attempt_at=0, attempts=1, last_error="503 unavailable")
+        changes = [(c.change, c.row.seq) for c in feed.poll()]
+        assert changes == [("attempt", count - 400), ("delivered", count - 50)]
+        assert feed.poll() == []  # once
+
+
+def test_events_in_reads_any_number_of_rows() -> None:
+    """In slices: one statement's ``?`` marks stay under SQLite's limit (999 on old
+    builds), and none is left out."""
+    from gateway.store import Store
+    from gateway.timeline import EventRecord
+
+    with Store(Path(":memory:"), ephemeral=True) as store:
+        with store.transaction() as tx:
+            for n in range(1, 1201):
+                tx.add_event(EventRecord(f"e-{n}", "locked", "unit_a101", "A-101", SITE,
+                                         f"event {n}", None, None, time.time()))
+        rows = store.events_in(range(1, 1500))
+    assert [r.seq for r in rows] == list(range(1, 1201))
+
+
+def test_an_outbox_this_user_may_not_reach_is_a_note_not_a_crash(
+        site: SimSite, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python 3.11's ``Path.exists`` raises ``PermissionError`` in a directory the user
+    may not enter (0750 on an install, this user outside the group; root, who runs the
+    tests, is never refused, so the refusal is staged)."""
+    from gateway.watch import open_outbox
+
+    config = load_config(site.config_path)
+    real_exists = Path.exists
+
+    def exists(path: Path, *args: Any, **kwargs: Any) -> bool:
+        if path == config.storage.path:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_exists(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "exists", exists)
+    tail, why = open_outbox(config)
+    assert tail is None
+    assert why == (f"{config.storage.path}: Permission denied (on the gateway, run this as "
+                   "a member of group stora-gateway, which may read it)")
