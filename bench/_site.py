@@ -1,9 +1,9 @@
 """What the agent benchmarks share: a simulated site around a real agent subprocess.
 
-``BenchSite`` is a context manager that starts a real Mosquitto (``tests/support/broker``),
+``BenchSite`` is a context manager that starts a real Mosquitto (``devkit/mosquitto.py``),
 one simulated Modbus RTU bus of ``boards`` relay boards on a pty in *this* process, a
 config with one lock per coil, and the agent as a real subprocess (``AgentProcess`` of
-``tests/support/site``: ``stora-gateway run``).  On exit everything is stopped and
+``devkit/site.py``: ``stora-gateway run``).  On exit everything is stopped and
 removed: the agent (SIGTERM, then SIGKILL), the pty, the broker, the directory.
 
 The simulator runs in the benchmark's process, so the moment it receives a coil write
@@ -14,15 +14,11 @@ With ``acl=True`` the broker requires a password and an ACL lets only the agent'
 the relay's accounts near the site's topics (``relay`` alone may publish on ``P/S/cmd``);
 a third account, ``intruder``, may connect and publish but reaches nothing.  Only
 bench/agent_flood.py ``--acl`` uses it, to show the deployment fix for the flood.
-
-The test helpers are loaded with ``importlib`` so that mypy does not type-check them
-as part of ``bench/`` (tests/support/broker.py has one strict-mode error of its own).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 import shutil
@@ -39,8 +35,10 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from devkit.mosquitto import Broker, Client
+from devkit.sims.modbus import ModbusSimBus
+from devkit.site import AgentProcess
 from drivers.modbus.frames import COIL_ON, WriteCoilPDU
-from drivers.modbus.sim import ModbusSimBus
 from gateway.signer import CommandSigner, generate_keypair
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,9 +46,6 @@ SITE = "site_bench"
 PREFIX = f"stora-gw/{SITE}"
 CMD_TOPIC = f"{PREFIX}/cmd"
 RESULT_TOPIC = f"{PREFIX}/cmd/result"
-
-_broker_support: Any = importlib.import_module("tests.support.broker")
-_site_support: Any = importlib.import_module("tests.support.site")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +83,7 @@ def write_config(directory: Path, host: str, port: int, bus_path: Path, public_k
     """An agent config with ``boards`` Modbus boards (slave ids 1…) on one bus and one lock
     per coil (door contact on the input of the same number when there is one).
 
-    Modelled on ``tests.support.site.write_agent_config``.  With ``account`` the agent
+    Modelled on ``devkit.site.write_agent_config``.  With ``account`` the agent
     logs in to the broker as that user of :data:`ACCOUNTS`.  Returns (config, control
     socket, units).
     """
@@ -294,7 +289,7 @@ class Recorder:
 class BenchSite:
     """Broker, simulated bus, config and agent subprocess; a context manager.
 
-    ``AgentProcess`` (tests/support/site.py) only needs ``directory``, ``config_path``
+    ``AgentProcess`` (devkit/site.py) only needs ``directory``, ``config_path``
     and ``socket_path`` of its site, which this provides.
     """
 
@@ -304,15 +299,15 @@ class BenchSite:
     broker_conf: Sequence[str] = ()
     acl: bool = False
     directory: Path = field(init=False)
-    broker: Any = field(init=False)
+    broker: Broker = field(init=False)
     sim: ModbusSimBus = field(init=False)
     watch: CoilWatch = field(init=False)
     signer: CommandSigner = field(init=False)
     config_path: Path = field(init=False)
     socket_path: Path = field(init=False)
     units: list[Unit] = field(init=False)
-    agent: Any = field(init=False)
-    _clients: list[Any] = field(init=False, default_factory=list)
+    agent: AgentProcess = field(init=False)
+    _clients: list[Client | Recorder] = field(init=False, default_factory=list)
     _stack: contextlib.ExitStack = field(init=False, default_factory=contextlib.ExitStack)
 
     def __enter__(self) -> BenchSite:
@@ -332,8 +327,7 @@ class BenchSite:
         if self.acl:
             users = ACCOUNTS
             conf.append(f"acl_file {write_acl(self.directory / 'acl')}")
-        self.broker = _broker_support.Broker(self.directory / "broker", users=users,
-                                             extra_conf=conf)
+        self.broker = Broker(self.directory / "broker", users=users, extra_conf=conf)
         self.broker.start()
         stack.callback(self.broker.close)
         slaves = tuple(range(1, self.boards + 1))
@@ -347,7 +341,7 @@ class BenchSite:
             self.directory, self.broker.host, self.broker.port, self.sim.path, public,
             boards=self.boards, coils=self.coils, inputs=self.inputs,
             account="agent" if self.acl else None)
-        self.agent = _site_support.AgentProcess(self)
+        self.agent = AgentProcess(self)
         stack.callback(self._stop_agent)
         self.agent.start()
         stack.callback(self._close_clients)
@@ -363,13 +357,14 @@ class BenchSite:
     @property
     def pid(self) -> int:
         """The agent's process id."""
+        assert self.agent.proc is not None  # started in __enter__
         return int(self.agent.proc.pid)
 
-    def publisher(self) -> Any:
-        """A ``tests.support.broker.Client`` (its ``publish`` waits for the PUBACK); the
+    def publisher(self) -> Client:
+        """A ``devkit.mosquitto.Client`` (its ``publish`` waits for the PUBACK); the
         relay's account under ``acl``."""
-        login = {"username": "relay", "password": ACCOUNTS["relay"]} if self.acl else {}
-        client = _broker_support.Client(self.broker, **login)
+        client = (Client(self.broker, username="relay", password=ACCOUNTS["relay"])
+                  if self.acl else Client(self.broker))
         self._clients.append(client)
         return client
 

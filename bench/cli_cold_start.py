@@ -22,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from drivers.modbus.sim import ModbusSimBus
-from gateway.demo import write_demo_config
+from devkit.demo import write_demo_config
+from devkit.sims.modbus import ModbusSimBus
 
 
 def sixteen_lock_config(directory: Path, port: Path) -> Path:

@@ -1,7 +1,7 @@
 """Unlock → confirmed time per driver, on its simulator, p50 and p99 (issue 6).
 
 Each driver is built exactly as the agent builds it (``gateway.hardware.build_site`` from
-a config naming the conformance harness's controller, tests/support/harness_*.py), and
+a config naming the conformance harness's controller, devkit/harness/*.py), and
 timed from the ``unlock`` call to its return with ``confirmed=True`` (the driver's own
 read-back or fresh state report).  Between cycles the lock is locked again (or, for a
 latch that only the board re-engages, left to re-engage), outside the timing.  All
@@ -19,24 +19,22 @@ Run: ``PYTHONPATH=. .venv/bin/python bench/driver_confirm.py [--cycles 50] [--dr
 from __future__ import annotations
 
 import argparse
-import importlib
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from devkit import harness as _harness
+from devkit import site as _site
+from devkit.harness import Harness
+from devkit.mosquitto import Broker
 from gateway.config import load_config
 from gateway.hardware import build_site, point_of
 from gateway.signer import generate_keypair
 
-# Loaded with importlib so that mypy does not type-check the test helpers as bench code.
-_harness: Any = importlib.import_module("tests.support.harness")
-_broker: Any = importlib.import_module("tests.support.broker")
-_site: Any = importlib.import_module("tests.support.site")
 
-
-def _config(directory: Path, broker: Any, harness: Any) -> Path:
+def _config(directory: Path, broker: Broker, harness: Harness) -> Path:
     token = directory / "token"
     token.write_text(f"{_site.STORA_TOKEN}\n")
     token.chmod(0o600)
@@ -83,7 +81,7 @@ def _percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def bench_driver(driver: str, cycles: int, root: Path, broker: Any) -> dict[str, Any]:
+def bench_driver(driver: str, cycles: int, root: Path, broker: Broker) -> dict[str, Any]:
     """``cycles`` timed unlocks of one driver; its figures."""
     directory = root / driver
     directory.mkdir()
@@ -130,7 +128,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="stora-bench-drivers-") as tmp:
         root = Path(tmp)
-        with _broker.Broker(root / "broker") as broker:
+        with Broker(root / "broker") as broker:
             for driver in drivers:
                 try:
                     rows.append(bench_driver(driver, args.cycles, root, broker))

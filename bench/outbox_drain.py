@@ -1,6 +1,6 @@
 """Outbox drain rate: a backlog of Timeline Events through the real drainer, against the limits.
 
-The sandbox (gateway/sandbox.py, a real HTTP server on loopback, sliding windows, 429s)
+The sandbox (devkit/sandbox.py, a real HTTP server on loopback, sliding windows, 429s)
 stands in for Stora; the production pieces drain it: a :class:`gateway.store.Store` on
 disk (WAL, ``synchronous=FULL``) holding ``--events`` pending events (queued one per
 transaction, as units do, before the clock starts), a :class:`gateway.stora.StoraClient`
@@ -59,9 +59,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from devkit.sandbox import Sandbox, max_in_window
 from gateway.config import StoraConfig
 from gateway.outbox import Drainer
-from gateway.sandbox import Sandbox, max_in_window
 from gateway.stora import StoraClient
 from gateway.store import SEND_HISTORY_KEEP_S, Store
 from gateway.timeline import external_id_for, make_event

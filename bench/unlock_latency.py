@@ -30,12 +30,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from devkit.sims.lockboard import start_lockboard_sim
+from devkit.sims.modbus import ModbusSimBus
 from drivers.base import Controller, LockPoint
 from drivers.link import LinkTiming, SerialBus, char_time_s, frame_gap_s, open_serial
 from drivers.lockboard import LockboardController
-from drivers.lockboard.sim import start_lockboard_sim
 from drivers.modbus import ModbusBus, ModbusController
-from drivers.modbus.sim import ModbusSimBus
 
 BAUD = 9600
 #: The lock board's default wait for the latch to move before the read-back.

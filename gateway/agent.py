@@ -59,7 +59,10 @@ from gateway.config import Config, LockConfig
 from gateway.errors import cap_text
 from gateway.hardware import Site, build_site
 from gateway.intake import RecentIds, Screen, TokenBucket
-from gateway.units import Outcome, UnitManager, rfc3339
+from gateway.units import Outcome, UnitManager
+from sitelink.codes import Cmd, Reason, Status
+from sitelink.payloads import alarm_payload, offline_status_payload, rfc3339
+from sitelink.topics import Topics
 
 if TYPE_CHECKING:
     from gateway.control_stream import Call
@@ -107,18 +110,31 @@ OUTBOX_LIST_MAX = 100
 #: than a second to answer one read is not one to drive doors with).
 SCAN_TIMEOUT_MAX_MS: Final = 1000
 
+#: A hook run once at the end of :meth:`Agent.start`, given the started agent.  The dev
+#: kit's test faults (devkit/faults.py) break a vital part through it on purpose; the
+#: product passes none and reads no test-only setting of its own.
+StartHook = Callable[["Agent"], None]
+
 
 class Agent:
-    """The running gateway: wires config, hardware, store, broker and control socket."""
+    """The running gateway: wires config, hardware, store, broker and control socket.
+
+    ``faults`` (a :data:`StartHook`) and ``restart_min_uptime_s`` (instead of
+    ``gateway.mgmt.RESTART_MIN_UPTIME_S``) are for tests, given by the dev kit.
+    """
 
     def __init__(self, config: Config, *, site: Site | None = None,
                  clock_synced: Any = None,
                  reject_rate: tuple[float, int] = (REJECT_RATE_PER_S, REJECT_BURST),
-                 job_intervals: Mapping[str, float] | None = None) -> None:
+                 job_intervals: Mapping[str, float] | None = None,
+                 faults: StartHook | None = None,
+                 restart_min_uptime_s: float | None = None) -> None:
         from gateway.clock import TrustedClock, kernel_synchronized
 
         self.config = config
-        self.prefix = f"{config.mqtt.topic_prefix}/{config.site.id}"
+        self._faults = faults
+        self.topics = Topics(config.mqtt.topic_prefix, config.site.id)
+        self.prefix = self.topics.base
         self.started_at = time.time()
         self.stop_event = threading.Event()
         # The cancels of long technician requests running now: stop() runs them
@@ -175,10 +191,10 @@ class Agent:
         half = max(1.0, config.mqtt.keepalive_s / 2)
         self.link = MqttLink(
             config.mqtt,
-            status_topic=f"{self.prefix}/status",
+            status_topic=self.topics.status,
             birth=self._birth,
-            will=json.dumps({"online": False}).encode(),
-            subscriptions=[(f"{self.prefix}/cmd", 1), (f"{self.prefix}/mgmt", 1)],
+            will=json.dumps(offline_status_payload()).encode(),
+            subscriptions=[(self.topics.cmd, 1), (self.topics.mgmt, 1)],
             on_message=self.on_message,
             on_connected=self.on_connected,
             timings=LinkTimings(liveness_interval_s=half, liveness_timeout_s=half,
@@ -194,8 +210,8 @@ class Agent:
         self._held: set[str] = set()
         from gateway.mgmt import Management
 
-        self._mgmt_topic = f"{self.prefix}/mgmt"
-        self.mgmt = Management(self)
+        self._mgmt_topic = self.topics.mgmt
+        self.mgmt = Management(self, restart_min_uptime_s=restart_min_uptime_s)
         # Held by every message while it is handled and by apply_config while it swaps
         # parts: a message waits in the link's inbox (unacknowledged) during a swap.
         self._intake = threading.Lock()
@@ -210,12 +226,12 @@ class Agent:
         self.vitals: list[tuple[str, Any]] = []
 
     # -- publishing -----------------------------------------------------------------------
-    def _publish(self, suffix: str, payload: Mapping[str, Any], *, retain: bool = False) -> None:
+    def _publish(self, topic: str, payload: Mapping[str, Any], *, retain: bool = False) -> None:
         data = json.dumps(payload, separators=(",", ":")).encode()
-        self.link.publish(f"{self.prefix}/{suffix}", data, qos=1, retain=retain)
+        self.link.publish(topic, data, qos=1, retain=retain)
 
     def _publish_unit(self, unit: str, state: dict[str, Any]) -> None:
-        self._publish(f"units/{unit}", state, retain=True)
+        self._publish(self.topics.unit(unit), state, retain=True)
 
     def alarm(self, kind: str, unit: str | None, detail: str) -> None:
         """Publish an alarm (door forced, door held open, controller offline, jam, …).
@@ -227,8 +243,7 @@ class Agent:
         """
         detail = cap_text(detail, ALARM_DETAIL_MAX)
         LOGGER.warning("alarm %s %s: %s", kind, unit or "-", detail)
-        self._publish("alarm", {"kind": kind, "unit": unit, "detail": detail,
-                                "at": rfc3339(time.time())})
+        self._publish(self.topics.alarm, alarm_payload(kind, unit, detail, at=time.time()))
 
     # -- storage and outbox hooks ---------------------------------------------------------
     def _open_store(self, path: Any) -> Any:
@@ -305,7 +320,7 @@ class Agent:
 
     def _result(self, outcome: Outcome) -> None:
         data = json.dumps(outcome.payload(), separators=(",", ":")).encode()
-        if not self.link.publish(f"{self.prefix}/cmd/result", data, qos=1):
+        if not self.link.publish(self.topics.cmd_result, data, qos=1):
             # Not connected: kept (bounded) and sent on the next connect, so a result
             # is not lost to a broker outage; the sender can also re-send the command
             # and get it as a duplicate.
@@ -402,7 +417,7 @@ class Agent:
         alarm every interval.
         """
         payload = self._birth()
-        self.link.publish(f"{self.prefix}/status", payload, qos=1, retain=True)
+        self.link.publish(self.topics.status, payload, qos=1, retain=True)
         textfile = self.config.telemetry.prometheus_textfile
         if textfile is None:
             return
@@ -461,12 +476,12 @@ class Agent:
             # The store's hook has raised the (rate-limited) storage alarm already; one
             # alarm per refused command would flood the broker while the disk is bad.
             LOGGER.error("command %s refused: %s", command.jti, exc)  # noqa: TRY400
-            if command.cmd in ("lock", "lockout") and command.unit is not None:
+            if command.cmd in (Cmd.LOCK, Cmd.LOCKOUT) and command.unit is not None:
                 # Locking is safe to repeat and must never wait for the disk: the door
                 # is locked anyway; the command is still answered "failed" (not kept).
                 self.units.lock_unrecorded(command.unit, f"{command.cmd} {command.jti}")
-            self._result(Outcome(command.jti, command.cmd, command.unit, "failed",
-                                 "hardware_error", None, time.time()))
+            self._result(Outcome(command.jti, command.cmd, command.unit, Status.FAILED,
+                                 Reason.HARDWARE_ERROR, None, time.time()))
             return
         if (first is not None and first.status == "queued" and command.jti in self._held
                 and (first.cmd, first.unit) == (command.cmd, command.unit)):
@@ -530,13 +545,13 @@ class Agent:
             # A bug or a storage failure, possibly after the door moved: the honest
             # answer is `unknown`, and the row says so too, so it is never run again.
             LOGGER.exception("command %s failed inside the agent", command.jti)
-            outcome = Outcome(command.jti, command.cmd, command.unit, "unknown", None, None,
+            outcome = Outcome(command.jti, command.cmd, command.unit, Status.UNKNOWN, None, None,
                               time.time())
             try:
                 with self.store.transaction() as tx:
                     row = tx.command(command.jti)
                     if row is not None and row.status in ("queued", "executing"):
-                        tx.finish_command(command.jti, "unknown", None, outcome.record())
+                        tx.finish_command(command.jti, Status.UNKNOWN, None, outcome.record())
             except Exception:  # the store itself may be what failed
                 LOGGER.exception("could not record %s as unknown", command.jti)
         with self._counters_lock:  # this runs on the unit threads, several at once
@@ -586,7 +601,7 @@ class Agent:
                                        1) from None
                 raise ControlError("the unit is busy and the action is still running; "
                                    "check with `locks`", 1) from None
-            if outcome.reason == "overlocked":
+            if outcome.reason == Reason.OVERLOCKED:
                 raise ControlError(
                     f"{lock.reference} is in lockout (overlocked): use --force --reason TEXT", 1)
             entry = self._outcome_row(lock, method, outcome, time.monotonic() - started)
@@ -650,7 +665,8 @@ class Agent:
                      elapsed: float) -> dict[str, Any]:
         state = outcome.state or {}
         locked = state.get("locked")
-        status = "done" if outcome.status == "done" else (outcome.reason or outcome.status)
+        status = Status.DONE if outcome.status == Status.DONE else (outcome.reason
+                                                                   or outcome.status)
         return {
             "unit": lock.unit, "reference": lock.reference, "action": action,
             "status": status, "detail": outcome.reason or "confirmed by read-back",
@@ -923,15 +939,16 @@ class Agent:
             try:
                 command = self.verifier.verify(payload, retained=False)
             except Rejection as rejection:
-                if rejection.reason == "clock_untrusted":
+                if rejection.reason == Reason.CLOCK_UNTRUSTED:
                     self._held.add(row.jti)  # not final: tried again when it is trusted
                     continue
                 LOGGER.warning("queued command %s dropped at restart: %s", row.jti,
                                rejection.reason)
-                outcome = Outcome(row.jti, row.cmd, row.unit, "rejected", rejection.reason,
+                outcome = Outcome(row.jti, row.cmd, row.unit, Status.REJECTED, rejection.reason,
                                   None, time.time())
                 with self.store.transaction() as tx:
-                    tx.finish_command(row.jti, "rejected", rejection.reason, outcome.record())
+                    tx.finish_command(row.jti, Status.REJECTED, rejection.reason,
+                                      outcome.record())
                 self._result(outcome)
                 continue
             LOGGER.info("running command %s received before the restart", row.jti)
@@ -1037,11 +1054,9 @@ class Agent:
         from gateway.schedule import (
             JOBS,
             PROBE_KEY,
-            TEST_FAULT_ENV,
             PoolProbe,
             SiteScheduler,
             Watchdog,
-            arm_test_fault,
             inbound_progress,
             threads_alive,
             watchdog_period,
@@ -1103,14 +1118,8 @@ class Agent:
         self.watchdog = (Watchdog(period, self.vitals, _sd_notify) if period is not None
                          else None)
         scheduler.start()
-        fault = os.environ.get(TEST_FAULT_ENV)
-        if fault:  # test-only (gateway/schedule.py docstring)
-            def wedge_units() -> None:
-                for n in range(64):  # more keys than any pool has workers
-                    self.units.run_exclusive(f"~wedge-{n}", self.stop_event.wait)
-
-            arm_test_fault(fault, {"wedge-units": wedge_units, "stop-link": self.link.stop,
-                                   "stop-scheduler": scheduler.shutdown_for_test})
+        if self._faults is not None:  # tests only (StartHook)
+            self._faults(self)
 
     def run_forever(self) -> None:
         """Until ``stop_event``.  The periodic jobs run on the scheduler (started by
@@ -1204,9 +1213,9 @@ def rejection_outcome(rejection: Rejection) -> Outcome:
     (found in review).  They are published as ``null``; only verified claims are echoed.
     """
     if rejection.claims_verified:
-        return Outcome(rejection.jti, rejection.cmd, rejection.unit, "rejected",
+        return Outcome(rejection.jti, rejection.cmd, rejection.unit, Status.REJECTED,
                        rejection.reason, None, time.time())
-    return Outcome(None, None, None, "rejected", rejection.reason, None, time.time())
+    return Outcome(None, None, None, Status.REJECTED, rejection.reason, None, time.time())
 
 
 def _sd_notify(message: str) -> None:
@@ -1226,8 +1235,13 @@ def _sd_notify(message: str) -> None:
         sock.sendall(message.encode())
 
 
-def run_agent(config: Config, *, debug: bool = False) -> int:
-    """Run the agent in the foreground until SIGTERM/SIGINT; the exit status."""
+def run_agent(config: Config, *, debug: bool = False, faults: StartHook | None = None,
+              restart_min_uptime_s: float | None = None) -> int:
+    """Run the agent in the foreground until SIGTERM/SIGINT; the exit status.
+
+    ``faults`` and ``restart_min_uptime_s`` are :class:`Agent`'s test hooks
+    (``python -m devkit.agent``); ``stora-gateway run`` gives neither.
+    """
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -1242,7 +1256,7 @@ def run_agent(config: Config, *, debug: bool = False) -> int:
     # back, which a flood keeps busy: up to one interval per command.  1 ms keeps that
     # wait short at a small cost in switches (bench/agent_flood.py --forgeries).
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    agent = Agent(config)
+    agent = Agent(config, faults=faults, restart_min_uptime_s=restart_min_uptime_s)
 
     def on_signal(signum: int, frame: object) -> None:
         del frame

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import sys
@@ -29,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
+    from gateway.cli_plugins import PluginCommand
     from gateway.config import Config, LockConfig
     from gateway.hardware import Site
 
@@ -47,7 +49,9 @@ AGENT_READ_S = 60.0
 #: and this for the bus's retries.
 AGENT_TEST_MARGIN_S = 15.0
 
-#: Every command and its one-line help; README.md must mention each (a test checks).
+#: The product's commands and their one-line help; README.md must mention each, and each
+#: command a plugin adds (the dev kit's ``demo``, ``sandbox``, ``simulate``, ``selftest``:
+#: gateway/cli_plugins.py); tests check both.
 COMMANDS: dict[str, str] = {
     "run": "run the agent in the foreground, logging to stderr (for systemd)",
     "status": "the agent, broker link, outbox, controllers' health and clock sync",
@@ -60,12 +64,6 @@ COMMANDS: dict[str, str] = {
     "lock": "lock a unit now and confirm by read-back",
     "test": "unlock, confirm, relock, confirm: a pass/fail table with timings",
     "outbox": "queued and dead-lettered Timeline Events; `outbox retry ID|--all-dead`",
-    "demo": "run the whole loop on this machine with simulated lock controllers",
-    "sandbox": "run a local stand-in for the Stora API, for tests and benchmarks",
-    "simulate": "run one lock controller's simulator (a pty or an MQTT device) with its "
-                "faults, to rehearse without hardware",
-    "selftest": "send a signed unlock through the broker and check agent, lock, relock "
-                "and Timeline Events",
     "watch": "show commands, results, lock states, alarms and Timeline Events as they "
              "happen",
     "clock": "whether the clock is trusted and why; `clock --reset-floor` resets the "
@@ -123,8 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
     data, plain = _common(True), _common(False)
     # Commands that never read the config: no --config in their help to mislead.
     bare, json_only = _common(False, config=False), _common(True, config=False)
+    parents = {(True, True): data, (False, True): plain, (False, False): bare,
+               (True, False): json_only}
+    plugins = list(_plugins())
+
+    def add_plugins(before: str | None) -> None:
+        """The plugins' commands listed before ``before`` (``None``: all that are left)."""
+        for plugin in [p for p in plugins if before is None or p.before == before]:
+            plugins.remove(plugin)
+            common = parents[plugin.prints_json, plugin.reads_config]
+            plugin.add_arguments(sub.add_parser(plugin.name, parents=[common],
+                                                help=plugin.help, description=plugin.help),
+                                 common)
 
     def add(name: str, parent: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        add_plugins(before=name)
         return sub.add_parser(
             name, parents=[parent], help=COMMANDS[name], description=COMMANDS[name]
         )
@@ -194,33 +205,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="set the trusted-time floor back to this release's build date, when "
                    "the clock is right but commands are refused clock_untrusted (logged and "
                    "raised as an alarm naming you)")
-    p = add("demo", bare)
-    p.add_argument("--pace", type=float, default=1.5, metavar="S",
-                   help="pause before each demo step, in seconds (default 1.5; 0 runs "
-                   "as fast as the simulated hardware allows)")
-    p.add_argument("--broker", choices=["auto", "mosquitto", "embedded"], default="auto",
-                   help="MQTT broker: Mosquitto if installed, else the embedded pure-Python "
-                   "one (auto, the default), or either of them")
-    p = add("sandbox", bare)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8089, help="TCP port; 0 picks a free one "
-                   "(default 8089)")
-    p.add_argument("--client-id", default=None, metavar="ID",
-                   help="OAuth client id that /oauth2/token accepts")
-    p.add_argument("--client-secret-file", default=None, metavar="FILE",
-                   help="file holding that client's secret")
-    p.add_argument("--static-token-file", default=None, metavar="FILE",
-                   help="file of long-lived Bearer tokens to accept, one per line")
-    p.add_argument("--max-per-second", type=int, default=10, metavar="N",
-                   help="requests allowed in any 1-second window (default 10)")
-    p.add_argument("--max-per-minute", type=int, default=60, metavar="N",
-                   help="requests allowed in any 60-second window (default 60)")
-    p.add_argument("--token-ttl", type=int, default=7200, metavar="S",
-                   help="lifetime of issued access tokens in seconds (default 7200)")
-    # simulate: a sub-command per driver; the options module imports no simulator.
-    from gateway.simulate_options import add_driver_parsers
-
-    add_driver_parsers(add("simulate", json_only), [json_only])
     p = add("watch", data)
     p.add_argument("--username", default=None,
                    help="broker account of its own, never the agent's (default "
@@ -235,35 +219,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "$STORA_GATEWAY_WATCH_TLS_CERT_FILE; none: the CA of [mqtt] only)")
     p.add_argument("--tls-key-file", default=None, metavar="FILE",
                    help="its key, mode 600 (default $STORA_GATEWAY_WATCH_TLS_KEY_FILE)")
-    p = add("selftest", data)
-    p.add_argument("unit", nargs="?", help="Stora unit id (unit_…) or the lock's reference "
-                   "label; the door really opens")
-    p.add_argument("--seconds", type=int, default=3, help="unlock duration, 1-60 (default 3)")
-    p.add_argument("--key-file", default=None, metavar="FILE",
-                   help="the self-test's Ed25519 key (PEM, mode 600; default "
-                   "$STORA_GATEWAY_SELFTEST_KEY)")
-    p.add_argument("--kid", default="selftest",
-                   help="its key id in [commands] trusted_keys (default selftest)")
-    p.add_argument("--new-key", default=None, metavar="FILE",
-                   help="write a new key to FILE and print the trusted_keys line for it")
-    p.add_argument("--username", default=None,
-                   help="broker account of its own, never the agent's (default "
-                   "$STORA_GATEWAY_SELFTEST_USERNAME, else gw-selftest on a broker with "
-                   "accounts)")
-    p.add_argument("--password-file", default=None, metavar="FILE",
-                   help="file holding that account's password, not readable by others "
-                   "(default $STORA_GATEWAY_SELFTEST_PASSWORD_FILE)")
-    p.add_argument("--tls-cert-file", default=None, metavar="FILE",
-                   help="selftest's own TLS client certificate, never the agent's (default "
-                   "$STORA_GATEWAY_SELFTEST_TLS_CERT_FILE; none: the CA of [mqtt] only)")
-    p.add_argument("--tls-key-file", default=None, metavar="FILE",
-                   help="its key, mode 600 (default $STORA_GATEWAY_SELFTEST_TLS_KEY_FILE)")
-    p.add_argument("--timeline-wait", type=float, default=15.0, metavar="S",
-                   help="how long to wait for both Timeline Events to reach Stora "
-                   "(default 15)")
     p = add("completion", bare)
     p.add_argument("shell", choices=["bash"], help="the shell to complete for")
+    add_plugins(before=None)
     return parser
+
+
+@functools.cache
+def _plugins() -> tuple[PluginCommand, ...]:
+    """The commands plugins add (gateway/cli_plugins.py), found once per process."""
+    from gateway.cli_plugins import plugin_commands
+
+    return tuple(plugin_commands(reserved=COMMANDS))
+
+
+def all_commands() -> dict[str, str]:
+    """Every command, the product's and the plugins', with its one-line help."""
+    return {**COMMANDS, **{p.name: p.help for p in _plugins()}}
 
 
 # -- output helpers -----------------------------------------------------------------------
@@ -873,56 +845,6 @@ def cmd_run(ctx: Context) -> int:
     return run_agent(config, debug=bool(getattr(ctx.args, "debug", False)))
 
 
-def cmd_demo(ctx: Context) -> int:
-    """``demo``: the whole loop on simulated hardware, checking itself as it goes."""
-    if not 0 <= ctx.args.pace <= 60:
-        raise CliError("--pace must be from 0 to 60 seconds")
-    from gateway.demo import run_demo
-
-    try:
-        return run_demo(ctx.out, pace=ctx.args.pace, broker=ctx.args.broker)
-    except OSError as exc:  # no mosquitto with --broker mosquitto, no free port, no pty
-        raise CliError(f"the demo cannot start: {exc}", EXIT_FAILED) from exc
-
-
-def cmd_sandbox(ctx: Context) -> int:
-    """``sandbox``: a local Stora API in the foreground until SIGTERM or Ctrl-C.
-
-    Secrets come from files only, so they stay out of ``ps`` and shell history.
-    """
-    from gateway.sandbox import Sandbox, read_secret_file, read_token_file, serve
-
-    a = ctx.args
-    if (a.client_id is None) != (a.client_secret_file is None):
-        raise CliError("--client-id and --client-secret-file go together")
-    try:
-        clients = {a.client_id: read_secret_file(a.client_secret_file)} if a.client_id else {}
-        tokens = read_token_file(a.static_token_file) if a.static_token_file else []
-        sandbox = Sandbox(host=a.host, port=a.port, clients=clients, static_tokens=tokens,
-                          max_per_second=a.max_per_second, max_per_minute=a.max_per_minute,
-                          token_ttl_s=a.token_ttl)
-    except ValueError as exc:
-        raise CliError(str(exc)) from exc
-    if not clients and not tokens:
-        ctx.err.write(f"{PROG}: no --client-id or --static-token-file: every API call will "
-                      "be answered 401\n")
-    try:
-        return serve(sandbox, ctx.out)
-    except OSError as exc:
-        raise CliError(f"cannot listen on {a.host}:{a.port}: {exc.strerror or exc}",
-                       EXIT_FAILED) from exc
-
-
-def cmd_simulate(ctx: Context) -> int:
-    """``simulate DRIVER``: one simulator standalone until Ctrl-C (gateway/simulate.py)."""
-    from gateway.simulate import SimulateError, run_simulate
-
-    try:
-        return run_simulate(ctx.args, ctx.out, json_lines=ctx.json)
-    except SimulateError as exc:
-        raise CliError(str(exc), exc.status) from exc
-
-
 def cmd_watch(ctx: Context) -> int:
     """``watch``: the site live, one line (or JSON object) per event (gateway/watch.py)."""
     from gateway.site_client import SiteLinkError, resolve_account
@@ -940,54 +862,6 @@ def cmd_watch(ctx: Context) -> int:
         raise CliError(str(exc), exc.status) from exc
 
 
-def cmd_selftest(ctx: Context) -> int:
-    """``selftest UNIT``: a signed unlock through broker, agent, lock and Timeline
-    (gateway/selftest.py, dev kit); ``selftest --new-key FILE`` makes its key."""
-    import os
-    from pathlib import Path
-
-    from gateway.selftest import (
-        SELFTEST_ACCOUNT,
-        SELFTEST_KEY_ENV,
-        SELFTEST_PASSWORD_ENV,
-        SELFTEST_USER_ENV,
-        new_key,
-        run_selftest,
-    )
-    from gateway.site_client import SiteLinkError, resolve_account
-
-    a = ctx.args
-    try:
-        if a.new_key is not None:
-            if a.unit is not None:
-                raise CliError("--new-key makes a key and tests nothing: give it without UNIT")
-            line = new_key(Path(a.new_key), a.kid)
-            ctx.out.write(f"wrote {a.new_key} (keep it 600, off the gateway if you can); add "
-                          f"this to [commands] trusted_keys, restart the agent, and remove "
-                          f"it once the site is commissioned:\n{line}\n")
-            return EXIT_OK
-        if a.unit is None:
-            raise CliError("give the UNIT to test (a unit id or reference), or --new-key FILE")
-        if not 1 <= a.seconds <= 60:
-            raise CliError("--seconds must be from 1 to 60")
-        if not 0 <= a.timeline_wait <= 600:
-            raise CliError("--timeline-wait must be from 0 to 600 seconds")
-        key_file = a.key_file or os.environ.get(SELFTEST_KEY_ENV)
-        if not key_file:
-            raise CliError(f"give --key-file (or ${SELFTEST_KEY_ENV}); make a key with "
-                           "`stora-gateway selftest --new-key FILE`")
-        lock = ctx.find_lock(a.unit)
-        account = resolve_account(ctx.config(), a.username, a.password_file,
-                                  default_user=SELFTEST_ACCOUNT, user_env=SELFTEST_USER_ENV,
-                                  password_env=SELFTEST_PASSWORD_ENV)
-        return run_selftest(ctx.config(), lock, account, Path(key_file), ctx.out, kid=a.kid,
-                            seconds=a.seconds, timeline_wait_s=a.timeline_wait,
-                            json_output=ctx.json, tls_cert_file=a.tls_cert_file,
-                            tls_key_file=a.tls_key_file)
-    except SiteLinkError as exc:
-        raise CliError(str(exc), exc.status) from exc
-
-
 HANDLERS: dict[str, Callable[[Context], int]] = {
     "run": cmd_run,
     "status": cmd_status,
@@ -1000,11 +874,7 @@ HANDLERS: dict[str, Callable[[Context], int]] = {
     "lock": cmd_lock,
     "test": cmd_test,
     "outbox": cmd_outbox,
-    "demo": cmd_demo,
-    "sandbox": cmd_sandbox,
-    "simulate": cmd_simulate,
     "watch": cmd_watch,
-    "selftest": cmd_selftest,
     "clock": cmd_clock,
     "completion": cmd_completion,
 }
@@ -1046,7 +916,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
     from gateway.errors import GatewayError
 
     try:
-        return HANDLERS[args.command](ctx)
+        handler = HANDLERS.get(args.command)
+        if handler is None:  # a plugin's command (gateway/cli_plugins.py)
+            handler = next(p.run for p in _plugins() if p.name == args.command)
+        return handler(ctx)
     except CliError as exc:
         err.write(f"{PROG}: {exc}\n")
         return exc.status

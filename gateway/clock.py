@@ -89,10 +89,10 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any, Final, Literal, Protocol
 
 from gateway.errors import GatewayError, one_line
+from sitelink.payloads import rfc3339  # the one time format of the gateway (contract §4)
 
 __all__ = [
     "BUILD_FLOOR",
@@ -185,21 +185,6 @@ class MetaStore(Protocol):
 
     def set_meta(self, key: str, value: str) -> None:
         """Store ``value`` under ``key``."""
-
-
-def rfc3339(ts: float | None, *, timespec: str = "milliseconds") -> str | None:
-    """``ts`` (seconds since the epoch) as RFC 3339 UTC with a ``Z``, or ``None``.
-
-    A value no calendar can show (an injected clock gone wild, ``nan``) is rendered as
-    its ``repr`` rather than raising: this feeds status output that must never fail.
-    """
-    if ts is None:
-        return None
-    try:
-        text = datetime.fromtimestamp(ts, UTC).isoformat(timespec=timespec)
-    except (OverflowError, ValueError, OSError):
-        return repr(ts)
-    return text.replace("+00:00", "Z")
 
 
 @functools.cache

@@ -6,8 +6,11 @@ The type tells the caller what to do next::
     ├── ConfigError               the configuration file is wrong: a person must edit it
     │                             (``check-config`` and every command exit with status 2)
     ├── HardwareUnavailableError  the config names a driver this build cannot drive
-    ├── Rejection                 a command failed verification or a rule; ``reason`` is
-    │                             the contract §4 code (gateway/commands.py)
+    ├── Rejection                 a command failed verification; ``reason`` is the
+    │                             contract §4 code (gateway/commands.py).  Also a
+    │                             ``sitelink.errors.Rejection``: the protocol package
+    │                             defines the rejection (it cannot import this tree),
+    │                             the gateway's verifier raises this subclass of both
     ├── StoreError                the state database (gateway/store.py)
     │   ├── StoreFull             disk full: retry once space is freed
     │   ├── StoreBusy             another writer held the lock too long: retry
@@ -29,20 +32,10 @@ Every message is a single line, because it ends up as "one clear sentence on std
 
 from __future__ import annotations
 
+# One rule for every message, the protocol's and the gateway's (sitelink/errors.py).
+from sitelink.errors import one_line
+
 __all__ = ["ConfigError", "GatewayError", "cap_text", "one_line"]
-
-
-def one_line(text: str) -> str:
-    """Return ``text`` with every non-printable character escaped (``\\n`` → ``\\\\n``).
-
-    Values quoted in messages come from files and the network; a newline in one must not
-    split a log line or forge a second one, so it is shown escaped rather than dropped.
-    """
-    if text.isprintable():
-        return text
-    return "".join(
-        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
-    )
 
 
 def cap_text(text: str, limit: int) -> str:

@@ -37,6 +37,7 @@ from collections.abc import MutableMapping
 from typing import Any, Final
 
 from gateway.commands import Command, CommandVerifier, Rejection
+from sitelink.codes import Reason
 
 __all__ = [
     "LASTING_REASONS",
@@ -53,8 +54,9 @@ REFUSED_CACHE_MAX = 4096
 #: ``retained`` (the same bytes may come live).  ``expired`` is final while the trusted
 #: clock only moves forward; when it does not (a step, the floor lowered or reset) the
 #: agent calls :meth:`Screen.forget`.
-LASTING_REASONS = frozenset({"malformed", "bad_signature", "unknown_key", "wrong_site",
-                             "expired", "lifetime_too_long", "unknown_unit"})
+LASTING_REASONS = frozenset({Reason.MALFORMED, Reason.BAD_SIGNATURE, Reason.UNKNOWN_KEY,
+                             Reason.WRONG_SITE, Reason.EXPIRED, Reason.LIFETIME_TOO_LONG,
+                             Reason.UNKNOWN_UNIT})
 #: Marks a payload whose claims were refused while its signature was not checked.
 _SHED: Final = object()
 

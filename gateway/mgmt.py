@@ -91,7 +91,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 from gateway.commands import MAX_MGMT_BYTES, Command, CommandVerifier, Rejection
 from gateway.intake import Screen
-from gateway.units import rfc3339
+from sitelink.codes import MgmtCmd, Reason, Status
+from sitelink.payloads import mgmt_result_payload
 
 if TYPE_CHECKING:
     from gateway.agent import Agent
@@ -107,8 +108,6 @@ MAX_CONFIG_BYTES: Final = 40 * 1024
 #: counts towards the unit's StartLimitBurst=5 in 300 s, which a series of requests
 #: must never exhaust (the unit would stay "failed" until someone is on site).
 RESTART_MIN_UPTIME_S = 90.0
-#: Test-only: overrides :data:`RESTART_MIN_UPTIME_S` (a restart test cannot wait 90 s).
-RESTART_MIN_UPTIME_ENV: Final = "STORA_GATEWAY_TEST_RESTART_MIN_UPTIME_S"
 #: ``config.get``: the most characters of the file's text one answer carries, counted as
 #: JSON (escaped quotes and newlines count double).  With the rest of the answer this
 #: stays far below the broker's ``max_packet_size`` (64 KiB in deploy/) and the link's
@@ -217,7 +216,7 @@ def protected_changes(old: Any, new: Any) -> list[str]:
 class RequestError(Exception):
     """A request that cannot be carried out as asked: ``status`` with a contract reason."""
 
-    def __init__(self, status: str, reason: str | None, error: str) -> None:
+    def __init__(self, status: Status, reason: Reason | None, error: str) -> None:
         super().__init__(error)
         self.status = status
         self.reason = reason
@@ -225,7 +224,7 @@ class RequestError(Exception):
 
 
 def _bad_args(error: str) -> RequestError:
-    return RequestError("rejected", "malformed", error)
+    return RequestError(Status.REJECTED, Reason.MALFORMED, error)
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -261,8 +260,12 @@ def write_atomically(path: Path, data: bytes, mode: int) -> None:
 class Management:
     """Verifies, records, runs and answers management requests for one agent."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Agent, *, restart_min_uptime_s: float | None = None) -> None:
+        """``restart_min_uptime_s`` replaces :data:`RESTART_MIN_UPTIME_S` (a test of a
+        restart cannot wait 90 s; the dev kit gives it)."""
         self.agent = agent
+        self.restart_min_uptime_s = (RESTART_MIN_UPTIME_S if restart_min_uptime_s is None
+                                     else restart_min_uptime_s)
         #: Shared with commands: the rejection-result bucket; not the refusal cache (the
         #: same bytes may be a valid command and a malformed request).
         self.counters = {"received": 0, "done": 0, "rejected": 0, "failed": 0,
@@ -274,14 +277,14 @@ class Management:
         self._running: dict[str, Future[dict[str, Any]]] = {}
         self._lock = threading.Lock()
         self._handlers: dict[str, Callable[[Command], dict[str, Any]]] = {
-            "status": self._status,
-            "config.get": self._config_get,
-            "config.set": self._config_set,
-            "locks.test": self._locks_test,
-            "outbox.retry": self._outbox_retry,
-            "state.republish": self._state_republish,
-            "log.level": self._log_level,
-            "clock.reset_floor": self._clock_reset_floor,
+            MgmtCmd.STATUS: self._status,
+            MgmtCmd.CONFIG_GET: self._config_get,
+            MgmtCmd.CONFIG_SET: self._config_set,
+            MgmtCmd.LOCKS_TEST: self._locks_test,
+            MgmtCmd.OUTBOX_RETRY: self._outbox_retry,
+            MgmtCmd.STATE_REPUBLISH: self._state_republish,
+            MgmtCmd.LOG_LEVEL: self._log_level,
+            MgmtCmd.CLOCK_RESET_FLOOR: self._clock_reset_floor,
         }
         self._stopped = False
 
@@ -322,7 +325,7 @@ class Management:
                 first = None if fresh else tx.command(request.jti)
         except StoreError as exc:
             # Without a durable claim at-most-once cannot be promised: refuse.
-            self._answer(request.jti, request.cmd, "failed", None,
+            self._answer(request.jti, request.cmd, Status.FAILED, None,
                          {"error": f"storage: {exc}"})
             return
         if first is not None:
@@ -369,14 +372,15 @@ class Management:
         # gateway.agent.rejection_outcome).
         verified = rejection.claims_verified
         self._publish(self._payload(rejection.jti if verified else None,
-                                    rejection.cmd if verified else None, "rejected",
+                                    rejection.cmd if verified else None, Status.REJECTED,
                                     rejection.reason, None))
 
     def _duplicate(self, request: Command, first: Any) -> None:
         self._count("duplicates")
         if not first.cmd.startswith(MGMT_PREFIX):
             # The id of a command, reused for a management request: never run it.
-            self._publish(self._payload(request.jti, request.cmd, "rejected", "malformed",
+            self._publish(self._payload(request.jti, request.cmd, Status.REJECTED,
+                                        Reason.MALFORMED,
                                         {"error": "this jti was already used by a command"},
                                         duplicate=True))
             return
@@ -397,24 +401,27 @@ class Management:
         if now >= request.exp + skew:
             # Fresh when it arrived, expired while it waited behind another request (a
             # long locks.test): never run late, like a command (contract §5).
-            return self._answer(request.jti, request.cmd, "rejected", "expired",
+            return self._answer(request.jti, request.cmd, Status.REJECTED, Reason.EXPIRED,
                                 {"error": f"expired while waiting: now {now:.0f} >= exp "
                                           f"{request.exp} + skew {skew}"})
         LOGGER.info("management request %s: %s", request.jti, request.cmd)
         try:
             result = handler(request)
-            status, reason = "done", None
+            status: Status = Status.DONE
+            reason: Reason | None = None
         except RequestError as exc:
             status, reason, result = exc.status, exc.reason, {"error": exc.error}
         except Exception as exc:  # a bug or a failing part: answered, never silent
             LOGGER.exception("management request %s (%s) failed", request.jti, request.cmd)
-            status, reason, result = "failed", None, {"error": f"{type(exc).__name__}: {exc}"}
+            status, reason = Status.FAILED, None
+            result = {"error": f"{type(exc).__name__}: {exc}"}
         payload = self._answer(request.jti, request.cmd, status, reason, result)
-        if status == "done" and request.cmd == "config.set" and result.get("applied") == "restart":
+        if (status == Status.DONE and request.cmd == MgmtCmd.CONFIG_SET
+                and result.get("applied") == "restart"):
             self.agent.request_restart(f"config.set {request.jti}")
         return payload
 
-    def _answer(self, jti: str, cmd: str, status: str, reason: str | None,
+    def _answer(self, jti: str, cmd: str, status: Status, reason: Reason | None,
                 result: Any, *, store: bool = True) -> dict[str, Any]:
         payload = self._payload(jti, cmd, status, reason, result)
         self._count(status)
@@ -428,16 +435,16 @@ class Management:
         return payload
 
     @staticmethod
-    def _payload(jti: str | None, cmd: str | None, status: str, reason: str | None,
-                 result: Any, *,
+    def _payload(jti: str | None, cmd: str | None, status: Status | str,
+                 reason: Reason | str | None, result: Any, *,
                  duplicate: bool = False) -> dict[str, Any]:
-        return {"jti": jti, "cmd": cmd, "status": status, "result": result, "reason": reason,
-                "duplicate": duplicate, "at": rfc3339(time.time())}
+        return mgmt_result_payload(jti, cmd, status, reason, result, duplicate=duplicate,
+                                   at=time.time())
 
     def _publish(self, payload: Mapping[str, Any]) -> None:
         from gateway.mqtt_wire import publish_packet_size
 
-        topic = f"{self.agent.prefix}/mgmt/result"
+        topic = self.agent.topics.mgmt_result
         data = json.dumps(payload, separators=(",", ":"), default=str).encode()
         cap = self.agent.config.mqtt.max_packet_bytes
         if publish_packet_size(topic, len(data), 1) > cap:
@@ -499,7 +506,7 @@ class Management:
         current = file_sha256(real)
         expected = args.get("expect_sha256")
         if expected is not None and expected != current:
-            raise RequestError("rejected", "stale_version",
+            raise RequestError(Status.REJECTED, Reason.STALE_VERSION,
                                f"the config file's sha256 is {current}, not {expected}: "
                                "it changed since it was read; get it again")
         # Validated in memory against the directory the file is named in, so relative
@@ -518,9 +525,9 @@ class Management:
                             f"{', '.join(refused[:8])}{' …' if len(refused) > 8 else ''}; "
                             "the current config is kept")
         uptime = time.time() - self.agent.started_at
-        min_uptime = float(os.environ.get(RESTART_MIN_UPTIME_ENV, RESTART_MIN_UPTIME_S))
+        min_uptime = self.restart_min_uptime_s
         if self.agent.needs_restart(new) and uptime < min_uptime:
-            raise RequestError("failed", None,
+            raise RequestError(Status.FAILED, None,
                                f"this change needs a restart and the agent started "
                                f"{uptime:.0f} s ago; try again in "
                                f"{min_uptime - uptime:.0f} s (restarts are "
@@ -587,7 +594,7 @@ class Management:
         try:
             return self.agent._test(params, actor)
         except ControlError as exc:
-            raise RequestError("rejected", "unknown_unit", str(exc)) from None
+            raise RequestError(Status.REJECTED, Reason.UNKNOWN_UNIT, str(exc)) from None
 
     def _outbox_retry(self, request: Command) -> dict[str, Any]:
         from gateway.control import ControlError

@@ -73,6 +73,7 @@ Guarantees and decisions:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import random
 import socket
@@ -96,6 +97,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from gateway.config import MqttConfig
 from gateway.errors import ConfigError, one_line
 from gateway.mqtt_wire import ReadAheadClient, publish_packet_size
+from sitelink.payloads import offline_status_payload
+from sitelink.topics import liveness_topic
 
 #: How long the broker keeps our session (subscriptions and queued QoS 1 commands) after
 #: a disconnect.  Longer than any command may live (max_lifetime_s is at most a day, 300 s
@@ -116,7 +119,7 @@ __all__ = [
 LOGGER = logging.getLogger(__name__)
 
 #: What a clean stop leaves retained on the status topic (contract §4).
-OFFLINE_PAYLOAD: Final = b'{"online":false}'
+OFFLINE_PAYLOAD: Final = json.dumps(offline_status_payload(), separators=(",", ":")).encode()
 #: Published when ``birth()`` itself fails: the link is up, whatever else is unknown.
 _FALLBACK_BIRTH: Final = b'{"online":true}'
 #: Upper bound on one network-loop wait.  The loop wakes at once for outgoing packets
@@ -130,8 +133,6 @@ _OUTBOUND_MAX: Final = 1000
 _DELAYS_KEPT: Final = 32
 #: Beyond 2**60 the cap has long won; bounding the exponent avoids float overflow.
 _MAX_EXPONENT: Final = 60
-#: Characters that may not appear in a topic level we build from the client id.
-_TOPIC_UNSAFE: Final = frozenset("+#/\0")
 #: An outgoing message over ``max_packet_bytes`` is logged at most once per topic per
 #: this long: an alarm repeated every reconciliation pass must not flood the journal.
 _OVERSIZE_LOG_INTERVAL_S: Final = 600.0
@@ -201,16 +202,6 @@ def full_jitter_delay(attempt: int, initial: float, cap: float,
     """
     ceiling = min(cap, initial * 2.0 ** min(max(attempt, 0), _MAX_EXPONENT))
     return rng() * ceiling
-
-
-def liveness_topic(status_topic: str, client_id: str) -> str:
-    """The topic the link echoes its liveness tokens on: ``<status>/liveness/<id>``.
-
-    Wildcard characters and ``/`` in the client id are replaced by ``_`` so the topic
-    stays one level and publishable.
-    """
-    safe = "".join("_" if ch in _TOPIC_UNSAFE else ch for ch in client_id) or "_"
-    return f"{status_topic}/liveness/{safe}"
 
 
 def read_secret_file(path: Path | None) -> str | None:

@@ -48,16 +48,9 @@ that part is alive, or one sentence saying what is wrong; "alive" means progress
 one watchdog period, not merely a thread object that exists (see ``Agent.start`` for
 the list: the MQTT link's threads and inbound progress, the unit workers, the relock
 timer, the scheduler and reconciliation).  A wedged agent stops pinging and systemd
-restarts it within about two periods.
-
-Test-only fault hook
---------------------
-``STORA_GATEWAY_TEST_FAULT=<name>[@<seconds>]`` (:data:`TEST_FAULT_ENV`) makes a running
-agent break one vital part on purpose after ``seconds`` (default 1), so tests can watch
-the pings stop: ``wedge-units`` (every unit worker blocked until shutdown),
-``stop-link`` (the MQTT link's threads end), ``stop-scheduler`` (the scheduler's thread
-ends).  It exists for the test suite only; it is logged as a warning and must never be
-set on a site.
+restarts it within about two periods.  The tests watch the pings stop by breaking a
+vital part on purpose through the agent's ``faults`` hook (``devkit/faults.py``); the
+product itself has no way to do that.
 """
 
 from __future__ import annotations
@@ -90,13 +83,11 @@ __all__ = [
     "JUMP_THRESHOLD_S",
     "MAX_WAIT_S",
     "POOL_WORKERS",
-    "TEST_FAULT_ENV",
     "JobSpec",
     "JumpDetector",
     "PoolProbe",
     "SiteScheduler",
     "Watchdog",
-    "arm_test_fault",
     "inbound_progress",
     "threads_alive",
     "watchdog_period",
@@ -198,8 +189,6 @@ PROBE_KEY: Final = "~watchdog-probe"
 #: A watchdog period shorter than this is raised to it (below it, a busy Pi could miss
 #: pings for no fault of the agent).
 MIN_WATCHDOG_S: Final = 2.0
-#: Environment variable of the test-only fault hook (module docstring).
-TEST_FAULT_ENV: Final = "STORA_GATEWAY_TEST_FAULT"
 
 Vital = tuple[str, Callable[[], "str | None"]]
 
@@ -512,7 +501,8 @@ class SiteScheduler:
         return f"{job_id} has not run for {now - since:.0f} s"
 
     def shutdown_for_test(self) -> None:
-        """Stop the scheduler's thread without waiting (the test-only fault hook)."""
+        """Stop the scheduler's thread without waiting (a dev-kit test fault:
+        devkit/faults.py)."""
         self._scheduler.shutdown(wait=False)
 
 
@@ -669,27 +659,3 @@ class PoolProbe:
         if waited > self._stale:
             return f"no worker free for {waited:.0f} s (all stuck?)"
         return None
-
-
-# ------------------------------------------------------------------- test-only fault hook
-def arm_test_fault(spec: str, actions: Mapping[str, Callable[[], None]]) -> threading.Timer:
-    """Run ``actions[name]`` after the delay of ``spec`` (``name[@seconds]``); test-only.
-
-    Raises ValueError for an unknown name, so a typo in a test fails loudly.
-    """
-    name, _, delay = spec.partition("@")
-    if name not in actions:
-        raise ValueError(f"{TEST_FAULT_ENV}={spec!r}: unknown fault; one of {sorted(actions)}")
-    seconds = float(delay) if delay else 1.0
-
-    def fire() -> None:
-        LOGGER.warning("TEST FAULT %s injected (%s is for tests only)", name, TEST_FAULT_ENV)
-        actions[name]()
-
-    LOGGER.warning("%s=%s is set: this agent will break itself on purpose", TEST_FAULT_ENV,
-                   spec)
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
-    timer.name = "test-fault"
-    timer.start()
-    return timer

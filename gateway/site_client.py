@@ -375,7 +375,7 @@ class SiteClient:
             self._client.disconnect()
         self._client.loop_stop()
         # paho's wake-up socket pair is closed only by its __del__ otherwise: an
-        # unclosed-socket warning at exit (as gateway/demo.py does).
+        # unclosed-socket warning at exit (as devkit/demo.py does).
         with contextlib.suppress(Exception):
             self._client.reinitialise()
 

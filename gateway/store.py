@@ -95,9 +95,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from gateway.clock import rfc3339
 from gateway.errors import GatewayError, one_line
 from gateway.timeline import EventRecord
+from sitelink.codes import Status
+from sitelink.payloads import result_payload, rfc3339
 
 __all__ = [
     "BUSY_TIMEOUT_S",
@@ -136,7 +137,7 @@ BUSY_TIMEOUT_S: Final = 5.0
 #: (the broker was acknowledged only after this), hardware not yet touched — safe to run
 #: after a restart if still fresh.  ``executing``: only between start and finish.
 COMMAND_STATUSES: Final = frozenset(
-    {"queued", "executing", "done", "rejected", "failed", "unknown"})
+    {"queued", "executing", *(status.value for status in Status)})
 _FINAL_STATUSES: Final = COMMAND_STATUSES - {"queued", "executing"}
 
 # Primary SQLite result codes (the low byte of an extended code).
@@ -599,8 +600,8 @@ def _unknown_result(row: CommandRow, now: float) -> dict[str, Any]:
     The fields are those of a ``P/S/cmd/result`` payload (contract §4) plus ``at_epoch``,
     so a duplicate of the ``jti`` re-publishes "unknown" like any finished command.
     """
-    return {"jti": row.jti, "cmd": row.cmd, "unit": row.unit, "status": "unknown",
-            "reason": None, "duplicate": False, "state": None, "at": rfc3339(now),
+    return {**result_payload(row.jti, row.cmd, row.unit, Status.UNKNOWN, None,
+                             duplicate=False, state=None, at=now),
             "at_epoch": now}
 
 
@@ -1244,7 +1245,7 @@ class Store:
                       "result_json = ?, finished_at = ? WHERE jti = ?",
                       (_dumps(result), now, row.jti))
                 ended = CommandRow(
-                    jti=row.jti, cmd=row.cmd, unit=row.unit, status="unknown", reason=None,
+                    jti=row.jti, cmd=row.cmd, unit=row.unit, status=Status.UNKNOWN, reason=None,
                     result=result, received_at=row.received_at, finished_at=now)
                 if audit is not None:
                     audit(tx, ended)

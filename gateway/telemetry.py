@@ -58,8 +58,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from gateway.clock import rfc3339
 from gateway.health import VERDICTS
+from sitelink.payloads import rfc3339
 
 if TYPE_CHECKING:
     from gateway.store import Store

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final
 
-from gateway.clock import rfc3339
+from sitelink.payloads import rfc3339
 
 __all__ = [
     "DETAIL_SEPARATOR",

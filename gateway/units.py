@@ -38,7 +38,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -50,6 +49,8 @@ from gateway.executor import KeyedSerialExecutor
 from gateway.hardware import Site, point_of
 from gateway.store import Store, StoreError, UnitRow
 from gateway.timeline import external_id_for, make_event
+from sitelink.codes import Cmd, Reason, Status
+from sitelink.payloads import result_payload, unit_state_payload
 
 LOGGER = logging.getLogger(__name__)
 
@@ -59,18 +60,9 @@ DOOR_HELD_OPEN_S = 60.0
 SELF_RELOCK_GRACE_S = 1.0
 #: The Timeline Event kind of each command, for one a restart interrupted.
 _INTERRUPTED_KINDS: Final = MappingProxyType({
-    "unlock": "unlocked", "lock": "locked", "lockout": "overlocked",
-    "clear_lockout": "overlock_removed",
+    Cmd.UNLOCK: "unlocked", Cmd.LOCK: "locked", Cmd.LOCKOUT: "overlocked",
+    Cmd.CLEAR_LOCKOUT: "overlock_removed",
 })
-
-
-def rfc3339(ts: float | None) -> str | None:
-    """``ts`` (epoch seconds) as RFC 3339 UTC, or None."""
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z"
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,17 +83,9 @@ class Outcome:
     duplicate: bool = False
 
     def payload(self) -> dict[str, Any]:
-        """The contract §4 result payload."""
-        return {
-            "jti": self.jti,
-            "cmd": self.cmd,
-            "unit": self.unit,
-            "status": self.status,
-            "reason": self.reason,
-            "duplicate": self.duplicate,
-            "state": self.state,
-            "at": rfc3339(self.at),
-        }
+        """The contract §4 result payload (:func:`sitelink.payloads.result_payload`)."""
+        return result_payload(self.jti, self.cmd, self.unit, self.status, self.reason,
+                              duplicate=self.duplicate, state=self.state, at=self.at)
 
     @classmethod
     def from_result(cls, result: dict[str, Any], *, duplicate: bool) -> Outcome:
@@ -129,13 +113,13 @@ _LOCK_DETAIL: Final = {
 }
 
 
-def _verdict(result: ActionResult | None) -> tuple[str, str | None]:
+def _verdict(result: ActionResult | None) -> tuple[Status, Reason | None]:
     """Contract §4 status and reason of a hardware action (None: no answer at all)."""
     if result is None:
-        return "failed", "hardware_error"
+        return Status.FAILED, Reason.HARDWARE_ERROR
     if result.confirmed:
-        return "done", None
-    return "failed", "not_confirmed"
+        return Status.DONE, None
+    return Status.FAILED, Reason.NOT_CONFIRMED
 
 
 Publish = Callable[[str, dict[str, Any]], None]
@@ -302,18 +286,18 @@ class UnitManager:
         existing = self.store.command(command.jti)
         if existing is not None and existing.status != "queued":
             return self._duplicate(existing.result, command)
-        if command.cmd in ("unlock", "lock") and (
+        if command.cmd in (Cmd.UNLOCK, Cmd.LOCK) and (
                 self._now() >= command.exp + self.config.commands.clock_skew_s):
             # It was fresh when verified but waited on the unit's queue past its expiry:
             # a momentary action never runs late (contract §5).
             return self._reject_late(command, received_at)
-        handler = {
-            "unlock": self._unlock,
-            "lock": self._lock,
-            "lockout": self._lockout,
-            "clear_lockout": self._clear_lockout,
-        }[command.cmd]
-        return handler(command, received_at)
+        handlers: dict[str, Callable[[Command, float], Outcome]] = {
+            Cmd.UNLOCK: self._unlock,
+            Cmd.LOCK: self._lock,
+            Cmd.LOCKOUT: self._lockout,
+            Cmd.CLEAR_LOCKOUT: self._clear_lockout,
+        }
+        return handlers[command.cmd](command, received_at)
 
     def _reject_late(self, command: Command, received_at: float) -> Outcome:
         with self.store.transaction() as tx:
@@ -321,7 +305,7 @@ class UnitManager:
                 return self._duplicate(self._stored(tx, command.jti), command)
             row = tx.unit(command.unit) if command.unit else None
             return self._finish(tx, Outcome(
-                command.jti, command.cmd, command.unit, "rejected", "expired",
+                command.jti, command.cmd, command.unit, Status.REJECTED, Reason.EXPIRED,
                 self._state(row) if row is not None else None, self._now()))
 
     @staticmethod
@@ -340,7 +324,7 @@ class UnitManager:
     def _duplicate(self, stored: dict[str, Any], command: Command) -> Outcome:
         if stored:
             return Outcome.from_result(stored, duplicate=True)
-        return Outcome(command.jti, command.cmd, command.unit, "unknown", None, None,
+        return Outcome(command.jti, command.cmd, command.unit, Status.UNKNOWN, None, None,
                        self._now(), duplicate=True)
 
     def _finish(self, tx: Any, outcome: Outcome) -> Outcome:
@@ -349,16 +333,10 @@ class UnitManager:
 
     def _state(self, row: UnitRow) -> dict[str, Any]:
         lock = self._locks[row.unit]
-        return {
-            "unit": row.unit,
-            "reference": lock.reference,
-            "locked": row.locked,
-            "lockout": row.lockout,
-            "door": row.door,
-            "relock_at": rfc3339(row.relock_at),
-            "confirmed": row.confirmed,
-            "updated_at": rfc3339(row.updated_at),
-        }
+        return unit_state_payload(row.unit, lock.reference, locked=row.locked,
+                                  lockout=row.lockout, door=row.door,
+                                  relock_at=row.relock_at, confirmed=row.confirmed,
+                                  updated_at=row.updated_at)
 
     def _event(self, tx: Any, kind: str, lock: LockConfig, key: str,  # noqa: PLR0917
                command: Command | None, detail: str) -> None:
@@ -408,8 +386,8 @@ class UnitManager:
                 self._event(tx, "unlock_refused", lock, command.jti, command,
                             "the unit is overlocked")
                 return self._finish(tx, Outcome(command.jti, command.cmd, lock.unit,
-                                                "rejected", "overlocked", self._state(row),
-                                                self._now()))
+                                                Status.REJECTED, Reason.OVERLOCKED,
+                                                self._state(row), self._now()))
             # The relock deadline is durable before the door is touched (module docstring).
             relock_at = self._now() + dur
             tx.put_unit(replace(row, relock_at=relock_at))
@@ -473,7 +451,7 @@ class UnitManager:
                         self._event(tx, "locked", lock, key, command,
                                     _LOCK_DETAIL.get(why, ""))
                 tx.put_unit(row)
-                outcome = Outcome(key, command.cmd if command else "lock", lock.unit, status,
+                outcome = Outcome(key, command.cmd if command else Cmd.LOCK, lock.unit, status,
                                   reason, self._state(row), self._now())
                 if claimed and command is not None:
                     self._finish(tx, outcome)
@@ -485,7 +463,7 @@ class UnitManager:
             row = self.store.unit(lock.unit)
             if result is not None:
                 row = self._apply_reading(row, result.reading, result.confirmed)
-            outcome = Outcome(key, command.cmd if command else "lock", lock.unit, status,
+            outcome = Outcome(key, command.cmd if command else Cmd.LOCK, lock.unit, status,
                               reason, self._state(row), self._now())
         if result is not None and result.confirmed:
             self._deadline.pop(lock.unit, None)
@@ -514,7 +492,7 @@ class UnitManager:
             row = tx.unit(lock.unit)
             if command.ver <= row.lockout_ver:
                 return self._finish(tx, Outcome(
-                    command.jti, command.cmd, lock.unit, "rejected", "stale_version",
+                    command.jti, command.cmd, lock.unit, Status.REJECTED, Reason.STALE_VERSION,
                     self._state(row), self._now()))
             row = replace(row, lockout=lockout, lockout_ver=command.ver,
                           relock_at=None if lockout else row.relock_at,
@@ -526,7 +504,7 @@ class UnitManager:
             self._event(tx, kind, lock, command.jti, command, f"version {command.ver}")
             if not lockout:
                 cleared = self._finish(tx, Outcome(command.jti, command.cmd, lock.unit,
-                                                   "done", None, self._state(row),
+                                                   Status.DONE, None, self._state(row),
                                                    self._now()))
         if not lockout:
             self._publish(row)  # the retained unit state must say the lockout ended
@@ -603,7 +581,7 @@ class UnitManager:
         self._grace.discard(unit)
         outcome = self._lock_now(lock, external_id_for(unit, "relock", str(row.relock_at)),
                                  None, "relock", claimed=False)
-        if outcome.status != "done":
+        if outcome.status != Status.DONE:
             self._schedule_in(unit, 5.0)  # keep trying; alarms were raised
 
     # -- reconciliation -------------------------------------------------------------------

@@ -51,6 +51,8 @@ from typing import TYPE_CHECKING, Any, Final, TextIO
 from gateway import liveview
 from gateway.errors import cap_text
 from gateway.site_client import BrokerAccount, SiteClient, client_certificate
+from sitelink.claims import MAX_COMMAND_BYTES as _MAX_COMMAND_BYTES
+from sitelink.topics import Topics
 
 if TYPE_CHECKING:
     from gateway.config import Config
@@ -70,9 +72,9 @@ WATCH_ACCOUNT: Final = "gw-watch"
 #: How often the outbox is read: a delivery shows within a quarter second, and a poll
 #: (two indexed reads) costs the Pi nothing measurable.
 OUTBOX_POLL_S: Final = 0.25
-#: Largest command payload decoded for display: the agent refuses anything larger
-#: (contract §5), so watch only says how big it was.
-MAX_COMMAND_BYTES: Final = 4096
+#: Largest command payload decoded for display (``sitelink.claims.MAX_COMMAND_BYTES``):
+#: the agent refuses anything larger (contract §5), so watch only says how big it was.
+MAX_COMMAND_BYTES: Final = _MAX_COMMAND_BYTES
 #: Pending events followed until delivered, all of them read at each poll (in slices:
 #: ``Store.events_in``).  A backlog larger than this (Stora down for hours) is followed
 #: from its newest end; older ones are no longer reported.
@@ -189,8 +191,8 @@ def decode_command(payload: bytes) -> dict[str, Any] | None:
 class SiteView:
     """Turns the agent's topics into events for a :class:`Printer`."""
 
-    def __init__(self, prefix: str, printer: Printer) -> None:
-        self.prefix = prefix
+    def __init__(self, site_topics: Topics, printer: Printer) -> None:
+        self.site_topics = site_topics
         self.printer = printer
         self.references = printer.references
         self._states: dict[str, dict[str, Any]] = {}
@@ -200,8 +202,8 @@ class SiteView:
     @property
     def topics(self) -> list[str]:
         """What watch subscribes to (read-only)."""
-        return [f"{self.prefix}/{suffix}"
-                for suffix in ("status", "cmd", "cmd/result", "units/+", "alarm")]
+        t = self.site_topics
+        return [t.status, t.cmd, t.cmd_result, t.units_filter, t.alarm]
 
     def on_connection(self, connected: bool, reason: str | None) -> None:
         """The broker link came up or went down."""
@@ -211,8 +213,8 @@ class SiteView:
 
     def on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         """One message from the agent's topics."""
-        suffix = topic[len(self.prefix) + 1:]
-        if suffix == "cmd":
+        t = self.site_topics
+        if topic == t.cmd:
             self._command(payload, retained)
             return
         try:
@@ -224,19 +226,19 @@ class SiteView:
                               f"({len(payload)} bytes)", {"topic": topic})
             return
         with self._lock:  # paho's thread only, but keep the history consistent anyway
-            if suffix == "status":
+            if topic == t.status:
                 self._status(doc, retained)
-            elif suffix == "cmd/result":
+            elif topic == t.cmd_result:
                 self.printer.emit("result", "←", liveview.describe_result(doc, self.references),
                                   doc, doc.get("unit"))
-            elif suffix.startswith("units/"):
+            elif topic.startswith(t.unit("")):
                 unit = str(doc.get("unit"))
                 line = liveview.describe_state_change(self._states.get(unit), doc)
                 self._states[unit] = doc
                 if line is not None:
                     self.printer.emit("state", "lock", line, {**doc, "retained": retained},
                                       unit)
-            elif suffix == "alarm":
+            elif topic == t.alarm:
                 self.printer.emit("alarm", "alarm", liveview.describe_alarm(doc, self.references),
                                   doc, doc.get("unit"))
 
@@ -371,8 +373,8 @@ def run_watch(config: Config, account: BrokerAccount, out: TextIO, err: TextIO, 
     stop = stop or threading.Event()
     references = {lock.unit: lock.reference for lock in config.locks}
     printer = Printer(out, json_lines, references)
-    prefix = f"{config.mqtt.topic_prefix}/{config.site.id}"
-    view = SiteView(prefix, printer)
+    site_topics = Topics(config.mqtt.topic_prefix, config.site.id)
+    view = SiteView(site_topics, printer)
     client = SiteClient(config.mqtt, account, client_name="stora-watch",
                         subscriptions=view.topics, on_message=view.on_message,
                         on_connection=view.on_connection, certificate=certificate)
@@ -395,7 +397,7 @@ def run_watch(config: Config, account: BrokerAccount, out: TextIO, err: TextIO, 
             feed = TimelineFeed(tail) if tail is not None else None
             client.start()
             _follow(feed, view, stop, printer.broken, err,
-                    hint=f"stora-gateway: no status from the agent on {prefix}/status after "
+                    hint=f"stora-gateway: no status from the agent on {site_topics.status} after "
                     f"{STATUS_HINT_S:.0f} s: it has never connected to this broker, or the "
                     f"broker's ACL does not let {account.username or 'anonymous clients'} "
                     "read the site's topics (deploy/README.md, \"Broker accounts\")\n")

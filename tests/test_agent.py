@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support.broker import Broker, Client
-from tests.support.site import MODBUS_UNITS, PREFIX, RunningAgent, SimSite, make_site
+from devkit.mosquitto import Broker, Client
+from devkit.site import MODBUS_UNITS, PREFIX, RunningAgent, SimSite, make_site
 
 pytestmark = pytest.mark.simulator_only
 

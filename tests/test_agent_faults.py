@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
+from devkit.mosquitto import Broker, Client
+from devkit.site import MODBUS_UNITS, PREFIX, AgentProcess, SimSite, make_site
 from drivers.lockboard.frames import OpenRequest
 from drivers.modbus.frames import COIL_ON
-from tests.support.broker import Broker, Client
-from tests.support.site import MODBUS_UNITS, PREFIX, AgentProcess, SimSite, make_site
 
 pytestmark = pytest.mark.simulator_only
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from drivers.lockboard.sim import start_lockboard_sim
-from drivers.modbus.sim import ModbusSimBus
+from devkit.demo import write_demo_config
+from devkit.sims.lockboard import start_lockboard_sim
+from devkit.sims.modbus import ModbusSimBus
 from gateway.cli import main
 from gateway.control import ControlDenied, ControlError, ControlServer, Peer
-from gateway.demo import write_demo_config
 
 LOCK_KEYS = ["unit", "reference", "controller", "locked", "door", "lockout", "error"]
 OUTCOME_KEYS = ["unit", "reference", "action", "status", "detail", "elapsed_ms", "state",

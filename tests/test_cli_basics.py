@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli import COMMANDS, build_parser, main
+from gateway.cli import COMMANDS, all_commands, build_parser, main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,8 +29,10 @@ def test_every_command_has_help_text() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     names = set(sub.choices)  # type: ignore[arg-type]
-    assert names == set(COMMANDS)
-    for name, help_text in COMMANDS.items():
+    assert names == set(all_commands())
+    assert set(COMMANDS) < names  # and the dev kit's, through the plugin point
+    assert {"demo", "sandbox", "simulate", "selftest"} <= names - set(COMMANDS)
+    for name, help_text in all_commands().items():
         assert len(help_text) > 15, name
         status, out, _ = run(name, "--help")
         assert status == 0
@@ -39,7 +41,7 @@ def test_every_command_has_help_text() -> None:
 
 def test_every_command_is_in_the_readme() -> None:
     readme = (ROOT / "README.md").read_text()
-    for name in COMMANDS:
+    for name in all_commands():
         assert re.search(rf"`{re.escape(name)}[ `]", readme), f"README lacks `{name}`"
 
 
@@ -196,7 +198,7 @@ class Terminal(io.StringIO):
 @pytest.fixture
 def one_of_each(tmp_path: Path) -> Iterator[Path]:
     """A config with one controller and one lock, on a running simulator."""
-    from tests.support.site import make_site
+    from devkit.site import make_site
 
     # Nothing listens there: no agent is started, only the config is needed.
     site = make_site(tmp_path, types.SimpleNamespace(host="127.0.0.1", port=9))  # type: ignore[arg-type]

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from drivers.lockboard.sim import LockboardSim, start_lockboard_sim
-from drivers.modbus.sim import ModbusSimBus
+from devkit.demo import write_demo_config
+from devkit.sims.lockboard import LockboardSim, start_lockboard_sim
+from devkit.sims.modbus import ModbusSimBus
 from gateway.cli import main
-from gateway.demo import write_demo_config
 from tests.support.cli_process import CliProcess
 from tests.support.sampler import Sampler
 

@@ -21,17 +21,17 @@ from typing import Any
 import pytest
 
 import gateway.clock
+from devkit.mosquitto import Broker, Client
+from devkit.sandbox import Sandbox
+from devkit.site import PREFIX, SITE, STORA_TOKEN, RunningAgent, SimSite, make_site
 from gateway.agent import Agent
 from gateway.cli import main
 from gateway.clock import BUILD_FLOOR, FLOOR_MARGIN_S, rfc3339
 from gateway.commands import Rejection
 from gateway.config import load_config
-from gateway.sandbox import Sandbox
 from gateway.signer import CommandSigner
 from gateway.store import Store
-from tests.support.broker import Broker, Client
 from tests.support.clock import DAY, NOW, FakeTime
-from tests.support.site import PREFIX, SITE, STORA_TOKEN, RunningAgent, SimSite, make_site
 
 TEN_YEARS = 3_650 * DAY
 

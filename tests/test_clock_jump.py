@@ -36,8 +36,8 @@ from typing import TypedDict
 
 import pytest
 
-from tests.support.broker import Broker
-from tests.support.site import ROOT, AgentProcess, SimSite, make_site
+from devkit.mosquitto import Broker
+from devkit.site import ROOT, AgentProcess, SimSite, make_site
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.site import ROOT
+from devkit.site import ROOT
 
 pytestmark = pytest.mark.timeout(90)
 

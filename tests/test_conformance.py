@@ -1,6 +1,6 @@
 """One conformance suite for every driver, through its simulator and the real agent.
 
-Each driver's harness (tests/support/harness.py) starts its simulator; the agent runs
+Each driver's harness (devkit/harness/__init__.py) starts its simulator; the agent runs
 in-process with a config naming that controller and two locks, on a real Mosquitto,
 and gets signed commands.  The scenarios (issue 6):
 
@@ -25,10 +25,10 @@ from typing import Any
 
 import pytest
 
+from devkit.harness import HARNESSES, Harness, make_harness
+from devkit.mosquitto import Broker, Client
+from devkit.site import NO_STORA_URL, PREFIX, SITE, STORA_TOKEN, RunningAgent
 from gateway.signer import CommandSigner, generate_keypair
-from tests.support.broker import Broker, Client
-from tests.support.harness import HARNESSES, Harness, make_harness
-from tests.support.site import NO_STORA_URL, PREFIX, SITE, STORA_TOKEN, RunningAgent
 
 pytestmark = pytest.mark.simulator_only
 

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import pytest
 
+from devkit.mosquitto import Broker, Client
 from gateway.config import MqttConfig
 from gateway.mqtt import LinkTimings, Message, MqttLink
-from tests.support.broker import Broker, Client
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -28,8 +28,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from gateway.demo import Demo, Expect
-from gateway.demo_broker import EmbeddedBroker, find_mosquitto, topic_matches
+from devkit.demo import Demo, Expect
+from devkit.embedded_broker import EmbeddedBroker, find_mosquitto, topic_matches
 
 pytestmark = pytest.mark.simulator_only
 
@@ -362,11 +362,11 @@ def test_embedded_broker_keeps_a_session(broker: EmbeddedBroker, version: int) -
 
 def test_without_mosquitto(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """"auto" falls back to the embedded broker; "mosquitto" says what to do, exit 1."""
-    import gateway.demo_broker
+    import devkit.embedded_broker
     from gateway.cli import main
 
-    monkeypatch.setattr(gateway.demo_broker, "find_mosquitto", lambda: None)
-    broker = gateway.demo_broker.start_broker("auto", tmp_path)
+    monkeypatch.setattr(devkit.embedded_broker, "find_mosquitto", lambda: None)
+    broker = devkit.embedded_broker.start_broker("auto", tmp_path)
     try:
         assert isinstance(broker, EmbeddedBroker)
     finally:

@@ -40,9 +40,12 @@ from typing import Any
 
 import pytest
 
+from devkit.mosquitto import Broker, BrokerError, Client, TlsFiles, make_tls_files
+from devkit.site import PREFIX as AGENT_PREFIX
+from devkit.site import SITE as AGENT_SITE
+from devkit.site import AgentProcess, SimSite, make_site
 from gateway.config import MqttConfig
 from gateway.mqtt import LinkTimings, Message, MqttLink
-from tests.support.broker import Broker, BrokerError, Client, TlsFiles, make_tls_files
 from tests.support.deploy import (
     ACL,
     CLOUD_BROKER_CONF,
@@ -52,9 +55,6 @@ from tests.support.deploy import (
     shipped_broker,
     without_id_binding,
 )
-from tests.support.site import PREFIX as AGENT_PREFIX
-from tests.support.site import SITE as AGENT_SITE
-from tests.support.site import AgentProcess, SimSite, make_site
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = DEPLOY / "systemd" / "stora-gateway.service"
@@ -674,7 +674,7 @@ def test_the_agent_on_the_site_broker_s_socket_survives_an_oversize_alarm(
     disconnect the other).  An alarm over the broker's limit is refused by the agent's
     link itself and never queued (queued, it would cost the connection at every
     reconnect); the link stays up and a signed unlock is done."""
-    from tests.support.site import RunningAgent
+    from devkit.site import RunningAgent
 
     passwords = {user: secrets.token_urlsafe(12)
                  for user in (AGENT_SITE, "relay", "gw-zigbee2mqtt")}

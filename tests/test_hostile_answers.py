@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.sandbox import Sandbox
-from tests.support.broker import Broker
-from tests.support.site import PREFIX, STORA_TOKEN, RunningAgent, make_site
+from devkit.mosquitto import Broker
+from devkit.sandbox import Sandbox
+from devkit.site import PREFIX, STORA_TOKEN, RunningAgent, make_site
 
 pytestmark = pytest.mark.simulator_only
 

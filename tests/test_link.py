@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import serial
 
+from devkit.pty import PtyBridge, PtyPort
 from drivers.errors import BadFrameError, LinkDownError, NoReplyError
 from drivers.link import LinkTiming, SerialBus, frame_gap_s, read_reply, wire_time_s
-from drivers.pty import PtyBridge, PtyPort
 
 
 class FakeClock:

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from devkit.pty import PtyPort
+from devkit.sims.base import SimulatorServer
+from devkit.sims.lockboard import LockboardSim, start_lockboard_sim
 from drivers.base import DoorState, LockPoint, LockState
 from drivers.errors import BadFrameError, LinkDownError, NoReplyError, UnsupportedError
 from drivers.link import LinkTiming, SerialBus
@@ -24,9 +27,6 @@ from drivers.lockboard.frames import (
     ReadRequest,
     RequestReader,
 )
-from drivers.lockboard.sim import LockboardSim, start_lockboard_sim
-from drivers.pty import PtyPort
-from drivers.simbase import SimulatorServer
 
 TIMING = LinkTiming(timeout_s=0.1, retries=2, gap_s=0.004, reopen_initial_s=0.05, reopen_max_s=0.2)
 HOLD_S = 3.0

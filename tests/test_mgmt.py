@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
+from devkit.mosquitto import Broker, Client
+from devkit.site import PREFIX, SITE, AgentProcess, RunningAgent, SimSite, make_site
 from gateway.signer import CommandSigner, generate_keypair
-from tests.support.broker import Broker, Client
-from tests.support.site import PREFIX, SITE, AgentProcess, RunningAgent, SimSite, make_site
 
 pytestmark = pytest.mark.simulator_only
 
@@ -421,7 +421,7 @@ def test_config_set_of_locks_restarts_the_agent_and_loses_no_command(
     restarts it), commands sent while it is down run after the start, and the new
     settings are in force."""
     text = site.config_path.read_text().replace("unlock_seconds = 2", "unlock_seconds = 7")
-    agent = AgentProcess(site, env={"STORA_GATEWAY_TEST_RESTART_MIN_UPTIME_S": "0"})
+    agent = AgentProcess(site, restart_min_uptime_s=0)
     agent.start()
     try:
         res = answer(client, ask(site, client, "config.set", args={"toml": text}))
@@ -460,12 +460,9 @@ def test_a_restart_soon_after_a_start_is_refused(site: SimSite, client: Client) 
 
 
 def test_config_set_of_the_broker_keepalive_restarts_the_agent(
-        site: SimSite, client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
-    import gateway.mgmt
-
-    monkeypatch.setattr(gateway.mgmt, "RESTART_MIN_UPTIME_S", 0.0)
+        site: SimSite, client: Client) -> None:
     text = site.config_path.read_text().replace("keepalive_s = 5", "keepalive_s = 10")
-    with RunningAgent(site.config_path) as agent:
+    with RunningAgent(site.config_path, restart_min_uptime_s=0.0) as agent:
         res = answer(client, ask(site, client, "config.set", args={"toml": text}))
         assert agent.stop_event.wait(5)
         assert agent.restart_reason is not None

@@ -22,11 +22,11 @@ from pymodbus.framer import FramerType
 from pymodbus.server import ModbusSerialServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
+from devkit.pty import PtyBridge
 from drivers.base import DoorState, LockPoint, LockState
 from drivers.errors import DeviceRejectedError
 from drivers.link import LinkTiming, SerialBus
 from drivers.modbus import ModbusBus, ModbusController, scan
-from drivers.pty import PtyBridge
 
 pytestmark = pytest.mark.simulator_only
 

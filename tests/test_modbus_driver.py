@@ -21,6 +21,8 @@ from typing import Any, Literal
 import pytest
 from pymodbus.client import ModbusSerialClient
 
+from devkit.pty import PtyBridge
+from devkit.sims.modbus import ModbusSimBus, RelayBoard
 from drivers.base import DoorState, LockPoint, LockState
 from drivers.errors import (
     BadFrameError,
@@ -32,8 +34,6 @@ from drivers.errors import (
 )
 from drivers.link import LinkTiming, SerialBus, open_serial
 from drivers.modbus import ModbusBus, ModbusController, PulseStyle, scan
-from drivers.modbus.sim import ModbusSimBus, RelayBoard
-from drivers.pty import PtyBridge
 
 TIMING = LinkTiming(timeout_s=0.1, retries=2, gap_s=0.004, reopen_initial_s=0.05, reopen_max_s=0.2)
 ATTEMPTS = TIMING.retries + 1

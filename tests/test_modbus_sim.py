@@ -16,6 +16,7 @@ from pymodbus.pdu.bit_message import (
 )
 from pymodbus.pdu.register_message import WriteSingleRegisterRequest
 
+from devkit.sims.modbus import ModbusSimulator, RelayBoard
 from drivers.base import LockState
 from drivers.errors import BadFrameError, DeviceRejectedError
 from drivers.modbus.frames import (
@@ -28,7 +29,6 @@ from drivers.modbus.frames import (
     make_framer,
     pulse_units,
 )
-from drivers.modbus.sim import ModbusSimulator, RelayBoard
 
 
 class FakeClock:

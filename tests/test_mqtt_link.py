@@ -32,8 +32,8 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from support.broker import Broker, Client, TlsFiles, make_tls_files
 
+from devkit.mosquitto import Broker, Client, TlsFiles, make_tls_files
 from gateway.config import MqttConfig
 from gateway.errors import ConfigError
 from gateway.mqtt import (
@@ -957,7 +957,7 @@ def test_unreadable_password_file_is_a_config_error(tmp_path: Path) -> None:
 
 def test_broker_binary_is_found() -> None:
     # The suite must fail, not skip, where mosquitto is missing; this names the cause.
-    from support.broker import find_mosquitto
+    from devkit.mosquitto import find_mosquitto
 
     assert os.access(find_mosquitto(), os.X_OK)
 

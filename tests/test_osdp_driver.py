@@ -19,11 +19,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from drivers.base import DoorState, LockPoint, LockState
-from drivers.errors import LinkDownError, TechnicianError
-from drivers.osdp import SCBK_D, OsdpController, OsdpTiming, ScbkError, load_scbk
-from drivers.osdp import controller as osdp_controller
-from drivers.osdp.sim import (
+from devkit.harness.osdp import write_scbk
+from devkit.mosquitto import Broker, Client
+from devkit.sims.osdp import (
     FrameSplitter,
     OsdpPdSim,
     checksum,
@@ -31,8 +29,10 @@ from drivers.osdp.sim import (
     crc16,
     strip_sc_capability,
 )
-from tests.support.broker import Broker, Client
-from tests.support.harness_osdp import write_scbk
+from drivers.base import DoorState, LockPoint, LockState
+from drivers.errors import LinkDownError, TechnicianError
+from drivers.osdp import SCBK_D, OsdpController, OsdpTiming, ScbkError, load_scbk
+from drivers.osdp import controller as osdp_controller
 
 pytestmark = [pytest.mark.simulator_only, pytest.mark.timeout(60)]
 
@@ -294,7 +294,7 @@ def test_adapter_unplugged_reads_unknown_at_once_and_a_new_session_reads_again(
 
 
 def _agent_config(directory: Path, broker: Broker, sim: OsdpPdSim, public_key: str) -> Path:
-    from tests.support.site import NO_STORA_URL, SITE, STORA_TOKEN
+    from devkit.site import NO_STORA_URL, SITE, STORA_TOKEN
 
     token = directory / "token"
     token.write_text(f"{STORA_TOKEN}\n")
@@ -351,8 +351,8 @@ unlock_seconds = 2
 
 def test_kill9_during_an_unlock_the_pd_relocks_at_the_end_of_its_timer(
         tmp_path: Path, make_pd: Callable[..., OsdpPdSim]) -> None:
+    from devkit.site import PREFIX, SITE, AgentProcess
     from gateway.signer import CommandSigner, generate_keypair
-    from tests.support.site import PREFIX, SITE, AgentProcess
 
     sim = make_pd(scbk=KEY)  # the door lives in this process; the agent is a subprocess
     seconds = 3.0

@@ -27,10 +27,11 @@ from typing import Any
 import httpx
 import pytest
 
+from devkit.sandbox import EVENT_SCOPE, Sandbox, max_in_window
+from devkit.site import RunningAgent
 from gateway.cli import main
 from gateway.config import StoraConfig
 from gateway.outbox import MAX_NOTE_CHARS, Drainer, build_drainer
-from gateway.sandbox import EVENT_SCOPE, Sandbox, max_in_window
 from gateway.stora import (
     MAX_DETAILS,
     MAX_TOKEN_RESPONSE_BYTES,
@@ -45,7 +46,6 @@ from gateway.stora_http import MAX_TEXT_CHARS
 from gateway.store import SEND_HISTORY_KEEP_S, Store
 from gateway.timeline import external_id_for, make_event
 from tests.support.hostile_http import HostileServer, Reply, Request
-from tests.support.site import RunningAgent
 
 T0 = 1_800_000_000.5
 PER_S, PER_MIN = 10, 60  # Stora's documented limits (stora-api §5), sandbox and client alike
@@ -511,7 +511,7 @@ def test_cli_outbox_lists_and_retries_directly(rig: Rig) -> None:
 # -- the agent: wiring, status, control socket, storage faults ------------------------------
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Any]:
-    from tests.support.broker import Broker
+    from devkit.mosquitto import Broker
 
     with Broker(tmp_path / "broker") as b:
         yield b
@@ -528,8 +528,8 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
 @pytest.mark.simulator_only
 def test_agent_delivers_dead_letters_and_retries_through_the_control_socket(
         tmp_path: Path, broker: Any) -> None:
+    from devkit.site import PREFIX, SITE, STORA_TOKEN, make_site
     from gateway.control import ControlClient, ControlError
-    from tests.support.site import PREFIX, SITE, STORA_TOKEN, make_site
 
     with Sandbox(static_tokens={STORA_TOKEN}) as sandbox:
         site = make_site(tmp_path, broker, stora_url=sandbox.api_url)
@@ -592,7 +592,7 @@ def corrupt_freelist(db: Path) -> None:
 ])
 def test_a_corrupt_database_at_start_is_quarantined_and_the_loss_counted(
         tmp_path: Path, broker: Any, damage: Callable[[Path], None], said: str) -> None:
-    from tests.support.site import PREFIX, make_site
+    from devkit.site import PREFIX, make_site
 
     site = make_site(tmp_path, broker)
     try:
@@ -659,8 +659,8 @@ def fill(directory: Path) -> Path:
 @pytest.mark.simulator_only
 def test_disk_full_locks_keep_working_and_events_are_refused_loudly(
         tmp_path: Path, broker: Any, small_state_fs: Path) -> None:
+    from devkit.site import PREFIX, make_site
     from gateway.control import ControlClient
-    from tests.support.site import PREFIX, make_site
 
     site = make_site(tmp_path, broker)
     try:
@@ -710,7 +710,7 @@ def test_read_only_storage_at_start_runs_on_memory_with_an_alarm(
         tmp_path: Path, broker: Any, small_state_fs: Path) -> None:
     import subprocess
 
-    from tests.support.site import PREFIX, make_site
+    from devkit.site import PREFIX, make_site
 
     site = make_site(tmp_path, broker)
     try:
@@ -740,7 +740,7 @@ def test_agent_process_killed_mid_drain_delivers_each_event_once(
     """The harness the kill -9 x300 test builds on: a real agent, a real sandbox."""
     import sqlite3
 
-    from tests.support.site import PREFIX, SITE, STORA_TOKEN, AgentProcess, make_site
+    from devkit.site import PREFIX, SITE, STORA_TOKEN, AgentProcess, make_site
 
     with Sandbox(static_tokens={STORA_TOKEN}) as sandbox:
         site = make_site(tmp_path, broker, stora_url=sandbox.api_url)

@@ -48,10 +48,10 @@ from typing import Any
 
 import pytest
 
-from gateway.sandbox import Sandbox, max_in_window
+from devkit.sandbox import Sandbox, max_in_window
+from devkit.site import ROOT, STORA_TOKEN, write_agent_config
 from gateway.signer import generate_keypair
 from tests.support.eventgen import PHASES, command_for
-from tests.support.site import ROOT, STORA_TOKEN, write_agent_config
 
 KILLS = int(os.environ.get("OUTBOX_KILLS", "300"))
 #: Requests a second (and x60 a minute), the sandbox's and the client's alike: high

@@ -9,7 +9,7 @@ machine) and a list of programs that exist nowhere, through ``STORA_TEST_TOOLS``
 
 They also keep the list honest: a test that looks for a program (``shutil.which``, a
 subprocess argv, a skip reason naming a Debian package) fails here unless the program
-is in the list, so that no test skips in CI for want of a tool; and README's
+is in the list (tests and the dev kit's helpers are scanned), so that no test skips in CI for want of a tool; and README's
 "Prerequisites" names every package.
 """
 
@@ -56,7 +56,9 @@ def test_every_program_a_test_looks_for_is_listed() -> None:
     tools = listed()
     wanted: dict[str, set[str]] = {}
     hinted: dict[str, set[str]] = {}
-    for path in sorted((ROOT / "tests").rglob("*.py")):
+    # The dev kit holds the shared test helpers (the broker fixture finds mosquitto).
+    paths = [*(ROOT / "tests").rglob("*.py"), *(ROOT / "devkit").rglob("*.py")]
+    for path in sorted(paths):
         text = path.read_text()
         name = str(path.relative_to(ROOT))
         for pattern in LOOKUPS:

@@ -1,4 +1,4 @@
-"""The Stora API sandbox over real HTTP (gateway/sandbox.py).
+"""The Stora API sandbox over real HTTP (devkit/sandbox.py).
 
 The sandbox is the peer of the outbox's exactly-once tests, so these tests pin the
 behaviours those tests rely on: replay of the first reply under a key (201, 422 and 500
@@ -27,8 +27,8 @@ from typing import Any
 
 import pytest
 
+from devkit.sandbox import EVENT_SCOPE, Sandbox, max_in_window
 from gateway.cli import main
-from gateway.sandbox import EVENT_SCOPE, Sandbox, max_in_window
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_800_000_000.5  # the fake clock's start; .5 so integer-second windows would differ

@@ -3,8 +3,9 @@
 Fast in-process tests with injected clocks first; then the agent as a subprocess with a
 real AF_UNIX datagram socket as ``$NOTIFY_SOCKET``: READY=1, then WATCHDOG=1 at least
 every WatchdogSec / 2, and no more pings once a vital part is broken on purpose (the
-test-only ``STORA_GATEWAY_TEST_FAULT`` hook).  Wall-clock jumps under libfaketime are in
-tests/test_clock_jump.py.  Fault matrix rows #39 (clock jumps) and #43 (misfires).
+dev kit's fault hook: ``python -m devkit.agent --fault``, devkit/faults.py).  Wall-clock
+jumps under libfaketime are in tests/test_clock_jump.py.  Fault matrix rows #39 (clock
+jumps) and #43 (misfires).
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from pathlib import Path
 import pytest
 from apscheduler.triggers.interval import IntervalTrigger
 
+from devkit.mosquitto import Broker
+from devkit.site import AgentProcess, make_site
 from gateway.executor import KeyedSerialExecutor
 from gateway.schedule import (
     JOBS,
     MIN_WATCHDOG_S,
-    TEST_FAULT_ENV,
     JumpDetector,
     PoolProbe,
     SiteScheduler,
@@ -34,8 +36,6 @@ from gateway.schedule import (
     threads_alive,
     watchdog_period,
 )
-from tests.support.broker import Broker
-from tests.support.site import AgentProcess, make_site
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -410,10 +410,9 @@ def test_the_agent_pings_systemd_while_alive_and_stops_when_a_vital_part_breaks(
         # Only now: mosquitto, built with systemd support, would say READY=1 too.
         monkeypatch.setenv("NOTIFY_SOCKET", str(path))
         monkeypatch.setenv("WATCHDOG_USEC", str(int(WATCHDOG_S * 1e6)))
-        monkeypatch.setenv(TEST_FAULT_ENV, f"{fault}@{fault_after_s}")
         monkeypatch.delenv("WATCHDOG_PID", raising=False)
         site = make_site(tmp_path, broker)
-        agent = AgentProcess(site)
+        agent = AgentProcess(site, fault=f"{fault}@{fault_after_s}")
         try:
             started = time.monotonic()
             agent.start(wait=False)
@@ -455,7 +454,6 @@ def test_without_watchdog_usec_the_agent_only_says_ready(
     with Broker(tmp_path / "broker") as broker:
         monkeypatch.setenv("NOTIFY_SOCKET", str(path))  # after mosquitto's start (above)
         monkeypatch.delenv("WATCHDOG_USEC", raising=False)
-        monkeypatch.delenv(TEST_FAULT_ENV, raising=False)
         site = make_site(tmp_path, broker)
         agent = AgentProcess(site)
         try:

@@ -20,12 +20,12 @@ from typing import Any
 
 import pytest
 
+from devkit.mosquitto import Broker, Client
+from devkit.sandbox import Sandbox
+from devkit.site import NO_STORA_URL, SITE, STORA_TOKEN, RunningAgent, SimSite, make_site
 from gateway.cli import main
-from gateway.sandbox import Sandbox
-from tests.support.broker import Broker, Client
 from tests.support.cli_process import run_cli
 from tests.support.deploy import ACL, ID_BINDING
-from tests.support.site import NO_STORA_URL, SITE, STORA_TOKEN, RunningAgent, SimSite, make_site
 
 pytestmark = pytest.mark.simulator_only
 
@@ -120,10 +120,10 @@ def test_selftest_checks_the_whole_path(rig: Rig) -> None:
 
 
 def test_no_agent_fails_at_the_agent_step(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
-    import gateway.selftest
+    import devkit.selftest
 
     # A retained status arrives with the SUBACK, in milliseconds: 1 s is ample here.
-    monkeypatch.setattr(gateway.selftest, "STATUS_WAIT_S", 1.0)
+    monkeypatch.setattr(devkit.selftest, "STATUS_WAIT_S", 1.0)
     status, report = rig.selftest("A-101")
     assert status == 1
     steps = by_step(report)
@@ -213,9 +213,9 @@ def test_on_the_shipped_acl_with_its_own_account(tmp_path: Path,
     gw-watch lines): gw-selftest passes and the agent keeps its one connection; watch's
     read-only account fails at the command step, named; an account the ACL gives nothing
     fails at the agent step, and the report says the ACL may be why."""
-    import gateway.selftest
+    import devkit.selftest
 
-    monkeypatch.setattr(gateway.selftest, "STATUS_WAIT_S", 1.0)  # as above
+    monkeypatch.setattr(devkit.selftest, "STATUS_WAIT_S", 1.0)  # as above
     passwords = {SITE: secrets.token_urlsafe(9), "gw-selftest": secrets.token_urlsafe(9),
                  "gw-watch": secrets.token_urlsafe(9), "tech": secrets.token_urlsafe(9)}
     secrets_dir = tmp_path / "secrets"
@@ -277,7 +277,7 @@ def test_the_timeline_steps_quote_stora_s_whole_refusal_and_count_attempts(
     from types import SimpleNamespace
     from typing import cast
 
-    from gateway.selftest import SelfTest
+    from devkit.selftest import SelfTest
     from gateway.site_client import BrokerAccount
     from gateway.store import Store
     from gateway.timeline import EventRecord

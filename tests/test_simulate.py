@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
+from devkit.demo import write_demo_config
+from devkit.harness.osdp import write_scbk
+from devkit.mosquitto import Broker, Client
 from gateway.cli import main
-from gateway.demo import write_demo_config
-from tests.support.broker import Broker, Client
 from tests.support.cli_process import CliProcess, first, run_cli
-from tests.support.harness_osdp import write_scbk
 
 pytestmark = pytest.mark.simulator_only
 

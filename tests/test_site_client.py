@@ -29,6 +29,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from devkit.mosquitto import Broker, TlsFiles
+from devkit.site import SITE, SimSite, make_site
 from gateway.config import Config, MqttConfig, load_config
 from gateway.site_client import (
     ClientCertificate,
@@ -38,8 +40,6 @@ from gateway.site_client import (
     tls_context,
 )
 from gateway.watch import WATCH_CERT_ENV, WATCH_KEY_ENV
-from tests.support.broker import Broker, TlsFiles
-from tests.support.site import SITE, SimSite, make_site
 
 #: The agent's certificate names it like this; with use_identity_as_username that is
 #: its broker account.
@@ -302,8 +302,8 @@ def test_watch_and_selftest_refuse_the_agent_s_certificate_from_the_environment(
     """Through the CLI: one line, exit 2, before any connection is tried."""
     import io
 
+    from devkit.selftest import SELFTEST_CERT_ENV, SELFTEST_TLS_KEY_ENV
     from gateway.cli import main
-    from gateway.selftest import SELFTEST_CERT_ENV, SELFTEST_TLS_KEY_ENV
 
     tls_config(site, pki)
     key, out = site.directory / "selftest.pem", io.StringIO()

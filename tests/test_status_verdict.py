@@ -27,9 +27,9 @@ from typing import Any
 
 import pytest
 
-from gateway.sandbox import Sandbox
-from tests.support.broker import Broker, Client
-from tests.support.site import (
+from devkit.mosquitto import Broker, Client
+from devkit.sandbox import Sandbox
+from devkit.site import (
     PREFIX,
     ROOT,
     STORA_TOKEN,

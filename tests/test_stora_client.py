@@ -33,8 +33,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from devkit.sandbox import EVENT_SCOPE, Sandbox, max_in_window
 from gateway.config import StoraConfig
-from gateway.sandbox import EVENT_SCOPE, Sandbox, max_in_window
 from gateway.stora import (
     MAX_TOKEN_RESPONSE_BYTES,
     REPLAY_SAFE_S,

@@ -36,9 +36,9 @@ from typing import Any
 
 import pytest
 
-from gateway.sandbox import Sandbox
+from devkit.sandbox import Sandbox
+from devkit.site import PREFIX, SITE, STORA_TOKEN, RunningAgent, make_site
 from gateway.timeline import external_id_for
-from tests.support.site import PREFIX, SITE, STORA_TOKEN, RunningAgent, make_site
 
 FS_SIZE = "16M"
 
@@ -122,7 +122,7 @@ def state_fs(tmp_path: Path) -> Iterator[LoopExt4]:
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Any]:
-    from tests.support.broker import Broker
+    from devkit.mosquitto import Broker
 
     with Broker(tmp_path / "broker") as b:
         yield b

@@ -18,6 +18,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from devkit.mosquitto import Broker, Client
+from devkit.sims.tasmota import TasmotaDevice, TasmotaSim
+from devkit.site import PREFIX, AgentProcess, make_site
 from drivers.base import DoorState, LockPoint, LockState
 from drivers.errors import LinkDownError, NoReplyError, UnsupportedError
 from drivers.tasmota import (
@@ -28,9 +31,6 @@ from drivers.tasmota import (
     TasmotaTiming,
 )
 from drivers.tasmota import messages as m
-from drivers.tasmota.sim import TasmotaDevice, TasmotaSim
-from tests.support.broker import Broker, Client
-from tests.support.site import PREFIX, AgentProcess, make_site
 
 TOPIC = "unit_relay"
 #: Shrunk timings: the simulator answers in about a millisecond.

@@ -16,11 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli import main
-from tests.support.broker import Broker
-from tests.support.cli_process import CliProcess
-from tests.support.sampler import Sampler
-from tests.support.site import (
+from devkit.mosquitto import Broker
+from devkit.site import (
     LOCKBOARD_UNITS,
     MODBUS_UNITS,
     PREFIX,
@@ -28,6 +25,9 @@ from tests.support.site import (
     SimSite,
     make_site,
 )
+from gateway.cli import main
+from tests.support.cli_process import CliProcess
+from tests.support.sampler import Sampler
 
 pytestmark = pytest.mark.simulator_only
 

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import serial
 
+from devkit.demo import write_demo_config
+from devkit.sims.lockboard import LockboardSim, start_lockboard_sim
+from devkit.sims.modbus import ModbusSimBus
 from drivers.errors import LinkDownError
 from drivers.link import SerialBus
-from drivers.lockboard.sim import LockboardSim, start_lockboard_sim
-from drivers.modbus.sim import ModbusSimBus
 from drivers.port_holders import busy_hint, port_holders
 from gateway.config import load_config
-from gateway.demo import write_demo_config
 from gateway.hardware import build_site
 from gateway.technician import run_test_cycle
 

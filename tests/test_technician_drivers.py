@@ -1,7 +1,7 @@
 """`test --seconds N` holds the unlock N seconds on every lock kind the simulators have
 (issue 12 item 5), then relocks and confirms.
 
-One conformance harness per driver (tests/support/harness.py), the real CLI in direct
+One conformance harness per driver (devkit/harness/__init__.py), the real CLI in direct
 mode (no agent), and the simulated door watched from outside
 (:mod:`tests.support.sampler`).  A board that times the unlock itself is asked for N
 seconds and must hold them; a lock board's firmware pulse cannot be stretched, and the
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from drivers.modbus.sim import ModbusSimBus
+from devkit.demo import write_demo_config
+from devkit.harness import HARNESSES, Harness, make_harness
+from devkit.mosquitto import Broker
+from devkit.sims.modbus import ModbusSimBus
 from gateway.cli import main
-from gateway.demo import write_demo_config
 from gateway.signer import generate_keypair
-from tests.support.broker import Broker
-from tests.support.harness import HARNESSES, Harness, make_harness
 from tests.support.sampler import Sampler
 from tests.test_conformance import write_config
 

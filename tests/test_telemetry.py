@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 
+from devkit.mosquitto import Broker, Client
+from devkit.site import PREFIX, STORA_TOKEN, RunningAgent, SimSite, make_site
 from gateway import __version__
 from gateway.telemetry import (
     cpu_temperature,
@@ -32,8 +34,6 @@ from gateway.telemetry import (
     render_prometheus,
     write_textfile,
 )
-from tests.support.broker import Broker, Client
-from tests.support.site import PREFIX, STORA_TOKEN, RunningAgent, SimSite, make_site
 
 # --------------------------------------------------------------------------- a strict parser
 
@@ -607,7 +607,7 @@ def test_retained_status_and_textfile_report_queue_and_controller_health(
 @pytest.mark.simulator_only
 def test_last_successful_post_is_reported_and_survives_a_restart(
         tmp_path: Path, broker: Broker) -> None:
-    from gateway.sandbox import Sandbox
+    from devkit.sandbox import Sandbox
 
     with Sandbox(static_tokens={STORA_TOKEN}) as sandbox:
         site = make_site(tmp_path, broker, stora_url=sandbox.api_url)

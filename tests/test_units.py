@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
+from devkit.mosquitto import Broker
+from devkit.site import SimSite, make_site
 from gateway.commands import Command
 from gateway.config import load_config
 from gateway.hardware import build_site
 from gateway.store import Store
 from gateway.units import UnitManager
-from tests.support.broker import Broker
-from tests.support.site import SimSite, make_site
 
 pytestmark = pytest.mark.simulator_only
 

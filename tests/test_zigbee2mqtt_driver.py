@@ -15,6 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from devkit.mosquitto import Broker, Client, make_tls_files
+from devkit.sims.zigbee2mqtt import SimFaults, SimLock, Zigbee2MqttSim
 from drivers.base import DoorState, LockPoint, LockState
 from drivers.errors import LinkDownError, NoReplyError
 from drivers.zigbee2mqtt import (
@@ -36,8 +38,6 @@ from drivers.zigbee2mqtt.messages import (
     encode_get,
     encode_set,
 )
-from drivers.zigbee2mqtt.sim import SimFaults, SimLock, Zigbee2MqttSim
-from tests.support.broker import Broker, Client, make_tls_files
 
 pytestmark = pytest.mark.simulator_only
 

@@ -1,8 +1,8 @@
 """Driver for the hex-protocol RS-485 lock-control boards (CU16/CU48-style, KERONG & co).
 
 ``frames`` is the protocol as pure code, ``controller`` the driver interface over a
-:class:`drivers.link.SerialBus`, ``sim`` a simulator of boards on a pty.  The simulator is
-not imported here: production code should not pay for it.
+:class:`drivers.link.SerialBus`.  The simulator of boards on a pty is the dev kit's
+(``devkit/sims/lockboard.py``), which production code never imports.
 """
 
 from drivers.lockboard.controller import (

@@ -5,9 +5,9 @@ Layers, one module each::
     frames.py      pymodbus PDUs + the timed-pulse PDU + reply checks   (pure)
     client.py      ModbusBus: pymodbus's RTU client on a SerialBus      (link)
     controller.py  ModbusController, scan                               (controller API)
-    sim.py         RelayBoard, ModbusSimulator, ModbusSimBus            (simulator)
 
-``sim`` is not imported here: production code never needs it.
+Its simulator (``RelayBoard``, ``ModbusSimulator``, ``ModbusSimBus``) is the dev kit's:
+``devkit/sims/modbus.py``, which production code never imports.
 """
 
 from drivers.modbus.client import ModbusBus

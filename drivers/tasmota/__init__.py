@@ -5,9 +5,9 @@ Layers, one module each::
     messages.py    topics and payloads of Tasmota's MQTT API           (pure)
     client.py      TasmotaClient: one paho-mqtt client per broker      (link)
     controller.py  TasmotaController                                   (controller API)
-    sim.py         TasmotaSim: a simulated device on a real broker     (simulator)
 
-``sim`` is not imported here: production code never needs it.
+Its simulator (``TasmotaSim``, a simulated device on a real broker) is the dev kit's:
+``devkit/sims/tasmota.py``, which production code never imports.
 """
 
 from drivers.tasmota.client import BrokerSettings, ClientTiming, TasmotaClient

@@ -5,9 +5,9 @@ Layers, one module each::
     messages.py    topics and payloads of Zigbee2MQTT          (pure)
     client.py      BridgeLink: the driver's own paho client     (link)
     controller.py  Zigbee2MqttController                        (controller API)
-    sim.py         Zigbee2MqttSim, a bridge on a real broker    (simulator)
 
-``sim`` is not imported here: production code never needs it.
+Its simulator (``Zigbee2MqttSim``, a bridge on a real broker) is the dev kit's:
+``devkit/sims/zigbee2mqtt.py``, which production code never imports.
 """
 
 from drivers.zigbee2mqtt.client import BridgeLink, BrokerSettings

@@ -1,6 +1,6 @@
 """A scripted HTTP/1.1 server on 127.0.0.1 for answers no real Stora would give.
 
-The sandbox (gateway/sandbox.py) is a faithful Stora; this is the other side of the
+The sandbox (devkit/sandbox.py) is a faithful Stora; this is the other side of the
 path: whatever a broken proxy, a compromised endpoint or a man in the middle could send.
 A test gives a ``script`` that maps each request to a :class:`Reply`, which may
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any
 
-from gateway.sandbox import ConnectionTracking
+from devkit.sandbox import ConnectionTracking
 
 #: One write of a streamed body; the buffer is allocated once per reply.
 CHUNK = 64 * 1024

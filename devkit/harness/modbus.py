@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from drivers.modbus.sim import ModbusSimBus
-from tests.support.broker import Broker
+from devkit.mosquitto import Broker
+from devkit.sims.modbus import ModbusSimBus
 
 SLAVE = 3
 

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from devkit.pty import PtyPort
 from drivers.base import Clock
-from drivers.pty import PtyPort
 
 LOGGER = logging.getLogger(__name__)
 

@@ -48,6 +48,8 @@ from pymodbus.pdu.bit_message import (
 )
 from pymodbus.pdu.register_message import WriteSingleRegisterRequest, WriteSingleRegisterResponse
 
+from devkit.pty import PtyPort
+from devkit.sims.base import SimulatorServer, TransportFaults
 from drivers.base import Clock, LockState
 from drivers.modbus.frames import (
     COIL_OFF,
@@ -57,8 +59,6 @@ from drivers.modbus.frames import (
     WriteCoilPDU,
     make_framer,
 )
-from drivers.pty import PtyPort
-from drivers.simbase import SimulatorServer, TransportFaults
 
 LOGGER = logging.getLogger(__name__)
 
@@ -345,7 +345,7 @@ class ModbusSimulator:
 class ModbusSimBus:
     """Simulated relay boards served on a pty at ``path``; a context manager.
 
-    ``faults`` switches transport faults (``drivers.simbase.TransportFaults``); each
+    ``faults`` switches transport faults (``devkit.sims.base.TransportFaults``); each
     board's device faults are on ``board(slave)``.  Used by the tests and by
     ``stora-gateway demo``.
     """

@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from drivers.osdp.sim import OsdpPdSim
-from tests.support.broker import Broker
+from devkit.mosquitto import Broker
+from devkit.sims.osdp import OsdpPdSim
 
 ADDRESS = 5
 

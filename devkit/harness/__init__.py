@@ -9,7 +9,7 @@ manager, reconciliation, alarms):
 * controller offline → an alarm; back online → state read again, lockout re-applied;
 * hardware drift (the lock changes by itself) → corrected by reconciliation.
 
-A driver joins the suite with a module ``tests/support/harness_<driver>.py`` exposing
+A driver joins the suite with a module ``devkit/harness/<driver>.py`` exposing
 ``make(directory: Path, broker: Broker) -> Harness`` and a line in :data:`HARNESSES`.
 Nothing else: the suite never names a driver.
 """
@@ -20,15 +20,15 @@ import importlib
 from pathlib import Path
 from typing import Protocol
 
-from tests.support.broker import Broker
+from devkit.mosquitto import Broker
 
 #: driver -> module with ``make(directory, broker)``.  Every driver of contract §3.
 HARNESSES: dict[str, str] = {
-    "modbus": "tests.support.harness_modbus",
-    "lockboard": "tests.support.harness_lockboard",
-    "zigbee2mqtt": "tests.support.harness_zigbee2mqtt",
-    "tasmota": "tests.support.harness_tasmota",
-    "osdp": "tests.support.harness_osdp",
+    "modbus": "devkit.harness.modbus",
+    "lockboard": "devkit.harness.lockboard",
+    "zigbee2mqtt": "devkit.harness.zigbee2mqtt",
+    "tasmota": "devkit.harness.tasmota",
+    "osdp": "devkit.harness.osdp",
 }
 
 

@@ -1,6 +1,6 @@
 """``stora-gateway simulate DRIVER``: one simulator, standalone, until Ctrl-C.
 
-A rehearsal without hardware: the simulators the tests use (``drivers/*/sim.py``, each
+A rehearsal without hardware: the simulators the tests use (``devkit/sims/*.py``, each
 built from its driver's own frame or message code) served on their own, so an installer
 can write the site's config, run ``check-config``, ``locks``, ``test`` and the agent
 against them, and switch on the faults a site will meet (no reply, line noise, a jammed
@@ -121,7 +121,7 @@ def _in_range(option: str, values: list[int], count: int, what: str) -> None:
 
 
 def _transport_faults(args: argparse.Namespace) -> tuple[Any, list[str]]:
-    from drivers.simbase import TransportFaults
+    from devkit.sims.base import TransportFaults
 
     if args.noise < 0 or args.noise > 255:
         raise SimulateError("--noise must be from 0 to 255 bytes")
@@ -136,7 +136,7 @@ def _transport_faults(args: argparse.Namespace) -> tuple[Any, list[str]]:
 
 
 def _modbus(args: argparse.Namespace) -> Simulation:
-    from drivers.modbus.sim import ModbusSimBus
+    from devkit.sims.modbus import ModbusSimBus
 
     if not 1 <= args.address <= 247:
         raise SimulateError("--address must be a Modbus slave id from 1 to 247")
@@ -177,8 +177,8 @@ def _modbus(args: argparse.Namespace) -> Simulation:
 
 
 def _lockboard(args: argparse.Namespace) -> Simulation:
+    from devkit.sims.lockboard import start_lockboard_sim
     from drivers.lockboard.frames import MAX_ADDRESS, MAX_LOCKS
-    from drivers.lockboard.sim import start_lockboard_sim
 
     if not 0 <= args.address <= MAX_ADDRESS:
         raise SimulateError(f"--address must be a board number from 0 to {MAX_ADDRESS}")
@@ -216,7 +216,7 @@ def _lockboard(args: argparse.Namespace) -> Simulation:
 
 
 def _osdp(args: argparse.Namespace) -> Simulation:
-    from drivers.osdp.sim import OsdpPdSim
+    from devkit.sims.osdp import OsdpPdSim
 
     if not 0 <= args.address <= 126:
         raise SimulateError("--address must be an OSDP address from 0 to 126")
@@ -295,7 +295,7 @@ def _connect(start: Callable[[], object], close: Callable[[], None], where: str,
 
 
 def _zigbee2mqtt(args: argparse.Namespace) -> Simulation:
-    from drivers.zigbee2mqtt.sim import SimFaults, SimLock, Zigbee2MqttSim
+    from devkit.sims.zigbee2mqtt import SimFaults, SimLock, Zigbee2MqttSim
 
     devices = args.device or ["A-101"]
     unknown = sorted(set(args.jam) - set(devices))
@@ -335,7 +335,7 @@ def _zigbee2mqtt(args: argparse.Namespace) -> Simulation:
 
 
 def _tasmota(args: argparse.Namespace) -> Simulation:
-    from drivers.tasmota.sim import TasmotaSim
+    from devkit.sims.tasmota import TasmotaSim
 
     if not 1 <= args.relays <= 8 or not 0 <= args.switches <= 8:
         raise SimulateError("--relays must be from 1 to 8 and --switches from 0 to 8")
@@ -381,7 +381,7 @@ _STARTERS: Final[dict[str, Callable[[argparse.Namespace], Simulation]]] = {
 
 
 def start_simulation(args: argparse.Namespace) -> Simulation:
-    """Start the simulator ``args.driver`` with the options of ``gateway/simulate_options``."""
+    """Start the simulator ``args.driver`` with the options of ``devkit/simulate_options``."""
     try:
         return _STARTERS[args.driver](args)
     except OSError as exc:  # a pty or a link that cannot be made

@@ -7,11 +7,11 @@ What runs, all of it started here and stopped again, also on Ctrl-C or SIGTERM::
         └── results, retained unit states ◀───┘          └──Timeline Events──▶ sandbox API
 
 * a broker: Mosquitto on a free port when it is installed, else the embedded
-  pure-Python one (``gateway/demo_broker.py``; ``--broker`` chooses);
+  pure-Python one (``devkit/embedded_broker.py``; ``--broker`` chooses);
 * two simulated RS-485 buses on pseudo-terminals: a Modbus relay board (strikes A-101 and
   A-102 with door contacts, the GATE maglock) and a hex-protocol lock board (B-201,
   B-202), spoken to through the real drivers;
-* the sandbox Stora API (``gateway/sandbox.py``) and the agent itself (``gateway/agent.py``),
+* the sandbox Stora API (``devkit/sandbox.py``) and the agent itself (``gateway/agent.py``),
   in this process, with a generated config and a fresh Ed25519 command key;
 * the demo signer: a few unlocks, a replay, a lockout, a refused unlock, a forgery and
   a clear, then a short technician segment through the agent's control socket.
@@ -45,8 +45,8 @@ from gateway import liveview
 from gateway.liveview import LiveView, describe_state
 
 if TYPE_CHECKING:
+    from devkit.sandbox import Sandbox
     from gateway.agent import Agent
-    from gateway.sandbox import Sandbox
     from gateway.signer import CommandSigner
 
 SITE: Final = "site_demo"
@@ -625,12 +625,12 @@ def _leftovers(before: set[int | None], directory: str) -> list[str]:
 
 
 def _run(demo: Demo, directory: Path, stack: contextlib.ExitStack) -> None:
-    from drivers.lockboard.sim import start_lockboard_sim
-    from drivers.modbus.sim import ModbusSimBus
+    from devkit.embedded_broker import start_broker
+    from devkit.sandbox import Sandbox
+    from devkit.sims.lockboard import start_lockboard_sim
+    from devkit.sims.modbus import ModbusSimBus
     from gateway.agent import Agent
     from gateway.config import load_config
-    from gateway.demo_broker import start_broker
-    from gateway.sandbox import Sandbox
     from gateway.signer import CommandSigner, generate_keypair
 
     os.chmod(directory, 0o700)

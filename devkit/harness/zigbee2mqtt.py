@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from drivers.zigbee2mqtt.sim import Zigbee2MqttSim
-from tests.support.broker import Broker
+from devkit.mosquitto import Broker
+from devkit.sims.zigbee2mqtt import Zigbee2MqttSim
 
 BASE_TOPIC = "z2m-conformance"
 DEVICES = ("storage/lock-0", "storage/lock-1")

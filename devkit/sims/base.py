@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from drivers.pty import PtyPort
+from devkit.pty import PtyPort
 
 LOGGER = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from drivers.tasmota.sim import TasmotaSim
-from tests.support.broker import Broker
+from devkit.mosquitto import Broker
+from devkit.sims.tasmota import TasmotaSim
 
 TOPIC = "conformance_relay"
 

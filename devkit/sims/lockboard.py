@@ -4,7 +4,7 @@ Built from the production frame classes: requests are decoded with
 :class:`~drivers.lockboard.frames.RequestReader` and replies encoded with the reply
 dataclasses, so the simulator and the driver cannot drift apart silently.  Transport
 faults (silence, late, corrupt or noisy replies) come from
-:class:`~drivers.simbase.TransportFaults`; this module models the device: latches, doors
+:class:`~devkit.sims.base.TransportFaults`; this module models the device: latches, doors
 and their faults.
 
 Device model, per lock: an open request releases the latch (unless ``jammed``); the latch
@@ -25,6 +25,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import NamedTuple
 
+from devkit.pty import PtyPort
+from devkit.sims.base import SimulatorServer, TransportFaults
 from drivers.base import Clock
 from drivers.lockboard.frames import (
     MAX_LOCKS,
@@ -38,8 +40,6 @@ from drivers.lockboard.frames import (
     Request,
     RequestReader,
 )
-from drivers.pty import PtyPort
-from drivers.simbase import SimulatorServer, TransportFaults
 
 LOGGER = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class SimBoard:
 
 @dataclass
 class LockboardSimulator:
-    """A :class:`~drivers.simbase.Responder` for lock boards at ``addresses``.
+    """A :class:`~devkit.sims.base.Responder` for lock boards at ``addresses``.
 
     Lock numbers in the helpers are the board's own, 1-based.  ``clock`` drives the hold
     time, so a test can pass a fake clock and advance it instead of sleeping.

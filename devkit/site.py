@@ -1,8 +1,11 @@
-"""A simulated site for agent tests: simulators on ptys, a config, a signer, the agent.
+"""A simulated site for agent tests and benchmarks: simulators on ptys, a config, a
+signer, the agent.
 
 The simulators live in the test process; the agent runs either in-process (``Agent``) or
 as a real subprocess (``AgentProcess``) that the tests can ``kill -9`` and restart while
-the doors (the simulators) and the broker keep their state.
+the doors (the simulators) and the broker keep their state.  ``AgentProcess`` is
+``stora-gateway run``, or ``python -m devkit.agent`` when a test hook is asked for (a
+fault, a shorter restart guard: devkit/agent.py).
 """
 
 from __future__ import annotations
@@ -16,16 +19,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from drivers.lockboard.sim import LockboardSim, start_lockboard_sim
-from drivers.modbus.sim import ModbusSimBus
+from devkit.mosquitto import Broker, Client
+from devkit.sims.lockboard import LockboardSim, start_lockboard_sim
+from devkit.sims.modbus import ModbusSimBus
 from gateway.signer import CommandSigner, generate_keypair
-from tests.support.broker import Broker, Client
 
 SITE = "site_test"
 PREFIX = f"stora-gw/{SITE}"
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 #: unit id -> (reference, controller, channel, door input)
 MODBUS_UNITS = {
@@ -68,7 +71,7 @@ class SimSite:
 
 #: The static token the agent's ``[stora]`` uses (a Sandbox accepts it with
 #: ``static_tokens={STORA_TOKEN}``).
-STORA_TOKEN = "test-token"
+STORA_TOKEN = "test-token"  # noqa: S105 (a test's, on 127.0.0.1)
 #: A ``base_url`` where nothing listens: events stay queued (connection refused).
 NO_STORA_URL = "http://127.0.0.1:9/2025-09"
 
@@ -161,12 +164,43 @@ def make_site(directory: Path, broker: Broker, *, pulse: bool = False,
     return SimSite(directory, broker, modbus, lockers, signer, config, socket_path)
 
 
-class AgentProcess:
-    """``stora-gateway run`` as a real subprocess."""
+class AgentSite(Protocol):
+    """What :class:`AgentProcess` needs of a site (a :class:`SimSite`, a bench's site)."""
 
-    def __init__(self, site: SimSite, *, env: dict[str, str] | None = None) -> None:
+    @property
+    def directory(self) -> Path:
+        """Where the agent's log goes."""
+        ...
+
+    @property
+    def config_path(self) -> Path:
+        """The agent's config file."""
+        ...
+
+    @property
+    def socket_path(self) -> Path:
+        """The agent's control socket (``[control] socket``)."""
+        ...
+
+
+class AgentProcess:
+    """``stora-gateway run`` as a real subprocess.
+
+    ``fault`` (``NAME[@SECONDS]``, devkit/faults.py) and ``restart_min_uptime_s`` run it
+    through ``python -m devkit.agent`` with those hooks instead.
+    """
+
+    def __init__(self, site: AgentSite, *, env: dict[str, str] | None = None,
+                 fault: str | None = None, restart_min_uptime_s: float | None = None) -> None:
         self.site = site
         self.env = dict(env or {})
+        self.argv = ["-m", "gateway.cli", "run"]
+        if fault is not None or restart_min_uptime_s is not None:
+            self.argv = ["-m", "devkit.agent"]
+            if fault is not None:
+                self.argv += ["--fault", fault]
+            if restart_min_uptime_s is not None:
+                self.argv += ["--restart-min-uptime", str(restart_min_uptime_s)]
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = site.directory / "agent.log"
         self.starts = 0
@@ -178,8 +212,8 @@ class AgentProcess:
         """
         env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "run", "--config", str(self.site.config_path)],
+        self.proc = subprocess.Popen(  # noqa: S603 (this interpreter, our own module)
+            [sys.executable, *self.argv, "--config", str(self.site.config_path)],
             stdout=log, stderr=log, env=env, cwd=ROOT,
         )
         log.close()

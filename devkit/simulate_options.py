@@ -1,10 +1,10 @@
 """The options of ``stora-gateway simulate DRIVER``: one sub-command per driver.
 
-Only the parser lives here, so ``stora-gateway --help`` stays quick and imports nothing
-of the dev kit: the simulators and their plumbing (``gateway/simulate.py``,
-``drivers/*/sim.py``) load only when ``simulate`` runs.
+Only the parser lives here: ``stora-gateway --help`` loads it (through the dev kit's CLI
+plugin, devkit/commands.py), so it imports nothing heavy; the simulators and their
+plumbing (``devkit/simulate.py``, ``devkit/sims/``) load only when ``simulate`` runs.
 
-Fault switches are named after the simulators' own (``drivers/*/sim.py``) and take the
+Fault switches are named after the simulators' own (``devkit/sims/*.py``) and take the
 numbers a config uses: ``channel`` and ``door_input`` are 0-based, as in ``[[locks]]``.
 """
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from drivers.lockboard.sim import LockboardSim, start_lockboard_sim
-from tests.support.broker import Broker
+from devkit.mosquitto import Broker
+from devkit.sims.lockboard import LockboardSim, start_lockboard_sim
 
 ADDRESS = 2
 HOLD_S = 1.0
