@@ -36,10 +36,10 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from devkit.mosquitto import Broker, Client
+from devkit.signer import CommandSigner, generate_keypair
 from devkit.sims.modbus import ModbusSimBus
 from devkit.site import AgentProcess
 from drivers.modbus.frames import COIL_ON, WriteCoilPDU
-from gateway.signer import CommandSigner, generate_keypair
 
 ROOT = Path(__file__).resolve().parents[1]
 SITE = "site_bench"
@@ -377,7 +377,7 @@ class BenchSite:
 
     def status(self) -> dict[str, Any]:
         """The agent's ``status`` through its control socket."""
-        from gateway.control import ControlClient
+        from gateway.ops.control import ControlClient
 
         result: dict[str, Any] = ControlClient(self.socket_path, timeout=30).call("status")
         return result

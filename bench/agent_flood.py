@@ -63,7 +63,7 @@ from _site import (
     proc_status,
 )
 
-from gateway.signer import CommandSigner, generate_keypair
+from devkit.signer import CommandSigner, generate_keypair
 
 TARGET_P99_S = 0.100
 POOL = 3000

@@ -1,6 +1,6 @@
 """Unlock → confirmed time per driver, on its simulator, p50 and p99 (issue 6).
 
-Each driver is built exactly as the agent builds it (``gateway.hardware.build_site`` from
+Each driver is built exactly as the agent builds it (``gateway.units.hardware.build_site`` from
 a config naming the conformance harness's controller, devkit/harness/*.py), and
 timed from the ``unlock`` call to its return with ``confirmed=True`` (the driver's own
 read-back or fresh state report).  Between cycles the lock is locked again (or, for a
@@ -29,9 +29,9 @@ from devkit import harness as _harness
 from devkit import site as _site
 from devkit.harness import Harness
 from devkit.mosquitto import Broker
+from devkit.signer import generate_keypair
 from gateway.config import load_config
-from gateway.hardware import build_site, point_of
-from gateway.signer import generate_keypair
+from gateway.units.hardware import build_site, point_of
 
 
 def _config(directory: Path, broker: Broker, harness: Harness) -> Path:

@@ -6,7 +6,7 @@ disk (WAL, ``synchronous=FULL``) holding ``--events`` pending events (queued one
 transaction, as units do, before the clock starts), a :class:`gateway.stora.StoraClient`
 built by ``StoraClient.from_config`` (its own ``httpx`` client from ``make_http_client``,
 the limiter's send history persisted through ``Store.record_send``, a static token file)
-and a :class:`gateway.outbox.Drainer` on its own thread (``start()``), woken as in
+and a :class:`gateway.outbox.drainer.Drainer` on its own thread (``start()``), woken as in
 service.  Everything runs in real time.
 
 Limits: Stora's are 10 requests a second and 60 a minute (stora-api §5).  Both are
@@ -35,7 +35,7 @@ Where only the 1-s window binds (a backlog no larger than the per-minute limit, 
 ``--events 500``), the ratio is about 0.75, and not because of the drain: the greedy
 model sends each burst of ``per_s`` requests in zero time (5 bursts over 4 s for 500),
 which no client over a network does, and the client adds ``LIMITER_MARGIN_S`` (0.1 s,
-gateway/stora.py) to each window on purpose, so it never exceeds ``per_s`` per 1.1 s.
+gateway/stora/) to each window on purpose, so it never exceeds ``per_s`` per 1.1 s.
 With the default 1,000 events the 60-s window dominates and the margin costs ~1 %.
 A ``--scale`` so large that no window binds prints the drain's own capacity instead.
 
@@ -61,10 +61,10 @@ from typing import Any
 
 from devkit.sandbox import Sandbox, max_in_window
 from gateway.config import StoraConfig
-from gateway.outbox import Drainer
+from gateway.outbox.drainer import Drainer
+from gateway.outbox.timeline import external_id_for, make_event
 from gateway.stora import StoraClient
 from gateway.store import SEND_HISTORY_KEEP_S, Store
-from gateway.timeline import external_id_for, make_event
 
 TARGET_RATIO = 0.95
 STORA_PER_S, STORA_PER_MIN = 10, 60  # stora-api §5

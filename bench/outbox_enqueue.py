@@ -1,6 +1,6 @@
 """Durable enqueue rate: Timeline Events committed per second through the store, next to raw SQLite.
 
-**A (store)**: the transaction a unit writes when it records an action (gateway/units.py,
+**A (store)**: the transaction a unit writes when it records an action (gateway/units/manager.py,
 ``UnitManager._unlock``'s outcome transaction): ``BEGIN IMMEDIATE``, read the unit, add
 its Timeline Event (``Transaction.add_event``), write the unit row, finish the command
 with its result (``Transaction.finish_command``), ``COMMIT``.  Through
@@ -57,8 +57,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from gateway.outbox.timeline import external_id_for, make_event
 from gateway.store import Store
-from gateway.timeline import external_id_for, make_event
 
 TARGET_RATIO = 0.5
 SITE = "site_bench"

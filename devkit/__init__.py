@@ -3,7 +3,7 @@
 It sits beside ``gateway/`` and ``drivers/`` (style.md, "Layers you can see from the
 folder list"): it may import them, they never import it (``tests/test_layering_devkit.py``
 checks every import, function-level ones included).  Its commands reach
-``stora-gateway`` through the CLI's plugin point (``gateway/cli_plugins.py``)::
+``stora-gateway`` through the CLI's plugin point (``gateway/cli/plugins.py``)::
 
     commands.py          the CLI plugin: demo, sandbox, simulate, selftest (parsers only)
     demo.py              ``stora-gateway demo``: the whole loop on simulated hardware

@@ -8,7 +8,7 @@ it through here instead::
 
 ``--fault NAME[@SECONDS]`` breaks a vital part on purpose (devkit/faults.py);
 ``--restart-min-uptime S`` replaces the 90 s a ``config.set`` that needs a restart must
-wait after a start (``gateway.mgmt.RESTART_MIN_UPTIME_S``).  Without either it is
+wait after a start (``gateway.intake.mgmt.RESTART_MIN_UPTIME_S``).  Without either it is
 exactly ``stora-gateway run``: same config lookup, logging, signals and exit statuses.
 """
 

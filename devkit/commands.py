@@ -2,7 +2,7 @@
 ``selftest``.
 
 The product never imports the dev kit: this module is a CLI plugin
-(``gateway/cli_plugins.py``), named in ``pyproject.toml``::
+(``gateway/cli/plugins.py``), named in ``pyproject.toml``::
 
     [project.entry-points."stora_gateway.commands"]
     devkit = "devkit.commands:COMMANDS"
@@ -17,8 +17,8 @@ import argparse
 import os
 
 from devkit.simulate_options import add_driver_parsers
-from gateway.cli import EXIT_FAILED, EXIT_OK, PROG, CliError, Context
-from gateway.cli_plugins import PluginCommand
+from gateway.cli.main import EXIT_FAILED, EXIT_OK, PROG, CliError, Context
+from gateway.cli.plugins import PluginCommand
 
 __all__ = ["COMMANDS"]
 
@@ -153,7 +153,7 @@ def cmd_selftest(ctx: Context) -> int:
         new_key,
         run_selftest,
     )
-    from gateway.site_client import SiteLinkError, resolve_account
+    from gateway.link.site_client import SiteLinkError, resolve_account
 
     a = ctx.args
     try:

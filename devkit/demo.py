@@ -41,13 +41,13 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Final, TextIO
 
-from gateway import liveview
-from gateway.liveview import LiveView, describe_state
+from gateway.ops import liveview
+from gateway.ops.liveview import LiveView, describe_state
 
 if TYPE_CHECKING:
     from devkit.sandbox import Sandbox
+    from devkit.signer import CommandSigner
     from gateway.agent import Agent
-    from gateway.signer import CommandSigner
 
 SITE: Final = "site_demo"
 APP: Final = "DemoGate"
@@ -174,7 +174,7 @@ channel = 1
 
 
 # -- the live view ------------------------------------------------------------------------
-# LiveView and the describe_* functions live in gateway/liveview.py (product code), which
+# LiveView and the describe_* functions live in gateway/ops/liveview.py (product code), which
 # `stora-gateway watch` shares; the demo only adds its unit labels.
 
 
@@ -361,7 +361,7 @@ class Demo:
 
     def head(self, kind: str) -> str:
         """The contract §6 wording of a Timeline Event kind for the demo's app."""
-        from gateway.timeline import KINDS
+        from gateway.outbox.timeline import KINDS
 
         return KINDS[kind].format(app=APP)
 
@@ -430,7 +430,7 @@ class Demo:
 
     def cli(self, *argv: str, expect: int) -> str:
         """Run a technician command through the real CLI (and so the agent's socket)."""
-        from gateway.cli import main
+        from gateway.cli.main import main
 
         assert self.config_path is not None
         self.view.line("$", "stora-gateway " + " ".join(argv))
@@ -627,11 +627,11 @@ def _leftovers(before: set[int | None], directory: str) -> list[str]:
 def _run(demo: Demo, directory: Path, stack: contextlib.ExitStack) -> None:
     from devkit.embedded_broker import start_broker
     from devkit.sandbox import Sandbox
+    from devkit.signer import CommandSigner, generate_keypair
     from devkit.sims.lockboard import start_lockboard_sim
     from devkit.sims.modbus import ModbusSimBus
     from gateway.agent import Agent
     from gateway.config import load_config
-    from gateway.signer import CommandSigner, generate_keypair
 
     os.chmod(directory, 0o700)
     view = demo.view

@@ -4,7 +4,7 @@
 ``mosquitto`` (1.6 or later: the agent needs MQTT 5) is on PATH or in /usr/sbin, the
 demo runs :class:`EmbeddedBroker` instead.  It is a demo broker, not a site broker: one
 asyncio loop on one thread, 127.0.0.1, anonymous, state in memory, no TLS, no ACL.  It
-speaks what paho-mqtt 2 and ``gateway.mqtt.MqttLink`` use, in MQTT 3.1.1 and 5:
+speaks what paho-mqtt 2 and ``gateway.link.MqttLink`` use, in MQTT 3.1.1 and 5:
 
 * CONNECT / CONNACK, with sessions kept in memory: ``clean_start=False`` (v5) or
   ``clean_session=False`` (3.1.1) resumes subscriptions, QoS 1 messages queued while

@@ -50,7 +50,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from drivers.mqtt_client import PahoClient
-from gateway.mqtt import Message
+from gateway.link import Message
 
 __all__ = [
     "Broker",
@@ -432,7 +432,7 @@ class Client:
     """A synchronous MQTT 3.1.1 test client: publish, then ``expect`` what comes back.
 
     Every message on a subscribed filter is kept, in order, as a
-    :class:`gateway.mqtt.Message`; :meth:`expect` waits for them.
+    :class:`gateway.link.Message`; :meth:`expect` waits for them.
     """
 
     def __init__(
@@ -478,7 +478,7 @@ class Client:
         where = str(broker.socket_path) if unix else (host or broker.host)
         self._paho.connect(where, broker.port, keepalive=30)
         sock: Any = self._paho.socket()
-        if sock is not None and not unix:  # paho leaves Nagle on; see gateway/mqtt.py
+        if sock is not None and not unix:  # paho leaves Nagle on; see gateway/link/
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._paho.loop_start()
         if not self._connected.wait(timeout):

@@ -18,14 +18,14 @@ Exit 0 when every step passed, 1 when one failed (the table says which), 2 on ba
 usage (an unknown unit, no key, the agent's own broker account).
 
 **The self-test key.**  Until the relay can be asked to send a command, the self-test
-signs one itself (:class:`gateway.signer.CommandSigner`, dev kit) with a key of its own:
+signs one itself (:class:`devkit.signer.CommandSigner`, dev kit) with a key of its own:
 ``selftest --new-key FILE`` writes one (mode 0600) and prints the line to add to
 ``[commands] trusted_keys`` under the key id ``selftest``.  The agent treats it like the
 relay's key: **whoever holds the file can open every door of the site** while the agent
 trusts it.  So it is a commissioning tool: keep the file on the technician's laptop or
 in root's home, and remove the ``selftest`` entry from ``trusted_keys`` (and the file)
 when the site is handed over; every run says so, and ``status`` stays DEGRADED
-(``commissioning_key_trusted``, gateway/health.py) while the agent trusts it.  A
+(``commissioning_key_trusted``, gateway/ops/health.py) while the agent trusts it.  A
 separate key id limits the damage (revoking it never touches the relay's keys, and the
 audit trail names it), but the agent does not restrict what a trusted key may do: that
 would be a change of the command contract, which the relay's own site check will make
@@ -37,7 +37,7 @@ self-test needs an account of its own on the site broker (``gw-selftest``,
 agent's outputs.  Never the agent's account: the broker would disconnect the agent.
 Over TLS the same goes for the client certificate: none, or its own
 (``$STORA_GATEWAY_SELFTEST_TLS_CERT_FILE`` and ``$STORA_GATEWAY_SELFTEST_TLS_KEY_FILE``),
-never the agent's (:func:`gateway.site_client.client_certificate`).
+never the agent's (:func:`gateway.link.site_client.client_certificate`).
 
 Dev kit: the CLI imports this module only inside the command.
 """
@@ -56,22 +56,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TextIO
 
-from gateway import liveview
+from gateway.cli.watch import open_outbox, refusal_of
 from gateway.errors import cap_text
-from gateway.health import SELFTEST_KID
-from gateway.site_client import (
+from gateway.link.site_client import (
     BrokerAccount,
     ClientCertificate,
     SiteClient,
     SiteLinkError,
     client_certificate,
 )
+from gateway.ops import liveview
+from gateway.ops.health import SELFTEST_KID
 from gateway.term import plural
-from gateway.watch import open_outbox, refusal_of
 
 if TYPE_CHECKING:
+    from devkit.signer import CommandSigner
     from gateway.config import Config, LockConfig
-    from gateway.signer import CommandSigner
     from gateway.store import EventRow, Store
 
 __all__ = ["SELFTEST_KID", "SelfTest", "new_key", "run_selftest"]
@@ -81,7 +81,7 @@ SELFTEST_USER_ENV: Final = "STORA_GATEWAY_SELFTEST_USERNAME"
 SELFTEST_PASSWORD_ENV: Final = "STORA_GATEWAY_SELFTEST_PASSWORD_FILE"  # noqa: S105 (a name)
 SELFTEST_KEY_ENV: Final = "STORA_GATEWAY_SELFTEST_KEY"
 #: Environment variables naming the self-test's own TLS client certificate and its key,
-#: for a broker that asks for one (never the agent's: gateway/site_client.py).
+#: for a broker that asks for one (never the agent's: gateway/link/site_client.py).
 SELFTEST_CERT_ENV: Final = "STORA_GATEWAY_SELFTEST_TLS_CERT_FILE"
 SELFTEST_TLS_KEY_ENV: Final = "STORA_GATEWAY_SELFTEST_TLS_KEY_FILE"
 #: The account deploy/README.md proposes for the self-test on a broker with accounts.
@@ -130,7 +130,7 @@ def new_key(path: Path, kid: str = SELFTEST_KID) -> str:
     the ``trusted_keys`` entry for it (``kid = "<public key>"``)."""
     from cryptography.hazmat.primitives import serialization
 
-    from gateway.signer import generate_keypair, public_key_text
+    from devkit.signer import generate_keypair, public_key_text
 
     key, _ = generate_keypair()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -149,8 +149,8 @@ def new_key(path: Path, kid: str = SELFTEST_KID) -> str:
 
 def _signer(config: Config, key_file: Path, kid: str) -> CommandSigner:
     """The signer for ``kid``, after checking the config trusts exactly this key."""
+    from devkit.signer import CommandSigner, load_private_key, public_key_text
     from gateway.errors import ConfigError
-    from gateway.signer import CommandSigner, load_private_key, public_key_text
 
     try:
         key = load_private_key(key_file)

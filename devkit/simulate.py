@@ -274,7 +274,7 @@ def _osdp(args: argparse.Namespace) -> Simulation:
 def _password(args: argparse.Namespace) -> str | None:
     if args.password_file is None:
         return None
-    from gateway.site_client import SiteLinkError, read_password_file
+    from gateway.link.site_client import SiteLinkError, read_password_file
 
     try:
         return read_password_file(Path(args.password_file))

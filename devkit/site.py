@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from devkit.mosquitto import Broker, Client
+from devkit.signer import CommandSigner, generate_keypair
 from devkit.sims.lockboard import LockboardSim, start_lockboard_sim
 from devkit.sims.modbus import ModbusSimBus
-from gateway.signer import CommandSigner, generate_keypair
 
 SITE = "site_test"
 PREFIX = f"stora-gw/{SITE}"
@@ -222,7 +222,7 @@ class AgentProcess:
 
     def wait_ready(self, timeout: float = 20.0) -> float:
         """Wait until the agent answers ``status`` with the broker connected."""
-        from gateway.control import AgentUnavailable, ControlClient
+        from gateway.ops.control import AgentUnavailable, ControlClient
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -6,7 +6,7 @@ connects it with neither a timeout nor cleanup: a broker that is restarting (the
 missing, or nothing accepts) leaves an open descriptor behind at every attempt, and a
 frozen broker whose backlog is full blocks the connect forever.  :class:`PahoClient`
 gives it what paho's TCP path has: ``connect_timeout`` and a socket closed on failure.
-Every MQTT link of the drivers and the agent's (``gateway.mqtt_wire``) builds on it.
+Every MQTT link of the drivers and the agent's (``gateway.link.wire``) builds on it.
 
 It also refuses an incoming packet larger than :attr:`PahoClient.max_packet_bytes`
 before buffering a byte of its body: paho reads whatever length a broker declares (up to

@@ -38,7 +38,7 @@ class Holder:
         """True when it looks like the gateway agent (``stora-gateway run``)."""
         words = self.command.split()
         return "run" in words and any(
-            w.endswith(("stora-gateway", "gateway.cli")) for w in words)
+            w.endswith(("stora-gateway", "gateway.cli.main", "gateway.cli")) for w in words)
 
 
 def port_holders(path: str, *, proc: Path = Path("/proc")) -> list[Holder]:

@@ -7,7 +7,7 @@ Threads, and why each exists:
 * the link's worker: verifies each command (signature, audience, freshness, size — all
   before anything touches hardware) and hands verified ones to ``UnitManager``;
 * the unit pool: one operation at a time per unit, in arrival order;
-* the outbox drainer (gateway/outbox.py): posts Timeline Events to Stora, woken when a
+* the outbox drainer (gateway/outbox/drainer.py): posts Timeline Events to Stora, woken when a
   transaction adds events; its waits and failures never touch lock control;
 * the relock timer (monotonic deadlines) and the control socket;
 * the scheduler (gateway/schedule.py): APScheduler's thread and a pool of up to three,
@@ -21,7 +21,7 @@ Storage that fails (fault matrix #23-25) never stops lock control: a corrupt dat
 moved aside with an alarm counting the undelivered events it held; a read-only or full
 one at start gives an in-memory database with an alarm; a write failing while running
 raises a rate-limited alarm counting the Timeline Events refused, and relocks and
-lockouts are driven even when their record cannot be written (gateway/units.py).
+lockouts are driven even when their record cannot be written (gateway/units/manager.py).
 
 Rejections are published with their reason code through a token bucket, so a flood of
 garbage cannot make the agent amplify it onto the broker.
@@ -29,7 +29,7 @@ garbage cannot make the agent amplify it onto the broker.
 Load shedding
 -------------
 A flood on ``P/S/cmd`` or ``P/S/mgmt`` is screened before the Ed25519 check costs
-anything (gateway/intake.py: a repeat of a payload refused for a lasting reason, and,
+anything (gateway/intake/screen.py: a repeat of a payload refused for a lasting reason, and,
 while rejection results are throttled, a token whose claims could never pass); the
 defence against distinct well-formed forgeries is the broker's ACL.
 """
@@ -54,18 +54,18 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any, Final
 
 from gateway import __version__
-from gateway.commands import MAX_COMMAND_BYTES, Command, CommandVerifier, Rejection
 from gateway.config import Config, LockConfig
 from gateway.errors import cap_text
-from gateway.hardware import Site, build_site
-from gateway.intake import RecentIds, Screen, TokenBucket
-from gateway.units import Outcome, UnitManager
+from gateway.intake.commands import MAX_COMMAND_BYTES, Command, CommandVerifier, Rejection
+from gateway.intake.screen import RecentIds, Screen, TokenBucket
+from gateway.units.hardware import Site, build_site
+from gateway.units.manager import Outcome, UnitManager
 from sitelink.codes import Cmd, Reason, Status
 from sitelink.payloads import alarm_payload, offline_status_payload, rfc3339
 from sitelink.topics import Topics
 
 if TYPE_CHECKING:
-    from gateway.control_stream import Call
+    from gateway.ops.control_stream import Call
 
 LOGGER = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ CONTROL_WAIT_S = 120.0
 #: The interpreter's thread switch interval while the agent runs (default 5 ms).
 SWITCH_INTERVAL_S = 0.001
 #: Longest alarm ``detail`` published (characters): room for a storage error with its
-#: paths or Stora's capped reason (gateway/outbox.py keeps its notes to the same 1200),
+#: paths or Stora's capped reason (gateway/outbox/drainer.py keeps its notes to the same 1200),
 #: far below any broker's packet limit.
 ALARM_DETAIL_MAX: Final = 1200
 #: Rows deleted per transaction by the prune job: the first run after an upgrade may
@@ -120,7 +120,7 @@ class Agent:
     """The running gateway: wires config, hardware, store, broker and control socket.
 
     ``faults`` (a :data:`StartHook`) and ``restart_min_uptime_s`` (instead of
-    ``gateway.mgmt.RESTART_MIN_UPTIME_S``) are for tests, given by the dev kit.
+    ``gateway.intake.mgmt.RESTART_MIN_UPTIME_S``) are for tests, given by the dev kit.
     """
 
     def __init__(self, config: Config, *, site: Site | None = None,
@@ -154,7 +154,7 @@ class Agent:
 
         def clock_alarm(kind: str, detail: str) -> None:
             # The clock stepped or its floor moved: an `expired` verdict may no longer
-            # be final, so the screens forget theirs (gateway/intake.py).
+            # be final, so the screens forget theirs (gateway/intake/screen.py).
             for screen in (getattr(self, "screen", None),
                            getattr(getattr(self, "mgmt", None), "screen", None)):
                 if screen is not None:
@@ -183,7 +183,7 @@ class Agent:
         self._counters_lock = threading.Lock()
         self.counters = {"received": 0, "rejected": 0, "executed": 0, "duplicates": 0,
                          "refused_again": 0, "shed": 0}
-        from gateway.mqtt import LinkTimings, MqttLink
+        from gateway.link import LinkTimings, MqttLink
 
         # The liveness check scales with the keepalive the site chose: half of it to
         # send the echo, half to wait for it, so a wedged link is noticed within about
@@ -208,7 +208,7 @@ class Agent:
         self._restart_results: deque[Outcome] = deque(maxlen=UNSENT_RESULTS_MAX)
         #: Queued before a restart, held while the clock was untrusted (_run_queued).
         self._held: set[str] = set()
-        from gateway.mgmt import Management
+        from gateway.intake.mgmt import Management
 
         self._mgmt_topic = self.topics.mgmt
         self.mgmt = Management(self, restart_min_uptime_s=restart_min_uptime_s)
@@ -330,14 +330,14 @@ class Agent:
         """Everything ``status`` shows; also the retained ``P/S/status`` payload.
 
         ``online`` and ``version`` come first (contract §4), then the site's ``verdict``
-        and its ``reasons`` (gateway/health.py).  A part that cannot be read (the
+        and its ``reasons`` (gateway/ops/health.py).  A part that cannot be read (the
         database failing) says so under ``error`` instead of failing the report.  Every
         instant is RFC 3339 UTC; numbers are counts, sizes or durations named ``*_s``
         (a monotonic instant means nothing outside this process).
         """
-        from gateway.health import assess
+        from gateway.ops.health import assess
+        from gateway.ops.telemetry import broker_status, host_status, schedule_status
         from gateway.store import StoreError
-        from gateway.telemetry import broker_status, host_status, schedule_status
 
         trusted, why = self.clock.trusted()
         controllers = []
@@ -386,7 +386,7 @@ class Agent:
         """Depth, oldest pending age, dead letters, drain state, events refused, and when
         Stora last accepted an event (``last_post_at``, from the database: survives a
         restart), and the newest dead letter with Stora's reason."""
-        from gateway.telemetry import last_delivered_at, newest_dead_letter
+        from gateway.ops.telemetry import last_delivered_at, newest_dead_letter
 
         now = time.time()
         summary = self.store.outbox_summary(now)
@@ -421,7 +421,7 @@ class Agent:
         textfile = self.config.telemetry.prometheus_textfile
         if textfile is None:
             return
-        from gateway.telemetry import render_prometheus, write_textfile
+        from gateway.ops.telemetry import render_prometheus, write_textfile
 
         try:
             write_textfile(textfile, render_prometheus(json.loads(payload)))
@@ -560,8 +560,8 @@ class Agent:
 
     # -- control socket -------------------------------------------------------------------
     def handle(self, method: str, params: Mapping[str, Any], peer: Any) -> dict[str, Any]:
-        """Requests from the local CLI (gateway/control.py)."""
-        from gateway.control import ControlError
+        """Requests from the local CLI (gateway/ops/control.py)."""
+        from gateway.ops.control import ControlError
 
         # The kernel says who is calling (SO_PEERCRED); the CLI's own "actor" is only a
         # claim, so it is taken as is only from root (e.g. a sudo wrapper naming the human).
@@ -620,7 +620,7 @@ class Agent:
         raise ControlError(f"unknown request {method!r}", 2)
 
     def _outbox_list(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        from gateway.control import ControlError
+        from gateway.ops.control import ControlError
 
         limit = params.get("limit", OUTBOX_LIST_MAX)
         if not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit <= 10_000:
@@ -632,7 +632,7 @@ class Agent:
         return {"summary": self._outbox_status(), "events": [r.as_dict() for r in rows]}
 
     def _outbox_retry(self, params: Mapping[str, Any], actor: str) -> dict[str, Any]:
-        from gateway.control import ControlError
+        from gateway.ops.control import ControlError
 
         seq = params.get("seq")
         if params.get("all_dead"):
@@ -651,11 +651,11 @@ class Agent:
         return {"retried": retried}
 
     def _find(self, text: str) -> LockConfig:
-        from gateway.control import ControlError
+        from gateway.ops.control import ControlError
 
         lock = self.config.lock_by_id(text)
         if lock is None:
-            from gateway.technician import unknown_unit_message
+            from gateway.ops.technician import unknown_unit_message
 
             raise ControlError(unknown_unit_message(self.config, text), 2)
         return lock
@@ -676,7 +676,7 @@ class Agent:
         }
 
     def _locks_rows(self) -> list[dict[str, Any]]:
-        from gateway.technician import read_locks
+        from gateway.ops.technician import read_locks
 
         rows = read_locks(self.site, self.config.locks)
         return [{"unit": r.unit, "reference": r.reference, "controller": r.controller,
@@ -689,14 +689,14 @@ class Agent:
         Through the control socket the CLI sees each row as it finishes (a progress
         line) and stops the run by hanging up (Ctrl-C): the lock under test is relocked
         at once, the ones not yet started are cancelled and listed as such, and no door
-        is opened after that (gateway/control_stream.py).  The agent stopping does the
+        is opened after that (gateway/ops/control_stream.py).  The agent stopping does the
         same, also to a ``locks.test`` management request, which no client can cancel.
         """
         from concurrent.futures import CancelledError
 
-        from gateway.control import ControlError
-        from gateway.control_stream import current_call
-        from gateway.technician import TEST_RELOCK_TIMEOUT, TEST_SECONDS, check_test_timing
+        from gateway.ops.control import ControlError
+        from gateway.ops.control_stream import current_call
+        from gateway.ops.technician import TEST_RELOCK_TIMEOUT, TEST_SECONDS, check_test_timing
 
         try:  # found in review: NaN, infinity or 1e9 held the unit's queue for decades
             seconds = check_test_timing("seconds", params.get("seconds"), TEST_SECONDS) or 1.0
@@ -754,8 +754,8 @@ class Agent:
         ``None`` when the technician stopped the run before this lock's turn came: no
         door is opened after a Ctrl-C.
         """
-        from gateway.technician import run_test_cycle
-        from gateway.timeline import external_id_for, make_event
+        from gateway.ops.technician import run_test_cycle
+        from gateway.outbox.timeline import external_id_for, make_event
 
         if stop is not None and stop.is_set():
             return None
@@ -796,9 +796,9 @@ class Agent:
         probe; a progress line per address; the CLI's Ctrl-C stops it.
         """
         from drivers.errors import DriverError
-        from gateway.control import ControlError
-        from gateway.control_stream import current_call
-        from gateway.hardware import HardwareUnavailableError, scan_site_bus
+        from gateway.ops.control import ControlError
+        from gateway.ops.control_stream import current_call
+        from gateway.units.hardware import HardwareUnavailableError, scan_site_bus
 
         name = str(params.get("controller", ""))
         addresses = params.get("addresses")
@@ -852,7 +852,7 @@ class Agent:
             with self._on_stopping_mutex, contextlib.suppress(ValueError):
                 self._on_stopping.remove(call.cancel)
 
-    # -- remote management (gateway/mgmt.py) ----------------------------------------------
+    # -- remote management (gateway/intake/mgmt.py) ----------------------------------------------
     def apply_config(self, new: Config) -> tuple[list[str], str]:
         """Apply a validated configuration; the changed sections and ``"live"`` or
         ``"restart"``.
@@ -914,7 +914,7 @@ class Agent:
         Runs before the link starts, so nothing of this run is mistaken for last run's;
         the results go out once the broker is connected (``on_connected``).
         """
-        from gateway.mgmt import MGMT_PREFIX
+        from gateway.intake.mgmt import MGMT_PREFIX
 
         for row in self.store.recover_interrupted(time.time(), self.units.audit_interrupted):
             LOGGER.warning("command %s was interrupted by a restart: outcome unknown", row.jti)
@@ -1014,7 +1014,7 @@ class Agent:
     def start(self) -> None:
         """Start everything, the periodic jobs and the watchdog's checks last; returns
         at once."""
-        from gateway.control import ControlServer
+        from gateway.ops.control import ControlServer
 
         # The control socket first: it also refuses to start when another agent already
         # serves this site, before this one touches the broker or the hardware.
@@ -1023,7 +1023,7 @@ class Agent:
         self.units.start()
         self.recover()
         self.link.start()
-        from gateway.outbox import build_drainer
+        from gateway.outbox.drainer import build_drainer
 
         plain = [url for url in (self.config.stora.base_url, self.config.stora.token_url)
                  if url.startswith("http://")]

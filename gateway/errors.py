@@ -7,16 +7,16 @@ The type tells the caller what to do next::
     │                             (``check-config`` and every command exit with status 2)
     ├── HardwareUnavailableError  the config names a driver this build cannot drive
     ├── Rejection                 a command failed verification; ``reason`` is the
-    │                             contract §4 code (gateway/commands.py).  Also a
+    │                             contract §4 code (gateway/intake/commands.py).  Also a
     │                             ``sitelink.errors.Rejection``: the protocol package
     │                             defines the rejection (it cannot import this tree),
     │                             the gateway's verifier raises this subclass of both
-    ├── StoreError                the state database (gateway/store.py)
+    ├── StoreError                the state database (gateway/store/)
     │   ├── StoreFull             disk full: retry once space is freed
     │   ├── StoreBusy             another writer held the lock too long: retry
     │   ├── StoreReadOnly         the filesystem or file is read-only: a person must look
     │   └── StoreCorrupt          failed its integrity check: quarantine and start empty
-    └── (gateway/control.py)      the local control socket
+    └── (gateway/ops/control.py)      the local control socket
         ├── AgentUnavailable      no agent answers: the CLI works directly
         ├── ControlDenied         the caller is not root, the agent's user or its group
         ├── ControlError          the agent refused or failed the request (exit 1 or 2)

@@ -37,7 +37,7 @@ Three guards, all on the scheduler's own thread:
    rather than one per missed interval.
 
 Relock deadlines are not scheduler jobs: they live on the monotonic clock in
-gateway/units.py, and ``units.reconcile`` only backs them up.
+gateway/units/manager.py, and ``units.reconcile`` only backs them up.
 
 Watchdog
 --------
@@ -143,13 +143,13 @@ JOBS: Final[tuple[JobSpec, ...]] = (
     JobSpec(
         "outbox.wake", 30.0, 30, True, 1,
         "Wakes the outbox drainer.  It is woken by every new event and sleeps at "
-        "most gateway/outbox.py IDLE_WAIT_S on its own, so this is only a safety net "
+        "most gateway/outbox/drainer.py IDLE_WAIT_S on its own, so this is only a safety net "
         "(an Event.set); grace of one interval."),
     JobSpec(
         "stora.token_refresh", 60.0, 60, True, 1,
         "Asks the Stora token source for its token: it refreshes a client-credentials "
         "token once less than max(60 s, 10 %) of its life remains (monotonic clock, "
-        "gateway/stora.py) and re-reads a changed token file.  Done here, the refresh "
+        "gateway/stora/) and re-reads a changed token file.  Done here, the refresh "
         "happens while idle instead of in front of the first event after a quiet "
         "night.  A call with nothing due is a lock and a comparison.  max_instances 1: "
         "a refresh holds the token lock across its request; a second run would only "
@@ -157,7 +157,7 @@ JOBS: Final[tuple[JobSpec, ...]] = (
     JobSpec(
         "store.prune", 3600.0, 3600, True, 1,
         "Deletes ended commands, delivered events and old dead letters that no "
-        "guarantee needs any more (gateway/store.py retention), so the database on the "
+        "guarantee needs any more (gateway/store/ retention), so the database on the "
         "SD card stays bounded.  Hourly: one indexed DELETE pass, a day's growth at "
         "most between runs.  Skipped while the wall clock is untrusted (a clock far "
         "ahead would delete ids that dedupe still needs)."),

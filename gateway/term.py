@@ -4,7 +4,7 @@ Colour follows the conventions every well-behaved CLI follows (https://no-color.
 ``TERM=dumb``): it is used only when the stream written to is a terminal, ``NO_COLOR``
 is unset or empty, and ``TERM`` is not ``dumb``.  Piped output, files, ``--json`` and
 journald never see an escape sequence.  The decision is made once per command by
-``gateway.cli.main`` (:func:`use_colour`) for the stream it prints to; :func:`table`
+``gateway.cli.main.main`` (:func:`use_colour`) for the stream it prints to; :func:`table`
 and :func:`paint` consult it, so a command needs no flag of its own.
 
 Only words with a meaning get a colour: verdicts (``OK``, ``DEGRADED``, ``DOWN``),
@@ -48,7 +48,7 @@ COLOURS: Final[Mapping[str, str]] = {
 }
 _ANSI: Final = re.compile(r"\033\[[0-9;]*m")
 
-#: Whether the current command's output may carry colour (set by ``gateway.cli.main``).
+#: Whether the current command's output may carry colour (set by ``gateway.cli.main.main``).
 #: A context variable, not a module global: a thread or a test calling ``main`` twice
 #: with different streams gets its own answer.
 _colour: contextvars.ContextVar[bool] = contextvars.ContextVar("colour", default=False)

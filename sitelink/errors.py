@@ -8,7 +8,7 @@
 
 This package imports nothing of the gateway's, so :class:`Rejection` cannot be a
 ``gateway.errors.GatewayError``; the gateway's verifier raises a subclass that is both
-(``gateway.commands.Rejection``, see :attr:`sitelink.verify.Verifier.rejection_type`).
+(``gateway.intake.commands.Rejection``, see :attr:`sitelink.verify.Verifier.rejection_type`).
 Signing raises the standard ``TypeError`` / ``ValueError`` for a wrong key or claim.
 """
 

@@ -337,7 +337,7 @@ def test_a_thousand_bad_commands_actuate_nothing(site: SimSite) -> None:
 def test_the_cli_acts_through_the_running_agent_and_is_audited(site: SimSite) -> None:
     import io
 
-    from gateway.cli import main
+    from gateway.cli.main import main
 
     client = site.client()
     with Running(site) as agent:
@@ -391,7 +391,7 @@ def test_clearing_a_lockout_publishes_the_unit_state(site: SimSite) -> None:
 
 
 def test_recent_ids_are_bounded_and_remember_the_latest() -> None:
-    from gateway.intake import RecentIds
+    from gateway.intake.screen import RecentIds
 
     recent = RecentIds(3)
     for jti in ("a", "b", "a", "c", "d"):
@@ -519,7 +519,7 @@ def test_a_technician_test_with_absurd_timings_is_refused_over_the_control_socke
     """Found in review: negative, huge (and, through JSON, NaN or infinite) timings were
     accepted, holding the unit's queue for decades; now a clear refusal, exit status 2,
     and the door is never driven."""
-    from gateway.control import ControlClient, ControlError
+    from gateway.ops.control import ControlClient, ControlError
 
     with Running(site) as agent:
         with pytest.raises(ControlError) as info:

@@ -228,7 +228,7 @@ def test_broker_kill_and_freeze_the_agent_recovers_by_itself(
     assert json.loads(res.payload)["status"] == "done"
     late.close()
     # a frozen broker (half-open link): SIGSTOP, then SIGCONT
-    from gateway.control import ControlClient
+    from gateway.ops.control import ControlClient
 
     before = ControlClient(site.socket_path).call("status")["broker"]["liveness_failures"]
     broker.stop()

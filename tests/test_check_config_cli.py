@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from devkit.sandbox import Sandbox
-from gateway.cli import main
+from gateway.cli.main import main
 from gateway.config import known_keys
 from tests.support.cli_process import run_cli
 from tests.test_config import RAW_KEY_B64, VALID_TOML, write_config

@@ -19,8 +19,8 @@ import pytest
 from devkit.demo import write_demo_config
 from devkit.sims.lockboard import start_lockboard_sim
 from devkit.sims.modbus import ModbusSimBus
-from gateway.cli import main
-from gateway.control import ControlDenied, ControlError, ControlServer, Peer
+from gateway.cli.main import main
+from gateway.ops.control import ControlDenied, ControlError, ControlServer, Peer
 
 LOCK_KEYS = ["unit", "reference", "controller", "locked", "door", "lockout", "error"]
 OUTCOME_KEYS = ["unit", "reference", "action", "status", "detail", "elapsed_ms", "state",
@@ -262,7 +262,7 @@ def test_status_text_has_the_verdict_then_readable_sections(site: AgentSite) -> 
 def test_a_refused_caller_gets_one_line_and_exit_2(
     site: AgentSite, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gateway import cli
+    from gateway.cli import main as cli
 
     monkeypatch.setattr(cli, "AGENT_READ_S", 5.0)
     original = site.agent.handle

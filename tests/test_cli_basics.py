@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli import COMMANDS, all_commands, build_parser, main
+from gateway.cli.main import COMMANDS, all_commands, build_parser, main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,7 +98,7 @@ def test_env_variable_names_the_config(tmp_path: Path, monkeypatch: pytest.Monke
 def test_help_is_fast_and_lazy() -> None:
     """`--help` must not import the heavy libraries (a Pi's cold start)."""
     code = (
-        "import sys; from gateway.cli import main; "
+        "import sys; from gateway.cli.main import main; "
         "import contextlib, io\n"
         "with contextlib.redirect_stdout(io.StringIO()): main(['--help'])\n"
         "heavy = [m for m in ('pymodbus', 'serial', 'cryptography') if m in sys.modules]\n"

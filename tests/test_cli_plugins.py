@@ -1,4 +1,4 @@
-"""gateway/cli_plugins.py: the CLI's plugin point, through which the dev kit adds
+"""gateway/cli/plugins.py: the CLI's plugin point, through which the dev kit adds
 ``demo``, ``sandbox``, ``simulate`` and ``selftest`` without the product importing it."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import cli
-from gateway.cli_plugins import GROUP, PluginCommand, entry_points, plugin_commands
+from gateway.cli import main as cli
+from gateway.cli.plugins import GROUP, PluginCommand, entry_points, plugin_commands
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,7 +60,7 @@ def _plugin_dir(tmp_path: Path, entry: str, module: str = "") -> Path:
 def test_a_broken_plugin_is_left_out_with_a_warning(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = _plugin_dir(tmp_path, "no_such_module_here:COMMANDS")
-    with caplog.at_level(logging.WARNING, logger="gateway.cli_plugins"):
+    with caplog.at_level(logging.WARNING, logger="gateway.cli.plugins"):
         assert plugin_commands(path=[str(path)]) == []
     assert "CLI plugin fake (no_such_module_here:COMMANDS) not loaded" in caplog.text
 
@@ -70,7 +70,7 @@ def test_a_plugin_of_the_wrong_shape_is_left_out(
     path = _plugin_dir(tmp_path, "fake_plugin_mod:COMMANDS", "COMMANDS = ['demo']\n")
     sys.path.insert(0, str(path))
     try:
-        with caplog.at_level(logging.WARNING, logger="gateway.cli_plugins"):
+        with caplog.at_level(logging.WARNING, logger="gateway.cli.plugins"):
             assert plugin_commands(path=[str(path)]) == []
     finally:
         sys.path.remove(str(path))
@@ -80,13 +80,13 @@ def test_a_plugin_of_the_wrong_shape_is_left_out(
 
 def test_a_plugin_never_replaces_a_product_command(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    module = ("from gateway.cli_plugins import PluginCommand\n"
+    module = ("from gateway.cli.plugins import PluginCommand\n"
               "COMMANDS = (PluginCommand('run', 'not the agent', lambda ctx: 0),\n"
               "            PluginCommand('extra', 'an extra command', lambda ctx: 0))\n")
     path = _plugin_dir(tmp_path, "fake_plugin_mod:COMMANDS", module)
     sys.path.insert(0, str(path))
     try:
-        with caplog.at_level(logging.WARNING, logger="gateway.cli_plugins"):
+        with caplog.at_level(logging.WARNING, logger="gateway.cli.plugins"):
             found = plugin_commands(reserved=cli.COMMANDS, path=[str(path)])
     finally:
         sys.path.remove(str(path))
@@ -99,7 +99,7 @@ def test_a_plugin_never_replaces_a_product_command(
 def test_help_loads_neither_importlib_metadata_nor_the_dev_kits_tools() -> None:
     """Cold start: the plugin point costs a directory listing, not importlib.metadata
     (tens of ms on a Pi), and ``--help`` loads only the dev kit's parsers."""
-    code = ("import contextlib, io, sys\nfrom gateway.cli import main\n"
+    code = ("import contextlib, io, sys\nfrom gateway.cli.main import main\n"
             "with contextlib.redirect_stdout(io.StringIO()): main(['--help'])\n"
             "print(sorted(m for m in sys.modules if m.startswith(('devkit', 'importlib.metadata'"
             "))))")

@@ -16,7 +16,7 @@ import pytest
 from devkit.demo import write_demo_config
 from devkit.sims.lockboard import LockboardSim, start_lockboard_sim
 from devkit.sims.modbus import ModbusSimBus
-from gateway.cli import main
+from gateway.cli.main import main
 from tests.support.cli_process import CliProcess
 from tests.support.sampler import Sampler
 

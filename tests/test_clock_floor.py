@@ -23,13 +23,13 @@ import pytest
 import gateway.clock
 from devkit.mosquitto import Broker, Client
 from devkit.sandbox import Sandbox
+from devkit.signer import CommandSigner
 from devkit.site import PREFIX, SITE, STORA_TOKEN, RunningAgent, SimSite, make_site
 from gateway.agent import Agent
-from gateway.cli import main
+from gateway.cli.main import main
 from gateway.clock import BUILD_FLOOR, FLOOR_MARGIN_S, rfc3339
-from gateway.commands import Rejection
 from gateway.config import load_config
-from gateway.signer import CommandSigner
+from gateway.intake.commands import Rejection
 from gateway.store import Store
 from tests.support.clock import DAY, NOW, FakeTime
 

@@ -275,7 +275,7 @@ def unlock(site: SimSite, unit: str, seconds: int) -> tuple[float, float]:
     """Unlock through the control socket (the agent stamps it with its own clock, so it
     is fresh whatever the wall clock says); the monotonic times the request was sent
     and its confirmation came back.  The agent starts the relock timer in between."""
-    from gateway.control import ControlClient
+    from gateway.ops.control import ControlClient
 
     sent = time.monotonic()
     result = ControlClient(site.socket_path, timeout=10).call("unlock", unit=unit,

@@ -1,4 +1,4 @@
-"""The gateway's side of command verification (gateway/commands.py, gateway/signer.py).
+"""The gateway's side of command verification (gateway/intake/commands.py, devkit/signer.py).
 
 The protocol itself (every rule, its order, the corpus, the boundaries, the signer) is
 tested in tests/sitelink/; here: that the gateway's verifier is sitelink's, configured
@@ -17,11 +17,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-import gateway.signer
+import devkit.signer
 import sitelink.errors
 import sitelink.jws
 import sitelink.sign
-from gateway.commands import CommandVerifier, Rejection
+from devkit.signer import CommandSigner, load_private_key
 from gateway.config import (
     CommandsConfig,
     Config,
@@ -34,7 +34,7 @@ from gateway.config import (
     StorageConfig,
 )
 from gateway.errors import ConfigError, GatewayError
-from gateway.signer import CommandSigner, load_private_key
+from gateway.intake.commands import CommandVerifier, Rejection
 from sitelink.golden import FixedClock, GoldenVectors, judge, load
 
 SITE = "site_123"
@@ -163,10 +163,10 @@ def test_units_are_the_configured_lock_ids() -> None:
 
 
 def test_gateway_signer_is_sitelinks() -> None:
-    """The dev kit and the tests import the signer from gateway.signer: the same objects."""
-    assert gateway.signer.CommandSigner is sitelink.sign.CommandSigner
-    assert gateway.signer.generate_keypair is sitelink.jws.generate_keypair
-    assert gateway.signer.public_key_text is sitelink.jws.public_key_text
+    """The dev kit and the tests import the signer from devkit.signer: the same objects."""
+    assert devkit.signer.CommandSigner is sitelink.sign.CommandSigner
+    assert devkit.signer.generate_keypair is sitelink.jws.generate_keypair
+    assert devkit.signer.public_key_text is sitelink.jws.public_key_text
 
 
 # --------------------------------------------------------------------------- key files

@@ -27,8 +27,8 @@ import pytest
 
 from devkit.harness import HARNESSES, Harness, make_harness
 from devkit.mosquitto import Broker, Client
+from devkit.signer import CommandSigner, generate_keypair
 from devkit.site import NO_STORA_URL, PREFIX, SITE, STORA_TOKEN, RunningAgent
-from gateway.signer import CommandSigner, generate_keypair
 
 pytestmark = pytest.mark.simulator_only
 

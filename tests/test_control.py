@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.control import (
+from gateway.ops.control import (
     MAX_REQUEST_BYTES,
     AgentUnavailable,
     ControlClient,
@@ -422,7 +422,7 @@ def _spare_group() -> grp.struct_group:
 CHILD = """
 import json, os, sys
 from pathlib import Path
-from gateway.control import ControlClient, ControlDenied, AgentUnavailable
+from gateway.ops.control import ControlClient, ControlDenied, AgentUnavailable
 groups, gid, path = json.loads(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
 os.setgroups(groups)
 os.setgid(gid)

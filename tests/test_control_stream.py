@@ -1,5 +1,5 @@
 """Progress lines and cancel-by-hanging-up on the real control socket
-(gateway/control_stream.py): a real ``ControlServer`` on a Unix socket, a handler that
+(gateway/ops/control_stream.py): a real ``ControlServer`` on a Unix socket, a handler that
 works the way the agent's ``test`` does, and the CLI's client."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from gateway.control import ControlClient, ControlServer, Peer
-from gateway.control_stream import current_call, stream
+from gateway.ops.control import ControlClient, ControlServer, Peer
+from gateway.ops.control_stream import current_call, stream
 
 #: Items the slow handler would go through if nobody stopped it.
 ITEMS = 5

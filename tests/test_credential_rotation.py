@@ -29,7 +29,7 @@ import pytest
 
 from devkit.mosquitto import Broker, Client
 from gateway.config import MqttConfig
-from gateway.mqtt import LinkTimings, Message, MqttLink
+from gateway.link import LinkTimings, Message, MqttLink
 
 pytestmark = pytest.mark.timeout(60)
 

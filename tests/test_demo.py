@@ -209,7 +209,7 @@ def test_ctrl_c_stops_everything(broker: str) -> None:
 
 def test_the_demo_says_what_went_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
     """A step whose expectation is wrong: exit 1, and the difference in words."""
-    from gateway.cli import main
+    from gateway.cli.main import main
 
     def wrong_script(self: Demo) -> None:
         self.expect_events((self.head("locked"),))  # the GATE, locked at start
@@ -363,7 +363,7 @@ def test_embedded_broker_keeps_a_session(broker: EmbeddedBroker, version: int) -
 def test_without_mosquitto(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """"auto" falls back to the embedded broker; "mosquitto" says what to do, exit 1."""
     import devkit.embedded_broker
-    from gateway.cli import main
+    from gateway.cli.main import main
 
     monkeypatch.setattr(devkit.embedded_broker, "find_mosquitto", lambda: None)
     broker = devkit.embedded_broker.start_broker("auto", tmp_path)

@@ -45,7 +45,7 @@ from devkit.site import PREFIX as AGENT_PREFIX
 from devkit.site import SITE as AGENT_SITE
 from devkit.site import AgentProcess, SimSite, make_site
 from gateway.config import MqttConfig
-from gateway.mqtt import LinkTimings, Message, MqttLink
+from gateway.link import LinkTimings, Message, MqttLink
 from tests.support.deploy import (
     ACL,
     CLOUD_BROKER_CONF,
@@ -441,7 +441,7 @@ def test_the_agent_runs_under_the_acl_and_tells_systemd_it_is_ready(tmp_path: Pa
             relay.expect(f"{AGENT_PREFIX}/status", timeout=10,
                          where=lambda m: json.loads(m.payload).get("online") is True)
 
-            from gateway.control import ControlClient
+            from gateway.ops.control import ControlClient
 
             def link() -> dict[str, Any]:
                 status = ControlClient(site.socket_path, timeout=5).call("status")
@@ -742,7 +742,7 @@ class AgentOnSocket:
 
     def link(self) -> dict[str, Any]:
         """The agent's broker link, as its control socket reports it."""
-        from gateway.control import ControlClient
+        from gateway.ops.control import ControlClient
 
         return dict(ControlClient(self.site.socket_path, timeout=5).call("status")["broker"])
 

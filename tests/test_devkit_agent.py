@@ -15,7 +15,7 @@ from devkit.faults import FAULTS, parse_fault
 from devkit.mosquitto import Broker
 from devkit.site import ROOT, RunningAgent, make_site
 from gateway.agent import Agent
-from gateway.mgmt import RESTART_MIN_UPTIME_S
+from gateway.intake.mgmt import RESTART_MIN_UPTIME_S
 
 
 def test_a_fault_is_a_name_and_a_delay() -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli import main
+from gateway.cli.main import main
 from tests.support.cli_process import ROOT, cli_argv, cli_env, run_cli
 
 KEY = base64.urlsafe_b64encode(bytes(range(32))).rstrip(b"=").decode()

@@ -3,7 +3,7 @@
 * nothing in ``gateway/`` or ``drivers/`` imports ``devkit`` (the demo, the sandbox, the
   simulators, the test-site builders), at module level or inside a function, nor names it
   to ``importlib.import_module`` / ``__import__``; the CLI finds the dev kit's commands
-  through its plugin point (gateway/cli_plugins.py);
+  through its plugin point (gateway/cli/plugins.py);
 * ``drivers/`` never imports ``gateway``;
 * the product reads no test-only environment variable (``STORA_GATEWAY_TEST_…``): tests
   break the agent through the hooks the dev kit gives (devkit/faults.py, devkit/agent.py).

@@ -1,4 +1,4 @@
-"""Remote management on ``P/S/mgmt`` (gateway/mgmt.py): a real Mosquitto, simulators on
+"""Remote management on ``P/S/mgmt`` (gateway/intake/mgmt.py): a real Mosquitto, simulators on
 ptys, signed requests, an in-process agent."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from devkit.mosquitto import Broker, Client
+from devkit.signer import CommandSigner, generate_keypair
 from devkit.site import PREFIX, SITE, AgentProcess, RunningAgent, SimSite, make_site
-from gateway.signer import CommandSigner, generate_keypair
 
 pytestmark = pytest.mark.simulator_only
 
@@ -373,11 +373,11 @@ def test_config_set_refuses_a_spy_port_even_where_it_would_be_a_new_controller(
 def test_an_accepted_config_set_is_alarmed_and_put_on_the_timeline(
         site: SimSite, client: Client) -> None:
     text = site.config_path.read_text().replace("unlock_seconds = 2", "unlock_seconds = 3", 1)
-    import gateway.mgmt
+    import gateway.intake.mgmt
 
     with RunningAgent(site.config_path) as agent:
         # A restart-needing change (locks); not within the uptime guard for this test.
-        agent.started_at -= gateway.mgmt.RESTART_MIN_UPTIME_S
+        agent.started_at -= gateway.intake.mgmt.RESTART_MIN_UPTIME_S
         jti = ask(site, client, "config.set", actor="ops dashboard", args={"toml": text})
         res = answer(client, jti)
         assert res["status"] == "done", res
@@ -562,12 +562,12 @@ def test_a_flood_of_one_forged_request_is_shed_like_one_on_the_command_topic(
         site: SimSite, client: Client, caplog: pytest.LogCaptureFixture) -> None:
     """Found in review: P/S/mgmt had none of the command topic's shedding (each repeat
     cost a full signature check and an INFO line) and counted each rejection twice.
-    Now a repeat is refused from the cache (gateway/intake.py), counted once, logged at
+    Now a repeat is refused from the cache (gateway/intake/screen.py), counted once, logged at
     debug level only, and its answers stay within the rejection bucket."""
     stranger = CommandSigner(generate_keypair()[0], "test-2026", SITE)
     _, forged = stranger.command("log.level", args={"level": "DEBUG"})
     count = 300
-    caplog.set_level(logging.INFO, logger="gateway.mgmt")
+    caplog.set_level(logging.INFO, logger="gateway.intake.mgmt")
     with RunningAgent(site.config_path) as agent:
         for _ in range(count):
             client.publish(f"{PREFIX}/mgmt", forged, qos=1)
@@ -615,7 +615,7 @@ def test_an_answer_too_large_for_the_broker_is_shrunk_not_lost(site: SimSite,
     """Found in review: an answer over mqtt.max_packet_bytes (here outbox.retry of 15,000
     dead letters, its list of numbers ~90 KB) was refused by the link and lost, logged as
     "broker not connected".  It goes out cut to its summary, saying so."""
-    from gateway.timeline import external_id_for, make_event
+    from gateway.outbox.timeline import external_id_for, make_event
 
     with RunningAgent(site.config_path) as agent:
         with agent.store.transaction() as tx:

@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 from devkit.mosquitto import Broker, Client, TlsFiles, make_tls_files
 from gateway.config import MqttConfig
 from gateway.errors import ConfigError
-from gateway.mqtt import (
+from gateway.link import (
     OFFLINE_PAYLOAD,
     LinkTimings,
     Message,
@@ -270,7 +270,7 @@ _DYING_AGENT = """
 import sys, time
 from pathlib import Path
 from gateway.config import MqttConfig
-from gateway.mqtt import MqttLink
+from gateway.link import MqttLink
 cfg = MqttConfig(host="127.0.0.1", port=int(sys.argv[1]), topic_prefix="stora-gw",
                  client_id="stora-gw-site_1", username="", password_file=None, tls=False,
                  ca_file=None, cert_file=None, key_file=None, keepalive_s=5)
@@ -500,7 +500,7 @@ def _v5_publisher(broker: Broker) -> Any:
 def test_the_lean_publish_decoder_skips_mqtt5_properties(
     broker: Broker, make_link: LinkFactory
 ) -> None:
-    # The link decodes PUBLISH itself (gateway/mqtt.py, _ReadAheadClient); properties
+    # The link decodes PUBLISH itself (gateway/link/, _ReadAheadClient); properties
     # a publisher sets must be skipped by their length, never read as payload.
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
@@ -719,7 +719,7 @@ def test_a_stable_connection_resets_the_backoff(broker: Broker,
 def test_a_handler_that_raises_does_not_stop_later_messages(
     broker: Broker, make_link: LinkFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="gateway.mqtt")
+    caplog.set_level(logging.INFO, logger="gateway.link")
     agent = Agent()
 
     def handler(message: Message) -> None:
@@ -977,7 +977,7 @@ _HOSTILE_RSS_MAX_KIB = 16 * 1024
 _LINK_AGAINST_HOSTILE_BROKER = """
 import json, sys, time
 from gateway.config import MqttConfig
-from gateway.mqtt import LinkTimings, MqttLink
+from gateway.link import LinkTimings, MqttLink
 
 def kib(field):
     for line in open("/proc/self/status"):
@@ -1043,7 +1043,7 @@ def test_an_oversize_publish_is_refused_locally_and_the_link_stays_up(
     queued: publish() says False, counts it and logs it once per topic.  Queued, the
     broker would drop the link over it, and a QoS 1 message is re-sent after every
     reconnect: a loop that keeps every command out."""
-    caplog.set_level(logging.WARNING, logger="gateway.mqtt")
+    caplog.set_level(logging.WARNING, logger="gateway.link")
     alarm = "stora-gw/site_1/alarm"
     with Broker(tmp_path / "broker", max_packet_size=65536) as broker:
         link, agent = make_link(broker, cfg=mqtt_config(broker, max_packet_bytes=65536))

@@ -351,8 +351,8 @@ unlock_seconds = 2
 
 def test_kill9_during_an_unlock_the_pd_relocks_at_the_end_of_its_timer(
         tmp_path: Path, make_pd: Callable[..., OsdpPdSim]) -> None:
+    from devkit.signer import CommandSigner, generate_keypair
     from devkit.site import PREFIX, SITE, AgentProcess
-    from gateway.signer import CommandSigner, generate_keypair
 
     sim = make_pd(scbk=KEY)  # the door lives in this process; the agent is a subprocess
     seconds = 3.0

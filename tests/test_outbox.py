@@ -1,4 +1,4 @@
-"""The outbox drainer (gateway/outbox.py) against the sandbox over real HTTP.
+"""The outbox drainer (gateway/outbox/drainer.py) against the sandbox over real HTTP.
 
 The guarantee is counted at the server: every event queued in SQLite exists exactly once
 at the sandbox (``count_by_external_id``), no 1-second or 60-second window holds more
@@ -29,9 +29,10 @@ import pytest
 
 from devkit.sandbox import EVENT_SCOPE, Sandbox, max_in_window
 from devkit.site import RunningAgent
-from gateway.cli import main
+from gateway.cli.main import main
 from gateway.config import StoraConfig
-from gateway.outbox import MAX_NOTE_CHARS, Drainer, build_drainer
+from gateway.outbox.drainer import MAX_NOTE_CHARS, Drainer, build_drainer
+from gateway.outbox.timeline import external_id_for, make_event
 from gateway.stora import (
     MAX_DETAILS,
     MAX_TOKEN_RESPONSE_BYTES,
@@ -42,9 +43,8 @@ from gateway.stora import (
     RateLimiter,
     StoraClient,
 )
-from gateway.stora_http import MAX_TEXT_CHARS
+from gateway.stora.http import MAX_TEXT_CHARS
 from gateway.store import SEND_HISTORY_KEEP_S, Store
-from gateway.timeline import external_id_for, make_event
 from tests.support.hostile_http import HostileServer, Reply, Request
 
 T0 = 1_800_000_000.5
@@ -529,7 +529,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
 def test_agent_delivers_dead_letters_and_retries_through_the_control_socket(
         tmp_path: Path, broker: Any) -> None:
     from devkit.site import PREFIX, SITE, STORA_TOKEN, make_site
-    from gateway.control import ControlClient, ControlError
+    from gateway.ops.control import ControlClient, ControlError
 
     with Sandbox(static_tokens={STORA_TOKEN}) as sandbox:
         site = make_site(tmp_path, broker, stora_url=sandbox.api_url)
@@ -660,7 +660,7 @@ def fill(directory: Path) -> Path:
 def test_disk_full_locks_keep_working_and_events_are_refused_loudly(
         tmp_path: Path, broker: Any, small_state_fs: Path) -> None:
     from devkit.site import PREFIX, make_site
-    from gateway.control import ControlClient
+    from gateway.ops.control import ControlClient
 
     site = make_site(tmp_path, broker)
     try:

@@ -49,8 +49,8 @@ from typing import Any
 import pytest
 
 from devkit.sandbox import Sandbox, max_in_window
+from devkit.signer import generate_keypair
 from devkit.site import ROOT, STORA_TOKEN, write_agent_config
-from gateway.signer import generate_keypair
 from tests.support.eventgen import PHASES, command_for
 
 KILLS = int(os.environ.get("OUTBOX_KILLS", "300"))

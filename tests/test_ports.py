@@ -18,7 +18,7 @@ import pytest
 
 from drivers.link import open_serial
 from drivers.ports import port_problem
-from gateway.cli import main
+from gateway.cli.main import main
 from gateway.config import load_config
 from gateway.errors import ConfigError
 from tests.test_config import VALID_TOML, write_config

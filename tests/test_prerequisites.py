@@ -8,9 +8,9 @@ stand-ins for ``id`` and ``apt-get`` first on ``PATH`` (nothing is installed on 
 machine) and a list of programs that exist nowhere, through ``STORA_TEST_TOOLS``.
 
 They also keep the list honest: a test that looks for a program (``shutil.which``, a
-subprocess argv, a skip reason naming a Debian package) fails here unless the program
-is in the list (tests and the dev kit's helpers are scanned), so that no test skips in CI for want of a tool; and README's
-"Prerequisites" names every package.
+subprocess argv, a skip reason naming a Debian package; the dev kit's helpers are
+scanned too) fails here unless the program is in the list, so that no test skips in CI
+for want of a tool; and README's "Prerequisites" names every package.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from devkit.sandbox import EVENT_SCOPE, Sandbox, max_in_window
-from gateway.cli import main
+from gateway.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_800_000_000.5  # the fake clock's start; .5 so integer-second windows would differ
@@ -873,7 +873,7 @@ def test_cli_serves_until_signalled(tmp_path: Path, sig: signal.Signals) -> None
         [
             sys.executable,
             "-m",
-            "gateway.cli",
+            "gateway.cli.main",
             "sandbox",
             "--port",
             "0",

@@ -23,7 +23,6 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from devkit.mosquitto import Broker
 from devkit.site import AgentProcess, make_site
-from gateway.executor import KeyedSerialExecutor
 from gateway.schedule import (
     JOBS,
     MIN_WATCHDOG_S,
@@ -36,6 +35,7 @@ from gateway.schedule import (
     threads_alive,
     watchdog_period,
 )
+from gateway.units.executor import KeyedSerialExecutor
 
 pytestmark = pytest.mark.timeout(60)
 

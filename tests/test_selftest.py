@@ -23,7 +23,7 @@ import pytest
 from devkit.mosquitto import Broker, Client
 from devkit.sandbox import Sandbox
 from devkit.site import NO_STORA_URL, SITE, STORA_TOKEN, RunningAgent, SimSite, make_site
-from gateway.cli import main
+from gateway.cli.main import main
 from tests.support.cli_process import run_cli
 from tests.support.deploy import ACL, ID_BINDING
 
@@ -278,9 +278,9 @@ def test_the_timeline_steps_quote_stora_s_whole_refusal_and_count_attempts(
     from typing import cast
 
     from devkit.selftest import SelfTest
-    from gateway.site_client import BrokerAccount
+    from gateway.link.site_client import BrokerAccount
+    from gateway.outbox.timeline import EventRecord
     from gateway.store import Store
-    from gateway.timeline import EventRecord
 
     now = time.time()
     with Store(tmp_path / "gateway.db") as store, store.transaction() as tx:

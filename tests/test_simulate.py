@@ -19,7 +19,7 @@ import pytest
 from devkit.demo import write_demo_config
 from devkit.harness.osdp import write_scbk
 from devkit.mosquitto import Broker, Client
-from gateway.cli import main
+from gateway.cli.main import main
 from tests.support.cli_process import CliProcess, first, run_cli
 
 pytestmark = pytest.mark.simulator_only

@@ -1,4 +1,4 @@
-"""A tool's TLS identity on the site's broker (gateway/site_client.py): never the agent's.
+"""A tool's TLS identity on the site's broker (gateway/link/site_client.py): never the agent's.
 
 ``watch`` and ``selftest`` reach the broker with ``[mqtt]``'s transport.  Over TLS they
 trust ``[mqtt] ca_file`` and present no client certificate, or their own: a broker with
@@ -31,15 +31,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from devkit.mosquitto import Broker, TlsFiles
 from devkit.site import SITE, SimSite, make_site
+from gateway.cli.watch import WATCH_CERT_ENV, WATCH_KEY_ENV
 from gateway.config import Config, MqttConfig, load_config
-from gateway.site_client import (
+from gateway.link.site_client import (
     ClientCertificate,
     SiteClient,
     SiteLinkError,
     client_certificate,
     tls_context,
 )
-from gateway.watch import WATCH_CERT_ENV, WATCH_KEY_ENV
 
 #: The agent's certificate names it like this; with use_identity_as_username that is
 #: its broker account.
@@ -148,7 +148,7 @@ def presented(context: ssl.SSLContext, pki: Pki) -> bytes | None:
 
 def test_the_tool_s_context_presents_no_certificate_or_its_own_never_the_agent_s(
         pki: Pki) -> None:
-    from gateway.mqtt import _tls_context
+    from gateway.link import _tls_context
 
     mqtt = tls_mqtt(pki)
     assert presented(_tls_context(mqtt), pki) == pki.der(pki.agent)  # the server can tell
@@ -254,7 +254,7 @@ def test_on_a_broker_that_maps_certificates_to_accounts_the_agent_keeps_its_conn
     """use_identity_as_username and ids bound to accounts, certificates required: a tool
     without one is turned away (and told why it may be), one with its own logs in under
     its own name; the agent is never disconnected."""
-    from gateway.site_client import BrokerAccount
+    from gateway.link.site_client import BrokerAccount
 
     files = TlsFiles(ca=pki.ca, server_cert=pki.server[0], server_key=pki.server[1],
                      client_cert=pki.agent[0], client_key=pki.agent[1], hostname="localhost")
@@ -303,7 +303,7 @@ def test_watch_and_selftest_refuse_the_agent_s_certificate_from_the_environment(
     import io
 
     from devkit.selftest import SELFTEST_CERT_ENV, SELFTEST_TLS_KEY_ENV
-    from gateway.cli import main
+    from gateway.cli.main import main
 
     tls_config(site, pki)
     key, out = site.directory / "selftest.pem", io.StringIO()

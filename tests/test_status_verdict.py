@@ -224,7 +224,7 @@ def test_no_agent_is_down_exit_4_with_one_clear_reason(site: SimSite) -> None:
 #: not enter the database's directory; prints both outcomes as JSON.
 AS_NOBODY = """
 import io, json, os, sys
-from gateway.cli import main
+from gateway.cli.main import main
 config = sys.argv[1]
 def status(*argv):
     out, err = io.StringIO(), io.StringIO()
@@ -403,8 +403,8 @@ def test_status_help_names_every_exit_status() -> None:
     verdict, 1 when no report could be had, 2 for bad usage."""
     import io
 
-    from gateway.cli import main
-    from gateway.cli_status import EXIT_FOR
+    from gateway.cli.main import main
+    from gateway.cli.status import EXIT_FOR
 
     out = io.StringIO()
     assert main(["status", "--help"], out=out, err=io.StringIO()) == 0

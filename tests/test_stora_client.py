@@ -1,4 +1,4 @@
-"""The Stora client (gateway/stora.py) against the sandbox over real HTTP.
+"""The Stora client (gateway/stora/) against the sandbox over real HTTP.
 
 What is tested is the guarantee, counted at the server: every event exists exactly once
 (``count_by_external_id``), no 1-second or 60-second window holds more requests than
@@ -56,7 +56,7 @@ from gateway.stora import (
     make_http_client,
     parse_retry_delay,
 )
-from gateway.stora_http import MAX_TEXT_CHARS, cap_text, parse_http_date, safe_id
+from gateway.stora.http import MAX_TEXT_CHARS, cap_text, parse_http_date, safe_id
 from tests.support.hostile_http import HostileServer, Reply, Request, json_reply
 
 T0 = 1_800_000_000.5

@@ -38,7 +38,7 @@ import pytest
 
 from devkit.sandbox import Sandbox
 from devkit.site import PREFIX, SITE, STORA_TOKEN, RunningAgent, make_site
-from gateway.timeline import external_id_for
+from gateway.outbox.timeline import external_id_for
 
 FS_SIZE = "16M"
 
@@ -139,7 +139,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
 @pytest.mark.simulator_only
 def test_filesystem_turning_read_only_under_the_agent(
         tmp_path: Path, broker: Any, state_fs: LoopExt4) -> None:
-    from gateway.control import ControlClient
+    from gateway.ops.control import ControlClient
 
     with Sandbox(static_tokens={STORA_TOKEN}) as sandbox:
         site = make_site(tmp_path, broker, stora_url=sandbox.api_url)
@@ -234,8 +234,8 @@ def test_filesystem_turning_read_only_under_the_agent(
 def test_an_empty_filesystem_mounted_in_place_is_not_taken_for_the_database(
         state_fs: LoopExt4, tmp_path: Path) -> None:
     """Only an existing database file is picked up: a fresh one would forget lockouts."""
+    from gateway.outbox.timeline import make_event
     from gateway.store import Store, StoreReadOnly
-    from gateway.timeline import make_event
 
     def event(n: int) -> Any:
         return make_event("locked", app_name="TestGate", site_id=SITE, unit="unit_a101",

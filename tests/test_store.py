@@ -1,4 +1,4 @@
-"""The state database (gateway/store.py): guarantees, not calls.
+"""The state database (gateway/store/): guarantees, not calls.
 
 The fault cases follow the fault matrix: #21 (kill -9 during writes: a real SIGKILL of a
 writer process at random moments), #23 (disk full: a 256 KiB tmpfs), #24 (corrupt
@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import GatewayError
+from gateway.outbox.timeline import EventRecord, external_id_for, make_event
 from gateway.store import (
     MIGRATIONS,
     CommandRow,
@@ -42,7 +43,6 @@ from gateway.store import (
     UnitRow,
     migrate,
 )
-from gateway.timeline import EventRecord, external_id_for, make_event
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = 1_796_000_000.0
@@ -379,7 +379,7 @@ CHILD = r"""
 import sys
 from pathlib import Path
 from gateway.store import Store
-from gateway.timeline import external_id_for, make_event
+from gateway.outbox.timeline import external_id_for, make_event
 
 db, run, previous = sys.argv[1], sys.argv[2], sys.argv[3]
 store = Store(Path(db))

@@ -25,7 +25,7 @@ from devkit.site import (
     SimSite,
     make_site,
 )
-from gateway.cli import main
+from gateway.cli.main import main
 from tests.support.cli_process import CliProcess
 from tests.support.sampler import Sampler
 

@@ -20,8 +20,8 @@ from drivers.errors import LinkDownError
 from drivers.link import SerialBus
 from drivers.port_holders import busy_hint, port_holders
 from gateway.config import load_config
-from gateway.hardware import build_site
-from gateway.technician import run_test_cycle
+from gateway.ops.technician import run_test_cycle
+from gateway.units.hardware import build_site
 
 pytestmark = pytest.mark.simulator_only
 

@@ -22,9 +22,9 @@ import pytest
 from devkit.demo import write_demo_config
 from devkit.harness import HARNESSES, Harness, make_harness
 from devkit.mosquitto import Broker
+from devkit.signer import generate_keypair
 from devkit.sims.modbus import ModbusSimBus
-from gateway.cli import main
-from gateway.signer import generate_keypair
+from gateway.cli.main import main
 from tests.support.sampler import Sampler
 from tests.test_conformance import write_config
 

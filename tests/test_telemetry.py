@@ -1,4 +1,4 @@
-"""Health telemetry (gateway/telemetry.py, ``Agent.publish_telemetry``).
+"""Health telemetry (gateway/ops/telemetry.py, ``Agent.publish_telemetry``).
 
 The retained ``P/S/status`` on a real Mosquitto, read by a subscriber that connects
 afterwards; the Prometheus text read back by a strict parser of the exposition format
@@ -27,7 +27,7 @@ import pytest
 from devkit.mosquitto import Broker, Client
 from devkit.site import PREFIX, STORA_TOKEN, RunningAgent, SimSite, make_site
 from gateway import __version__
-from gateway.telemetry import (
+from gateway.ops.telemetry import (
     cpu_temperature,
     disk_usage,
     host_status,
@@ -268,7 +268,7 @@ def test_unknown_values_are_left_out_not_written_as_zero() -> None:
 
 
 def test_the_status_table_shows_the_new_fields_readably() -> None:
-    from gateway.cli import render_status
+    from gateway.cli.main import render_status
 
     text = render_status(STATUS)
     sections = {part.split("\n", 1)[0]: part for part in text.strip().split("\n\n")}
@@ -361,7 +361,7 @@ def broken(section: str, **values: Any) -> dict[str, Any]:
 ])
 def test_each_rule_gives_its_verdict_and_reason(status: dict[str, Any], verdict: str,
                                                 code: str | None, words: str) -> None:
-    from gateway.health import assess
+    from gateway.ops.health import assess
 
     found = assess(status)
     assert found.verdict == verdict
@@ -371,7 +371,7 @@ def test_each_rule_gives_its_verdict_and_reason(status: dict[str, Any], verdict:
 
 
 def test_offline_controllers_are_counted_and_down_reasons_come_first() -> None:
-    from gateway.health import REASON_MAX_CHARS, assess
+    from gateway.ops.health import REASON_MAX_CHARS, assess
 
     status = broken("clock", trusted=False, why="before the build date")
     status["controllers"] = [{"name": f"bus{i}", "online": False, "last_error": "x" * 500}
@@ -393,7 +393,7 @@ def test_offline_controllers_are_counted_and_down_reasons_come_first() -> None:
 
 
 def test_monotonic_instants_become_rfc3339_and_durations_say_their_unit() -> None:
-    from gateway.telemetry import broker_status, schedule_status
+    from gateway.ops.telemetry import broker_status, schedule_status
 
     broker = broker_status({"connected": True, "last_connect_at": 990.0,
                             "last_disconnect_at": None, "reconnect_delays": [0.512, 1.25],
@@ -411,7 +411,7 @@ def test_monotonic_instants_become_rfc3339_and_durations_say_their_unit() -> Non
 
 
 def test_refusal_text_keeps_what_names_the_fault() -> None:
-    from gateway.outbox import MAX_NOTE_CHARS, refusal_text
+    from gateway.outbox.drainer import MAX_NOTE_CHARS, refusal_text
 
     text = refusal_text({"status": 422, "code": "invalid_content",
                          "message": "the request body is invalid",
@@ -583,9 +583,9 @@ def test_retained_status_and_textfile_report_queue_and_controller_health(
         assert value(samples, "controller_online", controller="lockers") == 1
 
         # The CLI: --json is the status itself; the table shows the new fields.
-        from gateway.cli import main
+        from gateway.cli.main import main
 
-        # bus1 offline: DEGRADED, exit 3 (gateway/cli_status.py), in the status too.
+        # bus1 offline: DEGRADED, exit 3 (gateway/cli/status.py), in the status too.
         assert (status["verdict"], [r["code"] for r in status["reasons"]]) == (
             "degraded", ["controllers_offline"])
         assert value(samples, "verdict", verdict="degraded") == 1

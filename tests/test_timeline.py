@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.timeline import (
+from gateway.outbox.timeline import (
     DETAIL_SEPARATOR,
     KINDS,
     LATE_AFTER_S,

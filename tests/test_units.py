@@ -11,11 +11,11 @@ import pytest
 
 from devkit.mosquitto import Broker
 from devkit.site import SimSite, make_site
-from gateway.commands import Command
 from gateway.config import load_config
-from gateway.hardware import build_site
+from gateway.intake.commands import Command
 from gateway.store import Store
-from gateway.units import UnitManager
+from gateway.units.hardware import build_site
+from gateway.units.manager import UnitManager
 
 pytestmark = pytest.mark.simulator_only
 

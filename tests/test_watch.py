@@ -24,10 +24,10 @@ import pytest
 from devkit.mosquitto import Broker, Client
 from devkit.sandbox import Sandbox
 from devkit.site import PREFIX, SITE, STORA_TOKEN, RunningAgent, SimSite, make_site
-from gateway.cli import main
+from gateway.cli.main import main
+from gateway.cli.watch import WATCH_ACCOUNT, WATCH_USER_ENV, run_watch
 from gateway.config import load_config
-from gateway.site_client import SiteLinkError, resolve_account
-from gateway.watch import WATCH_ACCOUNT, WATCH_USER_ENV, run_watch
+from gateway.link.site_client import SiteLinkError, resolve_account
 from tests.support.cli_process import CliProcess
 from tests.support.deploy import ACL, ID_BINDING
 
@@ -141,7 +141,7 @@ def test_a_dead_letter_shows_stora_s_whole_refusal(site: SimSite) -> None:
 
 def test_a_refused_command_and_a_forgery_are_shown_with_the_agent_s_verdict(
         site: SimSite) -> None:
-    from gateway.signer import CommandSigner, generate_keypair
+    from devkit.signer import CommandSigner, generate_keypair
 
     forger = CommandSigner(generate_keypair()[0], "test-2026", SITE)
     with RunningAgent(site.config_path), \
@@ -253,9 +253,9 @@ def test_silence_from_the_agent_is_explained(site: SimSite,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """No agent status at all (it never ran here, or the ACL hides it): watch says so
     once, on stderr, and keeps watching; an unreachable broker is exit 1."""
-    import gateway.watch
+    import gateway.cli.watch
 
-    monkeypatch.setattr(gateway.watch, "STATUS_HINT_S", 0.0)
+    monkeypatch.setattr(gateway.cli.watch, "STATUS_HINT_S", 0.0)
     config = load_config(site.config_path)
     out, err, stop = io.StringIO(), io.StringIO(), threading.Event()
     account = resolve_account(config, None, None, default_user=WATCH_ACCOUNT,
@@ -317,7 +317,7 @@ def test_a_refused_password_is_one_line_exit_2(tmp_path: Path) -> None:
 def test_watch_is_product_code_and_loads_no_dev_kit() -> None:
     """style.md: the dev kit (demo, sandbox, signer, simulators) is never imported by the
     product; watch and the live view it shares with the demo are product code.  The CLI's
-    parser loads the dev kit's plugin (its commands' parsers, gateway/cli_plugins.py) and
+    parser loads the dev kit's plugin (its commands' parsers, gateway/cli/plugins.py) and
     nothing else of it."""
     import subprocess
     import sys
@@ -325,9 +325,9 @@ def test_watch_is_product_code_and_loads_no_dev_kit() -> None:
     from tests.support.cli_process import ROOT, cli_env
 
     loaded = ("print(sorted(m for m in sys.modules "
-              "if m.split('.')[0] == 'devkit' or m == 'gateway.signer'))\n")
-    code = ("import sys, gateway.watch, gateway.site_client, gateway.liveview, "
-            f"gateway.store\n{loaded}from gateway.cli import build_parser\nbuild_parser()\n"
+              "if m.split('.')[0] == 'devkit' or m == 'devkit.signer'))\n")
+    code = ("import sys, gateway.cli.watch, gateway.link.site_client, gateway.ops.liveview, "
+            f"gateway.store\n{loaded}from gateway.cli.main import build_parser\nbuild_parser()\n"
             f"{loaded}")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=cli_env(), cwd=ROOT, check=True)
@@ -339,9 +339,9 @@ def test_the_timeline_feed_follows_every_pending_event_it_tracks(tmp_path: Path)
     """A backlog (Stora down for a while) of more events than one read returns: each
     poll reads every tracked one, so a delivery far above the lowest slice is reported,
     once; beyond MAX_TRACKED the oldest are let go."""
+    from gateway.cli.watch import MAX_TRACKED, TimelineFeed
+    from gateway.outbox.timeline import EventRecord
     from gateway.store import Store
-    from gateway.timeline import EventRecord
-    from gateway.watch import MAX_TRACKED, TimelineFeed
 
     path = tmp_path / "gateway.db"
     count = MAX_TRACKED + 100
@@ -370,8 +370,8 @@ def test_the_timeline_feed_follows_every_pending_event_it_tracks(tmp_path: Path)
 def test_events_in_reads_any_number_of_rows() -> None:
     """In slices: one statement's ``?`` marks stay under SQLite's limit (999 on old
     builds), and none is left out."""
+    from gateway.outbox.timeline import EventRecord
     from gateway.store import Store
-    from gateway.timeline import EventRecord
 
     with Store(Path(":memory:"), ephemeral=True) as store:
         with store.transaction() as tx:
@@ -387,7 +387,7 @@ def test_an_outbox_this_user_may_not_reach_is_a_note_not_a_crash(
     """Python 3.11's ``Path.exists`` raises ``PermissionError`` in a directory the user
     may not enter (0750 on an install, this user outside the group; root, who runs the
     tests, is never refused, so the refusal is staged)."""
-    from gateway.watch import open_outbox
+    from gateway.cli.watch import open_outbox
 
     config = load_config(site.config_path)
     real_exists = Path.exists

@@ -483,9 +483,9 @@ def test_a_lock_on_a_second_broker_through_the_gateway(tmp_path: Path, broker: B
     """[mqtt] on one broker, the bridge on another (host/port): builder, reconciliation,
     and the battery notice published as an alarm."""
     from gateway.config import load_config
-    from gateway.hardware import build_site, point_of
     from gateway.store import Store
-    from gateway.units import UnitManager
+    from gateway.units.hardware import build_site, point_of
+    from gateway.units.manager import UnitManager
 
     with Broker(tmp_path / "lan") as lan:
         sim = Zigbee2MqttSim(lan.host, lan.port, [SimLock("yard/gate")], report_delay_s=0.01)
@@ -525,7 +525,7 @@ def test_on_the_mqtt_broker_with_its_own_account_and_the_agent_s_tls(tmp_path: P
     and password file (a broker that binds client ids to accounts gives the agent's
     account one connection)."""
     from gateway.config import load_config
-    from gateway.hardware import build_site
+    from gateway.units.hardware import build_site
 
     tls = make_tls_files(tmp_path / "tls", hostname="localhost")
     password = tmp_path / "password"
@@ -582,7 +582,7 @@ def test_check_config_refuses_a_link_that_would_share_the_agent_s_account(
     forever.  check-config says so in one line naming the key."""
     import io
 
-    from gateway.cli import main
+    from gateway.cli.main import main
 
     path = write_config(tmp_path, mqtt, controller, "gate")
     out, err = io.StringIO(), io.StringIO()

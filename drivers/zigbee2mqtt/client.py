@@ -275,7 +275,7 @@ class BridgeLink:
         except (OSError, ValueError) as exc:  # ssl.SSLError and socket errors are OSError
             self._failed(f"cannot connect: {exc}")
             # paho leaves a socket whose TLS handshake failed open; a context that keeps
-            # it (the agent's, gateway/mqtt.py) can close it now rather than at GC.
+            # it (the agent's, gateway/link/) can close it now rather than at GC.
             close_failed = getattr(self.settings.tls, "close_failed", None)
             if callable(close_failed):
                 close_failed(None)

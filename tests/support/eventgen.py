@@ -5,13 +5,13 @@ A full agent (broker link, control socket, drivers) takes too long to start for 
 the child runs only the production pieces that write and deliver Timeline Events, wired
 as ``gateway/agent.py`` wires them:
 
-* ``UnitManager`` (gateway/units.py) executes ``lock`` and ``unlock`` commands, each in
+* ``UnitManager`` (gateway/units/manager.py) executes ``lock`` and ``unlock`` commands, each in
   its real transactions: claim, then outcome + unit state + Timeline Event record; unlocks
   schedule relocks, which record events of their own.  The controllers are in memory and
   always confirm, so every command records its event.
 * ``Store.recover_interrupted`` with ``UnitManager.audit_interrupted`` at start, as
   ``Agent.recover`` does: a command a kill interrupted gets its "outcome unknown" event.
-* ``build_drainer`` (gateway/outbox.py) delivers the outbox over real HTTP to the sandbox
+* ``build_drainer`` (gateway/outbox/drainer.py) delivers the outbox over real HTTP to the sandbox
   running in the test process, woken by ``Store.on_events_added``.
 
 Starting Python and importing httpx, sqlite3 and the gateway costs ~0.2 s a process, more
@@ -47,14 +47,14 @@ from pathlib import Path
 from typing import Any, Final
 
 from drivers.base import ActionResult, Controller, DoorState, Health, LockPoint, LockState, Reading
-from gateway.commands import Command
 from gateway.config import load_config
-from gateway.hardware import Site
-from gateway.outbox import build_drainer
+from gateway.intake.commands import Command
+from gateway.outbox.drainer import build_drainer
+from gateway.outbox.timeline import external_id_for
 from gateway.stora import make_http_client
 from gateway.store import Store
-from gateway.timeline import external_id_for
-from gateway.units import UnitManager
+from gateway.units.hardware import Site
+from gateway.units.manager import UnitManager
 
 #: What a phase byte means: byte 0 the unit side, byte 1 the drainer (``-`` until it
 #: starts).  An upper-case letter is the COMMIT (with its fsync) of a transaction begun in
@@ -84,7 +84,7 @@ def command_for(run: int, n: int) -> tuple[str, str, str]:
 
 
 def event_id(site: str, jti: str, cmd: str) -> str:
-    """The external id of the event a finished ``cmd`` records (gateway/units.py)."""
+    """The external id of the event a finished ``cmd`` records (gateway/units/manager.py)."""
     return external_id_for(site, jti, "unlocked" if cmd == "unlock" else "locked")
 
 
