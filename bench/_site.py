@@ -35,7 +35,8 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from devkit.mosquitto import Broker, Client
+from devkit.broker_client import Client
+from devkit.mosquitto import Broker
 from devkit.signer import CommandSigner, generate_keypair
 from devkit.sims.modbus import ModbusSimBus
 from devkit.site import AgentProcess

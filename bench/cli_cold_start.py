@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from devkit.demo import write_demo_config
+from devkit.demo_site import write_demo_config
 from devkit.sims.modbus import ModbusSimBus
 
 

@@ -1,6 +1,6 @@
 """Outbox drain rate: a backlog of Timeline Events through the real drainer, against the limits.
 
-The sandbox (devkit/sandbox.py, a real HTTP server on loopback, sliding windows, 429s)
+The sandbox (devkit/sandbox/, a real HTTP server on loopback, sliding windows, 429s)
 stands in for Stora; the production pieces drain it: a :class:`gateway.store.Store` on
 disk (WAL, ``synchronous=FULL``) holding ``--events`` pending events (queued one per
 transaction, as units do, before the clock starts), a :class:`gateway.stora.StoraClient`
@@ -63,7 +63,7 @@ from devkit.sandbox import Sandbox, max_in_window
 from gateway.config import StoraConfig
 from gateway.outbox.drainer import Drainer
 from gateway.outbox.timeline import external_id_for, make_event
-from gateway.stora import StoraClient
+from gateway.stora.client import StoraClient
 from gateway.store import SEND_HISTORY_KEEP_S, Store
 
 TARGET_RATIO = 0.95

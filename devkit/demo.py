@@ -11,7 +11,7 @@ What runs, all of it started here and stopped again, also on Ctrl-C or SIGTERM::
 * two simulated RS-485 buses on pseudo-terminals: a Modbus relay board (strikes A-101 and
   A-102 with door contacts, the GATE maglock) and a hex-protocol lock board (B-201,
   B-202), spoken to through the real drivers;
-* the sandbox Stora API (``devkit/sandbox.py``) and the agent itself (``gateway/agent.py``),
+* the sandbox Stora API (``devkit/sandbox/``) and the agent itself (``gateway/agent.py``),
   in this process, with a generated config and a fresh Ed25519 command key;
 * the demo signer: a few unlocks, a replay, a lockout, a refused unlock, a forgery and
   a clear, then a short technician segment through the agent's control socket.
@@ -25,10 +25,8 @@ it did, each event delivered exactly once; otherwise 1, with what went wrong.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import io
-import json
 import os
 import signal
 import tempfile
@@ -39,288 +37,28 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Final, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from gateway.ops import liveview
 from gateway.ops.liveview import LiveView, describe_state
 
 if TYPE_CHECKING:
-    from devkit.sandbox import Sandbox
     from devkit.signer import CommandSigner
     from gateway.agent import Agent
 
-SITE: Final = "site_demo"
-APP: Final = "DemoGate"
-PREFIX: Final = f"stora-gw/{SITE}"
-KID: Final = "demo-2026"
-#: The static Bearer token of the demo's Stora sandbox.
-DEMO_TOKEN: Final = "demo-token-not-a-secret"  # noqa: S105 (a demo's, on 127.0.0.1)
-#: unit id -> the label on its door, as in :func:`write_demo_config`.
-REFERENCES: Final = {"unit_a101": "A-101", "unit_a102": "A-102", "unit_gate": "GATE",
-                     "unit_b201": "B-201", "unit_b202": "B-202"}
-#: Lock-board hold time in the demo: as long as the unlock the signer asks for.
-DEMO_HOLD_S: Final = 2.0
-#: How long any one expectation may take to come true before it counts as a failure:
-#: a command round trip or an event delivery takes milliseconds here; this covers a
-#: loaded Raspberry Pi.
-EXPECT_TIMEOUT_S: Final = 10.0
-#: Extra time for a relock on top of the unlock's duration (a reconciliation pass).
-RELOCK_MARGIN_S: Final = 8.0
-#: The pause before each step, so a person can read along (``demo --pace``).
-DEFAULT_PACE_S: Final = 1.5
-#: After the last step, how long to watch for a Timeline Event delivered twice.
-SETTLE_S: Final = 1.0
-
-
-def _demo_key() -> str:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-    raw = Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
-def write_demo_config(directory: Path, modbus_port: Path | str, lockboard_port: Path | str, *,
-                      mqtt_port: int | None = None, stora_url: str | None = None,
-                      public_key: str | None = None) -> Path:
-    """A complete config for the simulated site, with its secret file (mode 600).
-
-    Without ``mqtt_port`` it is the technician's config (direct mode, the CLI tests);
-    with it the agent's: ``[mqtt]`` on 127.0.0.1, ``[stora]`` at ``stora_url`` and
-    ``public_key`` trusted for commands, on the system clock (no NTP needed).
-    """
-    token = directory / "stora-token"
-    token.write_text(f"{DEMO_TOKEN}\n")
-    token.chmod(0o600)
-    mqtt = "" if mqtt_port is None else (
-        f'[mqtt]\nhost = "127.0.0.1"\nport = {mqtt_port}\nclient_id = "demo-agent"\n\n')
-    clock = "" if mqtt_port is None else 'clock = "system"\n'
-    config = directory / "gateway.toml"
-    config.write_text(f"""\
-[site]
-id = "{SITE}"
-app_name = "{APP}"
-
-{mqtt}[commands]
-trusted_keys = {{ {KID} = "{public_key or _demo_key()}" }}
-{clock}
-[stora]
-base_url = "{stora_url or 'http://127.0.0.1:8099/2025-09'}"
-auth = "static"
-token_file = "{token}"
-timeline_source_id = "tsrc_demo"
-
-[storage]
-path = "{directory / 'gateway.db'}"
-
-[control]
-socket = "{directory / 'control.sock'}"
-
-[[controllers]]
-name = "bus1"
-driver = "modbus"
-port = "{modbus_port}"
-address = 1
-pulse = true
-channels = 4
-inputs = 4
-timeout_ms = 100
-
-[[controllers]]
-name = "lockers"
-driver = "lockboard"
-port = "{lockboard_port}"
-address = 0
-channels = 8
-timeout_ms = 100
-
-[[locks]]
-unit = "unit_a101"
-reference = "A-101"
-controller = "bus1"
-channel = 0
-door_input = 0
-unlock_seconds = 1
-
-[[locks]]
-unit = "unit_a102"
-reference = "A-102"
-controller = "bus1"
-channel = 1
-door_input = 1
-unlock_seconds = 1
-
-[[locks]]
-unit = "unit_gate"
-reference = "GATE"
-controller = "bus1"
-channel = 3
-energize_to = "lock"
-unlock_seconds = 1
-
-[[locks]]
-unit = "unit_b201"
-reference = "B-201"
-controller = "lockers"
-channel = 0
-
-[[locks]]
-unit = "unit_b202"
-reference = "B-202"
-controller = "lockers"
-channel = 1
-""")
-    return config
-
-
-# -- the live view ------------------------------------------------------------------------
-# LiveView and the describe_* functions live in gateway/ops/liveview.py (product code), which
-# `stora-gateway watch` shares; the demo only adds its unit labels.
-
-
-class Watcher:
-    """The demo's MQTT client: publishes signed commands, watches the agent's outputs.
-
-    It speaks MQTT 3.1.1 while the agent speaks 5, so the embedded broker serves both.
-    """
-
-    def __init__(self, host: str, port: int, view: LiveView) -> None:
-        import paho.mqtt.client as paho
-        from paho.mqtt.enums import CallbackAPIVersion
-
-        self.view = view
-        self._cond = threading.Condition()
-        self.results: list[dict[str, Any]] = []
-        self.states: dict[str, list[dict[str, Any]]] = {}
-        self.alarms: list[dict[str, Any]] = []
-        self.online: bool | None = None
-        self._subscribed = threading.Event()
-        self._client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                                   client_id=f"demo-signer-{os.getpid()}",
-                                   protocol=paho.MQTTv311)
-        self._client.on_connect = self._on_connect
-        self._client.on_subscribe = lambda *_: self._subscribed.set()
-        self._client.on_message = self._on_message
-        self._client.connect(host, port, keepalive=30)
-        self._client.loop_start()
-        if not self._subscribed.wait(EXPECT_TIMEOUT_S):
-            self.close()
-            raise OSError(f"the demo's MQTT client could not subscribe at {host}:{port}")
-
-    def _on_connect(self, client: Any, userdata: object, flags: Any, reason: Any,
-                    properties: object) -> None:
-        client.subscribe([(f"{PREFIX}/{suffix}", 1)
-                          for suffix in ("status", "cmd/result", "units/+", "alarm")])
-
-    def _on_message(self, client: Any, userdata: object, msg: Any) -> None:
-        try:
-            doc = json.loads(msg.payload)
-        except ValueError:
-            self.view.line("mqtt", f"{msg.topic}: not JSON: {msg.payload[:60]!r}")
-            return
-        suffix = msg.topic[len(PREFIX) + 1:]
-        with self._cond:
-            if suffix == "status":
-                online = bool(doc.get("online"))
-                if online != self.online:
-                    self.online = online
-                    self.view.line("agent", liveview.describe_online(doc))
-            elif suffix == "cmd/result":
-                self.results.append(doc)
-                self.view.line("←", describe_result(doc))
-            elif suffix.startswith("units/"):
-                history = self.states.setdefault(str(doc.get("unit")), [])
-                line = liveview.describe_state_change(history[-1] if history else None, doc)
-                if line is not None:
-                    self.view.line("lock", line)
-                history.append(doc)
-            elif suffix == "alarm":
-                self.alarms.append(doc)
-                self.view.line("alarm", liveview.describe_alarm(doc, REFERENCES))
-            self._cond.notify_all()
-
-    def send(self, token: bytes) -> None:
-        """Publish a command (QoS 1) and wait until the broker has it."""
-        info = self._client.publish(f"{PREFIX}/cmd", token, qos=1)
-        info.wait_for_publish(EXPECT_TIMEOUT_S)
-        if not info.is_published():
-            raise OSError("the broker did not acknowledge a command")
-
-    def wait(self, check: Callable[[], Any], timeout: float = EXPECT_TIMEOUT_S) -> Any:
-        """Wait until ``check()`` (called with the watcher's lock held) is truthy."""
-        with self._cond:
-            return self._cond.wait_for(check, timeout)
-
-    def results_for(self, jti: str | None) -> list[dict[str, Any]]:
-        """Every result published for ``jti`` so far (``None``: results of tokens whose
-        signature did not verify, which carry no id)."""
-        return [r for r in self.results if r.get("jti") == jti]
-
-    def state(self, unit: str) -> dict[str, Any] | None:
-        """The unit's last published state."""
-        history = self.states.get(unit)
-        return history[-1] if history else None
-
-    def close(self) -> None:
-        """Disconnect and stop paho's thread."""
-        with contextlib.suppress(Exception):
-            self._client.disconnect()
-        self._client.loop_stop()
-        self._client.reinitialise()  # closes paho's socket pair now
-
-
-def describe_result(doc: Mapping[str, Any]) -> str:
-    """A command result in words: "done: unlock A-101", "rejected (overlocked): …"."""
-    return liveview.describe_result(doc, REFERENCES)
-
-
-class EventFeed:
-    """Prints each Timeline Event as the sandbox receives it (a poll every 50 ms)."""
-
-    POLL_S: Final = 0.05
-
-    def __init__(self, sandbox: Sandbox, view: LiveView) -> None:
-        self.sandbox = sandbox
-        self.view = view
-        self.events: list[dict[str, Any]] = []
-        self._cond = threading.Condition()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="demo-events", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.POLL_S):
-            new = self.sandbox.events()[len(self.events):]
-            for event in new:
-                self.view.line("Stora", str(event.get("description")))
-            if new:
-                with self._cond:
-                    self.events.extend(new)
-                    self._cond.notify_all()
-
-    def wait_count(self, count: int, timeout: float = EXPECT_TIMEOUT_S) -> bool:
-        """Wait until ``count`` events arrived in all."""
-        with self._cond:
-            return self._cond.wait_for(lambda: len(self.events) >= count, timeout)
-
-    def close(self) -> None:
-        """Stop polling."""
-        self._stop.set()
-        self._thread.join()
-
-
-# -- the script ---------------------------------------------------------------------------
-@dataclass
-class Expect:
-    """What one command should do: its result, and the Timeline Events it causes.
-
-    ``events`` are the description heads (contract §6, before " — ") in any order.
-    """
-
-    status: str
-    reason: str | None = None
-    duplicate: bool = False
-    events: tuple[str, ...] = ()
+from devkit.demo_site import (
+    APP,
+    DEFAULT_PACE_S,
+    DEMO_HOLD_S,
+    DEMO_TOKEN,
+    EXPECT_TIMEOUT_S,
+    KID,
+    REFERENCES,
+    RELOCK_MARGIN_S,
+    SETTLE_S,
+    SITE,
+    write_demo_config,
+)
+from devkit.demo_watch import EventFeed, Expect, Watcher
 
 
 @dataclass
@@ -625,7 +363,7 @@ def _leftovers(before: set[int | None], directory: str) -> list[str]:
 
 
 def _run(demo: Demo, directory: Path, stack: contextlib.ExitStack) -> None:
-    from devkit.embedded_broker import start_broker
+    from devkit.demo_broker import start_broker
     from devkit.sandbox import Sandbox
     from devkit.signer import CommandSigner, generate_keypair
     from devkit.sims.lockboard import start_lockboard_sim

@@ -1,4 +1,4 @@
-"""The demo's MQTT broker: Mosquitto when installed, else a small one in pure Python.
+"""The demo's embedded MQTT broker: a small one in pure Python, for machines without Mosquitto.
 
 ``stora-gateway demo`` must run on a fresh machine with nothing but Python, so when no
 ``mosquitto`` (1.6 or later: the agent needs MQTT 5) is on PATH or in /usr/sbin, the
@@ -31,210 +31,53 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import pwd
-import re
-import shutil
-import signal
 import socket
-import subprocess
 import threading
-import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Final, Protocol
+from typing import Final
 
-__all__ = [
-    "BROKER_KINDS",
-    "DemoBroker",
-    "EmbeddedBroker",
-    "MosquittoBroker",
-    "find_mosquitto",
-    "start_broker",
-]
+from devkit.mqtt_codec import (
+    ASSIGNED_CLIENT_ID,
+    CONNACK,
+    CONNECT,
+    DISCONNECT,
+    PINGREQ,
+    PINGRESP,
+    PUBACK,
+    PUBCOMP,
+    PUBLISH,
+    PUBREC,
+    PUBREL,
+    SESSION_EXPIRY,
+    SHARED_SUB_AVAILABLE,
+    SUB_ID_AVAILABLE,
+    SUBACK,
+    SUBSCRIBE,
+    SUBSCRIPTION_ID,
+    TOPIC_ALIAS,
+    UNSUBACK,
+    UNSUBSCRIBE,
+    ProtocolError,
+    Reader,
+    encode_properties,
+    encode_string,
+    packet,
+    topic_matches,
+    valid_filter,
+)
 
 LOGGER = logging.getLogger(__name__)
 
-#: ``demo --broker``: "auto" is Mosquitto when installed, else the embedded broker.
-BROKER_KINDS: Final = ("auto", "mosquitto", "embedded")
-#: Where Debian puts the broker; /usr/sbin is not on an ordinary user's PATH.
-_MOSQUITTO_DIRS: Final = ("/usr/sbin", "/usr/local/sbin", "/usr/bin")
-#: The agent speaks MQTT 5, which Mosquitto supports from 1.6.
-_MOSQUITTO_MIN: Final = (1, 6)
-#: Mosquitto binds within ~20 ms here; this covers a loaded Raspberry Pi.
-_START_TIMEOUT_S: Final = 10.0
-#: How long a clean SIGTERM may take before SIGKILL.
-_STOP_TIMEOUT_S: Final = 5.0
+#: How long a clean stop may take (the broker's tasks here; SIGTERM to Mosquitto).
+STOP_TIMEOUT_S: Final = 5.0
 #: Largest packet the embedded broker accepts (commands are at most 4 KiB).
 MAX_PACKET: Final = 1 << 20
 #: QoS 1 messages kept for a session while its client is away (Mosquitto's default).
 MAX_QUEUED: Final = 1000
 #: MQTT 3.1.1 §3.1.2.10 / MQTT 5 §3.1.2.10: no packet for 1.5 keepalives ends a client.
 KEEPALIVE_GRACE: Final = 1.5
-
-# Packet types (MQTT 5 §2.1.2), high nibble of the first byte.
-CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
-SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT, AUTH = range(8, 16)
-
-# MQTT 5 property identifiers this broker reads or writes (§2.2.2.2).
-_SESSION_EXPIRY: Final = 0x11
-_ASSIGNED_CLIENT_ID: Final = 0x12
-_SUBSCRIPTION_ID: Final = 0x0B
-_TOPIC_ALIAS: Final = 0x23
-_SUB_ID_AVAILABLE: Final = 0x29
-_SHARED_SUB_AVAILABLE: Final = 0x2A
-# Every property's wire type, to skip or copy the ones it does not interpret.
-_BYTE, _INT2, _INT4, _VARINT, _STRING, _BINARY, _PAIR = range(7)
-_PROPERTY_TYPES: Final = {
-    0x01: _BYTE, 0x02: _INT4, 0x03: _STRING, 0x08: _STRING, 0x09: _BINARY,
-    0x0B: _VARINT, 0x11: _INT4, 0x12: _STRING, 0x13: _INT2, 0x15: _STRING,
-    0x16: _BINARY, 0x17: _BYTE, 0x18: _INT4, 0x19: _BYTE, 0x1A: _STRING,
-    0x1C: _STRING, 0x1F: _STRING, 0x21: _INT2, 0x22: _INT2, 0x23: _INT2,
-    0x24: _BYTE, 0x25: _BYTE, 0x26: _PAIR, 0x27: _INT4, 0x28: _BYTE,
-    0x29: _BYTE, 0x2A: _BYTE,
-}
-
-
-class ProtocolError(Exception):
-    """A client broke the protocol: its connection is closed (with its will)."""
-
-
-# -- encoding ---------------------------------------------------------------------------
-def encode_varint(n: int) -> bytes:
-    """MQTT's variable byte integer (§1.5.5): 7 bits a byte, low first, at most 4 bytes."""
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def encode_string(data: str | bytes) -> bytes:
-    """A UTF-8 string or binary data with its 2-byte length (§1.5.4, §1.5.6)."""
-    raw = data.encode() if isinstance(data, str) else data
-    return len(raw).to_bytes(2, "big") + raw
-
-
-def packet(kind: int, flags: int, body: bytes) -> bytes:
-    """A whole packet: fixed header (type, flags, remaining length) and ``body``."""
-    return bytes([kind << 4 | flags]) + encode_varint(len(body)) + body
-
-
-class Reader:
-    """Reads the fields of one packet's body in order; short data is a ProtocolError."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.at = 0
-
-    def take(self, n: int) -> bytes:
-        """The next ``n`` bytes."""
-        if self.at + n > len(self.data):
-            raise ProtocolError("packet shorter than its fields")
-        chunk = self.data[self.at:self.at + n]
-        self.at += n
-        return chunk
-
-    def byte(self) -> int:
-        """One byte."""
-        return self.take(1)[0]
-
-    def int2(self) -> int:
-        """A two-byte big-endian integer."""
-        return int.from_bytes(self.take(2), "big")
-
-    def binary(self) -> bytes:
-        """Length-prefixed binary data."""
-        return self.take(self.int2())
-
-    def string(self) -> str:
-        """A length-prefixed UTF-8 string."""
-        try:
-            return self.binary().decode()
-        except UnicodeDecodeError as exc:
-            raise ProtocolError("a string is not UTF-8") from exc
-
-    def varint(self) -> int:
-        """A variable byte integer."""
-        value = 0
-        for shift in range(0, 28, 7):
-            digit = self.byte()
-            value |= (digit & 0x7F) << shift
-            if not digit & 0x80:
-                return value
-        raise ProtocolError("variable byte integer longer than 4 bytes")
-
-    def properties(self) -> list[tuple[int, bytes]]:
-        """An MQTT 5 property list as ``(identifier, raw value bytes)`` pairs."""
-        length = self.varint()
-        end = self.at + length
-        if end > len(self.data):
-            raise ProtocolError("properties longer than the packet")
-        props: list[tuple[int, bytes]] = []
-        while self.at < end:
-            ident = self.byte()
-            kind = _PROPERTY_TYPES.get(ident)
-            start = self.at
-            if kind is None:
-                raise ProtocolError(f"unknown property 0x{ident:02x}")
-            if kind == _BYTE:
-                self.take(1)
-            elif kind == _INT2:
-                self.take(2)
-            elif kind == _INT4:
-                self.take(4)
-            elif kind == _VARINT:
-                self.varint()
-            elif kind in (_STRING, _BINARY):
-                self.binary()
-            else:  # a string pair
-                self.binary()
-                self.binary()
-            props.append((ident, self.data[start:self.at]))
-        if self.at != end:
-            raise ProtocolError("a property runs past the property list")
-        return props
-
-    def rest(self) -> bytes:
-        """Everything not read yet."""
-        chunk = self.data[self.at:]
-        self.at = len(self.data)
-        return chunk
-
-
-def encode_properties(props: list[tuple[int, bytes]]) -> bytes:
-    """The property list ``props`` (as :meth:`Reader.properties` returns it), encoded."""
-    body = b"".join(bytes([ident]) + raw for ident, raw in props)
-    return encode_varint(len(body)) + body
-
-
-def topic_matches(topic_filter: str, topic: str) -> bool:
-    """Whether ``topic`` matches ``topic_filter`` (MQTT 5 §4.7)."""
-    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
-        return False  # §4.7.2: $-topics are not matched by a leading wildcard
-    f_levels, t_levels = topic_filter.split("/"), topic.split("/")
-    for i, level in enumerate(f_levels):
-        if level == "#":
-            return True
-        if i >= len(t_levels) or (level not in ("+", t_levels[i])):
-            return False
-    return len(f_levels) == len(t_levels)
-
-
-def valid_filter(topic_filter: str) -> bool:
-    """A well-formed topic filter: ``#`` only as the last level, wildcards whole levels."""
-    if not topic_filter or "\0" in topic_filter:
-        return False
-    levels = topic_filter.split("/")
-    for i, level in enumerate(levels):
-        if "#" in level and (level != "#" or i != len(levels) - 1):
-            return False
-        if "+" in level and level != "+":
-            return False
-    return True
 
 
 # -- broker state -----------------------------------------------------------------------
@@ -387,7 +230,7 @@ class EmbeddedBroker:
             for connection in list(self._connections):
                 connection.close()  # each task then reads end-of-stream and ends
             if tasks:
-                _, stuck = await asyncio.wait(list(tasks), timeout=_STOP_TIMEOUT_S)
+                _, stuck = await asyncio.wait(list(tasks), timeout=STOP_TIMEOUT_S)
                 for task in stuck:
                     task.cancel()
             await server.wait_closed()
@@ -501,7 +344,7 @@ class EmbeddedBroker:
             r.binary()  # password
         expiry: float | None
         if level == 5:
-            raw = dict(props).get(_SESSION_EXPIRY)
+            raw = dict(props).get(SESSION_EXPIRY)
             seconds = int.from_bytes(raw, "big") if raw else 0
             expiry = None if seconds == 0xFFFFFFFF else float(seconds)
         else:
@@ -521,10 +364,10 @@ class EmbeddedBroker:
         session.connection = connection
         connection.session = session
         if level == 5:
-            ack_props: list[tuple[int, bytes]] = [(_SUB_ID_AVAILABLE, b"\0"),
-                                                  (_SHARED_SUB_AVAILABLE, b"\0")]
+            ack_props: list[tuple[int, bytes]] = [(SUB_ID_AVAILABLE, b"\0"),
+                                                  (SHARED_SUB_AVAILABLE, b"\0")]
             if assigned:
-                ack_props.append((_ASSIGNED_CLIENT_ID, encode_string(client_id)))
+                ack_props.append((ASSIGNED_CLIENT_ID, encode_string(client_id)))
             connection.send(packet(CONNACK, 0, bytes([int(present), 0])
                                    + encode_properties(ack_props)))
         else:
@@ -542,7 +385,7 @@ class EmbeddedBroker:
             r = Reader(body)
             reason = r.byte()
             props = dict(r.properties()) if r.at < len(body) else {}
-            raw = props.get(_SESSION_EXPIRY)
+            raw = props.get(SESSION_EXPIRY)
             if raw is not None and connection.session is not None:
                 connection.session.expiry_s = float(int.from_bytes(raw, "big"))
             if reason == 0x04:  # "disconnect with will message"
@@ -571,7 +414,7 @@ class EmbeddedBroker:
         topic = r.string()
         pid = r.int2() if qos else 0
         props = r.properties() if connection.version == 5 else []
-        if any(ident == _TOPIC_ALIAS for ident, _ in props):
+        if any(ident == TOPIC_ALIAS for ident, _ in props):
             raise ProtocolError("topic alias used, but Topic Alias Maximum is 0")
         if not topic or "+" in topic or "#" in topic:
             raise ProtocolError(f"invalid topic {topic!r}")
@@ -705,164 +548,6 @@ class EmbeddedBroker:
 
 def _forwardable(props: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
     """The properties a subscriber may receive: all but alias and subscription id."""
-    return [(i, raw) for i, raw in props if i not in (_TOPIC_ALIAS, _SUBSCRIPTION_ID)]
+    return [(i, raw) for i, raw in props if i not in (TOPIC_ALIAS, SUBSCRIPTION_ID)]
 
 
-# -- Mosquitto --------------------------------------------------------------------------
-def find_mosquitto() -> tuple[str, str] | None:
-    """``(path, "mosquitto version X.Y.Z")`` of a Mosquitto that speaks MQTT 5 (1.6+),
-    looked for on PATH, then in /usr/sbin and friends; None when there is none."""
-    found = shutil.which("mosquitto") or shutil.which(
-        "mosquitto", path=os.pathsep.join(_MOSQUITTO_DIRS))
-    if found is None:
-        return None
-    try:
-        # `mosquitto -h` prints "mosquitto version 2.0.11" and exits non-zero.
-        shown = subprocess.run([found, "-h"], capture_output=True, text=True,  # noqa: S603
-                               timeout=5, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    match = re.search(r"mosquitto version (\d+)\.(\d+)[.\d]*", shown.stdout + shown.stderr)
-    if match is None or (int(match[1]), int(match[2])) < _MOSQUITTO_MIN:
-        LOGGER.info("%s is not Mosquitto 1.6 or later; using the embedded broker", found)
-        return None
-    return found, match[0]
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
-
-
-class MosquittoBroker:
-    """``mosquitto -c`` on a free port of 127.0.0.1 with a config in ``directory``.
-
-    It runs in a session of its own, so a Ctrl-C at the terminal reaches only the demo,
-    which then stops the agent before the broker (the agent's clean "offline" status
-    still gets out).  On Linux it is also told to exit if the demo dies unannounced.
-    """
-
-    kind = "mosquitto"
-
-    def __init__(self, binary: str, directory: Path, *, version: str = "mosquitto",
-                 host: str = "127.0.0.1") -> None:
-        self.binary = binary
-        self.directory = directory
-        self.host = host
-        self.port = 0
-        self.version = version
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def description(self) -> str:
-        """What runs where, for the demo's header."""
-        return f"{self.version} on {self.host}:{self.port}"
-
-    def start(self) -> MosquittoBroker:
-        """Start it and return once its port accepts connections."""
-        for _attempt in range(3):  # the free port may be taken between probe and bind
-            self.port = _free_port(self.host)
-            conf = self.directory / "mosquitto.conf"
-            log = self.directory / "mosquitto.log"
-            conf.write_text("\n".join([
-                # As root Mosquitto drops to user "mosquitto", who cannot read this
-                # directory; as anyone else this line is ignored.
-                f"user {pwd.getpwuid(os.geteuid()).pw_name}",
-                f"listener {self.port} {self.host}",
-                "allow_anonymous true",
-                "persistence false",
-                "set_tcp_nodelay true",
-                f"log_dest file {log}",
-            ]) + "\n")
-            self._proc = subprocess.Popen(  # noqa: S603 (our own binary and config)
-                [self.binary, "-c", str(conf)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, start_new_session=True,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 (only calls prctl)
-            )
-            if self._wait_listening():
-                LOGGER.info("mosquitto on %s:%d", self.host, self.port)
-                return self
-        text = ""
-        with contextlib.suppress(OSError):
-            text = (self.directory / "mosquitto.log").read_text(errors="replace")[-2000:]
-        self.stop()
-        raise OSError(f"mosquitto did not start: {text.strip() or 'no log'}")
-
-    def _wait_listening(self) -> bool:
-        deadline = time.monotonic() + _START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self._proc is None or self._proc.poll() is not None:
-                return False
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.5):
-                    return True
-            except OSError:
-                time.sleep(0.02)
-        return False
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it lingers; reaped either way.  Idempotent."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-    @property
-    def pid(self) -> int | None:
-        """The broker's process id while it runs."""
-        return self._proc.pid if self._proc is not None else None
-
-    def __enter__(self) -> MosquittoBroker:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the demo's process dies (Linux only)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
-class DemoBroker(Protocol):
-    """What the demo needs of either broker."""
-
-    kind: str
-    host: str
-    port: int
-
-    @property
-    def description(self) -> str:
-        """What runs where."""
-
-    def stop(self) -> None:
-        """Stop it; nothing of it remains."""
-
-
-def start_broker(kind: str, directory: Path) -> DemoBroker:
-    """A running broker of ``kind`` (:data:`BROKER_KINDS`); ``directory`` for its files.
-
-    Raises OSError when ``kind`` is "mosquitto" and none (1.6+) is installed, or when
-    the broker cannot listen.
-    """
-    if kind not in BROKER_KINDS:
-        raise ValueError(f"broker kind {kind!r} is not one of {', '.join(BROKER_KINDS)}")
-    found = find_mosquitto() if kind != "embedded" else None
-    if kind == "mosquitto" and found is None:
-        raise OSError("mosquitto 1.6 or later is not installed (apt-get install mosquitto); "
-                      "use --broker embedded")
-    if found is not None:
-        return MosquittoBroker(found[0], directory, version=found[1]).start()
-    return EmbeddedBroker().start()

@@ -1,7 +1,7 @@
 """Test faults: break one vital part of a running agent on purpose.
 
 The systemd watchdog pings only while every vital part of the agent is alive
-(gateway/schedule.py); the tests prove that by breaking one and watching the pings stop.
+(gateway/schedule/watchdog.py); the tests prove that by breaking one and watching the pings stop.
 The product has no switch for that: a test gives :func:`fault_hook`'s result to
 ``Agent(..., faults=…)`` (``gateway.agent.StartHook``), or runs the agent with
 ``python -m devkit.agent --fault NAME[@SECONDS]`` (devkit/agent.py).

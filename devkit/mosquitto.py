@@ -15,20 +15,14 @@ signals, the cheapest faithful way to break a broker on one machine:
 (in a short directory of its own: a socket path is limited to 107 bytes, which pytest's
 temporary directories exceed); ``Client(broker, unix=True)`` connects through it.
 
-:class:`Client` wraps paho's threaded client so a test reads like a script:
-``client.publish(topic, payload)`` returns once the broker has the message and
-``client.expect(topic)`` waits for what the gateway sends.
-
-A missing ``mosquitto`` raises :class:`BrokerMissingError`, so the tests that need one
-fail loudly instead of being skipped.
+Its TLS material is made by :mod:`devkit.tls_files`; the test client is
+:mod:`devkit.broker_client`.  A missing ``mosquitto`` raises :class:`BrokerMissingError`,
+so the tests that need one fail loudly instead of being skipped.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import ipaddress
-import itertools
 import os
 import pwd
 import shutil
@@ -36,37 +30,25 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
-
-from drivers.mqtt_client import PahoClient
-from gateway.link import Message
+from devkit.tls_files import TlsFiles
 
 __all__ = [
     "Broker",
     "BrokerError",
     "BrokerMissingError",
-    "Client",
-    "TlsFiles",
     "find_mosquitto",
-    "make_tls_files",
+    "free_port",
 ]
 
 #: Where Debian puts the broker; /usr/sbin is not on an ordinary user's PATH.
 _MOSQUITTO_DIRS = ("/usr/sbin", "/usr/local/sbin", "/usr/bin")
 #: Mosquitto binds and answers within ~20 ms here; 10 s covers a loaded CI box.
 _START_TIMEOUT_S = 10.0
-_client_ids = itertools.count(1)
 
 
 class BrokerError(RuntimeError):
@@ -98,109 +80,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-# --------------------------------------------------------------------------- TLS material
-
-
-@dataclass(frozen=True, slots=True)
-class TlsFiles:
-    """A throw-away CA, a broker certificate for ``hostname`` and a client certificate."""
-
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-    hostname: str
-
-
-def make_tls_files(directory: Path, hostname: str = "localhost") -> TlsFiles:
-    """Write a CA, a server certificate (SAN: ``hostname`` only) and a client certificate.
-
-    The server certificate names ``hostname`` and no IP address, so connecting to
-    ``127.0.0.1`` fails the hostname check: the tests use that to prove the check is on.
-    """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    directory.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.UTC)
-
-    def name(common: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-    def write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
-        path.write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ))
-        path.chmod(0o600)
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(name("stora-gateway test CA"))
-        .issuer_name(name("stora-gateway test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(digital_signature=True, content_commitment=False,
-                          key_encipherment=False, data_encipherment=False,
-                          key_agreement=False, key_cert_sign=True, crl_sign=True,
-                          encipher_only=False, decipher_only=False),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    def leaf(common: str, usage: x509.ObjectIdentifier,
-             san: x509.SubjectAlternativeName | None) -> tuple[x509.Certificate,
-                                                               ec.EllipticCurvePrivateKey]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(name(common))
-            .issuer_name(ca_cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        )
-        if san is not None:
-            builder = builder.add_extension(san, critical=False)
-        return builder.sign(ca_key, hashes.SHA256()), key
-
-    try:
-        ipaddress.ip_address(hostname)
-        general: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(hostname))
-    except ValueError:
-        general = x509.DNSName(hostname)
-    server_cert, server_key = leaf(hostname, ExtendedKeyUsageOID.SERVER_AUTH,
-                                   x509.SubjectAlternativeName([general]))
-    client_cert, client_key = leaf("stora-gw-test", ExtendedKeyUsageOID.CLIENT_AUTH, None)
-
-    files = TlsFiles(
-        ca=directory / "ca.pem",
-        server_cert=directory / "server.pem",
-        server_key=directory / "server.key",
-        client_cert=directory / "client.pem",
-        client_key=directory / "client.key",
-        hostname=hostname,
-    )
-    files.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    files.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    files.client_cert.write_bytes(client_cert.public_bytes(serialization.Encoding.PEM))
-    write_key(server_key, files.server_key)
-    write_key(client_key, files.client_key)
-    return files
 
 
 # --------------------------------------------------------------------------- broker
@@ -424,182 +303,4 @@ class Broker:
                  tb: TracebackType | None) -> None:
         self.close()
 
-
-# --------------------------------------------------------------------------- client
-
-
-class Client:
-    """A synchronous MQTT 3.1.1 test client: publish, then ``expect`` what comes back.
-
-    Every message on a subscribed filter is kept, in order, as a
-    :class:`gateway.link.Message`; :meth:`expect` waits for them.
-    """
-
-    def __init__(
-        self,
-        broker: Broker,
-        client_id: str | None = None,
-        *,
-        clean_session: bool = True,
-        username: str | None = None,
-        password: str | None = None,
-        tls: TlsFiles | None = None,
-        host: str | None = None,
-        timeout: float = 5.0,
-        unix: bool = False,
-    ) -> None:
-        self.client_id = client_id or f"test-client-{os.getpid()}-{next(_client_ids)}"
-        #: Connections lost since it connected (paho reconnects by itself): a client
-        #: another one took the id of is disconnected over and over.
-        self.disconnects = 0
-        if unix and broker.socket_path is None:
-            raise BrokerError("Client(unix=True) needs a Broker(unix_socket=True)")
-        self._cond = threading.Condition()
-        self._messages: list[Message] = []
-        self._subscribed: set[str] = set()
-        self._suback: dict[int, list[ReasonCode]] = {}
-        self._connected = threading.Event()
-        # PahoClient: paho's own leaks a unix socket at each failed reconnect.
-        self._paho = PahoClient(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            clean_session=clean_session,
-            protocol=paho.MQTTv311,
-            transport="unix" if unix else "tcp",
-        )
-        if username is not None:
-            self._paho.username_pw_set(username, password)
-        if tls is not None:
-            self._paho.tls_set(ca_certs=str(tls.ca))
-        self._paho.on_connect = self._on_connect
-        self._paho.on_message = self._on_message
-        self._paho.on_subscribe = self._on_subscribe
-        self._paho.on_disconnect = self._on_disconnect
-        where = str(broker.socket_path) if unix else (host or broker.host)
-        self._paho.connect(where, broker.port, keepalive=30)
-        sock: Any = self._paho.socket()
-        if sock is not None and not unix:  # paho leaves Nagle on; see gateway/link/
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._paho.loop_start()
-        if not self._connected.wait(timeout):
-            self.close()
-            raise BrokerError(f"test client {self.client_id} did not connect")
-
-    def _on_connect(self, client: paho.Client, userdata: object, flags: paho.ConnectFlags,
-                    reason_code: ReasonCode, properties: Properties | None) -> None:
-        if not reason_code.is_failure:
-            self._connected.set()
-
-    def _on_disconnect(self, client: paho.Client, userdata: object,
-                       flags: paho.DisconnectFlags, reason_code: ReasonCode,
-                       properties: Properties | None) -> None:
-        with self._cond:
-            self.disconnects += 1
-            self._cond.notify_all()
-
-    @property
-    def connected(self) -> bool:
-        """True while paho's connection is up."""
-        return self._paho.is_connected()
-
-    def _on_message(self, client: paho.Client, userdata: object,
-                    msg: paho.MQTTMessage) -> None:
-        message = Message(topic=msg.topic, payload=bytes(msg.payload), qos=msg.qos,
-                          retain=bool(msg.retain), dup=bool(msg.dup),
-                          received_at=time.monotonic())
-        with self._cond:
-            self._messages.append(message)
-            self._cond.notify_all()
-
-    def _on_subscribe(self, client: paho.Client, userdata: object, mid: int,
-                      reason_codes: list[ReasonCode], properties: Properties | None) -> None:
-        with self._cond:
-            self._suback[mid] = reason_codes
-            self._cond.notify_all()
-
-    def subscribe(self, topic: str, qos: int = 1, timeout: float = 5.0) -> None:
-        """Subscribe and wait for the SUBACK (retained messages follow it at once)."""
-        rc, mid = self._paho.subscribe(topic, qos)
-        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
-            raise BrokerError(f"subscribe {topic}: {paho.error_string(rc)}")
-        with self._cond:
-            if not self._cond.wait_for(lambda: mid in self._suback, timeout):
-                raise BrokerError(f"no SUBACK for {topic}")
-            codes = self._suback.pop(mid)
-        if any(code.is_failure for code in codes):
-            raise BrokerError(f"broker refused subscription to {topic}: {codes}")
-        self._subscribed.add(topic)
-
-    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False,
-                timeout: float = 5.0) -> None:
-        """Publish and, for QoS > 0, wait until the broker acknowledged it."""
-        info = self._paho.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            raise BrokerError(f"publish {topic}: {paho.error_string(info.rc)}")
-        if qos > 0:
-            info.wait_for_publish(timeout)
-            if not info.is_published():
-                raise BrokerError(f"publish {topic}: no acknowledgement in {timeout}s")
-
-    def publish_many(self, topic: str, payloads: Sequence[bytes], qos: int = 0,
-                     timeout: float = 30.0) -> None:
-        """Publish a burst as fast as paho can queue it, then wait until all are sent."""
-        infos = [self._paho.publish(topic, p, qos=qos) for p in payloads]
-        deadline = time.monotonic() + timeout
-        for info in infos:
-            info.wait_for_publish(max(0.0, deadline - time.monotonic()))
-            if not info.is_published():
-                raise BrokerError(f"burst on {topic}: not all sent in {timeout}s")
-
-    def messages(self, topic: str = "#") -> list[Message]:
-        """Every message received so far whose topic matches the filter ``topic``."""
-        with self._cond:
-            return [m for m in self._messages if paho.topic_matches_sub(topic, m.topic)]
-
-    def expect(
-        self,
-        topic: str,
-        timeout: float = 5.0,
-        *,
-        count: int = 1,
-        where: Callable[[Message], bool] | None = None,
-    ) -> list[Message]:
-        """Wait until ``count`` messages matching ``topic`` (and ``where``) arrived.
-
-        Subscribes to ``topic`` first if needed.  Returns every matching message so far;
-        raises AssertionError naming what did arrive when the time runs out.
-        """
-        if topic not in self._subscribed:
-            self.subscribe(topic)
-
-        def matching() -> list[Message]:
-            return [m for m in self._messages
-                    if paho.topic_matches_sub(topic, m.topic) and (where is None or where(m))]
-
-        with self._cond:
-            if self._cond.wait_for(lambda: len(matching()) >= count, timeout):
-                return matching()
-            got = [(m.topic, m.payload[:80]) for m in self._messages]
-        raise AssertionError(f"expected {count} message(s) on {topic} within {timeout}s; "
-                             f"received {got}")
-
-    def clear(self) -> None:
-        """Forget the messages received so far."""
-        with self._cond:
-            self._messages.clear()
-
-    def close(self) -> None:
-        """Disconnect cleanly and stop paho's thread."""
-        with contextlib.suppress(Exception):
-            self._paho.disconnect()
-        self._paho.loop_stop()
-        # Closes paho's wake-up socket pair now rather than in a garbage-collected cycle.
-        self._paho.reinitialise()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 

@@ -225,7 +225,7 @@ def _osdp(args: argparse.Namespace) -> Simulation:
     _in_range("--door-open", args.door_open, args.inputs, "inputs")
     scbk: bytes | None = None
     if args.scbk_file is not None:
-        from drivers.osdp.controller import ScbkError, load_scbk
+        from drivers.osdp.settings import ScbkError, load_scbk
 
         try:
             scbk = load_scbk(Path(args.scbk_file))

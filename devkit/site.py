@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from devkit.mosquitto import Broker, Client
+from devkit.broker_client import Client
+from devkit.mosquitto import Broker
 from devkit.signer import CommandSigner, generate_keypair
 from devkit.sims.lockboard import LockboardSim, start_lockboard_sim
 from devkit.sims.modbus import ModbusSimBus

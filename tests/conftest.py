@@ -1,12 +1,26 @@
-"""Shared test options.
+"""Shared test options and fixtures.
 
 ``pytest --port /dev/ttyUSB0`` runs the hardware-capable tests against a real bus
 (wiring in hardware.md) and skips the tests that need a simulator's fault switches.
+
+The shared fixtures: ``clock`` (a :class:`devkit.testing.FakeClock`), ``broker`` (one
+Mosquitto per test) and ``sandbox`` (one Stora sandbox per test).  A test module tunes
+the last two by overriding ``broker_options`` or ``sandbox_options``, which hold the
+keyword arguments of :class:`devkit.mosquitto.Broker` and :class:`devkit.sandbox.Sandbox`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
 import pytest
+
+from devkit.mosquitto import Broker
+from devkit.sandbox import Sandbox
+from devkit.site import STORA_TOKEN
+from devkit.testing import FakeClock
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -39,3 +53,36 @@ def real_port(request: pytest.FixtureRequest) -> str | None:
     """The real port given with --port, or None when running on simulators."""
     value = request.config.getoption("--port")
     return str(value) if value else None
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """Seconds that move only when the test says so."""
+    return FakeClock()
+
+
+@pytest.fixture
+def broker_options() -> dict[str, Any]:
+    """Keyword arguments for the ``broker`` fixture's :class:`Broker` (override per module)."""
+    return {}
+
+
+@pytest.fixture
+def broker(tmp_path: Path, broker_options: dict[str, Any]) -> Iterator[Broker]:
+    """A Mosquitto of this test's own on a free local port."""
+    with Broker(tmp_path / "broker", **broker_options) as running:
+        yield running
+
+
+@pytest.fixture
+def sandbox_options() -> dict[str, Any]:
+    """Keyword arguments for the ``sandbox`` fixture's :class:`Sandbox` (override per
+    module); by default it accepts the simulated site's static token."""
+    return {"static_tokens": {STORA_TOKEN}}
+
+
+@pytest.fixture
+def sandbox(sandbox_options: dict[str, Any]) -> Iterator[Sandbox]:
+    """A Stora sandbox of this test's own on a free local port."""
+    with Sandbox(**sandbox_options) as running:
+        yield running

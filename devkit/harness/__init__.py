@@ -1,6 +1,6 @@
 """One simulated controller per driver, behind one interface, for the conformance suite.
 
-``tests/test_conformance.py`` runs the same scenarios against every driver through its
+``tests/drivers/test_conformance.py`` runs the same scenarios against every driver through its
 simulator, with the real agent in between (signed commands on a real broker, the unit
 manager, reconciliation, alarms):
 

@@ -3,14 +3,45 @@
 ``frames`` is the protocol as pure code, ``controller`` the driver interface over a
 :class:`drivers.link.SerialBus`.  The simulator of boards on a pty is the dev kit's
 (``devkit/sims/lockboard.py``), which production code never imports.
+
+The names below are imported when first used: the config loader reads this
+package's ``settings`` on every CLI command, which must not load the driver itself.
 """
 
-from drivers.lockboard.controller import (
-    BOARD_PULSE_S,
-    SCAN_TIMEOUT_S,
-    LockboardController,
-    scan,
-)
-from drivers.lockboard.frames import FrameError
+from __future__ import annotations
 
-__all__ = ["BOARD_PULSE_S", "SCAN_TIMEOUT_S", "FrameError", "LockboardController", "scan"]
+import importlib
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from drivers.lockboard.controller import (
+        BOARD_PULSE_S,
+        SCAN_TIMEOUT_S,
+        LockboardController,
+        scan,
+    )
+    from drivers.lockboard.frames import FrameError
+
+__all__ = [
+    "BOARD_PULSE_S",
+    "SCAN_TIMEOUT_S",
+    "FrameError",
+    "LockboardController",
+    "scan",
+]
+
+#: Where each name lives, imported on first use (PEP 562).
+_LAZY: Final = {
+    "BOARD_PULSE_S": "drivers.lockboard.controller",
+    "FrameError": "drivers.lockboard.frames",
+    "LockboardController": "drivers.lockboard.controller",
+    "SCAN_TIMEOUT_S": "drivers.lockboard.controller",
+    "scan": "drivers.lockboard.controller",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import termios
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
 from drivers.base import (
@@ -48,6 +48,7 @@ from drivers.errors import (
     NoReplyError,
     UnsupportedError,
 )
+from drivers.health import HealthTracker
 from drivers.link import SerialBus, read_reply
 from drivers.lockboard.frames import (
     MAX_ADDRESS,
@@ -64,6 +65,8 @@ from drivers.lockboard.frames import (
     Request,
     hexdump,
 )
+from drivers.lockboard.settings import LockboardSettings
+from drivers.settings import BuildContext, ControllerSettings, Probe
 
 LOGGER = logging.getLogger(__name__)
 
@@ -117,9 +120,7 @@ class LockboardController(Controller):
         self._clock = clock
         self._settle_s = settle_s
         self._label = f"{name} (board {address})"
-        self._last_ok_at: float | None = None
-        self._last_error: str | None = None
-        self._failures = 0
+        self._health = HealthTracker(clock)
         self._unsettled = False  # a request went unanswered: its reply may still come
         self._has_sensor: dict[int, bool] = {}  # learned from read replies, per lock
         self.lock_count: int | None = None
@@ -223,9 +224,10 @@ class LockboardController(Controller):
 
     def health(self) -> Health:
         """This board's health from its own last exchange and the bus (no I/O)."""
-        if self._last_error is not None:
-            online, detail = False, self._last_error
-        elif self._last_ok_at is None:
+        h = self._health
+        if h.last_error is not None:
+            online, detail = False, h.last_error
+        elif h.last_ok_at is None:
             online, detail = False, "not yet contacted"
         elif not self._bus.is_open:
             online, detail = False, self._bus.health().detail
@@ -233,13 +235,7 @@ class LockboardController(Controller):
             online, detail = True, "ok"
             if self.lock_count is not None:
                 detail = f"ok, {self.lock_count} locks"
-        return Health(
-            online=online,
-            detail=detail,
-            last_error=self._last_error,
-            last_ok_at=self._last_ok_at,
-            consecutive_failures=self._failures,
-        )
+        return h.health(online, detail)
 
     def probe(self) -> Health:
         """Send one read-all request and return the resulting health."""
@@ -321,19 +317,13 @@ class LockboardController(Controller):
             reply = self._bus.transact(exchange)
         except (NoReplyError, BadFrameError) as exc:
             self._unsettled = True
-            self._failed(exc)
+            self._health.failed(str(exc))
             raise
         except DriverError as exc:
-            self._failed(exc)
+            self._health.failed(str(exc))
             raise
-        self._last_ok_at = self._clock()
-        self._last_error = None
-        self._failures = 0
+        self._health.succeeded()
         return reply, self._bus.last_attempts
-
-    def _failed(self, exc: DriverError) -> None:
-        self._last_error = str(exc)
-        self._failures += 1
 
 
 # -- one exchange on the wire ---------------------------------------------------------------
@@ -461,3 +451,24 @@ def scan(
                 )
             )
     return found
+
+
+# -- the registry's hooks (drivers.registry) ----------------------------------------------
+def build(settings: ControllerSettings, ctx: BuildContext) -> Controller:
+    """A board on its bus."""
+    assert isinstance(settings, LockboardSettings)
+    assert ctx.bus is not None
+    return LockboardController(ctx.name, ctx.bus, settings.address, channels=settings.channels)
+
+
+def probe(bus: SerialBus, shared: Mapping[tuple[str, str], object] | None,
+          timeout_s: float | None) -> Probe:
+    """One address of a bus scan: one transaction each."""
+    del shared
+    wait = SCAN_TIMEOUT_S if timeout_s is None else timeout_s
+
+    def ask(address: int) -> ProbeResult | None:
+        answered = scan(bus, [address], timeout_s=wait)
+        return answered[0] if answered else None
+
+    return ask

@@ -8,10 +8,35 @@ Layers, one module each::
 
 Its simulator (``RelayBoard``, ``ModbusSimulator``, ``ModbusSimBus``) is the dev kit's:
 ``devkit/sims/modbus.py``, which production code never imports.
+
+The names below are imported when first used: the config loader reads this
+package's ``settings`` on every CLI command, which must not load pymodbus.
 """
 
-from drivers.modbus.client import ModbusBus
-from drivers.modbus.controller import SCAN_TIMEOUT_S, ModbusController, scan
-from drivers.modbus.frames import PulseStyle
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from drivers.modbus.client import ModbusBus
+    from drivers.modbus.controller import SCAN_TIMEOUT_S, ModbusController, scan
+    from drivers.modbus.frames import PulseStyle
 
 __all__ = ["SCAN_TIMEOUT_S", "ModbusBus", "ModbusController", "PulseStyle", "scan"]
+
+#: Where each name lives, imported on first use (PEP 562).
+_LAZY: Final = {
+    "ModbusBus": "drivers.modbus.client",
+    "ModbusController": "drivers.modbus.controller",
+    "PulseStyle": "drivers.modbus.frames",
+    "SCAN_TIMEOUT_S": "drivers.modbus.controller",
+    "scan": "drivers.modbus.controller",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

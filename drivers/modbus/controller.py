@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from drivers.base import (
@@ -43,9 +42,10 @@ from drivers.errors import (
     BadFrameError,
     DeviceRejectedError,
     DriverError,
-    TechnicianError,
     UnsupportedError,
 )
+from drivers.health import HealthTracker
+from drivers.link import SerialBus
 from drivers.modbus.client import ModbusBus
 from drivers.modbus.frames import (
     MAX_SLAVE_ID,
@@ -54,6 +54,8 @@ from drivers.modbus.frames import (
     PulseStyle,
     pulse_units,
 )
+from drivers.modbus.settings import ModbusSettings
+from drivers.settings import BuildContext, ControllerSettings, Probe
 
 LOGGER = logging.getLogger(__name__)
 
@@ -100,9 +102,7 @@ class ModbusController(Controller):
         self.pulse_style = pulse_style
         self.pulse_base = pulse_style.default_base if pulse_base is None else pulse_base
         self._clock = clock
-        self._last_ok_at: float | None = None
-        self._last_error: str | None = None
-        self._failures = 0
+        self._health = HealthTracker(clock)
 
     @property
     def self_relocking(self) -> bool:
@@ -122,7 +122,7 @@ class ModbusController(Controller):
         if not seconds > 0:
             raise ValueError(f"unlock time must be positive, got {seconds!r} s")
         board_timed = self.pulse and point.energize_to == "unlock"
-        with self._io(), self.bus.lock:
+        with self._health.track(), self.bus.lock:
             if board_timed:
                 units = self._pulse(point.channel, seconds)
                 detail = f"board-timed pulse of {units * PULSE_UNIT_S:.1f} s; the board relocks"
@@ -141,7 +141,7 @@ class ModbusController(Controller):
     def lock(self, point: LockPoint) -> ActionResult:
         """Lock now: write the coil to the locked polarity (ending any pulse), read back."""
         self._check_point(point)
-        with self._io(), self.bus.lock:
+        with self._health.track(), self.bus.lock:
             self.bus.write_coil(self.address, point.channel, point.energize_to == "lock")
             attempts = self.bus.last_attempts
             reading = self._read_points([point])[0]
@@ -172,7 +172,7 @@ class ModbusController(Controller):
             return []
         for point in points:
             self._check_point(point)
-        with self._io(), self.bus.lock:
+        with self._health.track(), self.bus.lock:
             return self._read_points(points)
 
     def _read_points(self, points: Sequence[LockPoint]) -> list[Reading]:
@@ -204,43 +204,25 @@ class ModbusController(Controller):
                 )
 
     # -- health ------------------------------------------------------------------------
-    @contextmanager
-    def _io(self) -> Iterator[None]:
-        """Record the outcome of one operation for ``health()``."""
-        try:
-            yield
-        except TechnicianError as exc:
-            # The board answered (it refused): it is there; the error is a person's job.
-            self._last_ok_at = self._clock()
-            self._failures = 0
-            self._last_error = str(exc)
-            raise
-        except DriverError as exc:
-            self._failures += 1
-            self._last_error = str(exc)
-            raise
-        self._last_ok_at = self._clock()
-        self._failures = 0
-        self._last_error = None
-
     def health(self) -> Health:
         """This board's health as last observed (no I/O)."""
-        online = self._last_ok_at is not None and self._failures == 0
+        h = self._health
+        online = h.last_ok_at is not None and h.failures == 0
         online = online and self.bus.serial_bus.is_open
         if online:
-            detail = "ok" if self._last_error is None else f"answering; {self._last_error}"
-        elif self._last_error:
-            detail = self._last_error
-        elif self._last_ok_at is not None:
+            detail = "ok" if h.last_error is None else f"answering; {h.last_error}"
+        elif h.last_error:
+            detail = h.last_error
+        elif h.last_ok_at is not None:
             detail = self.bus.serial_bus.health().detail
         else:
             detail = "not yet contacted"
-        return Health(online, detail, self._last_error, self._last_ok_at, self._failures)
+        return h.health(online, detail)
 
     def probe(self) -> Health:
         """Read coil 0 once and return the resulting health."""
         try:
-            with self._io():
+            with self._health.track():
                 self.bus.read_coils(self.address, 0, 1)
         except DriverError as exc:
             LOGGER.debug("%s: probe failed: %s", self.name, exc)
@@ -294,3 +276,39 @@ def scan(
                 ProbeResult(address, "Modbus relay board", {"coil0": "on" if bits[0] else "off"})
             )
     return found
+
+
+def build(settings: ControllerSettings, ctx: BuildContext) -> Controller:
+    """A board on its bus (:mod:`drivers.registry`); the boards of one bus share a client."""
+    assert isinstance(settings, ModbusSettings)
+    assert ctx.bus is not None
+    key = ("modbus", ctx.bus.url)
+    if key not in ctx.shared:
+        ctx.shared[key] = ModbusBus(ctx.bus)
+    client = ctx.shared[key]
+    assert isinstance(client, ModbusBus)
+    return ModbusController(
+        ctx.name,
+        client,
+        settings.address,
+        channels=settings.channels,
+        inputs=settings.inputs,
+        pulse=settings.pulse,
+        pulse_style=PulseStyle(settings.pulse_style),
+        pulse_base=settings.pulse_base,
+    )
+
+
+def probe(bus: SerialBus, shared: Mapping[tuple[str, str], object] | None,
+          timeout_s: float | None) -> Probe:
+    """One address of a bus scan (:mod:`drivers.registry`): one transaction each."""
+    # The site's own Modbus client for that bus when it has one (no second client).
+    found = shared.get(("modbus", bus.url)) if shared is not None else None
+    client = found if isinstance(found, ModbusBus) else ModbusBus(bus)
+    wait = SCAN_TIMEOUT_S if timeout_s is None else timeout_s
+
+    def ask(address: int) -> ProbeResult | None:
+        answered = scan(client, [address], timeout_s=wait)
+        return answered[0] if answered else None
+
+    return ask

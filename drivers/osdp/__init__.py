@@ -5,14 +5,40 @@ with Python bindings, imported lazily); ``channel`` carries its bytes over a pys
 port; ``controller`` is the driver API over libosdp's control panel (CP).  A simulated
 PD (libosdp in PD mode) on a pty, for tests and the demo, is the dev kit's
 (``devkit/sims/osdp.py``).
+
+The names below are imported when first used: the config loader reads this
+package's ``settings`` on every CLI command, which must not load the driver itself.
 """
 
-from drivers.osdp.controller import (
-    SCBK_D,
-    OsdpController,
-    OsdpTiming,
-    ScbkError,
-    load_scbk,
-)
+from __future__ import annotations
 
-__all__ = ["SCBK_D", "OsdpController", "OsdpTiming", "ScbkError", "load_scbk"]
+import importlib
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from drivers.osdp.controller import OsdpController
+    from drivers.osdp.settings import SCBK_D, OsdpTiming, ScbkError, load_scbk
+
+__all__ = [
+    "SCBK_D",
+    "OsdpController",
+    "OsdpTiming",
+    "ScbkError",
+    "load_scbk",
+]
+
+#: Where each name lives, imported on first use (PEP 562).
+_LAZY: Final = {
+    "OsdpController": "drivers.osdp.controller",
+    "OsdpTiming": "drivers.osdp.settings",
+    "SCBK_D": "drivers.osdp.settings",
+    "ScbkError": "drivers.osdp.settings",
+    "load_scbk": "drivers.osdp.settings",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from drivers.base import Clock
-from drivers.link import REOPEN_INITIAL_S, REOPEN_MAX_S, SerialFactory, open_serial
+from drivers.link import REOPEN_INITIAL_S, REOPEN_MAX_S, SerialFactory, _reason, open_serial
 
 LOGGER = logging.getLogger(__name__)
 
@@ -96,8 +96,6 @@ class SerialChannel:
         return port
 
     def _failed(self, exc: BaseException, what: str) -> None:
-        from drivers.link import _reason
-
         self._close_port()
         delay = self._backoff * (0.5 + 0.5 * self._rng())
         self._next_open_at = self._clock() + delay

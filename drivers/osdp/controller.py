@@ -1,46 +1,11 @@
 """The ``osdp`` driver: one OSDP peripheral (PD) driven by libosdp's control panel (CP).
 
-One output per lock (``point.channel``, 0-based as on the wire), one input per door
-contact (``point.door_input``).  Output *ON* means energized; what that does to the lock
-depends on ``point.energize_to``, and every unlock is a *timed* output, so the PD itself
-ends it (``self_relocking``) and a dead gateway cannot leave a door open:
+One output per lock, one input per door contact; every unlock is a PD-timed output, so
+the PD relocks by itself.  Lock and door state come only from the PD's status reports;
+Secure Channel is required unless ``allow_insecure``; tamper and power reports become
+``notices()``.
 
-==================  ==============================  ===========================
-lock                unlock (OSDP output control)    lock
-==================  ==============================  ===========================
-fail-secure strike  permanent OFF (3), then         permanent OFF, abort timer (1)
-(``"unlock"``)      temporary ON for *T* (5)
-fail-safe maglock   permanent ON (4), then          permanent ON, abort timer (2)
-(``"lock"``)        temporary OFF for *T* (6)
-==================  ==============================  ===========================
-
-(OSDP 2.2 §6.7 control codes.)  Setting the permanent state first makes sure the PD
-resumes the *locked* state when the timer ends, whatever the output was before.
-
-Truth rule: the lock and door state come only from the PD's own status reports
-(osdp_OSTATR for outputs, osdp_ISTATR for inputs, 1 = active = door open).  An action is
-confirmed only by a report received after it.  The driver does not ask for reports with
-osdp_OSTAT/ISTAT: libosdp 3.2.9's CP takes a PD that NAKs one offline for 300 s, and its
-own Python PD cannot answer them; PDs report changes unsolicited in their poll replies,
-and the simulator reports its full state at the start of every session.
-
-Security (fault matrix #38): Secure Channel is required unless ``allow_insecure``.
-Without it, a PD that offers no SC, that does not hold our key (one still in install
-mode knows only the default key SCBK-D), or a key file holding SCBK-D itself, is refused:
-the CP runs with ``ENFORCE_SECURE`` (libosdp sends nothing but the SC handshake in the
-clear), this driver sends no command unless SC is active, and ``health()`` is offline
-with the reason.  ``allow_insecure`` drives the PD in the clear and never hands libosdp
-the key: a CP that has a key but may run without SC falls back to SCBK-D and then sends
-the key to the PD (osdp_KEYSET) encrypted under that publicly known key.
-
-libosdp needs ``refresh()`` at least every 50 ms; one daemon thread per controller
-calls it every ``OsdpTiming.refresh_s`` (20 ms, as libosdp's own Python wrapper does:
-one cheap C call, and replies wait at most that long).  After a lost link or a refused
-session libosdp waits 300 s before it tries again; this driver re-enables the PD
-itself after a short, growing backoff instead.
-
-Tamper and power reports (osdp_LSTATR) become ``notices()`` (``tamper``,
-``power_failure``, published as alarms) and stay in ``health().detail`` while they last.
+See docs/design/osdp-driver.md.
 """
 
 from __future__ import annotations
@@ -49,7 +14,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from drivers.base import (
@@ -64,23 +28,26 @@ from drivers.base import (
     Reading,
 )
 from drivers.errors import LinkDownError, TechnicianError, UnsupportedError
+from drivers.health import HealthTracker
 from drivers.link import SerialFactory, open_serial
 from drivers.osdp.channel import SerialChannel
+from drivers.osdp.settings import (
+    MAX_ADDRESS,
+    SCBK_D,
+    OsdpSettings,
+    OsdpTiming,
+    ScbkError,
+    load_scbk,
+)
+from drivers.settings import BuildContext, BuildRefusedError, ControllerSettings
 
 LOGGER = logging.getLogger(__name__)
 
-#: The default Secure Channel base key of OSDP install mode (OSDP 2.2 Annex D.1): public,
-#: so a session under it protects nothing.
-SCBK_D = bytes(range(0x30, 0x40))
-SCBK_LEN = 16
 #: OSDP output timers count 100 ms units (OSDP 2.2 §6.7).
 TIMER_UNIT_S = 0.1
 #: The longest timer libosdp 3.2.9's Python binding can send: it truncates
 #: ``timer_count`` to 8 bits (the wire field has 16).  Longer unlocks are renewed.
 MAX_TIMER_UNITS = 255
-#: OSDP addresses 0-126 (127 is broadcast).
-MAX_ADDRESS = 126
-
 # OSDP 2.2 §6.7 output control codes.
 PERM_OFF_ABORT = 1
 PERM_ON_ABORT = 2
@@ -88,50 +55,6 @@ PERM_OFF_ALLOW_TIMED = 3
 PERM_ON_ALLOW_TIMED = 4
 TEMP_ON = 5
 TEMP_OFF = 6
-
-
-class ScbkError(ValueError):
-    """The key file cannot be used."""
-
-
-def load_scbk(path: Path) -> bytes:
-    """The 16-byte Secure Channel base key in ``path`` (32 hex digits, spaces ignored)."""
-    try:
-        text = path.read_text(encoding="ascii", errors="strict")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ScbkError(f"scbk_file {path}: cannot read it ({exc})") from exc
-    digits = "".join(text.split())
-    try:
-        key = bytes.fromhex(digits)
-    except ValueError as exc:
-        raise ScbkError(f"scbk_file {path}: not hex digits") from exc
-    if len(key) != SCBK_LEN:
-        raise ScbkError(f"scbk_file {path}: must hold 32 hex digits (16 bytes), "
-                        f"found {len(key)} bytes")
-    return key
-
-
-@dataclass(frozen=True, slots=True)
-class OsdpTiming:
-    """Every timing of the OSDP driver, named (tests shrink these instead of sleeping)."""
-
-    #: How often libosdp's state machine is run (it asks for at least every 50 ms).
-    refresh_s: float = 0.02
-    #: How long an action waits for the PD's status report that confirms it.  A PD
-    #: answers a poll within 200 ms (OSDP 2.2 §5.7 reply delay); the CP polls every
-    #: 50 ms; two commands and the report take a few polls.
-    confirm_s: float = 1.5
-    #: How long ``probe()`` waits for the PD to come online.
-    probe_s: float = 2.0
-    #: How long one session attempt (osdp_ID, osdp_CAP, the SC handshake: four
-    #: exchanges) may take before a PD that is not online counts as failed; actions and
-    #: reads wait for it rather than fail while a session is being set up.
-    attempt_s: float = 1.5
-    #: Re-enable an offline PD after this long, doubling up to ``retry_max_s``.
-    retry_initial_s: float = 2.0
-    retry_max_s: float = 10.0
-    #: A renewed long unlock is re-sent this long before its current timer ends.
-    renew_lead_s: float = 2.0
 
 
 @dataclass(slots=True)
@@ -209,9 +132,7 @@ class OsdpController(Controller):
         self.power_failure: bool | None = None
         self._online = False
         self._sc_active = False
-        self._last_ok_at: float | None = None
-        self._last_error: str | None = None
-        self._failures = 0
+        self._health = HealthTracker(clock)
         self._retry_s = self.timing.retry_initial_s
         self._next_retry_at = 0.0
         self._opens_seen = 0
@@ -296,7 +217,7 @@ class OsdpController(Controller):
         if self._watch_port(now):
             return
         if online:
-            self._last_ok_at = now
+            self._health.last_ok_at = now
             self._renew(now)
         elif now >= self._next_retry_at:
             # libosdp would wait 300 s after a failed session; start a new one sooner.
@@ -308,8 +229,7 @@ class OsdpController(Controller):
             if not self._link_lost:
                 # libosdp would notice only after ~8 s of unanswered polls.
                 self._link_lost = True
-                self._failures += 1
-                self._last_error = self.channel.last_error
+                self._health.failed(self.channel.last_error)
                 self._forget()
                 self._changed.notify_all()
             return True
@@ -353,12 +273,10 @@ class OsdpController(Controller):
             LOGGER.info("%s: PD online %s Secure Channel", self.name,
                         "with" if sc_active else "WITHOUT")
             self._retry_s = self.timing.retry_initial_s
-            self._failures = 0
-            self._last_error = None
+            self._health.cleared()
         elif self._online and not online:
             LOGGER.warning("%s: PD offline", self.name)
-            self._failures += 1
-            self._last_error = self._offline_reason()
+            self._health.failed(self._offline_reason())
         if not online:
             self._forget()
         self._online = online
@@ -502,9 +420,9 @@ class OsdpController(Controller):
             if not confirmed:
                 self._renewals.pop(point.channel, None)
                 detail += "; no status report from the PD confirmed it"
-                self._note_failure(detail)
+                self._health.failed(detail)
             else:
-                self._note_ok()
+                self._health.succeeded()
         return ActionResult(confirmed, reading, detail, True, 1)
 
     def lock(self, point: LockPoint) -> ActionResult:
@@ -519,9 +437,9 @@ class OsdpController(Controller):
             confirmed, reading = self._act(point, [(code, 0)], want_on=not fail_secure)
             detail = "output set" if confirmed else "no status report from the PD confirmed it"
             if confirmed:
-                self._note_ok()
+                self._health.succeeded()
             else:
-                self._note_failure(detail)
+                self._health.failed(detail)
         return ActionResult(confirmed, reading, detail, False, 1)
 
     # -- reading -------------------------------------------------------------------------
@@ -560,15 +478,6 @@ class OsdpController(Controller):
             raise UnsupportedError(f"{self.name}: the osdp driver has no status_input")
 
     # -- health --------------------------------------------------------------------------
-    def _note_ok(self) -> None:
-        self._failures = 0
-        self._last_error = None
-        self._last_ok_at = self._clock()
-
-    def _note_failure(self, detail: str) -> None:
-        self._failures += 1
-        self._last_error = detail
-
     def _offline_reason(self) -> str:
         if self.refusal is not None:
             return self.refusal
@@ -597,21 +506,21 @@ class OsdpController(Controller):
     def health(self) -> Health:
         """The PD's health as last observed (no I/O)."""
         with self._lock:
+            h = self._health
             online = self.refusal is None and self._usable()
             if online:
                 detail = "ok, Secure Channel active" if self._sc_active else \
                     "ok, WITHOUT Secure Channel (allow_insecure = true)"
-                if self._last_error:
-                    detail += f"; {self._last_error}"
+                if h.last_error:
+                    detail += f"; {h.last_error}"
             else:
                 detail = self._offline_reason()
             if self.tamper:
                 detail += "; PD reports TAMPER"
             if self.power_failure:
                 detail += "; PD reports POWER FAILURE"
-            last_error = None if online and not self._last_error else \
-                (self._last_error or detail)
-            return Health(online, detail, last_error, self._last_ok_at, self._failures)
+            last_error = None if online and not h.last_error else (h.last_error or detail)
+            return Health(online, detail, last_error, h.last_ok_at, h.failures)
 
     def probe(self) -> Health:
         """Start talking to the PD if needed; wait briefly for it to come online."""
@@ -645,3 +554,27 @@ def _timer_units(seconds: float) -> int:
     """``seconds`` in 100 ms timer units, at least 1, at most what libosdp can send."""
     return max(1, min(MAX_TIMER_UNITS, round(seconds / TIMER_UNIT_S)))
 
+
+
+def build(settings: ControllerSettings, ctx: BuildContext) -> Controller:
+    """A PD on its port (:mod:`drivers.registry`): libosdp's control panel, one PD a port.
+
+    The key file is read here (the config only checks its permissions); a bad one gives
+    a controller that refuses to drive the PD and says why in its health.  libosdp owns
+    the wire, so the OSDP channel opens the port itself (``ctx.bus`` is not used).
+    """
+    assert isinstance(settings, OsdpSettings)
+    if ("osdp", settings.port) in ctx.shared:
+        raise BuildRefusedError(
+            f"controller {ctx.name!r}: port {settings.port} already has an OSDP peripheral; "
+            "this version drives one PD per port")
+    ctx.shared[("osdp", settings.port)] = ctx.name
+    scbk, error = None, None
+    if settings.scbk_file is not None and not settings.allow_insecure:
+        try:
+            scbk = load_scbk(settings.scbk_file)
+        except ScbkError as exc:
+            error = str(exc)
+    return OsdpController(ctx.name, settings.port, settings.baudrate, settings.address,
+                          channels=settings.channels, inputs=settings.inputs, scbk=scbk,
+                          scbk_error=error, allow_insecure=settings.allow_insecure)

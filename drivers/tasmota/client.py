@@ -1,9 +1,10 @@
-"""The link to the broker the Tasmota devices talk to: one paho-mqtt 2 client, many devices.
+"""The link to the broker the Tasmota devices talk to: one connection, many devices.
 
 One :class:`TasmotaClient` per broker carries every device (Tasmota ``%topic%``) attached
-to it.  It connects in the background and forever: paho's network thread reconnects with
-exponential backoff (``backoff_initial_s`` doubling to ``backoff_max_s``), and every
-connection subscribes ``stat/<topic>/+`` and ``tele/<topic>/+`` of each device again.
+to it.  It is the drivers' one transport (:class:`drivers.mqtt.transport.MqttTransport`:
+connects in the background and forever, full-jitter reconnect from
+``backoff_initial_s`` up to ``backoff_max_s``, clean shutdown), and every connection
+subscribes ``stat/<topic>/+`` and ``tele/<topic>/+`` of each device again.
 
 What it hears is kept per device in a :class:`DeviceView`, each report with the sequence
 number of the message that carried it.  A caller that wants the answer to a command takes
@@ -25,23 +26,21 @@ This module never imports ``gateway``: it is given a :class:`BrokerSettings`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final, Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.enums import MQTTErrorCode
 
 from drivers.base import Clock
 from drivers.errors import LinkDownError
-from drivers.mqtt_client import DRIVER_MAX_PACKET_BYTES, PahoClient, is_socket_path
+from drivers.mqtt.settings import BrokerSettings
+from drivers.mqtt.transport import MqttTransport
 from drivers.tasmota.messages import (
     STAT,
     TELE,
@@ -66,31 +65,13 @@ _WAIT_SLICE_S: Final = 1.0
 
 
 @dataclass(frozen=True, slots=True)
-class BrokerSettings:
-    """Where the devices' broker is and how to log in.
-
-    ``client_id`` must differ from every other client of that broker (the agent's own
-    link included), or the broker disconnects one of the two; on a broker that binds
-    client ids to accounts, so must ``username``.  A ``host`` that starts with ``/`` is
-    the path of the broker's unix socket (``port`` is then unused).  ``tls`` is a ready
-    client context (the caller loads the CA and checks the hostname), None for plain TCP.
-    """
-
-    host: str
-    port: int
-    client_id: str
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    tls: ssl.SSLContext | None = None
-    keepalive_s: int = 30
-
-
-@dataclass(frozen=True, slots=True)
 class ClientTiming:
-    """Reconnect backoff (paho's: doubling from initial to max, reset by a CONNACK).
+    """Reconnect backoff (full jitter, :mod:`drivers.mqtt.backoff`: the ceiling doubles
+    from initial to max; a connection that stayed up resets it).
 
     A broker on the site's LAN comes back in seconds; 30 s caps the wait after a long
     outage.  ``connect_wait_s``: how long an action waits for a link still connecting.
+    These override the settings' ``backoff_initial_s`` / ``backoff_max_s``.
     """
 
     backoff_initial_s: float = 0.5
@@ -140,53 +121,32 @@ class TasmotaClient:
         self._seq = 0
         self._connected = False
         self._started = False
-        self._last_error: str | None = None
-        self.connects = 0
-        self._paho = self._make_paho()
+        self._transport = MqttTransport(
+            dataclasses.replace(settings, backoff_initial_s=self.timing.backoff_initial_s,
+                                backoff_max_s=self.timing.backoff_max_s),
+            name="tasmota", subscriptions=self._topics, on_message=self._on_message,
+            on_up=self._on_up, on_down=self._on_down, clock=clock)
 
     # -- lifecycle -----------------------------------------------------------------------
-    def _make_paho(self) -> paho.Client:
-        s = self.settings
-        client = PahoClient(callback_api_version=CallbackAPIVersion.VERSION2,
-                            client_id=s.client_id, clean_session=True,
-                            protocol=paho.MQTTv311,
-                            transport="unix" if is_socket_path(s.host) else "tcp",
-                            max_packet_bytes=DRIVER_MAX_PACKET_BYTES)
-        if s.username:
-            client.username_pw_set(s.username, s.password)
-        if s.tls is not None:
-            client.tls_set_context(s.tls)
-        # Typed int, but paho only compares and doubles them: floats work.
-        first, cap = self.timing.backoff_initial_s, self.timing.backoff_max_s
-        client.reconnect_delay_set(first, cap)  # type: ignore[arg-type]
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        client.on_connect_fail = self._on_connect_fail
-        return client
-
     def start(self) -> None:
-        """Connect in the background (paho's thread retries until :meth:`stop`)."""
+        """Connect in the background (the transport retries until :meth:`stop`)."""
         with self.cond:
             if self._started:
                 return
             self._started = True
         LOGGER.debug("tasmota link: connecting to %s as %s", self._where(),
                      self.settings.client_id)
-        self._paho.connect_async(self.settings.host, self.settings.port,
-                                 keepalive=self.settings.keepalive_s)
-        self._paho.loop_start()
+        self._transport.start()
 
     def stop(self) -> None:
-        """Disconnect and stop paho's thread."""
+        """Disconnect and stop the link thread."""
         with self.cond:
             if not self._started:
                 return
             self._started = False
-        self._paho.disconnect()
-        self._paho.loop_stop()
+        self._transport.close()
         with self.cond:
-            self._set_disconnected("stopped")
+            self._set_disconnected()
 
     def attach(self, topic: str) -> DeviceView:
         """Start listening to device ``topic`` (and connecting, if not yet); its view."""
@@ -195,8 +155,7 @@ class TasmotaClient:
             view = self._views.get(topic)
             if view is None:
                 view = self._views[topic] = DeviceView(topic)
-                if self._connected:
-                    self._subscribe(topic)
+                self._transport.subscribe(self._filters(topic))
             view.users += 1
         self.start()
         return view
@@ -210,8 +169,7 @@ class TasmotaClient:
             view.users -= 1
             if view.users <= 0:
                 del self._views[topic]
-                if self._connected:
-                    self._paho.unsubscribe([f"{STAT}/{topic}/+", f"{TELE}/{topic}/+"])
+                self._transport.unsubscribe([f"{STAT}/{topic}/+", f"{TELE}/{topic}/+"])
             empty = not self._views
         if empty:
             self.stop()
@@ -226,8 +184,12 @@ class TasmotaClient:
     @property
     def last_error(self) -> str | None:
         """Why the last connection failed or ended, if it did."""
-        with self.cond:
-            return self._last_error
+        return self._transport.last_error
+
+    @property
+    def connects(self) -> int:
+        """Connections made so far."""
+        return self._transport.connects
 
     def wait_connected(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s for the link; True when it is up."""
@@ -255,89 +217,68 @@ class TasmotaClient:
                 raise LinkDownError(self._down_text())
             mark = self._seq
         # Not under the condition: paho takes its own locks, and its thread takes ours.
-        info = self._paho.publish(command.topic(topic), command.encode(), qos=0)
-        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+        rc = self._transport.publish(command.topic(topic), command.encode())
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise LinkDownError(f"MQTT publish to {command.topic(topic)} failed: "
-                                f"{paho.error_string(info.rc)}")
+                                f"{paho.error_string(rc)}")
         LOGGER.debug("tasmota link: > %s %r", command.topic(topic), command.payload)
         return mark
 
     def _where(self) -> str:
         """``host:port``, or the socket path, for messages."""
-        s = self.settings
-        return s.host if is_socket_path(s.host) else f"{s.host}:{s.port}"
+        return self.settings.where
 
     def _down_text(self) -> str:
         where = self._where()
-        reason = f" ({self._last_error})" if self._last_error else ""
+        error = self.last_error
+        reason = f" ({error})" if error else ""
         return f"no connection to the MQTT broker at {where}{reason}"
 
-    # -- paho callbacks (paho's thread) -----------------------------------------------------
-    def _subscribe(self, topic: str) -> None:
-        self._paho.subscribe([(f"{STAT}/{topic}/+", 0), (f"{TELE}/{topic}/+", 0)])
+    # -- the transport's hooks (link thread) ------------------------------------------------
+    @staticmethod
+    def _filters(topic: str) -> list[tuple[str, int]]:
+        return [(f"{STAT}/{topic}/+", 0), (f"{TELE}/{topic}/+", 0)]
 
-    def _on_connect(self, client: paho.Client, userdata: object, flags: paho.ConnectFlags,
-                    reason_code: ReasonCode, properties: Properties | None) -> None:
-        if reason_code.is_failure:
-            with self.cond:
-                self._last_error = f"broker refused the connection: {reason_code}"
-            LOGGER.warning("tasmota link: %s", self._last_error)
-            return
-        sock: Any = client.socket()
-        # paho leaves Nagle on: +40 ms per round trip.  A unix socket has no Nagle and
-        # refuses the option.
-        if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET,
-                                                               socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def _topics(self) -> list[tuple[str, int]]:
         with self.cond:
-            for topic in self._views:
-                self._subscribe(topic)
+            return [pair for topic in self._views for pair in self._filters(topic)]
+
+    def _on_up(self) -> None:
+        with self.cond:
             self._connected = True
-            self._last_error = None
-            self.connects += 1
             self.cond.notify_all()
         LOGGER.info("tasmota link: connected to %s", self._where())
 
-    def _on_connect_fail(self, client: paho.Client, userdata: object) -> None:
-        with self.cond:
-            self._last_error = "connection failed"
-
-    def _on_disconnect(self, client: paho.Client, userdata: object,
-                       flags: paho.DisconnectFlags, reason_code: ReasonCode,
-                       properties: Properties | None) -> None:
+    def _on_down(self) -> None:
         with self.cond:
             was = self._connected and self._started
-            self._set_disconnected(str(reason_code))
+            self._set_disconnected()
         if was:
             LOGGER.warning("tasmota link: disconnected from %s (%s); reconnecting",
-                           self._where(), reason_code)
+                           self._where(), self.last_error)
 
-    def _set_disconnected(self, reason: str) -> None:
+    def _set_disconnected(self) -> None:
         """Called with :attr:`cond` held: nothing heard before is current any more."""
-        if self._connected:
-            self._last_error = f"disconnected: {reason}"
         self._connected = False
         for view in self._views.values():
             view.online = None
             view.epoch += 1
         self.cond.notify_all()
 
-    def _on_message(self, client: paho.Client, userdata: object,
-                    msg: paho.MQTTMessage) -> None:
-        parts = split_topic(msg.topic)
+    def _on_message(self, full_topic: str, payload: bytes, retained: bool) -> None:
+        parts = split_topic(full_topic)
         if parts is None:
             return
         prefix, topic, name = parts
-        payload = bytes(msg.payload)
-        LOGGER.debug("tasmota link: < %s %r%s", msg.topic, payload[:200],
-                     " (retained)" if msg.retain else "")
+        LOGGER.debug("tasmota link: < %s %r%s", full_topic, payload[:200],
+                     " (retained)" if retained else "")
         try:
             reports = decode(prefix, name, payload)
         except MessageError as exc:
             with self.cond:
                 if topic in self._views:
                     self._views[topic].bad_messages += 1
-            LOGGER.warning("tasmota link: ignored %s: %s", msg.topic, exc)
+            LOGGER.warning("tasmota link: ignored %s: %s", full_topic, exc)
             return
         now = self._clock()
         with self.cond:
@@ -349,7 +290,7 @@ class TasmotaClient:
             if name.startswith("STATUS"):
                 view.status_seq = seq
             for report in reports:
-                self._apply(view, report, seq, now, retained=bool(msg.retain))
+                self._apply(view, report, seq, now, retained=retained)
             self.cond.notify_all()
 
     @staticmethod

@@ -1,42 +1,12 @@
 """The ``tasmota`` driver: locks on the relays of Tasmota devices, over MQTT.
 
-One controller is one device (its Tasmota ``%topic%``); ``point.channel`` 0-based is
-relay ``POWER<channel+1>``, ``point.door_input`` 0-based is input ``Switch<input+1>``.
+One controller is one device (its ``%topic%``); ``point.channel`` 0-based is relay
+``POWER<channel+1>``, ``point.door_input`` 0-based is ``Switch<input+1>``.  A strike is
+unlocked by a device-timed pulse set before the relay; a maglock's relock is the agent's;
+an action is confirmed only by a later ``stat`` report; unsafe device settings refuse
+the unlock.
 
-**Unlock of a fail-secure strike** (``energize_to = "unlock"``)::
-
-    cmnd/<t>/PulseTime<n>  <value>    → stat/<t>/RESULT {"PulseTime<n>":{"Set":<value>,…}}
-    cmnd/<t>/POWER<n>      ON         → stat/<t>/RESULT {"POWER<n>":"ON"}
-
-The pulse is set, and its answer checked, *before* the relay is switched on, so the
-device switches the relay off by itself at the end of the unlock even if the gateway
-dies or the link drops right after: ``self_relocking`` is true.  No answer to the pulse
-means no unlock (``NoReplyError``).
-
-**Confirmation.**  An action is confirmed only by a ``stat`` report of that relay
-received after the command (``drivers.base`` truth rule).  With no report within the
-reply timeout the relay is queried once (an empty ``POWER<n>``); still nothing, or a
-report of the other state, and the action is not confirmed.
-
-**Fail-safe maglocks** (``energize_to = "lock"``) are locked by an energized relay.  A
-Tasmota pulse only ever ends an ON, so on a maglock it would *release* the door at the
-end of every lock: the driver sets ``PulseTime<n> 0`` (and checks the answer) before
-each lock, unlocks by switching the relay off, and leaves the relock to the agent
-(``self_relocking`` false: a gateway that dies during such an unlock leaves that door
-released, which is the fail-safe side).
-
-**Device settings that make a lock unsafe** are checked once per device session
-(LWT Online) before the first unlock, and the unlock is refused (``UnsupportedError``)
-with what to change:
-
-* ``PowerOnState`` 1, 2, 4 or 5 with a strike: the device would energize (unlock) it at
-  power-up, or (5: inverted PulseTime) never end an unlock, or (4) ignore commands;
-  2, 4 or 5 with a maglock;
-* a door input whose switch still drives a relay (Tasmota's default!): opening the door
-  would toggle a lock.  ``SetOption114 1`` or ``SwitchMode<n> 15`` detaches it.
-
-Door contacts read safe side, as on every driver: ``Switch<n>`` ON (circuit closed, a
-normally-closed reed held by the door's magnet) = door closed; OFF or a cut wire = open.
+See docs/design/tasmota-driver.md.
 """
 
 from __future__ import annotations
@@ -44,8 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
@@ -64,11 +33,14 @@ from drivers.errors import (
     DriverError,
     LinkDownError,
     NoReplyError,
-    TechnicianError,
     UnsupportedError,
 )
+from drivers.health import HealthTracker
+from drivers.mqtt.settings import BrokerSettings
+from drivers.settings import BuildContext, ControllerSettings
 from drivers.tasmota import messages as m
 from drivers.tasmota.client import DeviceView, Observation, TasmotaClient
+from drivers.tasmota.settings import TasmotaSettings
 
 LOGGER = logging.getLogger(__name__)
 
@@ -127,9 +99,7 @@ class TasmotaController(Controller):
         self._view: DeviceView = client.attach(topic)
         self._settings_ok: dict[str, int] = {}  # point kind -> epoch its settings passed in
         self._check_lock = threading.Lock()
-        self._last_ok_at: float | None = None
-        self._last_error: str | None = None
-        self._failures = 0
+        self._health = HealthTracker(clock)
         self._closed = False
 
     @property
@@ -144,7 +114,7 @@ class TasmotaController(Controller):
         if not seconds > 0:
             raise ValueError(f"unlock time must be positive, got {seconds!r} s")
         relay = point.channel + 1
-        with self._io():
+        with self._health.track():
             self._ready()
             self._check_settings(point)
             if point.energize_to == "unlock":
@@ -166,7 +136,7 @@ class TasmotaController(Controller):
         """Lock now: relay off on a strike (ends a pulse); on a maglock, pulse 0 then ON."""
         self._check_point(point)
         relay = point.channel + 1
-        with self._io():
+        with self._health.track():
             self._ready()
             warning = ""
             if point.energize_to == "lock":
@@ -272,7 +242,7 @@ class TasmotaController(Controller):
         view = self._view
         relays = sorted({p.channel + 1 for p in points})
         doors = any(p.door_input is not None for p in points)
-        with self._io():
+        with self._health.track():
             self._ready()
             marks = {relay: self.client.publish(self.topic, m.power(relay, None))
                      for relay in relays}
@@ -345,40 +315,24 @@ class TasmotaController(Controller):
                 f"({self.inputs} inputs, 0-based: Switch1 is input 0)")
 
     # -- health ------------------------------------------------------------------------------
-    @contextmanager
-    def _io(self) -> Iterator[None]:
-        try:
-            yield
-        except TechnicianError as exc:
-            self._last_ok_at = self._clock()  # it answered; a person must act
-            self._failures = 0
-            self._last_error = str(exc)
-            raise
-        except DriverError as exc:
-            self._failures += 1
-            self._last_error = str(exc)
-            raise
-        self._last_ok_at = self._clock()
-        self._failures = 0
-        self._last_error = None
-
     def health(self) -> Health:
         """Link, LWT and the last exchange, as last observed (no I/O)."""
+        h = self._health
         connected = self.client.connected
         lwt = self._view.online
-        online = connected and lwt is not False and self._last_ok_at is not None \
-            and self._failures == 0
+        online = connected and lwt is not False and h.last_ok_at is not None \
+            and h.failures == 0
         if not connected:
             detail = f"broker link down ({self.client.last_error or 'connecting'})"
         elif lwt is False:
             detail = f"device offline (tele/{self.topic}/LWT = Offline)"
-        elif self._last_error:
-            detail = self._last_error if not online else f"answering; {self._last_error}"
-        elif self._last_ok_at is None:
+        elif h.last_error:
+            detail = h.last_error if not online else f"answering; {h.last_error}"
+        elif h.last_ok_at is None:
             detail = "not yet contacted"
         else:
             detail = "ok"
-        return Health(online, detail, self._last_error, self._last_ok_at, self._failures)
+        return h.health(online, detail)
 
     def probe(self) -> Health:
         """Query relay 1 once and return the resulting health."""
@@ -413,3 +367,22 @@ def _door(obs: Observation[bool] | None) -> DoorState:
     if obs is None:
         return DoorState.UNKNOWN
     return DoorState.CLOSED if obs.value else DoorState.OPEN
+
+
+def build(settings: ControllerSettings, ctx: BuildContext) -> Controller:
+    """A device (:mod:`drivers.registry`): one MQTT connection (and account) per broker,
+    shared by its devices.
+
+    The device relocks a strike by itself (``PulseTime``), not a maglock:
+    ``self_relocking`` says whether any lock on it is a strike.
+    """
+    assert isinstance(settings, TasmotaSettings)
+    broker: BrokerSettings = ctx.broker("tasmota")
+    key = ("tasmota", f"{broker.where}:{broker.username or ''}")
+    if key not in ctx.shared:
+        ctx.shared[key] = TasmotaClient(broker)
+    client = ctx.shared[key]
+    assert isinstance(client, TasmotaClient)
+    return TasmotaController(ctx.name, client, settings.topic or "", settings.channels,
+                             settings.inputs, self_relocking=not ctx.points or any(
+                                 p.energize_to == "unlock" for p in ctx.points))

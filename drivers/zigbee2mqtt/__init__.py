@@ -3,20 +3,30 @@
 Layers, one module each::
 
     messages.py    topics and payloads of Zigbee2MQTT          (pure)
-    client.py      BridgeLink: the driver's own paho client     (link)
+    client.py      BridgeLink: the driver's own MQTT transport  (link)
     controller.py  Zigbee2MqttController                        (controller API)
 
 Its simulator (``Zigbee2MqttSim``, a bridge on a real broker) is the dev kit's:
 ``devkit/sims/zigbee2mqtt.py``, which production code never imports.
+
+The names below are imported when first used: the config loader reads this
+package's ``settings`` on every CLI command, which must not load paho-mqtt.
 """
 
-from drivers.zigbee2mqtt.client import BridgeLink, BrokerSettings
-from drivers.zigbee2mqtt.controller import (
-    DeviceOfflineError,
-    Z2MStats,
-    Z2MTiming,
-    Zigbee2MqttController,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from drivers.mqtt.settings import BrokerSettings
+    from drivers.zigbee2mqtt.client import BridgeLink
+    from drivers.zigbee2mqtt.controller import (
+        DeviceOfflineError,
+        Z2MStats,
+        Zigbee2MqttController,
+    )
+    from drivers.zigbee2mqtt.settings import Z2MTiming
 
 __all__ = [
     "BridgeLink",
@@ -26,3 +36,20 @@ __all__ = [
     "Z2MTiming",
     "Zigbee2MqttController",
 ]
+
+#: Where each name lives, imported on first use (PEP 562).
+_LAZY: Final = {
+    "BridgeLink": "drivers.zigbee2mqtt.client",
+    "BrokerSettings": "drivers.mqtt.settings",
+    "DeviceOfflineError": "drivers.zigbee2mqtt.controller",
+    "Z2MStats": "drivers.zigbee2mqtt.controller",
+    "Z2MTiming": "drivers.zigbee2mqtt.settings",
+    "Zigbee2MqttController": "drivers.zigbee2mqtt.controller",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

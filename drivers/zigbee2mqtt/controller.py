@@ -1,38 +1,11 @@
 """The ``zigbee2mqtt`` driver: Zigbee door locks behind a Zigbee2MQTT bridge.
 
 One controller is one Zigbee2MQTT instance (``base_topic``); each lock point names its
-device by friendly name (``point.device``).  The bridge is reached through a
-:class:`~drivers.zigbee2mqtt.client.BridgeLink` (shared by the controllers on one broker).
+device (``point.device``).  An action is confirmed only by a state report received after
+it (or after one ``/get``); offline devices and bridges fail at once; low batteries
+become notices; the agent relocks unless the device reports ``auto_relock``.
 
-Truth rule, as it applies here (``drivers.base``):
-
-* The driver keeps, per device, the last state report with the monotonic time it was
-  *received*.  A report received before a command proves nothing about it, whatever it
-  says; so does a retained state message (it is as old as the broker's copy).
-* ``unlock``/``lock`` publish ``/set`` and wait for a report received after it showing
-  the asked-for state.  A missing report, or only reports showing something else (a
-  battery report repeats Zigbee2MQTT's cached ``state``), lead to one ``/get`` read-back;
-  a report received after the ``/get`` that shows the state confirms, anything else is
-  ``confirmed=False`` with what was last reported, or ``UNKNOWN``.
-* ``read`` uses a report younger than ``max_report_age_s`` (locks report every change
-  themselves: Zigbee2MQTT configures attribute reporting of the lock state), otherwise
-  asks with ``/get``.  The cache is dropped when the device, the bridge or the broker
-  link goes offline, so nothing from before an outage is reported after it.
-
-Faults and what they become:
-
-* device ``availability`` offline, bridge ``bridge/state`` offline: ``DeviceOfflineError``
-  at once, without radio traffic; ``health()`` says which.  Only ``lock`` is still tried
-  on a device said to be offline: securing a door is never skipped on a flag;
-* a ``/get`` nobody answers: ``NoReplyError``; the device is *unresponsive* until it
-  reports again, and is asked again after a growing pause (so a dead lock does not
-  stall every reconciliation pass for a full timeout);
-* broker link down: ``LinkDownError`` (commands are never queued for later);
-* battery low (``battery`` ≤ ``battery_low_pct`` or ``battery_low``): a ``battery_low``
-  notice, once until the battery is back above ``battery_ok_pct``.
-
-Who relocks: Zigbee2MQTT exposes no timed unlock, so the agent's timer relocks, unless
-the device reports ``auto_relock: true`` (some locks relock by themselves).
+See docs/design/zigbee2mqtt-driver.md.
 """
 
 from __future__ import annotations
@@ -64,6 +37,9 @@ from drivers.errors import (
     TechnicianError,
     UnsupportedError,
 )
+from drivers.health import HealthTracker
+from drivers.mqtt.settings import BrokerSettings
+from drivers.settings import BuildContext, ControllerSettings
 from drivers.zigbee2mqtt.client import BridgeLink
 from drivers.zigbee2mqtt.messages import (
     PayloadError,
@@ -75,14 +51,15 @@ from drivers.zigbee2mqtt.messages import (
     encode_get,
     encode_set,
 )
+from drivers.zigbee2mqtt.settings import (
+    BATTERY_LOW_PCT,
+    BATTERY_OK_PCT,
+    Z2MTiming,
+    Zigbee2MqttSettings,
+)
 
 LOGGER = logging.getLogger(__name__)
 
-#: Battery alarm thresholds in %: lock makers warn between 15 and 25 %, leaving weeks of
-#: operation; the gap between the two keeps a battery that hovers around the threshold
-#: (it reads lower in the cold) from raising an alarm at every report.
-BATTERY_LOW_PCT: Final = 20.0
-BATTERY_OK_PCT: Final = 30.0
 #: Reports kept per device, to find one that showed the asked-for state even when a
 #: later one (a battery report, a relock) followed it before the waiter woke.
 _HISTORY: Final = 8
@@ -92,32 +69,6 @@ _NOTICES_MAX: Final = 100
 
 class DeviceOfflineError(NoReplyError):
     """Zigbee2MQTT says the device (or the bridge itself) is offline."""
-
-
-@dataclass(frozen=True, slots=True)
-class Z2MTiming:
-    """Every timing of the driver, named; tests shrink these rather than sleep.
-
-    ``report_timeout_s``: how long a ``/set`` waits for the device's report.
-    Zigbee2MQTT sends the Door Lock command, then reads the lock state back 200 ms
-    later (``readAfterWriteTime``); a motor lock takes 1-3 s to throw its bolt and
-    reports again when it got there, and a battery lock (a sleepy end device) only
-    picks up its messages when it polls its parent, every few seconds.
-    ``get_timeout_s``: how long a ``/get`` waits (one read, no motor).
-    ``max_report_age_s``: a report this old is asked again on a read; well below
-    Zigbee2MQTT's availability check of active devices (10 min).
-    ``connect_wait_s``: how long an action waits for the broker link at start-up.
-    ``retry_initial_s`` / ``retry_max_s``: pauses before an unresponsive device is
-    asked again by a read (doubling).
-    """
-
-    report_timeout_s: float = 5.0
-    get_timeout_s: float = 3.0
-    max_report_age_s: float = 300.0
-    connect_wait_s: float = 5.0
-    subscribe_timeout_s: float = 5.0
-    retry_initial_s: float = 5.0
-    retry_max_s: float = 60.0
 
 
 @dataclass(slots=True)
@@ -185,9 +136,7 @@ class Zigbee2MqttController(Controller):
         self._routes: dict[str, tuple[Literal["state", "availability"], _Device]] = {}
         self._bridge_online: bool | None = None
         self._notices: deque[Notice] = deque(maxlen=_NOTICES_MAX)
-        self._last_ok_at: float | None = None
-        self._last_error: str | None = None
-        self._failures = 0
+        self._health = HealthTracker(clock)
         self._closed = False
         link.acquire()
         link.on_disconnect(self._on_link_lost)
@@ -231,7 +180,7 @@ class Zigbee2MqttController(Controller):
                 self.stats.stale_ignored += 1
                 return
             self.stats.reports += 1
-            self._last_ok_at = now
+            self._health.last_ok_at = now
             if report.auto_relock is not None:
                 dev.auto_relock = report.auto_relock
             self._check_battery(dev, report)
@@ -242,7 +191,7 @@ class Zigbee2MqttController(Controller):
                 if dev.unresponsive is not None:
                     LOGGER.info("%s: %s reports again", self.name, dev.name)
                 dev.unresponsive, dev.retry_s = None, 0.0
-                self._failures = 0  # it talks: what failed before is history
+                self._health.failures = 0  # it talks: what failed before is history
             self._cond.notify_all()
 
     def _on_availability(self, dev: _Device, online: bool | None) -> None:
@@ -252,7 +201,7 @@ class Zigbee2MqttController(Controller):
                 dev.report = None  # whatever it said before is no longer known
             if online and before is not True:
                 dev.unresponsive, dev.retry_s = None, 0.0
-                self._failures = 0
+                self._health.failures = 0
             self._cond.notify_all()
         if before is not None and online is not None and before != online:
             LOGGER.warning("%s: %s is %s (Zigbee2MQTT availability)", self.name, dev.name,
@@ -266,7 +215,7 @@ class Zigbee2MqttController(Controller):
             if online is False:
                 self._forget_reports()
             elif online and before is not True:
-                self._failures = 0
+                self._health.failures = 0
             self._cond.notify_all()
         if before is not None and online is not None and before != online:
             LOGGER.warning("%s: Zigbee2MQTT bridge %s is %s", self.name, self.topics.base,
@@ -355,7 +304,7 @@ class Zigbee2MqttController(Controller):
                 detail = (f"{dev.name}: no state report within "
                           f"{self.timing.report_timeout_s:g} s of the command nor "
                           f"{self.timing.get_timeout_s:g} s of a /get")
-                self._last_error = detail
+                self._health.last_error = detail
             else:
                 seen = after_get or last
                 assert seen is not None
@@ -469,24 +418,29 @@ class Zigbee2MqttController(Controller):
 
     @contextmanager
     def _io(self) -> Iterator[None]:
-        """Record the outcome of one operation for ``health()``."""
+        """Record the outcome of one operation for ``health()``.
+
+        Not :meth:`HealthTracker.track`: the bridge answering proves nothing about a
+        lock, so only a device's own report sets ``last_ok_at`` (in ``_on_message``),
+        and an operation that worked keeps the last error for ``health()`` to show.
+        """
         try:
             yield
         except TechnicianError as exc:
-            self._last_error = str(exc)
+            self._health.last_error = str(exc)
             raise
         except DriverError as exc:
-            self._failures += 1
-            self._last_error = str(exc)
+            self._health.failed(str(exc))
             raise
-        self._failures = 0
+        self._health.failures = 0
 
     def health(self) -> Health:
         """Link, bridge and devices as last observed (no I/O)."""
+        h = self._health
         link = self.link.health()
         if not link.online:
-            return Health(False, link.detail, link.last_error, self._last_ok_at,
-                          max(self._failures, link.consecutive_failures))
+            return Health(False, link.detail, link.last_error, h.last_ok_at,
+                          max(h.failures, link.consecutive_failures))
         with self._cond:
             problems = []
             if self._bridge_online is False:
@@ -498,12 +452,11 @@ class Zigbee2MqttController(Controller):
                     problems.append(f"{dev.name}: {dev.unresponsive}")
         if problems:
             detail = "; ".join(problems)
-            return Health(False, detail, self._last_error or detail, self._last_ok_at,
-                          max(self._failures, 1))
-        if self._failures:
-            return Health(False, self._last_error or "failing", self._last_error,
-                          self._last_ok_at, self._failures)
-        return Health(True, "ok", self._last_error, self._last_ok_at, 0)
+            return Health(False, detail, h.last_error or detail, h.last_ok_at,
+                          max(h.failures, 1))
+        if h.failures:
+            return h.health(False, h.last_error or "failing")
+        return h.health(True, "ok")
 
     def probe(self) -> Health:
         """Ask every known device for its state once (/get) and return the health."""
@@ -545,3 +498,17 @@ class Zigbee2MqttController(Controller):
 
 def _reading(report: Report, at: float) -> Reading:
     return Reading(report.lock, report.door, at)
+
+
+def build(settings: ControllerSettings, ctx: BuildContext) -> Controller:
+    """A Zigbee2MQTT bridge (:mod:`drivers.registry`): its own MQTT connection and
+    account, shared per broker."""
+    assert isinstance(settings, Zigbee2MqttSettings)
+    broker: BrokerSettings = ctx.broker("z2m")
+    key = ("zigbee2mqtt", f"{broker.where}:{broker.username or ''}")
+    if key not in ctx.shared:
+        ctx.shared[key] = BridgeLink(broker)
+    link = ctx.shared[key]
+    assert isinstance(link, BridgeLink)
+    devices = [p.device for p in ctx.points if p.device is not None]
+    return Zigbee2MqttController(ctx.name, link, settings.base_topic or "zigbee2mqtt", devices)

@@ -10,23 +10,39 @@ check fails, because then the file is right and the world is not.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, TextIO
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TextIO, cast
+
+from gateway.cli.shell import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    ONLINE_CHECKS,
+    PROG,
+    Context,
+    load,
+)
+from gateway.config import Config, StoraConfig, config_path_from_env, config_problems, load_config
+from gateway.errors import ConfigError
+from gateway.term import plural
 
 if TYPE_CHECKING:
     from gateway.cli.check_online import Check
-    from gateway.config import Config
 
-__all__ = ["run_check_config"]
+__all__ = ["cmd_check_config", "run_check_config"]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2  # contract §2, as gateway/cli/main.py
+
+def cmd_check_config(ctx: Context) -> int:
+    """``check-config [--online]``: every problem of the file, one line each (exit 2);
+    with ``--online`` also the credential and timeline source at Stora (exit 1)."""
+    return run_check_config(config_path_from_env(ctx.args.config), as_json=ctx.json,
+                            online=bool(getattr(ctx.args, "online", False)), out=ctx.out,
+                            err=ctx.err, prog=PROG)
 
 
 def run_check_config(path: str, *, as_json: bool, online: bool, out: TextIO, err: TextIO,
                      prog: str) -> int:
     """Check the config at ``path``; print the verdict; return the exit status."""
-    from gateway.config import config_problems, load_config
-    from gateway.errors import ConfigError
-
     try:
         config = load_config(path)
     except ConfigError as exc:
@@ -51,8 +67,6 @@ def run_check_config(path: str, *, as_json: bool, online: bool, out: TextIO, err
     if as_json:
         _dump(summary, out)
     else:
-        from gateway.term import plural
-
         out.write(f"{config.path}: OK — site {config.site.id}, "
                   f"{plural(len(config.controllers), 'controller')}, "
                   f"{plural(len(config.locks), 'lock')}\n")
@@ -67,8 +81,9 @@ def run_check_config(path: str, *, as_json: bool, online: bool, out: TextIO, err
 
 
 def _online(config: Config) -> list[Check]:
-    from gateway.cli.check_online import check_online
-
+    """The online checks, loaded through the command table's seam: they bring httpx
+    (``gateway.stora``), which the offline check never needs."""
+    check_online = cast("Callable[[StoraConfig], list[Check]]", load(ONLINE_CHECKS))
     return check_online(config.stora)
 
 

@@ -31,11 +31,19 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal
 
-if TYPE_CHECKING:
-    import httpx
+# This module loads only for ``check-config --online`` (the command table's seam,
+# gateway/cli/shell.py), so httpx is imported here at the top like everything else.
+import httpx
 
+from gateway.stora.client import make_http_client
+from gateway.stora.errors import CredentialRejected, TokenUnavailable
+from gateway.stora.http import DeadlineExceeded, exchange
+from gateway.stora.limits import cap_text, safe_id
+from gateway.stora.ratelimit import RateLimiter
+from gateway.stora.tokens import ClientCredentialsTokens, FileTokens, TokenSource
+
+if TYPE_CHECKING:
     from gateway.config import StoraConfig
-    from gateway.stora import RateLimiter, TokenSource
 
 __all__ = ["SOURCE_SCOPE", "Check", "check_online"]
 
@@ -72,8 +80,6 @@ class Check:
 def check_online(cfg: StoraConfig, *, http: httpx.Client | None = None) -> list[Check]:
     """Run the checks of the module docstring against ``[stora]``; never raises for
     network or API trouble (each becomes a ``failed`` check)."""
-    from gateway.stora import RateLimiter, make_http_client
-
     client = http if http is not None else make_http_client()
     # The agent's own limits: a check run beside a running agent adds a few requests
     # to the operator's budget, never a burst.
@@ -92,13 +98,6 @@ def check_online(cfg: StoraConfig, *, http: httpx.Client | None = None) -> list[
 
 def _check_credential(cfg: StoraConfig, client: httpx.Client,
                       limiter: RateLimiter) -> tuple[Check, TokenSource | None]:
-    from gateway.stora import (
-        ClientCredentialsTokens,
-        CredentialRejected,
-        FileTokens,
-        TokenUnavailable,
-    )
-
     tokens: TokenSource
     if cfg.auth == "client_credentials":
         assert cfg.client_secret_file is not None  # the loader requires it
@@ -126,8 +125,6 @@ def _check_credential(cfg: StoraConfig, client: httpx.Client,
 def _source_tokens(cfg: StoraConfig, client: httpx.Client, limiter: RateLimiter,
                    tokens: TokenSource) -> TokenSource | Check:
     """A token that may list sources: the one given, or one asked with the scope added."""
-    from gateway.stora import ClientCredentialsTokens, CredentialRejected, TokenUnavailable
-
     if cfg.auth != "client_credentials" or SOURCE_SCOPE in cfg.scope.split():
         return tokens
     assert cfg.client_secret_file is not None
@@ -148,8 +145,6 @@ def _source_tokens(cfg: StoraConfig, client: httpx.Client, limiter: RateLimiter,
 
 def _check_source(cfg: StoraConfig, client: httpx.Client, limiter: RateLimiter,
                   tokens: TokenSource) -> Check:
-    from gateway.stora import CredentialRejected, TokenUnavailable
-
     chosen = _source_tokens(cfg, client, limiter, tokens)
     if isinstance(chosen, Check):
         return chosen
@@ -185,10 +180,6 @@ def _check_source(cfg: StoraConfig, client: httpx.Client, limiter: RateLimiter,
 def _get_page(cfg: StoraConfig, client: httpx.Client, token: str,
               page: int) -> tuple[set[str], dict[str, str], bool] | Check:
     """One page of sources: ``(ids, names, last page)``, or the failed Check."""
-    import httpx
-
-    from gateway.stora.http import DeadlineExceeded, cap_text, exchange
-
     url = f"{cfg.base_url}/timeline/sources?page={page}&limit={PAGE_LIMIT}"
     headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
     try:
@@ -231,8 +222,6 @@ def _sources(body: bytes) -> tuple[set[str], dict[str, str], bool] | None:
     The list's key is not documented (stora-api §5: "lists under the plural"), so the
     first list of objects with an ``id`` is taken, ``timeline_sources`` first.
     """
-    from gateway.stora.http import cap_text, safe_id
-
     try:
         doc = json.loads(body)
     except (ValueError, RecursionError):
@@ -260,8 +249,6 @@ def _sources(body: bytes) -> tuple[set[str], dict[str, str], bool] | None:
 
 def _error_text(body: bytes) -> str:
     """``code: message`` of a stora-api §6 error body, capped; ``""`` for anything else."""
-    from gateway.stora.http import cap_text
-
     try:
         doc = json.loads(body)
     except (ValueError, RecursionError):
@@ -274,10 +261,6 @@ def _error_text(body: bytes) -> str:
 
 def _check_relay(cfg: StoraConfig, client: httpx.Client) -> Check:
     """Broker mode: whether the relay answers at all (it brokers event posts only)."""
-    import httpx
-
-    from gateway.stora.http import DeadlineExceeded, exchange
-
     try:
         answer = exchange(client, "GET", cfg.base_url, headers={"Accept": "application/json"},
                           deadline_s=PAGE_DEADLINE_S, limit=MAX_PAGE_BYTES)

@@ -1,6 +1,6 @@
 """``stora-gateway completion bash``: a bash completion script made from the parser itself.
 
-Generated from :func:`gateway.cli.main.build_parser` every time, so a new command or option
+Generated from :func:`gateway.cli.parser.build_parser` every time, so a new command or option
 completes the day it exists, with nothing to keep in step by hand.  It completes:
 
 * command names (and ``--help``, ``--version``) as the first word;
@@ -21,7 +21,10 @@ import argparse
 import shlex
 from typing import Final
 
-__all__ = ["SHELLS", "bash_script"]
+from gateway.cli.parser import build_parser
+from gateway.cli.shell import EXIT_OK, PROG, Context
+
+__all__ = ["SHELLS", "bash_script", "cmd_completion"]
 
 #: Shells a script exists for.
 SHELLS: Final = ("bash",)
@@ -112,3 +115,9 @@ def bash_script(parser: argparse.ArgumentParser, prog: str) -> str:
 }}
 complete -F {function} {prog}
 """
+
+
+def cmd_completion(ctx: Context) -> int:
+    """``completion bash``: the completion script, made from this parser."""
+    ctx.out.write(bash_script(build_parser(), PROG))
+    return EXIT_OK

@@ -17,7 +17,7 @@ Why the ``entry_points.txt`` files are read here instead of through
 20 ms on a desktop (it pulls in ``email``, ``zipfile`` and ``csv``), a quarter of
 ``stora-gateway --help``'s whole cold start and several times that on a Pi; reading the
 few small files of the PyPA entry-points format costs well under a millisecond.
-``tests/test_cli_plugins.py`` checks that both find the same entry points.
+``tests/gateway/cli/test_cli_plugins.py`` checks that both find the same entry points.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Final, NamedTuple
 
 if TYPE_CHECKING:
-    from gateway.cli.main import Context
+    from gateway.cli.shell import Context
 
 __all__ = ["GROUP", "PluginCommand", "entry_points", "load_entry_point", "plugin_commands"]
 
@@ -53,7 +53,7 @@ class PluginCommand(NamedTuple):
     ``add_arguments(parser, common)`` adds the command's options to ``parser``; ``common``
     is the parent of shared options (``--debug``, and ``--config``/``--json`` as
     chosen below), for a command with subcommands of its own.  ``run(ctx)`` returns
-    the exit status and raises ``gateway.cli.main.CliError`` for a one-line error.
+    the exit status and raises ``gateway.cli.shell.CliError`` for a one-line error.
     ``before`` names the command it is listed before in ``--help`` (``None``: last).
     The module that defines it should import nothing heavy: ``--help`` loads it.
     """

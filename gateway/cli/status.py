@@ -23,13 +23,16 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
+from gateway.cli.render import age, format_bytes, print_json, render_status
+from gateway.cli.shell import AGENT_READ_S, Context
+from gateway.ops.control import AgentUnavailable
 from gateway.ops.health import Reason, Verdict, agent_not_running, assess
+from gateway.ops.telemetry import newest_dead_letter
+from gateway.store import Store, StoreError
 from gateway.term import paint, plural
 
 if TYPE_CHECKING:
     from pathlib import Path
-
-    from gateway.cli.main import Context
 
 __all__ = ["EXIT_DEGRADED", "EXIT_DOWN", "EXIT_FOR", "render_report", "run_status"]
 
@@ -56,18 +59,13 @@ def verdict_of(report: Mapping[str, Any]) -> Verdict:
 
 def run_status(ctx: Context) -> int:
     """``status``: ask the agent; print the verdict and the details; exit by the verdict."""
-    from gateway.cli.main import AGENT_READ_S
-    from gateway.ops.control import AgentUnavailable
-
     try:
         report = ctx.ask_agent("status", AGENT_READ_S)
     except AgentUnavailable as exc:
         report = _offline_report(ctx, str(exc))
     verdict = verdict_of(report)
     if ctx.json:
-        from gateway.cli.main import _print_json
-
-        _print_json(report, ctx.out)
+        print_json(report, ctx.out)
     else:
         ctx.out.write(render_report(report, verdict,
                                     verbose=bool(getattr(ctx.args, "verbose", False))))
@@ -97,9 +95,6 @@ def _stored_outbox(path: Path) -> dict[str, Any] | None:
     ``PermissionError`` there rather than answering: every ``OSError`` on the way is
     such a report too, so the verdict stays ``DOWN`` (exit 4), never a Python error.
     """
-    from gateway.ops.telemetry import newest_dead_letter
-    from gateway.store import Store, StoreError
-
     try:
         if not path.exists():
             return None
@@ -125,8 +120,6 @@ def render_report(report: Mapping[str, Any], verdict: Verdict | None = None, *,
         lines.append(f"{label.ljust(_LABEL)}{text}")
     text = "\n".join(lines) + "\n"
     if verbose:
-        from gateway.cli.main import render_status
-
         shown = {k: v for k, v in report.items() if k not in ("verdict", "reasons")}
         text += "\n" + render_status(shown)
     elif report.get("online") is not False:
@@ -155,14 +148,12 @@ def _summary(report: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def _agent_line(report: Mapping[str, Any]) -> str | None:
-    from gateway.cli.main import _age
-
     if report.get("online") is False:
         return f"not running (control socket {_section(report, 'agent').get('socket')})"
     if "version" not in report:
         return None
     return (f"{report.get('version')}, site {report.get('site', '-')}, up "
-            f"{_age(report.get('uptime_s'))} (since {report.get('started_at', '-')})")
+            f"{age(report.get('uptime_s'))} (since {report.get('started_at', '-')})")
 
 
 def _broker_line(broker: Mapping[str, Any]) -> str | None:
@@ -186,8 +177,6 @@ def _clock_line(clock: Mapping[str, Any]) -> str | None:
 
 
 def _controllers_line(controllers: object) -> str | None:
-    from gateway.cli.main import _age
-
     if not isinstance(controllers, list) or not controllers:
         return None
     found = [c for c in controllers if isinstance(c, Mapping)]
@@ -197,15 +186,13 @@ def _controllers_line(controllers: object) -> str | None:
 
     def described(c: Mapping[str, Any]) -> str:
         text = f"{c.get('name')}: {c.get('last_error') or c.get('detail') or 'no answer'}"
-        age = c.get("last_ok_age_s")
-        return text if age is None else f"{text} (last answer {_age(age)} ago)"
+        last = c.get("last_ok_age_s")
+        return text if last is None else f"{text} (last answer {age(last)} ago)"
 
     return f"{len(offline)} of {len(found)} offline: " + "; ".join(map(described, offline))
 
 
 def _outbox_line(outbox: Mapping[str, Any]) -> str | None:
-    from gateway.cli.main import _age
-
     if not outbox:
         return None
     if outbox.get("error"):
@@ -213,7 +200,7 @@ def _outbox_line(outbox: Mapping[str, Any]) -> str | None:
     pending = int(outbox.get("pending") or 0)
     waiting = plural(pending, "event") + " waiting"
     if pending:
-        waiting += f" (oldest {_age(outbox.get('oldest_age_s'))})"
+        waiting += f" (oldest {age(outbox.get('oldest_age_s'))})"
     dead = plural(int(outbox.get("dead") or 0), "dead letter")
     last = outbox.get("last_post_at")
     posted = f", last accepted {last}" if last else ""
@@ -251,18 +238,16 @@ def _commands_line(commands: Mapping[str, Any]) -> str | None:
 
 
 def _host_line(host: Mapping[str, Any]) -> str | None:
-    from gateway.cli.main import _bytes
-
     if not host:
         return None
     parts = []
     free, total = host.get("disk_free_bytes"), host.get("disk_total_bytes")
     if isinstance(free, int) and isinstance(total, int):
-        parts.append(f"disk {_bytes(free)} free of {_bytes(total)}")
+        parts.append(f"disk {format_bytes(free)} free of {format_bytes(total)}")
     if isinstance(host.get("cpu_temp_c"), int | float):
         parts.append(f"CPU {host['cpu_temp_c']:.1f} °C")
     if isinstance(host.get("load_1m"), int | float):
         parts.append(f"load {host['load_1m']}")
     if isinstance(host.get("rss_bytes"), int):
-        parts.append(f"memory {_bytes(host['rss_bytes'])}")
+        parts.append(f"memory {format_bytes(host['rss_bytes'])}")
     return "; ".join(parts) or None

@@ -12,7 +12,7 @@ the hardware directly when it does not, with the same output either way:
   sending side, which the agent takes as "cancel" (``gateway.ops.control_stream``); a
   second Ctrl-C, a hang-up or SIGTERM ends the CLI, whose closed connection cancels
   just the same.  In direct mode no agent would relock a door the CLI left open, so a
-  signal handler (:func:`interrupts_set`) turns Ctrl-C, a hang-up (an SSH session
+  signal handler (``gateway/cli/interrupts.py``) turns Ctrl-C, a hang-up (an SSH session
   dropping at the door) and SIGTERM into the switch the test cycle waits on, and
   ignores any further one until the relock is confirmed or has failed; none of them
   lands in the middle of a bus transaction.  Exit status 130 for each.
@@ -20,76 +20,43 @@ the hardware directly when it does not, with the same output either way:
 
 from __future__ import annotations
 
-import contextlib
-import signal
+import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping
-from types import FrameType
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final, TextIO
 
-from gateway.cli.main import (
+from gateway.cli.interrupts import EXIT_INTERRUPTED, interrupts_set
+from gateway.cli.outcomes import TEST_KEYS, actor, shape
+from gateway.cli.render import ms, print_json, table
+from gateway.cli.shell import (
     AGENT_ACTION_S,
     AGENT_READ_S,
     AGENT_TEST_MARGIN_S,
     EXIT_FAILED,
     EXIT_OK,
-    TEST_KEYS,
     CliError,
     Context,
-    _actor,
-    _ms,
-    _parse_range,
-    _print_json,
-    _shape,
-    table,
 )
+from gateway.ops import technician
+from gateway.ops.control import AgentUnavailable, ControlClient, ControlDenied, ControlError
+from gateway.ops.control_stream import stream
+from gateway.ops.technician import TEST_RELOCK_TIMEOUT, TEST_SECONDS, check_test_timing
+from gateway.units.hardware import scan_controller
 
 if TYPE_CHECKING:
     from drivers.base import ProbeResult
 
-#: Exit status after Ctrl-C (128 + SIGINT), as shells report an interrupted command.
-#: Also after a hang-up or SIGTERM in direct mode: one code for "stopped, every lock it
-#: drove relocked", whatever stopped it.
-EXIT_INTERRUPTED: Final = 130
-#: What stops a technician's command in direct mode: Ctrl-C, a hang-up (an SSH session
-#: dropping), and a polite kill (``kill``, ``timeout``, a logout's SIGTERM).
-STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)
+__all__ = ["EXIT_INTERRUPTED", "INTERRUPT_WAIT_S", "ProgressLines", "run_scan", "run_test"]
+
+LOGGER = logging.getLogger(__name__)
+
 #: After Ctrl-C, how long the CLI waits for the agent to relock the lock under test and
 #: answer: one lock action with the bus's retries takes well under a second, a Zigbee
 #: or Tasmota read-back a few; beyond this the CLI says the outcome is unknown.
 INTERRUPT_WAIT_S: Final = 15.0
 
 
-# -- Ctrl-C and progress ------------------------------------------------------------------
-@contextlib.contextmanager
-def interrupts_set(stop: threading.Event) -> Iterator[None]:
-    """While the block runs, any of :data:`STOP_SIGNALS` sets ``stop`` instead of ending
-    the process, and so does every further one.
-
-    The code inside checks ``stop`` between bus transactions (and waits on it during a
-    hold), so a signal never cuts a write from its read-back, and the block ends only
-    after the relock it owes has been confirmed or has failed: a second Ctrl-C, or the
-    SIGHUP that follows a dropped SSH session, must not kill the CLI with a relay
-    energized (found in review).  Outside the main thread (signals only go there)
-    nothing is installed.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        del signum, frame
-        stop.set()
-
-    previous = {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            # None: a handler not set from Python; the default is the closest there is.
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-
-
+# -- progress -----------------------------------------------------------------------------
 class ProgressLines:
     """A line per finished item on ``stream``: ``[ 3/12] text``.
 
@@ -141,8 +108,6 @@ def run_test(ctx: Context) -> int:
         raise CliError("give units or --all, not both")
     if not a.all and not a.units:
         raise CliError("name at least one unit, or use --all")
-    from gateway.ops.technician import TEST_RELOCK_TIMEOUT, TEST_SECONDS, check_test_timing
-
     try:  # the same bounds as through the agent, checked before anything moves
         check_test_timing("--seconds", a.seconds, TEST_SECONDS)
         check_test_timing("--relock-timeout", a.relock_timeout, TEST_RELOCK_TIMEOUT)
@@ -166,10 +131,10 @@ def run_test(ctx: Context) -> int:
     budget = AGENT_ACTION_S + count * (a.seconds + a.relock_timeout + AGENT_TEST_MARGIN_S)
     answer = _through_agent(ctx, "test", budget, on_progress, units=list(a.units),
                             all=bool(a.all), seconds=a.seconds,
-                            relock_timeout=a.relock_timeout, actor=_actor())
+                            relock_timeout=a.relock_timeout, actor=actor())
     if answer is not None:
         report, interrupted = answer
-        results = [_shape(r, TEST_KEYS) for r in _list(report, "results")]
+        results = [shape(r, TEST_KEYS) for r in _list(report, "results")]
         cancelled = [{"unit": c.get("unit"), "reference": c.get("reference")}
                      for c in _list(report, "cancelled", optional=True)]
         interrupted = interrupted or bool(report.get("interrupted"))
@@ -189,11 +154,11 @@ def run_test(ctx: Context) -> int:
 def _print_test(ctx: Context, results: list[dict[str, Any]], cancelled: list[dict[str, Any]],
                 interrupted: bool, passed: bool) -> None:
     if ctx.json:
-        _print_json({"passed": passed, "interrupted": interrupted, "results": results,
+        print_json({"passed": passed, "interrupted": interrupted, "results": results,
                      "cancelled": cancelled}, ctx.out)
         return
-    rows = [[r["unit"], r["reference"], "PASS" if r["passed"] else "FAIL", _ms(r["unlock_ms"]),
-             _seconds(r.get("held_ms")), _ms(r["relock_ms"]), r["detail"]] for r in results]
+    rows = [[r["unit"], r["reference"], "PASS" if r["passed"] else "FAIL", ms(r["unlock_ms"]),
+             _seconds(r.get("held_ms")), ms(r["relock_ms"]), r["detail"]] for r in results]
     rows += [[c["unit"], c["reference"], "cancelled", None, None, None,
               "not started: the test was interrupted"] for c in cancelled]
     ctx.out.write(table(["unit", "reference", "result", "unlock", "held", "relock", "detail"],
@@ -215,8 +180,6 @@ def _test_direct(
     ctx: Context, on_progress: Callable[[Mapping[str, Any]], None],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], bool]:
     """The test on the hardware itself (no agent): results, cancelled, interrupted."""
-    from gateway.ops import technician
-
     config = ctx.config()
     a = ctx.args
     locks = list(config.locks) if a.all else [ctx.find_lock(u) for u in a.units]
@@ -234,7 +197,7 @@ def _test_direct(
                     cancelled.append({"unit": lock.unit, "reference": lock.reference})
                     on_progress({"done": done, "cancelled": cancelled[-1]})
                     continue
-                results.append(_shape(r.as_dict(), TEST_KEYS))
+                results.append(shape(r.as_dict(), TEST_KEYS))
                 on_progress({"done": done, "result": results[-1]})
     finally:
         site.close()
@@ -242,6 +205,17 @@ def _test_direct(
 
 
 # -- scan ---------------------------------------------------------------------------------
+def _parse_range(text: str) -> range:
+    try:
+        lo, _, hi = text.partition("-")
+        start, end = int(lo), int(hi or lo)
+    except ValueError:
+        raise CliError(f"--addresses {text!r}: expected a range like 1-16") from None
+    if start < 0 or end < start or end > 255:
+        raise CliError(f"--addresses {text!r}: expected 0 ≤ A ≤ B ≤ 255")
+    return range(start, end + 1)
+
+
 def run_scan(ctx: Context) -> int:
     """``scan CONTROLLER``: probe one bus, through the agent when it owns the port."""
     a = ctx.args
@@ -284,8 +258,6 @@ def run_scan(ctx: Context) -> int:
 
 def _scan_direct(ctx: Context, addresses: range | None,
                  on_progress: Callable[[Mapping[str, Any]], None]) -> dict[str, Any]:
-    from gateway.units.hardware import scan_controller
-
     def on_address(done: int, total: int, address: int, found: ProbeResult | None) -> None:
         on_progress({"done": done, "total": total, "address": address,
                      "found": None if found is None else {"description": found.description}})
@@ -301,7 +273,7 @@ def _scan_direct(ctx: Context, addresses: range | None,
 
 def _print_scan(ctx: Context, result: Mapping[str, Any]) -> None:
     if ctx.json:
-        _print_json(dict(result), ctx.out)
+        print_json(dict(result), ctx.out)
         return
     found = list(result.get("found") or [])
     name = result.get("controller")
@@ -322,16 +294,11 @@ def _through_agent(ctx: Context, method: str, timeout: float,
                    **params: Any) -> tuple[dict[str, Any], bool] | None:
     """``(answer, interrupted)`` from the running agent with progress, or ``None`` when
     no agent answers (the caller goes direct).  Errors as ``Context.ask_agent``."""
-    import logging
-
-    from gateway.ops.control import AgentUnavailable, ControlClient, ControlDenied, ControlError
-    from gateway.ops.control_stream import stream
-
     client = ControlClient(ctx.config().control.socket, timeout=timeout)
     try:
         return stream(client, method, params, on_progress, interrupt_wait_s=INTERRUPT_WAIT_S)
     except AgentUnavailable as exc:
-        logging.getLogger(__name__).debug("agent not running (%s): direct mode", exc)
+        LOGGER.debug("agent not running (%s): direct mode", exc)
         return None
     except ControlDenied as exc:
         raise CliError(str(exc)) from exc

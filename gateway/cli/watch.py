@@ -48,17 +48,27 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Final, TextIO
 
+from gateway.cli.shell import CliError, Context
+from gateway.clock import rfc3339
 from gateway.errors import cap_text
-from gateway.link.site_client import BrokerAccount, SiteClient, client_certificate
+from gateway.link.site_client import (
+    BrokerAccount,
+    SiteClient,
+    SiteLinkError,
+    client_certificate,
+    resolve_account,
+)
 from gateway.ops import liveview
+from gateway.outbox.policy import refusal_text
+from gateway.store import Store, StoreError
 from sitelink.claims import MAX_COMMAND_BYTES as _MAX_COMMAND_BYTES
 from sitelink.topics import Topics
 
 if TYPE_CHECKING:
     from gateway.config import Config
-    from gateway.store import EventRow, Store
+    from gateway.store import EventRow
 
-__all__ = ["SiteView", "TimelineFeed", "open_outbox", "refusal_of", "run_watch"]
+__all__ = ["SiteView", "TimelineFeed", "cmd_watch", "open_outbox", "refusal_of", "run_watch"]
 
 #: Environment variables naming watch's account and password file.
 WATCH_USER_ENV: Final = "STORA_GATEWAY_WATCH_USERNAME"
@@ -135,8 +145,6 @@ class TimelineFeed:
 
 # -- the view ------------------------------------------------------------------------------
 def _now_rfc3339() -> str:
-    from gateway.clock import rfc3339
-
     return str(rfc3339(time.time()))
 
 
@@ -302,13 +310,26 @@ class SiteView:
 
 def refusal_of(row: EventRow) -> str:
     """Stora's full refusal of a dead letter (status, code, message, each detail with its
-    pointer, the request id), as the dead-letter alarm and ``status`` quote it."""
-    from gateway.outbox.drainer import refusal_text  # only once a dead letter shows
-
+    pointer, the request id), as the dead-letter alarm and ``status`` quote it
+    (``gateway.outbox.policy``'s text)."""
     return refusal_text(row.as_dict()["error"] or {})
 
 
 # -- running it ----------------------------------------------------------------------------
+def cmd_watch(ctx: Context) -> int:
+    """``watch``: the site live, one line (or JSON object) per event."""
+    a = ctx.args
+    try:
+        account = resolve_account(ctx.config(), a.username, a.password_file,
+                                  default_user=WATCH_ACCOUNT, user_env=WATCH_USER_ENV,
+                                  password_env=WATCH_PASSWORD_ENV)
+        return run_watch(ctx.config(), account, ctx.out, ctx.err, json_lines=ctx.json,
+                         timeline=not a.no_timeline, tls_cert_file=a.tls_cert_file,
+                         tls_key_file=a.tls_key_file)
+    except SiteLinkError as exc:
+        raise CliError(str(exc), exc.status) from exc
+
+
 class _Stop:
     """SIGINT and SIGTERM set :attr:`event` (main thread only; restored on exit)."""
 
@@ -345,8 +366,6 @@ def open_outbox(config: Config) -> tuple[Store | None, str | None]:
     (``deploy/``): members of the group (technicians) can read it, as they can use the
     control socket; anyone else cannot even look into the directory (an ``OSError``).
     """
-    from gateway.store import Store, StoreError
-
     path = config.storage.path
     try:
         return Store(path, read_only=True), None
@@ -418,8 +437,6 @@ def _follow(feed: TimelineFeed | None, view: SiteView, stop: threading.Event,
             broken: threading.Event, err: TextIO, *, hint: str) -> None:
     """Poll the outbox until ``stop`` (or the reader is gone); say ``hint`` once if the
     agent's status has not arrived within :data:`STATUS_HINT_S`."""
-    from gateway.store import StoreError
-
     failing = False
     hint_at: float | None = time.monotonic() + STATUS_HINT_S
     while not stop.wait(OUTBOX_POLL_S) and not broken.is_set():

@@ -4,22 +4,26 @@
 reads them.  A :class:`Table` is one TOML table at a dotted position of one file.  Its
 getters check type and range; when a value is wrong they record a
 :class:`~gateway.errors.ConfigError` naming the file, the key and the reason in the
-file's :class:`Problems`, mark the key bad, and return a fallback of the right type, so
-that checking goes on.  ``check-config`` thereby reports every mistake of a file in one
-run, not one per run (issue 12: an installer needed eleven rounds for one board).
+file's :class:`~gateway.config.problems.Problems`, mark the key bad, and return a
+fallback of the right type, so that checking goes on.  ``check-config`` thereby reports
+every mistake of a file in one run, not one per run (issue 12: an installer needed eleven
+rounds for one board).  The drivers read their controller tables through it too
+(:class:`drivers.settings.SettingsReader`).
 
 How a section parser uses it:
 
 * :meth:`Table.error` records a problem and returns: for a problem no later check of the
   table depends on.
 * :meth:`Table.fail` raises: for a problem that makes the rest of *that* table
-  meaningless (an unknown driver has no keys to check).  :func:`guarded` records it and
-  the parser goes on with the next table.
+  meaningless (an unknown driver has no keys to check).
+  :func:`~gateway.config.problems.guarded` records it and the parser goes on with the
+  next table.
 * A check that combines keys runs only when :meth:`Table.ok` says each of them was read
   without a problem, so one mistake is reported once, never again as the consequence of
   its fallback value.
 * What is built while problems exist is thrown away: the loader raises
-  :class:`ConfigErrors` at the end, and no :class:`~gateway.config.Config` escapes.
+  :class:`~gateway.config.problems.ConfigErrors` at the end, and no
+  :class:`~gateway.config.Config` escapes.
 
 Problems that make every later check meaningless (a file that is not UTF-8 or not TOML)
 are raised at once by the loader, as a single ConfigError.
@@ -30,23 +34,19 @@ from __future__ import annotations
 import difflib
 import os
 import stat
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
+from gateway.config.problems import MissingFileError, Problems
 from gateway.errors import ConfigError
 
 __all__ = [
-    "ConfigErrors",
-    "MissingFileError",
-    "Problems",
     "Table",
     "check_stora_id",
     "check_topic_segment",
-    "config_problems",
-    "guarded",
     "is_loopback",
     "os_reason",
     "show",
@@ -56,86 +56,6 @@ __all__ = [
 _T = TypeVar("_T")
 
 _TOPIC_FORBIDDEN: Final = frozenset("+#\0")
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class MissingFileError(ConfigError):
-    """A file the config names does not exist (yet): a secret or certificate to put there.
-
-    A ConfigError like any other; its own type lets ``stora-gateway init`` tell "write
-    this secret file next" apart from a value that is wrong.
-    """
-
-
-class ConfigErrors(ConfigError):  # noqa: N818 - a ConfigError holding several
-    """Every problem found in one config file, in the order the checks ran (``errors``).
-
-    It is a ConfigError itself, carrying the file, key and reason of the first problem, so
-    code that catches ConfigError or reads ``key`` and ``reason`` keeps working.
-    ``str()`` stays one line (``gateway.errors``): the first problem and how many more
-    there are; ``check-config`` prints them all, one line each.
-    """
-
-    def __init__(self, errors: Sequence[ConfigError]) -> None:
-        if not errors:
-            raise ValueError("ConfigErrors needs at least one error")
-        first = errors[0]
-        super().__init__(first.file, first.key, first.reason)
-        self.errors: tuple[ConfigError, ...] = tuple(errors)
-
-    def __str__(self) -> str:
-        text = super().__str__()
-        more = len(self.errors) - 1
-        if more:
-            noun = "problem" if more == 1 else "problems"
-            text += f" (and {more} more {noun}; `stora-gateway check-config` lists them all)"
-        return text
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # The base class pickles (file, key, reason); this one is built from its list.
-        return (ConfigErrors, (self.errors,))
-
-
-def config_problems(error: ConfigError) -> tuple[ConfigError, ...]:
-    """Each problem ``error`` stands for: its list for :class:`ConfigErrors`, else itself."""
-    if isinstance(error, ConfigErrors):
-        return error.errors
-    return (error,)
-
-
-class Problems:
-    """The problems found so far in one file; :meth:`raise_any` ends a parse."""
-
-    def __init__(self) -> None:
-        self.errors: list[ConfigError] = []
-        self._seen: set[tuple[str, str]] = set()
-
-    def __bool__(self) -> bool:
-        return bool(self.errors)
-
-    def add(self, error: ConfigError) -> None:
-        """Record ``error``, once: the same key and reason twice is one problem."""
-        for one in config_problems(error):
-            mark = (one.key, one.reason)
-            if mark not in self._seen:
-                self._seen.add(mark)
-                self.errors.append(one)
-
-    def raise_any(self) -> None:
-        """Raise :class:`ConfigErrors` with every problem recorded, if there is one."""
-        if self.errors:
-            raise ConfigErrors(self.errors)
-
-
-def guarded(problems: Problems, parse: Callable[[], _T], fallback: Callable[[], _T]) -> _T:
-    """``parse()``, or, when it raises a ConfigError, the error recorded and ``fallback()``."""
-    try:
-        return parse()
-    except ConfigError as exc:
-        problems.add(exc)
-        return fallback()
 
 
 # --------------------------------------------------------------------------- the reader

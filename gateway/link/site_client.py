@@ -16,6 +16,9 @@ and presents no certificate, or the tool's own (:func:`client_certificate`: an o
 then an environment variable), never the agent's files or a certificate naming the
 agent's subject.
 
+A lost connection is tried again after the one reconnect policy of every MQTT connection
+of ours (:mod:`drivers.mqtt.backoff`, full jitter), from the client's own network thread.
+
 Errors are :class:`SiteLinkError`, whose ``status`` is the CLI's exit status.
 """
 
@@ -24,14 +27,22 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import random
 import stat
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from gateway.errors import GatewayError
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from drivers.mqtt.backoff import Backoff
+from drivers.mqtt.client import PahoClient
+from gateway.errors import ConfigError, GatewayError
+from gateway.link.tls import broker_tls_context, read_secret_file
 
 if TYPE_CHECKING:
     import ssl
@@ -53,12 +64,18 @@ __all__ = [
 #: The CONNACK and every SUBACK must come within this: a LAN broker answers in
 #: milliseconds; this covers a loaded Pi and a TLS handshake.
 CONNECT_TIMEOUT_S: Final = 10.0
-#: paho's reconnect delays after a lost connection: the first retry soon (a broker
-#: restart takes a second or two), then doubling to a cap that still notices a broker
+#: Reconnect delays (full jitter, :mod:`drivers.mqtt.backoff`): the ceiling starts low (a
+#: broker restart takes a second or two) and doubles to a cap that still notices a broker
 #: back within half a minute.
-RECONNECT_MIN_S: Final = 1
-RECONNECT_MAX_S: Final = 30
-#: Incoming packets over this end the connection (``drivers.mqtt_client``): the agent's
+RECONNECT_MIN_S: Final = 1.0
+RECONNECT_MAX_S: Final = 30.0
+#: A connection that stayed up this long starts the delays again at the first ceiling; a
+#: broker that accepts and then drops every connection meets growing ones.
+STABLE_AFTER_S: Final = 10.0
+#: One wait of the network loop at most (paho's ``loop_forever`` default); a packet to
+#: send wakes it at once.
+_TICK_S: Final = 1.0
+#: Incoming packets over this end the connection (``drivers.mqtt.client``): the agent's
 #: status is the largest payload, a few KiB.
 MAX_PACKET_BYTES: Final = 256 * 1024
 #: MQTT 5 reason codes at or above this are failures (SUBACK, PUBACK, CONNACK).
@@ -121,8 +138,6 @@ def resolve_account(config: Config, username: str | None, password_file: str | N
 
 def read_password_file(path: Path) -> str:
     """The password in ``path``, which others may not read (as the agent's, contract §3)."""
-    from gateway.link import read_secret_file
-
     try:
         mode = path.stat().st_mode
         if not stat.S_ISREG(mode):
@@ -237,13 +252,10 @@ def tls_context(mqtt: MqttConfig, certificate: ClientCertificate | None) -> ssl.
 
     Raises :class:`SiteLinkError` (status 2) when a file cannot be loaded.
     """
-    from gateway.errors import ConfigError
-    from gateway.link import _tls_context
-
     try:
         # The agent's own builder, so the checks can never drift apart; without its
         # cert_file and key_file, which are the agent's identity (module docstring).
-        context = _tls_context(dataclasses.replace(mqtt, cert_file=None, key_file=None))
+        context = broker_tls_context(dataclasses.replace(mqtt, cert_file=None, key_file=None))
     except ConfigError as exc:
         raise SiteLinkError(str(exc), 2) from exc
     if certificate is not None:
@@ -268,20 +280,19 @@ class SiteClient:
     its ACL forbids with "not authorized" (3.1.1 acknowledges and drops it); some brokers
     also refuse a subscription in the SUBACK, though Mosquitto grants it and then delivers
     only what the account may read.  ``on_message(topic, payload, retained)`` and
-    ``on_connection(connected, reason)`` run on paho's thread.  After :meth:`start` has
-    succeeded paho reconnects by itself (also after a refused reconnect: a password
-    being rotated); subscriptions are made again on each connect.
+    ``on_connection(connected, reason)`` run on the client's network thread.  After
+    :meth:`start` has succeeded that thread reconnects by itself after a full-jitter delay
+    (also after a refused reconnect: a password being rotated); subscriptions are made
+    again on each connect.  ``rng`` (the delays' random source) and ``clock`` (monotonic,
+    for :data:`STABLE_AFTER_S`) are injectable.
     """
 
     def __init__(self, mqtt: MqttConfig, account: BrokerAccount, *, client_name: str,
                  subscriptions: Sequence[str], on_message: Handler,
                  on_connection: Callable[[bool, str | None], None] | None = None,
-                 certificate: ClientCertificate | None = None) -> None:
-        import paho.mqtt.client as paho
-        from paho.mqtt.enums import CallbackAPIVersion
-
-        from drivers.mqtt_client import PahoClient
-
+                 certificate: ClientCertificate | None = None,
+                 rng: Callable[[], float] = random.random,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         # First: a file that cannot be loaded must fail before paho opens its sockets.
         context = tls_context(mqtt, certificate) if mqtt.tls else None
         self.mqtt = mqtt
@@ -295,9 +306,14 @@ class SiteClient:
         self._failure: SiteLinkError | None = None
         self._closing = False
         self._published: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._backoff = Backoff(RECONNECT_MIN_S, RECONNECT_MAX_S, rng)
+        self._clock = clock
+        self._up_since: float | None = None  # when the broker accepted this connection
         # A broker that binds client ids to accounts replaces this with the user name;
         # one that does not must not see two tools (or a tool and the agent) share one.
-        client_id = f"{client_name}-{os.getpid()}"
+        client_id = self._client_id = f"{client_name}-{os.getpid()}"
         self._client = PahoClient(
             callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
             protocol=paho.MQTTv5, transport="unix" if mqtt.unix_socket else "tcp",
@@ -307,12 +323,15 @@ class SiteClient:
         if context is not None:
             self._client.tls_set_context(context)
         self._client.connect_timeout = CONNECT_TIMEOUT_S
-        self._client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
+        # With a callback here, paho only queues a packet published from another thread
+        # and wakes the network thread's select() (its socket pair), as with loop_start():
+        # the network thread alone writes to the socket.
+        self._client.on_socket_register_write = self._on_register_write
 
     @property
     def where(self) -> str:
@@ -338,7 +357,9 @@ class SiteClient:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise SiteLinkError(f"cannot reach the broker at {self.where}: "
                                 f"{reason}{self._certificate_hint}") from exc
-        self._client.loop_start()
+        self._thread = threading.Thread(target=self._run, name=f"{self._client_id}-mqtt",
+                                        daemon=True)
+        self._thread.start()
         with self._cond:
             self._cond.wait_for(lambda: self._ready or self._failure is not None, timeout)
             failure, ready = self._failure, self._ready
@@ -368,18 +389,47 @@ class SiteClient:
                 "lines to the broker's ACL (deploy/README.md, \"Broker accounts\")", 2)
 
     def close(self) -> None:
-        """Disconnect and stop paho's thread (idempotent)."""
+        """Disconnect and stop the network thread (idempotent)."""
         with self._cond:
             self._closing = True  # the disconnect below is not a lost connection
         with contextlib.suppress(Exception):
             self._client.disconnect()
-        self._client.loop_stop()
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
         # paho's wake-up socket pair is closed only by its __del__ otherwise: an
         # unclosed-socket warning at exit (as devkit/demo.py does).
         with contextlib.suppress(Exception):
             self._client.reinitialise()
 
-    # -- paho callbacks (its thread) ---------------------------------------------------
+    # -- the network thread --------------------------------------------------------------
+    def _run(self) -> None:
+        """paho's network loop until :meth:`close`, what ``loop_start()`` ran, with the
+        reconnects after the one policy (:mod:`drivers.mqtt.backoff`) rather than paho's."""
+        while True:
+            up = self._client.loop(timeout=_TICK_S) == MQTTErrorCode.MQTT_ERR_SUCCESS
+            if self._stop.is_set():  # closing: on until the DISCONNECT is written
+                if not up or not self._client.want_write():
+                    return
+            elif not up:
+                self._reconnect()
+
+    def _reconnect(self) -> None:
+        """Wait the next delay after a lost or refused connection, then connect again."""
+        up_since, self._up_since = self._up_since, None
+        if up_since is not None and self._clock() - up_since >= STABLE_AFTER_S:
+            self._backoff.reset()
+        if self._stop.wait(self._backoff.next_delay()):
+            return
+        with contextlib.suppress(OSError):  # ssl.SSLError and socket errors are OSError
+            self._client.reconnect()
+
+    def _on_register_write(self, client: paho.Client, userdata: object,
+                           sock: paho.SocketLike) -> None:
+        """Nothing to do: see the comment where it is installed."""
+
+    # -- paho callbacks (the network thread) -----------------------------------------------
     def _fail(self, failure: SiteLinkError) -> None:
         with self._cond:
             if not self._ready and self._failure is None:
@@ -391,7 +441,7 @@ class SiteClient:
         if reason.is_failure:
             with self._cond:
                 ready = self._ready
-            if ready:  # a reconnect refused: say so; paho tries again after its delay
+            if ready:  # a reconnect refused: say so; tried again after the next delay
                 if self._on_connection_cb is not None:
                     self._on_connection_cb(False, f"the broker refused: {reason}")
                 return
@@ -402,6 +452,7 @@ class SiteClient:
                 f"the broker at {self.where} refused to connect {self.account.label}: "
                 f"{reason}", status))
             return
+        self._up_since = self._clock()
         client.subscribe([(topic, 1) for topic in self.subscriptions])
 
     def _on_subscribe(self, client: Any, userdata: object, mid: int, reasons: Any,

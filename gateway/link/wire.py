@@ -1,48 +1,60 @@
 """MQTT at the packet level, under :class:`gateway.link.MqttLink`: paho's client, read
-ahead, decoded lean, and held to a packet size.
+ahead, decoded lean, and held to a packet size (:class:`ReadAheadClient`).
 
-:class:`ReadAheadClient` is paho 2.x's client with three changes:
-
-* **Read-ahead.**  paho reads a packet as its type byte, then its length one byte at a
-  time, then the rest: four or more ``recv`` calls per message, each releasing and
-  retaking the GIL.  Under a flood that cost more than the messages themselves, so
-  paho's small reads are served from one buffered ``recv`` of up to :data:`READ_AHEAD`
-  bytes.
-* **Lean PUBLISH.**  Whole QoS 0/1 MQTT 5 PUBLISH packets at the head of that buffer are
-  cut out and handed over as ``(topic, payload, qos, retain, dup, mid)``, without paho's
-  ``Properties``/``MQTTMessage`` objects and per-subscription matching.
-* **A packet size cap** (``max_packet_bytes``, the MQTT 5 "Maximum Packet Size" the link
-  sends in CONNECT).  A broker must not send more (MQTT 5 §3.1.2.11.4); one that does is
-  hostile or broken.  Its fixed header says how large the packet is before any of the
-  rest arrives, and paho would keep appending the rest to one buffer, however large:
-  a fake broker declaring 800 MiB took the agent's memory with it.  Here the packet is
-  refused as soon as its length is decoded: paho sees the connection end (an empty
-  read), nothing of the body is buffered beyond the read-ahead chunk, and
-  :attr:`ReadAheadClient.oversize` tells the link what happened.
-
-It is :class:`drivers.mqtt_client.PahoClient` underneath (a unix-socket connect with a
-timeout that never leaks its socket).  Everything relies on paho 2.x's private
-``_sock_recv`` (every read goes through it), ``_packet_read`` and ``_in_packet``;
-tests/test_mqtt_link.py checks that they still behave as assumed.  No I/O happens here
-that paho would not do itself.
+The only module that leans on paho 2.x's private reader; :data:`FAST_PATH` says whether
+the installed paho is one it was written for (otherwise paho's own reader does the
+work).  See docs/design/mqtt-link.md, "The paho fast path".
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, Final
 
 import paho.mqtt.client as paho
+from paho.mqtt import __version__ as paho_version
 from paho.mqtt.enums import MQTTErrorCode
 
-from drivers.mqtt_client import PahoClient
+from drivers.mqtt.client import PahoClient
 
-__all__ = ["ReadAheadClient", "publish_packet_size", "variable_int", "variable_int_size"]
+__all__ = [
+    "FAST_PATH",
+    "PAHO_VERSION",
+    "ReadAheadClient",
+    "fast_path_supported",
+    "publish_packet_size",
+    "variable_int",
+    "variable_int_size",
+]
+
+LOGGER = logging.getLogger(__name__)
 
 PublishHandler = Callable[[bytes, bytes, int, bool, bool, int], None]
 
 #: The largest remaining length MQTT can express (a four-byte variable integer).
 _MAX_REMAINING: Final = 268_435_455
+#: The paho-mqtt major release the fast path was written for, and the private members of
+#: its client that it overrides or reads.
+_PAHO_MAJOR: Final = 2
+_PAHO_PRIVATE: Final = ("_sock_recv", "_packet_read", "_handle_publish", "_in_packet")
+
+
+def fast_path_supported(version: str, client: type[paho.Client]) -> bool:
+    """Whether paho ``version`` (its ``__version__``) and its ``client`` class are what
+    the read-ahead and the lean PUBLISH rely on: major release 2, the private members."""
+    major = version.split(".", 1)[0]
+    if not major.isdigit() or int(major) != _PAHO_MAJOR:
+        return False
+    # _in_packet is set per instance, in __init__; its name is in the class's code.
+    init_names = client.__init__.__code__.co_names
+    return all(hasattr(client, name) or name in init_names for name in _PAHO_PRIVATE)
+
+
+#: The installed paho-mqtt's version.
+PAHO_VERSION: Final = paho_version
+#: True when the installed paho-mqtt is one the fast path was written for.
+FAST_PATH: Final = fast_path_supported(PAHO_VERSION, paho.Client)
 
 
 def variable_int(data: bytes | bytearray, at: int) -> tuple[int, int]:
@@ -108,7 +120,16 @@ class ReadAheadClient(PahoClient):
 
     def set_publish_handler(self, handler: PublishHandler | None) -> None:
         """Take every QoS 0/1 PUBLISH as ``handler(topic, payload, qos, retain, dup,
-        mid)`` instead of through ``on_message``; ``None`` restores paho's path."""
+        mid)`` instead of through ``on_message``; ``None`` restores paho's path.
+
+        On a paho the fast path was not written for (:data:`FAST_PATH` false) the
+        handler is not used: messages come through ``on_message``, as with ``None``.
+        """
+        if handler is not None and not FAST_PATH:
+            LOGGER.warning("paho-mqtt %s is not a 2.x release with the internals the lean "
+                           "PUBLISH path reads; using paho's own reader",
+                           PAHO_VERSION)
+            handler = None
         self._publish_handler = handler
 
     def _handle_publish(self) -> MQTTErrorCode:
@@ -193,6 +214,8 @@ class ReadAheadClient(PahoClient):
         return len(self._ahead) if self._ahead_sock is self._sock else 0
 
     def _sock_recv(self, bufsize: int) -> bytes:
+        if not FAST_PATH:
+            return super()._sock_recv(bufsize)  # the cap only, no read-ahead
         ahead = self._ahead
         if self._ahead_sock is not self._sock:  # a new connection: forget the old bytes
             ahead.clear()

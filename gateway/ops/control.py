@@ -41,27 +41,41 @@ import contextlib
 import errno
 import fcntl
 import grp
-import itertools
 import json
 import logging
-import math
 import os
-import pwd
 import selectors
 import socket
 import stat
-import struct
-import sys
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Protocol
 
-from gateway.errors import GatewayError, one_line
+from gateway.ops.control_client import ControlClient
+from gateway.ops.control_stream import serving
+from gateway.ops.control_wire import (
+    MAX_REQUEST_BYTES,
+    AgentUnavailable,
+    ControlDenied,
+    ControlError,
+    ControlSocketError,
+    Peer,
+    _encode,
+    _error,
+    _finite,
+    _group_name,
+    _LineReader,
+    _LineTooLongError,
+    _no_constant,
+    allowed,
+    denied_message,
+    peer_of,
+)
 
 __all__ = [
+    "MAX_REQUEST_BYTES",
     "AgentUnavailable",
     "ControlClient",
     "ControlDenied",
@@ -77,14 +91,6 @@ __all__ = [
 
 LOGGER = logging.getLogger(__name__)
 
-#: Largest request line the server reads; real requests are a few hundred bytes, so
-#: anything near this is a bug or an attack, not a technician.
-MAX_REQUEST_BYTES: Final = 64 * 1024
-#: Largest answer the client reads: ``locks`` on a site with thousands of units.
-MAX_RESPONSE_BYTES: Final = 16 * 1024 * 1024
-#: How long the client waits for the agent to accept a connection.  A Unix socket
-#: accepts at once unless the agent's backlog is full.
-CONNECT_TIMEOUT_S: Final = 5.0
 #: How long a connection may sit without sending a whole request line, or take to
 #: receive an answer, before the server drops it (a stuck client must not pin a thread).
 IO_TIMEOUT_S: Final = 10.0
@@ -99,189 +105,10 @@ STOP_JOIN_S: Final = 2.0
 SOCKET_MODE: Final = 0o660
 DIR_MODE: Final = 0o750
 
-_UCRED: Final = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
-#: ``SO_PEERGROUPS`` (Linux 4.13): the peer's supplementary groups as the kernel saw them
-#: at connect time, with no race on the pid.  Python lacks the constant; 59 is its value
-#: on every architecture but parisc and sparc, which fall back to ``/proc``.
-_SO_PEERGROUPS: Final[int | None] = getattr(socket, "SO_PEERGROUPS", None) or (
-    59 if sys.platform == "linux" and not os.uname().machine.startswith(("parisc", "sparc"))
-    else None
-)
-#: CPython refuses a larger ``getsockopt`` buffer; 256 groups fit, more fall back.
-_GETSOCKOPT_MAX: Final = 1024
-
-_ids = itertools.count(1)
-
-
-# -- errors -------------------------------------------------------------------------------
-class AgentUnavailable(GatewayError):  # noqa: N818 - the name the agent and CLI use
-    """No agent answers at the control socket (missing, refused, not accepting).
-
-    Nothing was sent, so the caller may safely do the work itself (direct mode).
-    """
-
-    retryable = True
-
-
-class ControlDenied(GatewayError):  # noqa: N818 - the name the agent and CLI use
-    """The caller may not use the control socket: it is not root, the agent's user, or
-    a member of the socket's group.  Exit status 2: a person must fix the permissions.
-    """
-
-    status = 2
-
-
-class ControlError(GatewayError):
-    """The agent answered with an error, or took the request and gave no answer.
-
-    ``str(err)`` is one line for the user; ``status`` the CLI's exit status (1 the
-    operation failed, 2 bad usage).
-    """
-
-    def __init__(self, message: str, status: int = 1) -> None:
-        super().__init__(one_line(message))
-        self.status = status if status in (1, 2) else 1
-
-
-class ControlSocketError(GatewayError):
-    """The server could not create its socket; the message says why and what to do."""
-
-
-def denied_message(group: str) -> str:
-    """The one line a refused caller sees."""
-    return f"permission denied: run as root or a member of group {group}"
-
-
-# -- who is calling -----------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Peer:
-    """The process at the other end of a connection, as the kernel reports it."""
-
-    pid: int
-    uid: int
-    gid: int
-    groups: tuple[int, ...]
-
-    @property
-    def user(self) -> str:
-        """The user name of ``uid`` (the number when the user has no name)."""
-        try:
-            return pwd.getpwuid(self.uid).pw_name
-        except KeyError:
-            return str(self.uid)
-
-    @property
-    def actor(self) -> str:
-        """The audit trail's name for this caller, verified by the kernel.
-
-        The same form as the CLI's own ``actor`` parameter, which is only a claim.
-        """
-        return f"technician {self.user} (uid {self.uid})"
-
-
-def allowed(peer: Peer, agent_uid: int, group_gid: int) -> bool:
-    """Whether ``peer`` may use a socket of the agent running as ``agent_uid`` whose
-    file belongs to group ``group_gid``."""
-    return (
-        peer.uid in (0, agent_uid) or peer.gid == group_gid or group_gid in peer.groups
-    )
-
-
-def _groups_from_socket(conn: socket.socket) -> tuple[int, ...] | None:
-    if _SO_PEERGROUPS is None:
-        return None
-    try:
-        raw = conn.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, _GETSOCKOPT_MAX)
-    except OSError:  # an old kernel (ENOPROTOOPT), or more than 256 groups (ERANGE)
-        return None
-    return struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
-
-
-def _groups_from_proc(pid: int) -> tuple[int, ...]:
-    # Racy (the pid could be reused before we read it), hence only a fallback.
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
-            for line in status:
-                if line.startswith("Groups:"):
-                    return tuple(int(g) for g in line.split()[1:])
-    except (OSError, ValueError):
-        pass
-    return ()
-
-
-def peer_of(conn: socket.socket) -> Peer:
-    """The credentials of the process that connected ``conn`` (``SO_PEERCRED``)."""
-    pid, uid, gid = _UCRED.unpack(
-        conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    )
-    groups = _groups_from_socket(conn)
-    return Peer(pid, uid, gid, groups if groups is not None else _groups_from_proc(pid))
-
-
-def _group_name(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)
-
-
-# -- wire ---------------------------------------------------------------------------------
-class _LineTooLongError(Exception):
-    pass
-
-
-class _LineReader:
-    """Whole lines from a stream socket, each at most ``limit`` bytes."""
-
-    def __init__(self, sock: socket.socket, limit: int) -> None:
-        self._sock = sock
-        self._limit = limit
-        self._buffer = bytearray()
-
-    def readline(self) -> bytes | None:
-        """The next line without its newline; ``None`` at end of stream."""
-        while True:
-            end = self._buffer.find(b"\n")
-            if end >= 0:
-                line = bytes(self._buffer[:end])
-                del self._buffer[: end + 1]
-                return line
-            if len(self._buffer) > self._limit:
-                raise _LineTooLongError
-            chunk = self._sock.recv(65536)
-            if not chunk:
-                return None
-            self._buffer += chunk
-
-
-def _no_constant(name: str) -> Any:
-    """``json.loads`` hook: NaN, Infinity and -Infinity are not JSON (RFC 8259 §6)."""
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _finite(text: str) -> float:
-    """``json.loads`` hook: a number too large for a float (``1e400``) is refused, not
-    read as infinity."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text} is out of range")
-    return value
-
-
-def _encode(message: Mapping[str, Any]) -> bytes:
-    # ensure_ascii keeps every answer on one line whatever a handler puts in it; str()
-    # for the odd value a free-form status may hold (a Path, a datetime).
-    return json.dumps(message, default=str, separators=(",", ":")).encode() + b"\n"
-
-
-def _error(request_id: Any, message: str, status: int, code: str) -> dict[str, Any]:
-    return {"id": request_id, "ok": False, "error": one_line(message), "status": status,
-            "code": code}
-
 
 # -- server -------------------------------------------------------------------------------
 class ControlHandler(Protocol):
-    """What the server calls for each request (the agent implements it).
+    """What the server calls for each request (gateway/ops/routes.py implements it).
 
     Called from one thread per connection, so possibly from several at once.
     """
@@ -585,7 +412,6 @@ class ControlServer:
         The handler runs with the request as ``gateway.ops.control_stream.current_call()``:
         its progress lines and its cancel switch (the client hanging up).
         """
-        from gateway.ops.control_stream import serving
         try:
             request = json.loads(line, parse_constant=_no_constant, parse_float=_finite)
         except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
@@ -626,98 +452,3 @@ class ControlServer:
             return _error(request_id, "internal error in the agent (bad result); see its log",
                           1, "internal")
         return {"id": request_id, "ok": True, "result": result}
-
-
-# -- client -------------------------------------------------------------------------------
-class ControlClient:
-    """The CLI's end: one connection per call.
-
-    ``timeout`` bounds the wait for the answer once the request is sent; size it to the
-    work asked for (a ``test --all`` takes minutes).  Failing to connect raises
-    :class:`AgentUnavailable`; anything after the request went out raises
-    :class:`ControlError`, because the agent may be acting on it.
-    """
-
-    def __init__(self, path: Path, *, timeout: float = 30.0,
-                 connect_timeout: float = CONNECT_TIMEOUT_S) -> None:
-        self.path = Path(path)
-        self.timeout = timeout
-        self.connect_timeout = connect_timeout
-
-    def call(self, method: str, **params: Any) -> dict[str, Any]:
-        """Send one request; the handler's result, or the error it answered with."""
-        request_id = next(_ids)
-        payload = _encode({"id": request_id, "method": method, "params": params})
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            self._connect(sock)
-            sock.settimeout(self.timeout)
-            try:
-                # The agent may have answered before hanging up ("busy"): read that.
-                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                    sock.sendall(payload)
-                line = _LineReader(sock, MAX_RESPONSE_BYTES).readline()
-            except TimeoutError:
-                raise ControlError(
-                    f"the agent took the {method} request but did not answer within "
-                    f"{self.timeout:g} s; it may still be acting (see its log, or run "
-                    "`stora-gateway locks`)") from None
-            except _LineTooLongError:
-                raise ControlError(f"the agent's answer to {method} is too large") from None
-            except OSError as exc:
-                raise ControlError(
-                    f"the agent dropped the connection ({exc.strerror or exc}); "
-                    "is it stopping? see its log") from exc
-        if line is None:
-            raise ControlError("the agent closed the connection without answering; "
-                               "is it stopping? see its log")
-        return _result(line, request_id)
-
-    def _connect(self, sock: socket.socket) -> None:
-        sock.settimeout(min(self.timeout, self.connect_timeout))
-        where = self.path
-        try:
-            sock.connect(str(where))
-        except FileNotFoundError:
-            raise AgentUnavailable(f"no control socket at {where}") from None
-        except ConnectionRefusedError:
-            raise AgentUnavailable(f"nothing listens on {where}") from None
-        except PermissionError:
-            raise ControlDenied(denied_message(self._group())) from None
-        except TimeoutError:
-            raise AgentUnavailable(f"the agent did not accept a connection on {where} "
-                                   f"within {sock.gettimeout():g} s") from None
-        except OSError as exc:  # not a socket, path too long for AF_UNIX, …
-            raise AgentUnavailable(f"cannot reach an agent at {where}: "
-                                   f"{exc.strerror or exc}") from exc
-
-    def _group(self) -> str:
-        # The group to name in "permission denied": the socket's, else (when the
-        # directory cannot even be searched) the directory's.
-        for candidate in (self.path, self.path.parent):
-            try:
-                return _group_name(os.stat(candidate).st_gid)
-            except OSError:
-                continue
-        return "of the control socket"
-
-
-def _result(line: bytes, request_id: int) -> dict[str, Any]:
-    try:
-        answer = json.loads(line)
-    except (ValueError, RecursionError):
-        raise ControlError("the agent's answer is not JSON (a different program on "
-                           "the control socket?)") from None
-    if not isinstance(answer, dict) or not isinstance(answer.get("ok"), bool):
-        raise ControlError("the agent's answer is not understood")
-    if not answer["ok"]:
-        message = str(answer.get("error") or "the agent refused the request")
-        if answer.get("code") == "denied":
-            raise ControlDenied(one_line(message))
-        status = answer.get("status")
-        raise ControlError(message, status if isinstance(status, int) else 1)
-    if answer.get("id") != request_id:
-        raise ControlError("the agent answered another request")
-    result = answer.get("result")
-    if not isinstance(result, dict):
-        raise ControlError("the agent's answer has no result")
-    return result

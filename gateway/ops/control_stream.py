@@ -30,15 +30,13 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final
 
-from gateway.ops.control import (
+from gateway.ops.control_client import ControlClient, _ids, _result
+from gateway.ops.control_wire import (
     MAX_RESPONSE_BYTES,
-    ControlClient,
     ControlError,
     _encode,
-    _ids,
     _LineReader,
     _LineTooLongError,
-    _result,
 )
 
 __all__ = ["Call", "current_call", "serving", "stream"]

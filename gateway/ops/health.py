@@ -57,7 +57,7 @@ REASON_MAX_CHARS: Final = 300
 NAMES_SHOWN: Final = 5
 #: Timeline Events waiting longer than this are worth a look even while the drain only
 #: backs off (Stora or the network down): 15 minutes is longer than any backoff step
-#: of stora.py (capped at a few minutes) and than a routine Stora deploy.
+#: of gateway/stora/ratelimit.py (capped at a few minutes) and than a routine Stora deploy.
 OUTBOX_STALE_S: Final = 900.0
 #: Free space below this on the database's filesystem is an alarm waiting to happen:
 #: SQLite needs room for its WAL and a checkpoint, and a full SD card is the usual way

@@ -20,15 +20,12 @@ import difflib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import Final, Protocol
 
 from drivers.base import ActionResult, Clock, Controller, LockPoint, LockState, Reading, Sleep
 from drivers.errors import DriverError
-from gateway.config import LockConfig
+from gateway.config import Config, LockConfig
 from gateway.units.hardware import Site, point_of
-
-if TYPE_CHECKING:
-    from gateway.config import Config
 
 #: A test cycle's unlock time and its wait for the relock, in seconds: the bounds every
 #: way in shares (the control socket, the ``locks.test`` management request).  Past them

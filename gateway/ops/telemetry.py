@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from gateway.ops.health import VERDICTS
+from gateway.outbox.policy import NEWEST_DEAD_KEY, refusal_text
 from sitelink.payloads import rfc3339
 
 if TYPE_CHECKING:
@@ -224,8 +225,6 @@ def newest_dead_letter(store: Store) -> dict[str, Any] | None:
     refusal (:func:`gateway.outbox.drainer.refusal_text`), or ``None`` when none is held.  Two
     key lookups at most, however many are held.  Raises ``StoreError`` like any read.
     """
-    from gateway.outbox.drainer import NEWEST_DEAD_KEY, refusal_text
-
     marker = store.meta(NEWEST_DEAD_KEY)
     row = store.event(int(marker)) if marker and marker.isdigit() else None
     if row is None or row.state != "dead":  # retried or pruned since: any one held

@@ -1,105 +1,11 @@
 """The outbox drainer: posts the Timeline Events waiting in SQLite to Stora, exactly once.
 
-Units write an event record in the same transaction as the state change it reports
-(gateway/units/manager.py); this module delivers them.  One :class:`Drainer` thread per agent
-takes the oldest due ``pending`` event, posts it with :meth:`StoraClient.post_event`
-(gateway/stora/ decides what one attempt proved) and persists the outcome before the
-next attempt.  No retry policy is written twice: *how long* to wait and *which key* to
-use come from the client's outcome; this module decides *what to hold up*.
-
-Per event
----------
-1. **Body.**  At the first attempt the POST body is built (``event_body`` with
-   ``delivered_at`` = now, so a late event says when it happened) and frozen in the row
-   (``body_json``) in a transaction of its own, *before* it is sent: every attempt under
-   one ``Idempotency-Key`` sends the same bytes, across restarts too.
-2. **Key.**  The key is ``IdempotencyKey(external_id, generation, unanswered_since)`` read
-   from the row.  After every outcome the key it carries (same, marked unanswered, or
-   rotated) is written together with ``attempts``, ``next_attempt_at`` and
-   ``last_error``, in one transaction, before anything else is sent.  A crash between
-   the answer and that write costs one replayed answer under the old key, never a
-   duplicate (stora.py: generations are deterministic).
-3. **In flight.**  Before each attempt the event's ``seq``, key generation and the wall
-   time are written to ``meta`` (:data:`IN_FLIGHT_KEY`; in the same transaction as the
-   frozen body at the first attempt), and cleared in the transaction that persists the
-   outcome.  A marker found at start is the attempt a crash interrupted: it may have
-   reached Stora, so its key is marked unanswered since that time (and the attempt
-   counted) before anything is sent, exactly as for a connection dropped mid-request.
-   Without it the restarted drainer would take a "409: a request with this key is in
-   progress" (the dead process's request still running) for a refusal and dead-letter
-   an event that is being created, and the 24-hour replay window would not apply.
-4. **Send times.**  The rate limiter's ``on_record`` writes each send's wall time to
-   ``send_history`` *before* the request goes out; at start the limiter is rebuilt from
-   it, so a restart (or a crash loop) never exceeds ``max_per_second`` /
-   ``max_per_minute``.  The drainer asks the limiter first and waits on its own event
-   instead of sleeping inside the client, so a stop is never blocked by the limiter.
-
-Outcomes
---------
-=====================  ===================================================================
-``Delivered``          ``delivered`` with Stora's event id; the queue moves on.
-``Retry``              ``next_attempt_at`` = now + the outcome's delay (full-jitter
-                       backoff growing with ``attempts``, capped in stora.py; 429s wait
-                       for the reset).  If the cause is the *connection* (no answer, not
-                       sent, a proxy's 5xx, 429, no token) the whole drain holds for that
-                       delay ("backing off"): one probe per backoff step during an outage,
-                       not one per queued event.  If the cause is *this event* (a stored
-                       5xx escaped by rotating the key, a request still in progress) only
-                       this event waits and the others flow.
-``Dead``               ``dead`` with status, code, message, details, request id and key;
-                       alarm ``timeline_dead_letter``; the queue moves on.  A person
-                       retries it (``stora-gateway outbox retry``), which rotates the key.
-``Dead`` 403 / 404     A missing scope or a wrong or moved ``base_url`` (a redirect is
-``invalid_endpoint``   never followed: it would carry the token elsewhere): every event
-/ 3xx                  would get it, so this is the configuration, not the event.  Not
-                       dead-lettered:
-                       alarm ``timeline_config`` once, the drain pauses ("paused:
-                       config") and retries slowly (60 s doubling to 15 min).  The key is
-                       rotated when every attempt under it was answered (nothing was
-                       created under it, and a stored 403 would be replayed for a day),
-                       else kept (stora.py's 401 reasoning).
-``AuthFailed``         The credential is refused: posting stops ("paused: auth"), alarm
-                       ``timeline_auth`` once, retried after ``retry_after_s`` (60 s
-                       doubling to 15 min): no tight loop.  Events keep buffering.
-=====================  ===================================================================
-
-Token refreshes
----------------
-A ``client_credentials`` refresh that fails for a passing reason (network, 5xx, an
-answer over its size cap or its deadline) is a ``Retry`` ("backing off") while no valid
-token is left, and invisible to delivery while one is.  Either way ``status`` shows it
-(``token``: ``refreshing`` with how long, or ``failing`` with since when and why), and
-once refreshes have been failing for :data:`TOKEN_ALARM_AFTER_S` the alarm
-``timeline_token`` is raised, once per episode; a hold is cut short so the alarm is not
-late.  A refresh in flight ends within ``stora.TOKEN_DEADLINE_S``.
-
-What Stora says is quoted, never trusted: each string is capped where it is parsed
-(stora.py), and every ``last_error``, alarm detail and status line built here is one line
-of at most :data:`MAX_NOTE_CHARS`.
-
-A :class:`~gateway.store.StoreError` while draining (disk full, read-only filesystem)
-is logged, raises alarm ``timeline_outbox_storage`` once per episode and backs off (1 s
-doubling to 60 s); the drainer never crashes the agent, and the lock control around it
-never waits on it.
-
-Known limits
-------------
-* The body is frozen at the first attempt, so an event whose first attempt went out
-  just before an outage does not say "happened at …" when it is finally delivered:
-  its key may already hold a stored reply, and changing the bytes under it is unsafe.
-* Order: the oldest due event goes first, but one waiting on its own backoff (a stored
-  5xx escaped by rotating its key) is overtaken by later ones.  Stora orders a
-  timeline by arrival, and each description says when it happened when it is late.
-
-Waiting
--------
-The thread waits on an ``Event`` with a timeout until the next due time (the limiter's
-free slot, a hold, or the earliest ``next_attempt_at``), at most :data:`IDLE_WAIT_S`; it
-is woken at once when a transaction adds events (``Store.on_events_added``) and after a
-``outbox.retry``.  Nothing polls in a tight loop.  Times in SQLite are wall-clock; a
-clock stepped far ahead makes waits due early (harmless); one stepped back would make
-them late by the step, so anything scheduled more than :data:`MAX_SCHEDULE_S` ahead
-(nothing is, normally) is taken as due now.
+Units write an event record in the same transaction as the state change it reports;
+one :class:`Drainer` thread per agent takes the oldest due ``pending`` event, posts it
+with :meth:`StoraClient.post_event` (which decides what one attempt proved and which key
+comes next) and persists the outcome before the next attempt; this module decides
+*what to hold up*.  :func:`build_drainer` makes the drainer ``[stora]`` describes.
+See docs/design/outbox.md.
 """
 
 from __future__ import annotations
@@ -109,43 +15,35 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Final
 
-from gateway.outbox.timeline import event_body
-from gateway.stora import (
-    TOKEN_DEADLINE_S,
-    AuthFailed,
-    Dead,
-    Delivered,
-    IdempotencyKey,
-    PostOutcome,
-    Retry,
-    StoraClient,
-    credential_retry_delay,
+from gateway.config import Config
+from gateway.outbox.policy import (
+    CONNECTION_REASONS,
+    IN_FLIGHT_KEY,
+    NEWEST_DEAD_KEY,
+    TOKEN_ALARM_AFTER_S,
+    Alarm,
+    is_config_problem,
+    note,
+    refusal_text,
 )
-from gateway.stora.http import MAX_TEXT_CHARS, cap_text
+from gateway.outbox.timeline import event_body
+from gateway.stora.answers import AuthFailed, Dead, Delivered, PostOutcome, Retry
+from gateway.stora.client import StoraClient
+from gateway.stora.idempotency import IdempotencyKey
+from gateway.stora.ratelimit import credential_retry_delay
 from gateway.store import SEND_HISTORY_KEEP_S, EventRow, Store, StoreError
 
-__all__ = [
-    "DRAIN_STATES",
-    "IDLE_WAIT_S",
-    "IN_FLIGHT_KEY",
-    "MAX_NOTE_CHARS",
-    "NEWEST_DEAD_KEY",
-    "TOKEN_ALARM_AFTER_S",
-    "Drainer",
-    "build_drainer",
-    "is_config_problem",
-    "refusal_text",
-]
+__all__ = ["IDLE_WAIT_S", "MAX_SCHEDULE_S", "Drainer", "build_drainer"]
 
 LOGGER = logging.getLogger(__name__)
 
 #: The longest the thread sleeps without a reason (a safety net: adds wake it anyway).
 IDLE_WAIT_S: Final = 60.0
 #: A scheduled attempt never lies further ahead than this (a wall clock stepped back
-#: must not silence an event for days); above the longest wait stora.py asks for.
+#: must not silence an event for days); above the longest wait the Stora client asks for.
 MAX_SCHEDULE_S: Final = 1_800.0
 #: Storage failures while draining: wait 1 s doubling to 60 s before trying again.
 STORE_RETRY_BASE_S: Final = 1.0
@@ -153,58 +51,8 @@ STORE_RETRY_CAP_S: Final = 60.0
 #: How long :meth:`Drainer.stop` waits for the thread (an attempt in flight ends within
 #: the client's deadline; the thread is a daemon either way).
 STOP_JOIN_S: Final = 5.0
-#: Retry reasons that are about the connection to Stora, not the event: hold the drain.
-CONNECTION_REASONS: Final = frozenset({
-    "not_sent", "no_answer", "gateway_error", "rate_limited", "local_rate_limit",
-    "token_unavailable",
-})
-#: What ``status`` shows as the drain state.
-DRAIN_STATES: Final = ("ok", "backing off", "paused: auth", "paused: config",
-                       "paused: storage", "stopped")
 
-#: ``meta`` key of the attempt in flight: ``{"seq", "generation", "at"}`` as JSON, or "".
-IN_FLIGHT_KEY: Final = "outbox.in_flight"
-#: ``meta`` key of the event dead-lettered last (its ``seq``), so ``status`` can quote the
-#: newest refusal with one lookup however many dead letters are held.
-NEWEST_DEAD_KEY: Final = "outbox.newest_dead"
-#: A ``last_error``, alarm detail or status line quotes at most a code and a message from
-#: Stora (each capped at ``MAX_TEXT_CHARS``) in a sentence of ours; it never exceeds this,
-#: so an alarm and the retained status stay far below the broker's 64 KiB packet limit.
-MAX_NOTE_CHARS: Final = 4 * MAX_TEXT_CHARS
-#: Token refreshes failing this long (from the start of the first failed one) are no blip:
-#: alarm.  Two of ``stora.TOKEN_DEADLINE_S``: a refresh in flight when the alarm falls due
-#: ends by its deadline, so even a stuck endpoint alarms within 45 s (the issue: a minute).
-TOKEN_ALARM_AFTER_S: Final = 2 * TOKEN_DEADLINE_S
-
-Alarm = Callable[[str, str | None, str], None]
 WallClock = Callable[[], float]
-
-
-def is_config_problem(outcome: Dead) -> bool:
-    """A refusal every event would get: a missing scope (403), a wrong ``base_url`` (404
-    ``invalid_endpoint``) or a moved one (any 3xx: redirects are never followed)."""
-    status = outcome.status
-    return (status == 403 or (status == 404 and outcome.code == "invalid_endpoint")
-            or (status is not None and 300 <= status < 400))
-
-
-def _note(text: str) -> str:
-    """One line of at most :data:`MAX_NOTE_CHARS`: what is stored, alarmed and shown."""
-    return cap_text(text, MAX_NOTE_CHARS)
-
-
-def refusal_text(error: Mapping[str, Any]) -> str:
-    """Stora's refusal as one line: status, code, message, each detail with its pointer,
-    and the request id (for Stora's support), from a dead letter's record
-    (``Dead.as_record`` or ``EventRow.as_dict()["error"]``); capped like every note."""
-    text = f"{error.get('status') or '-'} {error.get('code') or '?'}: {error.get('message')}"
-    details = [f"{d.get('pointer') or '-'}: {d.get('message')}"
-               for d in error.get("details") or () if isinstance(d, Mapping)]
-    if details:
-        text += f" ({'; '.join(details)})"
-    if error.get("request_id"):
-        text += f" [request {error['request_id']}]"
-    return _note(text)
 
 
 def _no_alarm(kind: str, unit: str | None, detail: str) -> None:
@@ -212,7 +60,7 @@ def _no_alarm(kind: str, unit: str | None, detail: str) -> None:
 
 
 class Drainer:
-    """Delivers the outbox; see the module docstring for the policy.
+    """Delivers the outbox; see docs/design/outbox.md for the policy.
 
     ``step`` is the whole algorithm and may be driven directly (tests compress time
     with a fake ``clock`` shared with the client and the sandbox, see
@@ -314,9 +162,9 @@ class Drainer:
         LOGGER.error("outbox: %s; retrying in %.0f s", exc, delay)
         with self._lock:
             self._state = state
-            self._last_error = _note(f"{type(exc).__name__}: {exc}")
+            self._last_error = note(f"{type(exc).__name__}: {exc}")
         if self._store_failures == 1:
-            self._alarm(kind, None, _note(f"Timeline Event delivery paused: {exc}"))
+            self._alarm(kind, None, note(f"Timeline Event delivery paused: {exc}"))
         return delay
 
     def step(self) -> float:
@@ -365,7 +213,7 @@ class Drainer:
         return 0.0
 
     def _recover_in_flight(self) -> None:
-        """Mark the key of an attempt a crash interrupted as unanswered (module docstring)."""
+        """Mark the key of an attempt a crash interrupted as unanswered (docs/design/outbox.md)."""
         marker = self.store.meta(IN_FLIGHT_KEY)
         if not marker:
             return
@@ -419,7 +267,7 @@ class Drainer:
             # Our words first, Stora's last: the note is capped, and what gets cut must
             # be the tail of Stora's text, not the hint where to look.  The details are
             # what names the field at fault ("the request body is invalid" alone does not).
-            self._alarm("timeline_dead_letter", row.unit, _note(
+            self._alarm("timeline_dead_letter", row.unit, note(
                 f"event {row.seq} ({row.kind}, {row.reference}) refused by Stora and kept "
                 f"as a dead letter (stora-gateway outbox --dead): {refusal_text(error)}"))
             return
@@ -428,7 +276,7 @@ class Drainer:
                 key = key.rotated()  # nothing was created under it; a stored 403 replays
             delay = credential_retry_delay(self._config_pauses)
             self._config_pauses += 1
-            why = _note(f"{outcome.status} {outcome.code}: {outcome.message}")
+            why = note(f"{outcome.status} {outcome.code}: {outcome.message}")
             self._record(row, key, now + delay, attempts, why)
             self._pause("paused: config", now + delay, "timeline_config", row.unit,
                         f"Stora refuses every event ({why}); check [stora] base_url and the "
@@ -436,14 +284,14 @@ class Drainer:
             return
         if isinstance(outcome, AuthFailed):
             delay = outcome.retry_after_s
-            self._record(row, key, now + delay, attempts, _note(f"auth: {outcome.reason}"))
+            self._record(row, key, now + delay, attempts, note(f"auth: {outcome.reason}"))
             self._pause("paused: auth", now + delay, "timeline_auth", None,
                         f"Stora credential refused ({outcome.reason}); events keep "
                         f"buffering; retrying in {delay:.0f} s")
             return
         assert isinstance(outcome, Retry)
         delay = max(0.0, outcome.delay_s)
-        why = _note(outcome.reason + (f" {outcome.status}" if outcome.status else "")
+        why = note(outcome.reason + (f" {outcome.status}" if outcome.status else "")
                     + (f": {outcome.detail}" if outcome.detail else ""))
         if sent or key != IdempotencyKey(row.external_id, row.generation, row.unanswered_since):
             self._record(row, key, now + delay, attempts, why)
@@ -487,14 +335,14 @@ class Drainer:
                 or self.state == "paused: auth"):  # a refusal has its own alarm
             return
         self._token_alarmed = True
-        self._alarm("timeline_token", None, _note(
+        self._alarm("timeline_token", None, note(
             f"Stora token refresh failing for {health.failing_for_s:.0f} s "
             f"({health.last_error}); Timeline Events wait while no valid token is left; "
             "check [stora] token_url and the network"))
 
     def _pause(self, state: str, until: float, kind: str, unit: str | None,
                detail: str) -> None:
-        detail = _note(detail)
+        detail = note(detail)
         with self._lock:
             first = self._state != state
             self._state = state
@@ -546,7 +394,7 @@ class Drainer:
         raise RuntimeError(f"the outbox was not drained within {max_steps} steps")
 
 
-def build_drainer(config: Any, store: Store, alarm: Alarm | None = None,
+def build_drainer(config: Config, store: Store, alarm: Alarm | None = None,
                   on_server_date: Callable[[float], None] | None = None) -> Drainer:
     """The drainer ``[stora]`` describes, its limiter loaded from the persisted history.
 

@@ -13,10 +13,10 @@ or whoever sits on the path, to hurt the site (issue 11, items 2, 8 and 9):
 * **Memory.**  :func:`exchange` reads at most ``limit`` bytes of a body, raw: it asks
   for ``Accept-Encoding: identity`` and does not decode a body compressed anyway (one
   64 KiB gzip chunk can inflate to 64 MiB).  Headers are bounded by h11 (16 KiB).
-* **Text.**  :func:`cap_text` makes a string one line (control characters escaped, so
-  a newline or an ANSI escape cannot forge or colour a log line) and at most
-  :data:`MAX_TEXT_CHARS` long, marking the cut.  :func:`safe_id` keeps an id only in
-  the shape ids have.
+* **Text** (:mod:`gateway.stora.limits`).  ``cap_text`` makes a string one line
+  (control characters escaped, so a newline or an ANSI escape cannot forge or colour a
+  log line) and at most ``MAX_TEXT_CHARS`` long, marking the cut.  ``safe_id`` keeps an
+  id only in the shape ids have.
 * **Time from the server.**  :class:`ServerDate` hands the ``Date`` of responses that
   came over TLS (or from a loopback test server) to the clock as a second source.
 """
@@ -27,7 +27,6 @@ import email.utils
 import ipaddress
 import logging
 import math
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -37,54 +36,27 @@ from typing import Any, Final
 import httpcore
 import httpx
 
-from gateway import __version__, errors
+from gateway import __version__
+from gateway.stora.limits import cap_text
 
 __all__ = [
-    "MAX_TEXT_CHARS",
     "USER_AGENT",
     "Answer",
     "DeadlineExceeded",
     "ServerDate",
-    "cap_text",
     "exchange",
     "make_http_client",
     "parse_http_date",
-    "safe_id",
 ]
 
 LOGGER = logging.getLogger(__name__)
 
 USER_AGENT: Final = f"stora-gateway/{__version__}"
 
-#: A string taken from outside (an error's code, message or detail, an id, a header) is
-#: kept to this many characters.  Stora's documented messages are one short sentence;
-#: the alarm, ``last_error`` and the retained status that quote a few of them must stay
-#: far below the site broker's ``max_packet_size 65536`` (deploy/mosquitto/), which an
-#: 80 KB message once pushed them over, getting the agent disconnected at each reconnect.
-MAX_TEXT_CHARS: Final = 300
-#: Stora's ids are opaque prefixed strings (``aevt_…``, stora-api §1): letters, digits,
-#: ``_`` and ``-``.  Anything else is not kept, so it is never logged or stored raw.
-_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 #: An IMF-fixdate is 29 characters; a much longer ``Date`` is not parsed at all.
 _MAX_DATE_CHARS: Final = 64
 #: No compression is asked for; anything but these is a body not to decode.
 _IDENTITY: Final = frozenset({"", "identity"})
-
-
-def cap_text(value: object, limit: int = MAX_TEXT_CHARS) -> str:
-    """``value`` (``str()`` of it) as one line of at most ``limit`` characters.
-
-    :func:`gateway.errors.cap_text`: non-printable characters escaped first, so the
-    limit counts what a reader sees; a cut is marked ``…(+N chars)``.
-    """
-    return errors.cap_text(value if isinstance(value, str) else str(value), limit)
-
-
-def safe_id(value: object) -> str | None:
-    """``value`` when it looks like a Stora id (``^[A-Za-z0-9_-]{1,64}$``), else ``None``."""
-    if isinstance(value, str) and _ID_RE.fullmatch(value):
-        return value
-    return None
 
 
 # -- the overall deadline, enforced at the socket ------------------------------------------

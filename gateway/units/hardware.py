@@ -1,8 +1,8 @@
 """The site's hardware, built from configuration: buses, controllers and lock points.
 
-This is the one place where driver names from the config meet driver classes.  Adding a
-driver means writing it under ``drivers/`` (with its simulator) and registering one
-builder in ``BUILDERS`` below; nothing else in ``gateway/`` changes.
+Controllers are built through the driver registry (:mod:`drivers.registry`): each
+driver's ``build`` gets its settings and a :class:`~drivers.settings.BuildContext`, so
+adding a driver changes nothing in ``gateway/``.
 
 Controllers that name the same serial ``port`` share one ``SerialBus``: one transaction
 at a time on the wire, whatever mix of boards hangs off it.
@@ -11,15 +11,27 @@ at a time on the wire, whatever mix of boards hangs off it.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 from drivers.base import Controller, LockPoint, ProbeResult
 from drivers.link import LinkTiming, SerialBus, SerialFactory, open_serial
+from drivers.mqtt.settings import BrokerSettings
+from drivers.registry import DRIVERS, driver_spec
+from drivers.settings import (
+    BuildContext,
+    BuildRefusedError,
+    DriverSpec,
+    Probe,
+    ProbeMaker,
+)
 from gateway.config import Config, ControllerConfig, LockConfig
 from gateway.errors import GatewayError
+from gateway.link.tls import broker_tls_context, read_secret_file
 
 LOGGER = logging.getLogger(__name__)
 
@@ -35,7 +47,7 @@ class Site:
     config: Config
     controllers: dict[str, Controller] = field(default_factory=dict)
     buses: dict[str, SerialBus] = field(default_factory=dict)
-    shared: dict[tuple[str, str], Any] = field(default_factory=dict)
+    shared: dict[tuple[str, str], object] = field(default_factory=dict)
 
     def controller_for(self, lock: LockConfig) -> Controller:
         """The controller that drives ``lock``."""
@@ -60,141 +72,42 @@ def point_of(lock: LockConfig) -> LockPoint:
     )
 
 
-Builder = Callable[[ControllerConfig, "Site", SerialBus | None], Controller]
-
-
-def _build_modbus(cfg: ControllerConfig, site: Site, bus: SerialBus | None) -> Controller:
-    from drivers.modbus import ModbusBus, ModbusController
-    from drivers.modbus.frames import PulseStyle
-
-    assert bus is not None
-    key = ("modbus", bus.url)
-    if key not in site.shared:
-        site.shared[key] = ModbusBus(bus)
-    return ModbusController(
-        cfg.name,
-        site.shared[key],
-        cfg.address,
-        channels=cfg.channels,
-        inputs=cfg.inputs,
-        pulse=cfg.pulse,
-        pulse_style=PulseStyle(cfg.pulse_style),
-        pulse_base=cfg.pulse_base,
-    )
-
-
-def _build_lockboard(cfg: ControllerConfig, site: Site, bus: SerialBus | None) -> Controller:
-    from drivers.lockboard import LockboardController
-
-    assert bus is not None
-    del site
-    return LockboardController(cfg.name, bus, cfg.address, channels=cfg.channels)
-
-
-def _mqtt_driver_broker(cfg: ControllerConfig, site: Site, kind: str) -> dict[str, Any]:
-    """Where and how an MQTT driver's link connects, as ``BrokerSettings`` arguments.
+def _broker(cfg: ControllerConfig, site: Site, kind: str) -> BrokerSettings:
+    """Where and how an MQTT driver's link connects.
 
     Without ``host``/``port`` it is the ``[mqtt]`` broker, by the same transport (TCP,
     TLS or the unix socket) but with the controller's own account: the shipped brokers
     bind a client id to its account, so sharing the agent's would disconnect the agent
-    (config.py refuses it).  A broker of its own gets the controller's account too and
+    (the config refuses it).  A broker of its own gets the controller's account too and
     never ``[mqtt]``'s TLS, so nothing of the cloud link travels to another host
     (hardware.md, "zigbee2mqtt" and "tasmota").  The client id carries the pid, so a CLI
     that opens the hardware itself does not kick the agent's link on a broker that does
     not bind ids; one that does replaces it with the account name.
     """
-    import os
-
-    from gateway.link import _tls_context, read_secret_file
-
     mqtt = site.config.mqtt
     own = cfg.broker_host is not None or cfg.broker_port is not None
-    host = cfg.broker_host or mqtt.host
-    port = cfg.broker_port or (1883 if own else mqtt.port)
-    password = read_secret_file(cfg.broker_password_file)
-    return {
-        "host": host,
-        "port": port,
-        "client_id": f"{mqtt.client_id}-{kind}-{os.getpid()}",
-        "username": cfg.broker_username or None,
-        "password": password,
-        "tls": _tls_context(mqtt) if mqtt.tls and not own else None,
-        "keepalive_s": mqtt.keepalive_s,
-    }
+    return BrokerSettings(
+        host=cfg.broker_host or mqtt.host,
+        port=cfg.broker_port or (1883 if own else mqtt.port),
+        client_id=f"{mqtt.client_id}-{kind}-{os.getpid()}",
+        username=cfg.broker_username or None,
+        password=read_secret_file(cfg.broker_password_file),
+        tls=broker_tls_context(mqtt) if mqtt.tls and not own else None,
+        keepalive_s=mqtt.keepalive_s,
+    )
 
 
-def _build_zigbee2mqtt(cfg: ControllerConfig, site: Site, bus: SerialBus | None) -> Controller:
-    """A Zigbee2MQTT bridge: its own MQTT connection and account, shared per broker."""
-    from drivers.zigbee2mqtt import BridgeLink, BrokerSettings, Zigbee2MqttController
-
-    del bus
-    settings = BrokerSettings(**_mqtt_driver_broker(cfg, site, "z2m"))
-    key = ("zigbee2mqtt", f"{settings.where}:{settings.username or ''}")
-    if key not in site.shared:
-        site.shared[key] = BridgeLink(settings)
-    devices = [lock.device for lock in site.config.locks
-               if lock.controller == cfg.name and lock.device is not None]
-    return Zigbee2MqttController(cfg.name, site.shared[key], cfg.base_topic or "zigbee2mqtt",
-                                 devices)
-
-
-def _build_tasmota(cfg: ControllerConfig, site: Site, bus: SerialBus | None) -> Controller:
-    """A Tasmota device: one MQTT connection (and account) per broker, shared by its devices.
-
-    The device relocks a strike by itself (``PulseTime``), not a maglock:
-    ``self_relocking`` says whether any lock on it is a strike.
-    """
-    from drivers.tasmota import BrokerSettings, TasmotaClient, TasmotaController
-
-    del bus
-    settings = BrokerSettings(**_mqtt_driver_broker(cfg, site, "tasmota"))
-    where = settings.host if settings.host.startswith("/") else \
-        f"{settings.host}:{settings.port}"
-    key = ("tasmota", f"{where}:{settings.username or ''}")
-    if key not in site.shared:
-        site.shared[key] = TasmotaClient(settings)
-    locks = [lock for lock in site.config.locks if lock.controller == cfg.name]
-    return TasmotaController(cfg.name, site.shared[key], cfg.topic or "", cfg.channels,
-                             cfg.inputs, self_relocking=not locks or any(
-                                 lock.energize_to == "unlock" for lock in locks))
-
-
-def _build_osdp(cfg: ControllerConfig, site: Site, bus: SerialBus | None) -> Controller:
-    """An OSDP peripheral: libosdp's control panel on its own port (one PD per port).
-
-    The key file is read here (the config only checks its permissions); a bad one gives
-    a controller that refuses to drive the PD and says why in its health.
-    """
-    from drivers.osdp import OsdpController, ScbkError, load_scbk
-
-    del bus  # libosdp owns the wire: the OSDP channel opens the port itself
-    assert cfg.port is not None
-    if ("osdp", cfg.port) in site.shared:
-        raise HardwareUnavailableError(
-            f"controller {cfg.name!r}: port {cfg.port} already has an OSDP peripheral; "
-            "this version drives one PD per port")
-    site.shared[("osdp", cfg.port)] = cfg.name
-    scbk, error = None, None
-    if cfg.scbk_file is not None and not cfg.allow_insecure:
-        try:
-            scbk = load_scbk(cfg.scbk_file)
-        except ScbkError as exc:
-            error = str(exc)
-    return OsdpController(cfg.name, cfg.port, cfg.baudrate, cfg.address,
-                          channels=cfg.channels, inputs=cfg.inputs, scbk=scbk,
-                          scbk_error=error, allow_insecure=cfg.allow_insecure)
-
-
-#: driver name -> builder.  Serial drivers get their shared bus; MQTT drivers get None.
-BUILDERS: dict[str, Builder] = {
-    "osdp": _build_osdp,
-    "modbus": _build_modbus,
-    "lockboard": _build_lockboard,
-    "zigbee2mqtt": _build_zigbee2mqtt,
-    "tasmota": _build_tasmota,
-}
-
-SERIAL_DRIVERS = frozenset({"modbus", "lockboard", "osdp"})
+def _build(cfg: ControllerConfig, spec: DriverSpec, site: Site,
+           bus: SerialBus | None) -> Controller:
+    """One controller, by its driver's ``build`` (:mod:`drivers.registry`)."""
+    settings = spec.settings.from_fields(partial(getattr, cfg))
+    points = [point_of(lock) for lock in site.config.locks if lock.controller == cfg.name]
+    ctx = BuildContext(name=cfg.name, bus=bus, shared=site.shared, points=points,
+                       broker=partial(_broker, cfg, site))
+    try:
+        return spec.builder()(settings, ctx)
+    except BuildRefusedError as exc:
+        raise HardwareUnavailableError(str(exc)) from exc
 
 
 def _timing(cfg: ControllerConfig) -> LinkTiming:
@@ -216,19 +129,19 @@ def build_site(
     for cfg in config.controllers:
         if only is not None and cfg.name not in only:
             continue
-        builder = BUILDERS.get(cfg.driver)
-        if builder is None:
+        spec = driver_spec(cfg.driver)
+        if spec is None:
             raise HardwareUnavailableError(
                 f"controller {cfg.name!r}: driver {cfg.driver!r} is not available in this "
-                f"version (available: {', '.join(sorted(BUILDERS))})"
+                f"version (available: {', '.join(DRIVERS)})"
             )
         bus = None
-        if cfg.driver in SERIAL_DRIVERS and cfg.port is not None:
+        if spec.serial and cfg.port is not None:
             bus = site.buses.get(cfg.port)
             if bus is None:
                 bus = SerialBus(cfg.port, cfg.baudrate, timing=_timing(cfg), factory=factory)
                 site.buses[cfg.port] = bus
-        site.controllers[cfg.name] = builder(cfg, site, bus)
+        site.controllers[cfg.name] = _build(cfg, spec, site, bus)
     return site
 
 
@@ -245,9 +158,6 @@ def opened_site(
 
 
 # -- scan ---------------------------------------------------------------------------------
-Probe = Callable[[int], ProbeResult | None]
-"""Ask one address on a bus; what answered there, or ``None`` for silence."""
-
 #: ``on_address(done, total, address, found)``: called as each address is finished.
 OnAddress = Callable[[int, int, int, ProbeResult | None], None]
 
@@ -278,55 +188,22 @@ class ScanReport:
                 "probed": self.probed, "total": self.total, "interrupted": self.interrupted}
 
 
-def _modbus_probe(bus: SerialBus, site: Site | None, timeout_s: float | None) -> Probe:
-    from drivers.modbus import ModbusBus
-    from drivers.modbus import scan as modbus_scan
+def _scannable(config: Config, name: str) -> tuple[ControllerConfig, ProbeMaker, range]:
+    """The controller ``name``, its driver's probe and default address range.
 
-    # The agent's own Modbus client for that bus when it has one (no second client).
-    shared = site.shared.get(("modbus", bus.url)) if site is not None else None
-    client = shared if isinstance(shared, ModbusBus) else ModbusBus(bus)
-    wait = {} if timeout_s is None else {"timeout_s": timeout_s}
-
-    def probe(address: int) -> ProbeResult | None:
-        found = modbus_scan(client, [address], **wait)
-        return found[0] if found else None
-
-    return probe
-
-
-def _lockboard_probe(bus: SerialBus, site: Site | None, timeout_s: float | None) -> Probe:
-    from drivers.lockboard import scan as lockboard_scan
-
-    del site
-    wait = {} if timeout_s is None else {"timeout_s": timeout_s}
-
-    def probe(address: int) -> ProbeResult | None:
-        found = lockboard_scan(bus, [address], **wait)
-        return found[0] if found else None
-
-    return probe
-
-
-#: driver name -> (a probe over a bus, default address range).  Each probe is one
-#: transaction, so a scan on the agent's bus lets commands through between addresses.
-SCANNERS: dict[str, tuple[Callable[[SerialBus, Site | None, float | None], Probe], range]] = {
-    "modbus": (_modbus_probe, range(1, 248)),
-    "lockboard": (_lockboard_probe, range(32)),
-}
-
-
-def _scannable(config: Config, name: str) -> tuple[ControllerConfig, Callable[
-        [SerialBus, Site | None, float | None], Probe], range]:
+    Each probe is one transaction, so a scan on the agent's bus lets commands through
+    between addresses.
+    """
     cfg = config.controller(name)
     if cfg is None:
         known = ", ".join(c.name for c in config.controllers)
         raise HardwareUnavailableError(f"unknown controller {name!r} (known: {known})")
-    scanner = SCANNERS.get(cfg.driver)
-    if scanner is None or cfg.port is None:
+    spec = driver_spec(cfg.driver)
+    if spec is None or spec.scan is None or cfg.port is None:
         raise HardwareUnavailableError(
             f"controller {name!r}: driver {cfg.driver!r} has no bus scan"
         )
-    return cfg, *scanner
+    return cfg, spec.prober(), spec.scan
 
 
 def _run_scan(name: str, probe: Probe, addresses: Iterable[int],
@@ -392,5 +269,5 @@ def scan_site_bus(
     bus = site.buses.get(cfg.port or "")
     if bus is None:
         raise HardwareUnavailableError(f"controller {name!r}: its bus is not open here")
-    return _run_scan(name, make_probe(bus, site, timeout_s),
+    return _run_scan(name, make_probe(bus, site.shared, timeout_s),
                      addresses if addresses is not None else default_range, on_address, stop)

@@ -18,7 +18,8 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
-from devkit.mosquitto import Broker, TlsFiles
+from devkit.mosquitto import Broker
+from devkit.tls_files import TlsFiles
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -1,7 +1,8 @@
 """The process the outbox kill -9 test kills: the agent's event path, nothing else.
 
-tests/test_outbox_kill.py starts, kills (``SIGKILL``) and restarts this hundreds of times.
-A full agent (broker link, control socket, drivers) takes too long to start for that, so
+tests/gateway/outbox/test_outbox_kill.py starts, kills (``SIGKILL``) and restarts this
+hundreds of times.  A full agent (broker link, control socket, drivers) takes too long to
+start for that, so
 the child runs only the production pieces that write and deliver Timeline Events, wired
 as ``gateway/agent.py`` wires them:
 
@@ -51,7 +52,7 @@ from gateway.config import load_config
 from gateway.intake.commands import Command
 from gateway.outbox.drainer import build_drainer
 from gateway.outbox.timeline import external_id_for
-from gateway.stora import make_http_client
+from gateway.stora.client import make_http_client
 from gateway.store import Store
 from gateway.units.hardware import Site
 from gateway.units.manager import UnitManager

@@ -1,6 +1,6 @@
 """A scripted HTTP/1.1 server on 127.0.0.1 for answers no real Stora would give.
 
-The sandbox (devkit/sandbox.py) is a faithful Stora; this is the other side of the
+The sandbox (devkit/sandbox/) is a faithful Stora; this is the other side of the
 path: whatever a broken proxy, a compromised endpoint or a man in the middle could send.
 A test gives a ``script`` that maps each request to a :class:`Reply`, which may
 
@@ -84,6 +84,9 @@ class HostileServer:
         self.ssl_context = ssl_context
         self.requests: list[Request] = []
         self.bytes_sent = 0
+        #: Bytes sent one at a time with a pause (``drip_s``/``head_drip_s``): how far a
+        #: drip got tells how long a client listened, whatever the machine's load.
+        self.bytes_dripped = 0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._server = _Server(self)
@@ -130,6 +133,7 @@ class HostileServer:
                 raise _Gone from None
             with self._lock:
                 self.bytes_sent += len(piece)
+                self.bytes_dripped += len(piece) if drip_s > 0 else 0
             if drip_s > 0 and self._stopping.wait(drip_s):
                 raise _Gone
 
