@@ -203,7 +203,7 @@ def private_key_from_pem(data: bytes) -> Ed25519PrivateKey:
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         # The message of cryptography may quote the file; name only the exception type.
         raise ValueError(f"not an unencrypted PEM private key ({type(exc).__name__})") from exc
-    if not isinstance(key, Ed25519PrivateKey):
-        # The bytes hold another kind of key: bad data, not a wrong argument type.
-        raise ValueError(f"the key is {type(key).__name__}, not Ed25519")  # noqa: TRY004
-    return key
+    if isinstance(key, Ed25519PrivateKey):
+        return key
+    # The bytes hold another kind of key: bad data, not a wrong argument type.
+    raise ValueError(f"the key is {type(key).__name__}, not Ed25519")

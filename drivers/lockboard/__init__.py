@@ -10,8 +10,9 @@ package's ``settings`` on every CLI command, which must not load the driver itse
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Final
+
+from drivers.lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from drivers.lockboard.controller import (
@@ -39,9 +40,4 @@ _LAZY: Final = {
     "scan": "drivers.lockboard.controller",
 }
 
-
-def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_getattr(__name__, _LAZY)

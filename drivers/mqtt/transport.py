@@ -77,6 +77,8 @@ class MqttTransport:
         self._suback = threading.Condition(self._lock)
         self._acked: set[int] = set()
         self._thread: threading.Thread | None = None
+        #: Whether this connection's failure is already recorded (one per drop).
+        self._recorded = False
         self.last_error: str | None = None
         self.last_ok_at: float | None = None
         self.failures = 0
@@ -98,11 +100,21 @@ class MqttTransport:
         self._paho.on_disconnect = self._on_disconnect
         self._paho.on_subscribe = self._on_subscribe
         self._paho.on_message = self._on_message
+        # Only the link thread writes to the socket: with a hook set, paho's publish and
+        # subscribe from a controller's thread queue the packet and wake the loop instead
+        # of writing themselves (two writers could interleave their bytes).
+        self._paho.on_socket_register_write = _no_write_hook
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
         """Start the link thread unless it runs; it connects and reconnects until
         :meth:`close`."""
+        with self._lock:
+            thread = self._thread
+            if thread is not None and thread.is_alive() and not self._stop.is_set():
+                return
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()  # a close() is ending it: let it finish, then start afresh
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 return
@@ -195,6 +207,7 @@ class MqttTransport:
 
     def _connect_and_loop(self) -> None:
         """One connection: connect, wait for CONNACK and SUBACK, loop until it drops."""
+        self._recorded = False
         try:
             self._paho.connect(self.settings.host, self.settings.port,
                                keepalive=self.settings.keepalive_s)
@@ -216,7 +229,7 @@ class MqttTransport:
         while not self._stop.is_set():
             rc = self._paho.loop(timeout=_TICK_S)
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                if self.connected or self.last_error is None:
+                if not self._recorded:
                     self._failed(f"connection lost: {paho.error_string(rc)}")
                 break
             if not self.connected and self._clock() > deadline:
@@ -228,6 +241,7 @@ class MqttTransport:
             self._paho.loop(timeout=0.0)
 
     def _failed(self, reason: str) -> None:
+        self._recorded = True
         self.failures += 1
         self.last_error = reason
 
@@ -245,6 +259,8 @@ class MqttTransport:
                     reason_code: ReasonCode, properties: Properties | None) -> None:
         if reason_code.is_failure:
             self._failed(f"broker refused the connection: {reason_code}")
+            LOGGER.warning("MQTT %s (%s): broker refused the connection: %s",
+                           self.settings.where, self.name, reason_code)
             client.disconnect()
             return
         topics = list(self._subscriptions())
@@ -295,3 +311,7 @@ class MqttTransport:
             self._on_message_cb(msg.topic, bytes(msg.payload), bool(msg.retain))
         except Exception:  # a bad message must not stop the link
             LOGGER.exception("%s: handling %s failed", self.name, msg.topic)
+
+
+def _no_write_hook(client: paho.Client, userdata: object, sock: object) -> None:
+    """paho's ``on_socket_register_write``: nothing to do (see the constructor)."""

@@ -15,8 +15,9 @@ package's ``settings`` on every CLI command, which must not load paho-mqtt.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Final
+
+from drivers.lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from drivers.mqtt.settings import BrokerSettings
@@ -35,9 +36,4 @@ _LAZY: Final = {
     "TasmotaTiming": "drivers.tasmota.controller",
 }
 
-
-def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -397,7 +397,9 @@ class SiteClient:
         self._stop.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join()
+            # A reconnect in progress ends within its connect timeout; a broker that
+            # stops reading must not hang the tool on exit.
+            thread.join(timeout=CONNECT_TIMEOUT_S + 1)
         # paho's wake-up socket pair is closed only by its __del__ otherwise: an
         # unclosed-socket warning at exit (as devkit/demo.py does).
         with contextlib.suppress(Exception):

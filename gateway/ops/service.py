@@ -108,10 +108,10 @@ class Operations:
     def on_message(self, message: Message) -> None:
         """A message on ``P/S/cmd`` or ``P/S/mgmt`` (the link's worker thread)."""
         with self._intake:
-            if message.topic == self.topics.mgmt and self.mgmt is not None:
-                self.mgmt.on_message(message)
-            else:
+            if message.topic != self.topics.mgmt:
                 self.commands.on_command(message)
+            elif self.mgmt is not None:  # never a request to the command verifier
+                self.mgmt.on_message(message)
 
     def recover(self) -> None:
         """After a crash: see :meth:`CommandPath.recover`."""

@@ -7,7 +7,6 @@ site was cut off arriving when the bridge returns.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ import pytest
 from devkit.broker_client import Client
 from devkit.mosquitto import BrokerError
 from devkit.testing import wait_for
-from tests.support import deploy_site as support
 from tests.support.deploy import (
     CLOUD_BROKER_CONF,
     DEPLOY,
@@ -30,11 +28,6 @@ from tests.support.deploy_site import (
 
 # Every test in this file starts brokers, agents or systemd-analyze: seconds, not minutes.
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def bridged(tmp_path: Path) -> Iterator[BridgedSite]:
-    yield from support.bridged(tmp_path)
 
 
 def test_site_broker_settings_the_gateway_needs() -> None:

@@ -22,7 +22,6 @@ from devkit.mosquitto import Broker, BrokerError
 from devkit.site import PREFIX as AGENT_PREFIX
 from devkit.site import SITE as AGENT_SITE
 from devkit.site import AgentProcess, SimSite, make_site
-from tests.support import deploy_site as support
 from tests.support.deploy import (
     CLOUD_BROKER_CONF,
     SITE_BROKER_CONF,
@@ -40,11 +39,6 @@ from tests.support.deploy_site import (
 
 # Every test in this file starts brokers, agents or systemd-analyze: seconds, not minutes.
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def bridged(tmp_path: Path) -> Iterator[BridgedSite]:
-    yield from support.bridged(tmp_path)
 
 
 # ============================================== client ids bound to accounts (issue 11 #4)

@@ -1,12 +1,5 @@
 """The Stora API sandbox over real HTTP (devkit/sandbox/): the admin HTTP API, the HTTP
 plumbing and the command line.
-
-The sandbox is the peer of the outbox's exactly-once tests, so these tests pin the
-behaviours those tests rely on: replay of the first reply under a key (201, 422 and 500
-alike), key and token expiry on the injected clock, strict sliding-window rate limits,
-and every fault switch, through both the Python API and the admin HTTP API.  Requests go
-through ``http.client`` on real sockets; time moves by advancing a fake clock, not by
-sleeping (except where the point is real time).
 """
 
 from __future__ import annotations
@@ -18,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,38 +20,13 @@ import pytest
 from devkit.sandbox import Sandbox
 from devkit.testing import FakeClock, returns_within
 from gateway.cli.main import main
-from tests.support import sandbox as support
-from tests.support.sandbox import (
-    STATIC,
-    T0,
-    Response,
-    call,
-    get_token,
-    post_event,
-    state,
-)
+from tests.support.sandbox import STATIC, T0, Response, call, get_token, post_event, state
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def admin(sandbox: Sandbox, settings: Mapping[str, Any]) -> Response:
     return call(sandbox, "POST", "/_sandbox/faults", dict(settings))
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return support.clock()
-
-
-@pytest.fixture
-def sandbox_options(clock: FakeClock) -> dict[str, Any]:
-    """Limits high enough that a frozen clock never meets them."""
-    return support.sandbox_options(clock)
-
-
-@pytest.fixture
-def limited(clock: FakeClock) -> Iterator[Sandbox]:
-    yield from support.limited(clock)
 
 
 # -- admin HTTP API -----------------------------------------------------------------------------

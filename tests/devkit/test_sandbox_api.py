@@ -1,12 +1,5 @@
 """The Stora API sandbox over real HTTP (devkit/sandbox/): tokens, request validation and
 idempotency.
-
-The sandbox is the peer of the outbox's exactly-once tests, so these tests pin the
-behaviours those tests rely on: replay of the first reply under a key (201, 422 and 500
-alike), key and token expiry on the injected clock, strict sliding-window rate limits,
-and every fault switch, through both the Python API and the admin HTTP API.  Requests go
-through ``http.client`` on real sockets; time moves by advancing a fake clock, not by
-sleeping (except where the point is real time).
 """
 
 from __future__ import annotations
@@ -20,7 +13,6 @@ import pytest
 
 from devkit.sandbox import EVENT_SCOPE, Sandbox
 from devkit.testing import FakeClock
-from tests.support import sandbox as support
 from tests.support.sandbox import (
     EVENTS,
     STATIC,
@@ -32,17 +24,6 @@ from tests.support.sandbox import (
     post_event,
     state,
 )
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return support.clock()
-
-
-@pytest.fixture
-def sandbox_options(clock: FakeClock) -> dict[str, Any]:
-    """Limits high enough that a frozen clock never meets them."""
-    return support.sandbox_options(clock)
 
 
 # -- tokens ---------------------------------------------------------------------------------

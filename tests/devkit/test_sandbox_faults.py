@@ -1,50 +1,16 @@
-"""The Stora API sandbox over real HTTP (devkit/sandbox/): rate limits and fault switches.
-
-The sandbox is the peer of the outbox's exactly-once tests, so these tests pin the
-behaviours those tests rely on: replay of the first reply under a key (201, 422 and 500
-alike), key and token expiry on the injected clock, strict sliding-window rate limits,
-and every fault switch, through both the Python API and the admin HTTP API.  Requests go
-through ``http.client`` on real sockets; time moves by advancing a fake clock, not by
-sleeping (except where the point is real time).
-"""
+"""The Stora API sandbox over real HTTP (devkit/sandbox/): rate limits and fault switches."""
 
 from __future__ import annotations
 
 import http.client
 import math
 import time
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from devkit.sandbox import Sandbox, max_in_window
 from devkit.testing import FakeClock, returns_within
-from tests.support import sandbox as support
-from tests.support.sandbox import (
-    EVENTS,
-    STATIC,
-    T0,
-    get_token,
-    post_event,
-    state,
-)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return support.clock()
-
-
-@pytest.fixture
-def sandbox_options(clock: FakeClock) -> dict[str, Any]:
-    """Limits high enough that a frozen clock never meets them."""
-    return support.sandbox_options(clock)
-
-
-@pytest.fixture
-def limited(clock: FakeClock) -> Iterator[Sandbox]:
-    yield from support.limited(clock)
+from tests.support.sandbox import EVENTS, STATIC, T0, get_token, post_event, state
 
 
 # -- rate limits -------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from devkit.testing.clock import FakeClock
 from drivers.base import Health
 from drivers.errors import NoReplyError, UnsupportedError
 from drivers.health import HealthTracker
@@ -79,16 +80,8 @@ def test_reading_the_registry_loads_no_driver_library() -> None:
 # --------------------------------------------------------------------------- health
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_health_tracker_counts_failures_and_clears_on_success() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     h = HealthTracker(clock)
     assert h.health(False, "not yet contacted") == Health(False, "not yet contacted")
     for _ in range(2):
@@ -103,7 +96,7 @@ def test_health_tracker_counts_failures_and_clears_on_success() -> None:
 
 def test_a_refusal_is_an_answer() -> None:
     """A TechnicianError proves the device is there: no failure, but its reason stays."""
-    clock = Clock()
+    clock = FakeClock(100.0)
     h = HealthTracker(clock)
     h.failed("silent")
     with pytest.raises(UnsupportedError), h.track():

@@ -12,6 +12,7 @@ speed targets (those live in ``bench/``).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import tempfile
@@ -335,6 +336,53 @@ def test_the_transport_resubscribes_after_the_broker_is_killed_and_restarted(
         transport.close()
 
 
+def test_only_the_link_thread_writes_to_the_socket(broker: Broker,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A controller publishes from its own thread; paho must not write the packet there
+    (two writers could interleave their bytes): the link thread writes it."""
+    sink = Sink()
+    transport = make_transport(BrokerSettings(broker.host, broker.port, "gw-tw"), sink)
+    writers: list[str] = []
+    real_write = transport._paho.loop_write
+
+    def loop_write() -> MQTTErrorCode:
+        writers.append(threading.current_thread().name)
+        return real_write()
+
+    monkeypatch.setattr(transport._paho, "loop_write", loop_write)
+    transport.start()
+    try:
+        assert transport.wait_connected(CEILING_S), transport.last_error
+        with Client(broker) as peer:
+            peer.subscribe("cmd/#")
+            writers.clear()
+            assert transport.publish("cmd/x", b"go") == MQTTErrorCode.MQTT_ERR_SUCCESS
+            assert peer.expect("cmd/x")[0].payload == b"go"
+        assert transport.thread is not None
+        assert writers
+        assert set(writers) == {transport.thread.name}
+    finally:
+        transport.close()
+
+
+def test_a_drop_is_one_failure_with_its_first_reason(broker: Broker) -> None:
+    """The broker dies: one failure is counted, with the disconnect's reason, not a
+    second "connection lost" on top (the waits before reconnecting are long here)."""
+    sink = Sink()
+    settings = BrokerSettings(broker.host, broker.port, "gw-t3", backoff_initial_s=600.0,
+                              backoff_max_s=600.0)
+    transport = make_transport(settings, sink, rng=lambda: 1.0)
+    transport.start()
+    try:
+        assert transport.wait_connected(CEILING_S), transport.last_error
+        broker.kill()
+        sink.wait(lambda: sink.downs == 1, "lost")
+        assert transport.failures == 1
+        assert (transport.last_error or "").startswith("disconnected:"), transport.last_error
+    finally:
+        transport.close()
+
+
 def test_the_transport_shuts_down_cleanly(broker: Broker) -> None:
     before = open_fds()
     sink = Sink()
@@ -410,7 +458,8 @@ def test_the_transport_checks_the_broker_s_hostname(tmp_path: Path) -> None:
         assert open_fds() == before  # no TLS socket of a failed handshake left open
 
 
-def test_the_transport_reports_a_wrong_password_and_keeps_trying(tmp_path: Path) -> None:
+def test_the_transport_reports_a_wrong_password_and_keeps_trying(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with Broker(tmp_path / "broker", users={"gw-link": "right"}) as broker:
         settings = BrokerSettings(broker.host, broker.port, "gw-link", username="gw-link",
                                   password="wrong")
@@ -421,6 +470,9 @@ def test_the_transport_reports_a_wrong_password_and_keeps_trying(tmp_path: Path)
             wait_for(lambda: rng.calls >= 2, CEILING_S, "two reconnect delays")
             assert not transport.connected
             assert "refused" in (transport.last_error or "")
+            # A wrong password is visible at the default log level.
+            assert any(r.levelno == logging.WARNING and "refused" in r.getMessage()
+                       for r in caplog.records)
             assert "wrong" not in repr(settings)
         finally:
             transport.close()

@@ -1,6 +1,6 @@
-"""The agent's configuration as the config tests see it (tests/test_config_*.py, and the
-CLI and port tests): two fixed relay keys, a valid file with every section, and its writer.
-"""
+"""The agent's configuration as the config tests see it
+(tests/gateway/config/test_config_*.py, and the CLI and port tests): two fixed relay keys,
+a valid file with every section, and its writer."""
 
 from __future__ import annotations
 

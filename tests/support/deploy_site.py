@@ -1,4 +1,4 @@
-"""Builders the deploy/ tests share (tests/test_deploy_*.py): the broker accounts under the
+"""Builders the deploy/ tests share (tests/deploy/test_deploy_*.py): the broker accounts under the
 shipped ACL, the topic helpers and probes, and the site broker bridged to a cloud broker.
 """
 

@@ -1,4 +1,4 @@
-"""Helpers of the remote-management tests (tests/test_mgmt*.py): the site and its
+"""Helpers of the remote-management tests (tests/gateway/intake/test_mgmt*.py): the site and its
 client, signed requests and their answers."""
 
 from __future__ import annotations

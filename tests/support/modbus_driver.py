@@ -1,6 +1,5 @@
-"""The rig the ``modbus`` driver tests share (tests/test_modbus_driver_*.py): a controller on
-a simulated relay board over a real pty, or on ``--port`` when given.
-"""
+"""The rig the ``modbus`` driver tests share (tests/drivers/test_modbus_driver_*.py): a
+controller on a simulated relay board over a real pty, or on ``--port`` when given."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""What the MqttLink tests share (tests/test_mqtt_link_*.py): the topics, shrunk timings, a
-recording agent, the link factory fixture and a polling wait.
-"""
+"""What the MqttLink tests share (tests/gateway/link/test_mqtt_link_*.py): the topics,
+shrunk timings, a recording agent, the link factory fixture and a polling wait."""
 
 from __future__ import annotations
 
@@ -123,3 +122,18 @@ def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.00
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(step)
     return time.monotonic() - start
+
+
+def blocked_handler(
+    timeout: float,
+) -> tuple[threading.Event, list[bytes], Callable[[Message], None]]:
+    """A handler that waits until ``release`` is set (at most ``timeout`` s) and then keeps
+    the payload: ``(release, handled, handler)``."""
+    release = threading.Event()
+    handled: list[bytes] = []
+
+    def blocked(message: Message) -> None:
+        release.wait(timeout)
+        handled.append(message.payload)
+
+    return release, handled, blocked

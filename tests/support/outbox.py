@@ -1,6 +1,5 @@
-"""The rig the outbox drainer tests share (tests/test_outbox_*.py): a store, the sandbox over
-real HTTP and a drainer on one fake clock, and an event record.
-"""
+"""The rig the outbox drainer tests share (tests/gateway/outbox/test_outbox_*.py): a
+store, the sandbox over real HTTP and a drainer on one fake clock, and an event record."""
 
 from __future__ import annotations
 

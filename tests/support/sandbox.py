@@ -1,4 +1,4 @@
-"""Requests the Stora API sandbox tests share (tests/test_sandbox_*.py): one call over
+"""Requests the Stora API sandbox tests share (tests/devkit/test_sandbox_*.py): one call over
 ``http.client`` on a real socket, a token, an event, the admin API, and the fake clock.
 """
 

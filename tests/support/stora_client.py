@@ -1,6 +1,6 @@
-"""The rig the Stora client tests share (tests/test_stora_client_*.py): a client on the
-sandbox over real HTTP with one fake clock, its limiter, and an event body.
-"""
+"""The rig the Stora client tests share (tests/gateway/stora/test_stora_client_*.py): a
+client on the sandbox over real HTTP with one fake clock, its limiter, and an event
+body."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from gateway.stora.idempotency import IdempotencyKey
 from gateway.stora.ratelimit import RateLimiter
 from gateway.stora.tokens import ClientCredentialsTokens, FileTokens
 from tests.support.hostile_http import HostileServer, Reply, Request
+from tests.support.sandbox import event_body as body_for  # the sandbox tests' event body
 
 T0 = 1_800_000_000.5
 
@@ -31,17 +32,6 @@ CLIENT_ID, SECRET = "cid", "s3cr3t-value-never-logged"
 TOKEN_PATH = "/oauth2/token"
 
 EVENTS_PATH = "/2025-09/timeline/events"
-
-
-def body_for(external_id: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "source": {"id": "tsrc_test"},
-        "site": {"id": "site_1"},
-        "external": {"id": external_id},
-        "description": "Unit unlocked via TestApp — A-101",
-        "variables": {"unit": "unit_a", "reference": "A-101"},
-        **extra,
-    }
 
 
 @dataclass

@@ -1,6 +1,5 @@
-"""Helpers the state database tests share (tests/test_store_*.py): an event record, the
-database path and an open store, and raw SQLite access to inspect the file.
-"""
+"""Helpers the state database tests share (tests/gateway/store/test_store_*.py): an event
+record, the database path and an open store, and raw SQLite access to inspect the file."""
 
 from __future__ import annotations
 
@@ -78,14 +77,14 @@ def overwrite_pages(data: bytes, seed: int) -> bytes:
     return bytes(damaged)
 
 
-def tiny_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 256 KiB tmpfs, unmounted afterwards; skipped where mounting is not allowed."""
+def tmpfs(mnt: Path, size: str, untested: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``mnt`` (made here), unmounted afterwards; skipped,
+    saying what goes ``untested``, where mounting is not allowed."""
     if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root and mount(8); disk-full/read-only FS untested")
-    mnt = tmp_path / "mnt"
+        pytest.skip(f"mounting a tmpfs needs root and mount(8); {untested}")
     mnt.mkdir()
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs", str(mnt)],
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(mnt)],
         capture_output=True, text=True, check=False,
     )
     if done.returncode != 0:
@@ -94,3 +93,8 @@ def tiny_fs(tmp_path: Path) -> Iterator[Path]:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs, unmounted afterwards; skipped where mounting is not allowed."""
+    yield from tmpfs(tmp_path / "mnt", "256k", "disk-full/read-only FS untested")

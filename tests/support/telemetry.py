@@ -1,5 +1,5 @@
 """A strict parser of the Prometheus exposition format, for the health telemetry tests
-(tests/test_telemetry_*.py), and the check that the text says what the status says.
+(tests/gateway/ops/test_telemetry_*.py), and the check that the text says what the status says.
 """
 
 from __future__ import annotations

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +16,7 @@ from hypothesis import strategies as st
 
 from devkit.broker_client import Client
 from devkit.mosquitto import Broker
-from devkit.site import MODBUS_UNITS, PREFIX, RunningAgent, SimSite, make_site
+from devkit.site import MODBUS_UNITS, PREFIX, RunningAgent, SimSite
 from devkit.testing import wait_for
 
 pytestmark = pytest.mark.simulator_only
@@ -31,15 +29,6 @@ class Running(RunningAgent):
         super().__init__(site.config_path, **kwargs)
 
 
-@pytest.fixture
-def site(tmp_path: Path, broker: Broker) -> Iterator[SimSite]:
-    s = make_site(tmp_path, broker)
-    try:
-        yield s
-    finally:
-        s.close()
-
-
 def send(client: Client, token: bytes, *, retain: bool = False) -> None:
     client.publish(f"{PREFIX}/cmd", token, qos=1, retain=retain)
 
@@ -49,6 +38,14 @@ def result_for(client: Client, jti: str, timeout: float = 5.0,
     msgs = client.expect(f"{PREFIX}/cmd/result", timeout, count=count,
                          where=lambda m: json.loads(m.payload).get("jti") == jti)
     return [json.loads(m.payload) for m in msgs]
+
+
+def assert_done(site: SimSite, client: Client, cmd: str, unit: str, **claims: Any) -> str:
+    """Send one signed command; its result must be ``done``.  Its jti."""
+    jti, token = site.signer.command(cmd, unit, **claims)
+    send(client, token)
+    assert result_for(client, jti)[0]["status"] == "done"
+    return jti
 
 
 def test_unlock_is_executed_confirmed_audited_and_relocked(site: SimSite) -> None:
@@ -101,9 +98,7 @@ def test_status_birth_is_retained_and_will_is_offline(site: SimSite, broker: Bro
 def test_lockout_refuses_unlock_unless_overridden_and_is_audited(site: SimSite) -> None:
     client = site.client()
     with Running(site) as agent:
-        j1, t1 = site.signer.command("lockout", "unit_a102", ver=1)
-        send(client, t1)
-        assert result_for(client, j1)[0]["status"] == "done"
+        assert_done(site, client, "lockout", "unit_a102", ver=1)
         j2, t2 = site.signer.command("unlock", "unit_a102")
         send(client, t2)
         [refused] = result_for(client, j2)
@@ -116,9 +111,7 @@ def test_lockout_refuses_unlock_unless_overridden_and_is_audited(site: SimSite) 
         j4, t4 = site.signer.command("clear_lockout", "unit_a102", ver=1)
         send(client, t4)
         assert result_for(client, j4)[0]["reason"] == "stale_version"
-        j5, t5 = site.signer.command("clear_lockout", "unit_a102", ver=2)
-        send(client, t5)
-        assert result_for(client, j5)[0]["status"] == "done"
+        assert_done(site, client, "clear_lockout", "unit_a102", ver=2)
         descriptions = [e.description for e in agent.store.events()]
         assert any(d.startswith("Unit overlocked via TestGate") for d in descriptions)
         assert any(d.startswith("Unlock refused via TestGate") for d in descriptions)
@@ -192,9 +185,7 @@ def test_while_rejections_are_throttled_hopeless_claims_are_shed_unverified(
         _, elsewhere = site.signer.command("unlock", "unit_a101", aud="site_other")
         send(client, elsewhere)
         send(client, elsewhere)
-        jti, token = site.signer.command("unlock", "unit_a101")
-        send(client, token)
-        assert result_for(client, jti)[0]["status"] == "done"
+        jti = assert_done(site, client, "unlock", "unit_a101")
         assert agent.counters["shed"] == 7
         assert agent.counters["rejected"] == 0
         assert agent.units.actuations == 1
@@ -221,9 +212,7 @@ def test_a_jti_reused_for_another_unit_moves_nothing_and_gets_the_first_outcome(
 def test_drift_of_a_unit_in_lockout_is_corrected(site: SimSite) -> None:
     client = site.client()
     with Running(site) as agent:
-        jl, lockout = site.signer.command("lockout", "unit_a101", ver=1)
-        send(client, lockout)
-        assert result_for(client, jl)[0]["status"] == "done"
+        assert_done(site, client, "lockout", "unit_a101", ver=1)
         site.modbus.board(1).set_coil(0, True)  # someone energizes the relay by hand
         agent.units.reconcile()
         wait_for(lambda: not site.coil("unit_a101"), 5, "unit_a101 relocked", interval=0.05)
@@ -333,9 +322,7 @@ def test_the_cli_acts_through_the_running_agent_and_is_audited(site: SimSite) ->
 
     client = site.client()
     with Running(site) as agent:
-        j1, t1 = site.signer.command("lockout", "unit_a102", ver=1)
-        send(client, t1)
-        assert result_for(client, j1)[0]["status"] == "done"
+        assert_done(site, client, "lockout", "unit_a102", ver=1)
         out = io.StringIO()
         assert main(["locks", "--json", "--config", str(site.config_path)], out=out) == 0
         rows = {r["unit"]: r for r in json.loads(out.getvalue())}
@@ -365,16 +352,12 @@ def test_clearing_a_lockout_publishes_the_unit_state(site: SimSite) -> None:
     next unlock or lock (found by the demo's self-check)."""
     client = site.client()
     with Running(site):
-        jti, token = site.signer.command("lockout", "unit_a102", ver=1)
-        send(client, token)
-        assert result_for(client, jti)[0]["status"] == "done"
+        assert_done(site, client, "lockout", "unit_a102", ver=1)
         client.expect(f"{PREFIX}/units/unit_a102", 5,
                       where=lambda m: json.loads(m.payload)["lockout"] is True)
         time.sleep(0.2)
         client.clear()
-        jti, token = site.signer.command("clear_lockout", "unit_a102", ver=2)
-        send(client, token)
-        assert result_for(client, jti)[0]["status"] == "done"
+        assert_done(site, client, "clear_lockout", "unit_a102", ver=2)
         states = client.expect(f"{PREFIX}/units/unit_a102", 5,
                                where=lambda m: json.loads(m.payload)["lockout"] is False)
     assert json.loads(states[-1].payload)["locked"] is True
@@ -420,9 +403,7 @@ def test_duplicate_answers_to_refused_resends_stay_inside_the_rejection_bucket(
     amplified onto the broker without limit."""
     client = site.client()
     with Running(site, reject_rate=(0.0, 0)) as agent:  # no rejection result may go out
-        jti, token = site.signer.command("unlock", "unit_a101", dur=1)
-        send(client, token)
-        assert result_for(client, jti)[0]["status"] == "done"
+        jti = assert_done(site, client, "unlock", "unit_a101", dur=1)
         for _ in range(5):
             _, reused = site.signer.command("unlock", "unit_nope", jti=jti)
             send(client, reused)

@@ -13,14 +13,13 @@ import random
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from devkit.broker_client import Client
 from devkit.mosquitto import Broker
-from devkit.site import MODBUS_UNITS, PREFIX, AgentProcess, SimSite, make_site
+from devkit.site import MODBUS_UNITS, PREFIX, AgentProcess, SimSite
 from drivers.lockboard.frames import OpenRequest
 from drivers.modbus.frames import COIL_ON
 
@@ -39,15 +38,6 @@ def broker_options() -> dict[str, Any]:
 
 
 @pytest.fixture
-def site(tmp_path: Path, broker: Broker) -> Iterator[SimSite]:
-    s = make_site(tmp_path, broker)
-    try:
-        yield s
-    finally:
-        s.close()
-
-
-@pytest.fixture
 def agent(site: SimSite) -> Iterator[AgentProcess]:
     proc = AgentProcess(site)
     try:
@@ -59,6 +49,15 @@ def agent(site: SimSite) -> Iterator[AgentProcess]:
 def results_for(client: Client, jti: str) -> list[dict[str, Any]]:
     return [json.loads(m.payload) for m in client.messages(f"{PREFIX}/cmd/result")
             if json.loads(m.payload).get("jti") == jti]
+
+
+def assert_done(site: SimSite, client: Client, cmd: str, unit: str) -> None:
+    """Send one signed command through ``client``: its result must come within 10 s, done."""
+    jti, token = site.signer.command(cmd, unit)
+    client.publish(f"{PREFIX}/cmd", token)
+    [res] = client.expect(f"{PREFIX}/cmd/result", 10,
+                          where=lambda m: json.loads(m.payload)["jti"] == jti)
+    assert json.loads(res.payload)["status"] == "done"
 
 
 def wait_results(clients: list[Client], jti: str, count: int, timeout: float = 10) -> list[
@@ -222,11 +221,7 @@ def test_broker_kill_and_freeze_the_agent_recovers_by_itself(
     late = Client(broker)
     states = late.expect(f"{PREFIX}/units/#", 10, count=len(site.extra) or 5)
     assert all(m.retain for m in states)
-    jti, token = site.signer.command("unlock", "unit_b202")
-    late.publish(f"{PREFIX}/cmd", token)
-    [res] = late.expect(f"{PREFIX}/cmd/result", 10,
-                        where=lambda m: json.loads(m.payload)["jti"] == jti)
-    assert json.loads(res.payload)["status"] == "done"
+    assert_done(site, late, "unlock", "unit_b202")
     late.close()
     # a frozen broker (half-open link): SIGSTOP, then SIGCONT
     from gateway.ops.control import ControlClient
@@ -245,11 +240,7 @@ def test_broker_kill_and_freeze_the_agent_recovers_by_itself(
     assert detected is not None, "a frozen broker was not noticed within 30 s"
     recovered = agent.wait_ready(timeout=40) - frozen
     after = Client(broker)
-    jti, token = site.signer.command("lock", "unit_a101")
-    after.publish(f"{PREFIX}/cmd", token)
-    [res] = after.expect(f"{PREFIX}/cmd/result", 10,
-                         where=lambda m: json.loads(m.payload)["jti"] == jti)
-    assert json.loads(res.payload)["status"] == "done"
+    assert_done(site, after, "lock", "unit_a101")
     after.close()
     print(f"broker kill -9: agent reconnected {reconnect_s:.2f} s after the broker was back; "
           f"frozen broker (keepalive 5 s): detected after {detected:.2f} s, "

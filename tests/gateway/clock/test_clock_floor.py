@@ -34,6 +34,7 @@ from gateway.clock import BUILD_FLOOR, FLOOR_MARGIN_S, rfc3339
 from gateway.config import load_config
 from gateway.intake.commands import Rejection
 from gateway.store import Store
+from tests.support import sim_site
 
 TEN_YEARS = 3_650 * DAY
 
@@ -181,15 +182,8 @@ def test_the_proven_time_accumulates_over_runs_and_bounds_the_floor(
 # ============================================ over a real broker, the control socket and CLI
 
 
-@pytest.fixture
-def live(tmp_path: Path) -> Iterator[SimSite]:
-    """A simulated site on a real Mosquitto; the agent runs on the real clocks."""
-    with Broker(tmp_path / "broker") as broker:
-        made = make_site(tmp_path, broker)
-        try:
-            yield made
-        finally:
-            made.close()
+# A simulated site on a real Mosquitto; the agent runs on the real clocks.
+live = pytest.fixture(sim_site.site_on_own_broker, name="live")
 
 
 def seed(site: SimSite, **meta: str) -> None:

@@ -36,8 +36,8 @@ from typing import TypedDict
 
 import pytest
 
-from devkit.mosquitto import Broker
-from devkit.site import ROOT, AgentProcess, SimSite, make_site
+from devkit.site import ROOT, AgentProcess, SimSite
+from tests.support import sim_site
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -239,14 +239,7 @@ def test_a_step_back_hangs_stock_apscheduler_but_not_the_site_scheduler(
 # =============================================================================== the agent
 
 
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[SimSite]:
-    with Broker(tmp_path / "broker") as broker:
-        made = make_site(tmp_path, broker)
-        try:
-            yield made
-        finally:
-            made.close()
+site = pytest.fixture(sim_site.site_on_own_broker, name="site")
 
 
 JOB_RUN = re.compile(r"gateway\.schedule: job (\S+): run \d+")

@@ -264,6 +264,20 @@ MISTAKES: list[tuple[str, Mutation, str, str]] = [
 ]
 
 
+def write_mistake(directory: Path, mutate: Mutation) -> Path:
+    """The valid config written to ``directory`` with one mistake made by ``mutate``."""
+    path = write_config(directory)
+    path.write_text(mutate(directory, VALID_TOML), encoding="utf-8")
+    return path
+
+
+def load_error(path: Path) -> ConfigError:
+    """The error loading ``path`` raises (the test fails if it loads)."""
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    return info.value
+
+
 #: Mistakes whose consequence is a second, true problem: the lock that named the
 #: renamed controller now names none.
 CONSEQUENCES = {"duplicate-controller-name": ["locks[2].controller"]}
@@ -276,11 +290,8 @@ CONSEQUENCES = {"duplicate-controller-name": ["locks[2].controller"]}
 def test_mistake_is_one_line_naming_file_key_and_reason(
     tmp_path: Path, mutate: Mutation, key: str, fragment: str
 ) -> None:
-    path = write_config(tmp_path)
-    path.write_text(mutate(tmp_path, VALID_TOML), encoding="utf-8")
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    err = info.value
+    path = write_mistake(tmp_path, mutate)
+    err = load_error(path)
     message = str(err)
     assert len(message.splitlines()) == 1
     assert err.file == str(path)
@@ -296,11 +307,9 @@ def test_one_mistake_is_reported_once(tmp_path: Path, name: str, mutate: Mutatio
     """Checking goes on after a problem, but never reports the consequences of a fallback
     value: one mistake is one line (found writing the collector: a missing secret file
     also said "required when stora.auth = ...")."""
-    path = write_config(tmp_path)
-    path.write_text(mutate(tmp_path, VALID_TOML), encoding="utf-8")
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    keys = [p.key for p in config_problems(info.value)]
+    path = write_mistake(tmp_path, mutate)
+    err = load_error(path)
+    keys = [p.key for p in config_problems(err)]
     assert keys == [key, *CONSEQUENCES.get(name, [])]
 
 
@@ -332,9 +341,8 @@ def test_a_bad_value_in_one_lock_does_not_stop_checking_the_others(tmp_path: Pat
         f"channel = {channel}\n\n"
         for i, (unit, channel) in enumerate([("c1", 4), ("unit_c2", 5), ("unit_c3", 99)]))
     path = write_config(tmp_path, VALID_TOML + "\n" + extra)
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert [(p.key, p.reason) for p in config_problems(info.value)] == [
+    err = load_error(path)
+    assert [(p.key, p.reason) for p in config_problems(err)] == [
         ("locks[3].unit", "must be a Stora unit id starting with 'unit_', found string 'c1'"),
         ("locks[5].channel", "channel 99 is out of range for controller 'bus1' (0–7)"),
     ]
@@ -344,9 +352,8 @@ def test_several_mistakes_in_one_table_are_each_reported(tmp_path: Path) -> None
     text = (VALID_TOML.replace('id = "site_123"', 'id = "123"')
             .replace('app_name = "YourApp"', 'app_name = ""\nbogus = 1'))
     path = write_config(tmp_path, text)
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert [p.key for p in config_problems(info.value)] == [
+    err = load_error(path)
+    assert [p.key for p in config_problems(err)] == [
         "site.bogus", "site.id", "site.app_name"]
 
 
@@ -354,10 +361,9 @@ def test_a_syntax_error_stops_at_once(tmp_path: Path) -> None:
     """After a TOML syntax error nothing else can be judged: one plain ConfigError."""
     text = VALID_TOML.replace('id = "site_123"', 'id = "123"') + "oops = \n"
     path = write_config(tmp_path, text)
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert config_problems(info.value) == (info.value,)
-    assert info.value.reason.startswith("TOML syntax error at line")
+    err = load_error(path)
+    assert config_problems(err) == (err,)
+    assert err.reason.startswith("TOML syntax error at line")
 
 
 def test_a_missing_file_is_told_apart_from_a_wrong_value(tmp_path: Path) -> None:
@@ -365,9 +371,8 @@ def test_a_missing_file_is_told_apart_from_a_wrong_value(tmp_path: Path) -> None
     place; the loader marks those with their own type."""
     path = write_config(tmp_path, VALID_TOML.replace("baudrate = 19200", "baudrate = 1"))
     (tmp_path / "secrets/stora-client-secret").unlink()
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    kinds = [(p.key, isinstance(p, MissingFileError)) for p in config_problems(info.value)]
+    err = load_error(path)
+    kinds = [(p.key, isinstance(p, MissingFileError)) for p in config_problems(err)]
     assert kinds == [("stora.client_secret_file", True), ("controllers[0].baudrate", False)]
 
 
@@ -388,10 +393,9 @@ def test_there_are_at_least_twenty_distinct_mistakes() -> None:
 
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.toml"
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert str(info.value) == f"{path}: config file does not exist"
-    assert info.value.key == ""
+    err = load_error(path)
+    assert str(err) == f"{path}: config file does not exist"
+    assert err.key == ""
 
 
 def test_directory_instead_of_file(tmp_path: Path) -> None:
@@ -402,9 +406,8 @@ def test_directory_instead_of_file(tmp_path: Path) -> None:
 def test_missing_secret_file_says_it_does_not_exist(tmp_path: Path) -> None:
     path = write_config(tmp_path)
     (tmp_path / "secrets/mqtt-password").unlink()
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert info.value.reason == (
+    err = load_error(path)
+    assert err.reason == (
         f"secret file {tmp_path / 'secrets/mqtt-password'} does not exist"
     )
 
@@ -412,9 +415,8 @@ def test_missing_secret_file_says_it_does_not_exist(tmp_path: Path) -> None:
 def test_syntax_error_reports_line_and_column(tmp_path: Path) -> None:
     path = tmp_path / "gw.toml"
     path.write_text('[site]\nid = "x"\napp_name = \n')
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert info.value.reason == "TOML syntax error at line 3, column 12: invalid value"
+    err = load_error(path)
+    assert err.reason == "TOML syntax error at line 3, column 12: invalid value"
 
 
 def test_not_utf8(tmp_path: Path) -> None:
@@ -434,12 +436,10 @@ def test_message_never_spans_lines() -> None:
 
 def test_newlines_in_values_and_keys_stay_escaped_on_one_line(tmp_path: Path) -> None:
     path = write_config(tmp_path, VALID_TOML.replace('driver = "modbus"', 'driver = "a\\nb"'))
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert len(str(info.value).splitlines()) == 1
-    assert "'a\\nb'" in str(info.value)
+    err = load_error(path)
+    assert len(str(err).splitlines()) == 1
+    assert "'a\\nb'" in str(err)
     path.write_text(VALID_TOML.replace("[mqtt]", '[mqtt]\n"bad\\nkey" = 1'))
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert info.value.key == "mqtt.bad\\nkey"
-    assert len(str(info.value).splitlines()) == 1
+    err = load_error(path)
+    assert err.key == "mqtt.bad\\nkey"
+    assert len(str(err).splitlines()) == 1

@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,23 +17,9 @@ from devkit.broker_client import Client
 from devkit.mosquitto import Broker
 from devkit.signer import CommandSigner, generate_keypair
 from devkit.site import PREFIX, SITE, RunningAgent, SimSite, make_site
-from tests.support.mgmt import answer, ask, command_result, make_client, sha
+from tests.support.mgmt import answer, ask, command_result, sha
 
 pytestmark = pytest.mark.simulator_only
-
-
-@pytest.fixture
-def site(tmp_path: Path, broker: Broker) -> Iterator[SimSite]:
-    s = make_site(tmp_path, broker)
-    try:
-        yield s
-    finally:
-        s.close()
-
-
-@pytest.fixture
-def client(site: SimSite) -> Client:
-    return make_client(site)
 
 
 # -- read-only requests ----------------------------------------------------------------

@@ -1,18 +1,12 @@
 """MqttLink against a real Mosquitto: TLS and password authentication.
 
 Fault matrix rows covered: #47 (no password in logs).
-
-Every test that needs ``mosquitto`` gets it from the ``broker`` fixture, which raises
-(fails) when the binary is missing: these tests never skip.  Timings are shrunk through
-:class:`LinkTimings`; the figures asked for by the fault matrix are printed (run with
-``-s`` to see them).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,23 +17,7 @@ from devkit.tls_files import TlsFiles, make_tls_files
 from gateway.config import MqttConfig
 from gateway.errors import ConfigError
 from gateway.link.mqtt import MqttLink
-from tests.support import mqtt_link as support
-from tests.support.mqtt_link import (
-    BIRTH,
-    CMD,
-    STATUS,
-    WILL,
-    LinkFactory,
-    mqtt_config,
-    wait_until,
-)
-
-
-@pytest.fixture
-def make_link() -> Iterator[LinkFactory]:
-    """Build and start links; every one is stopped at teardown."""
-    yield from support.make_link()
-
+from tests.support.mqtt_link import BIRTH, CMD, STATUS, WILL, LinkFactory, mqtt_config, wait_until
 
 # --------------------------------------------------------------------------- TLS and auth
 

@@ -1,10 +1,5 @@
 """MqttLink: the pure parts (full-jitter backoff, liveness topic, timings) and, against a
 real Mosquitto, birth, will and stop.
-
-Every test that needs ``mosquitto`` gets it from the ``broker`` fixture, which raises
-(fails) when the binary is missing: these tests never skip.  Timings are shrunk through
-:class:`LinkTimings`; the figures asked for by the fault matrix are printed (run with
-``-s`` to see them).
 """
 
 from __future__ import annotations
@@ -16,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,22 +27,7 @@ from gateway.link.message import OFFLINE_PAYLOAD, Message
 from gateway.link.mqtt import MqttLink
 from gateway.link.timing import LinkTimings, full_jitter_delay
 from sitelink.topics import liveness_topic
-from tests.support import mqtt_link as support
-from tests.support.mqtt_link import (
-    BIRTH,
-    CMD,
-    FAST,
-    STATUS,
-    WILL,
-    LinkFactory,
-    wait_until,
-)
-
-
-@pytest.fixture
-def make_link() -> Iterator[LinkFactory]:
-    """Build and start links; every one is stopped at teardown."""
-    yield from support.make_link()
+from tests.support.mqtt_link import BIRTH, CMD, FAST, STATUS, WILL, LinkFactory, wait_until
 
 
 def link_threads() -> list[threading.Thread]:

@@ -2,11 +2,6 @@
 
 Fault matrix rows covered: #7 (flood: bounded inbox, broker flow control), #15
 (oversized publish), and a hostile broker's huge packet.
-
-Every test that needs ``mosquitto`` gets it from the ``broker`` fixture, which raises
-(fails) when the binary is missing: these tests never skip.  Timings are shrunk through
-:class:`LinkTimings`; the figures asked for by the fault matrix are printed (run with
-``-s`` to see them).
 """
 
 from __future__ import annotations
@@ -16,9 +11,7 @@ import json
 import logging
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,21 +19,7 @@ import pytest
 from devkit.broker_client import Client
 from devkit.mosquitto import Broker
 from gateway.errors import ConfigError
-from gateway.link.message import Message
-from tests.support import mqtt_link as support
-from tests.support.mqtt_link import (
-    CMD,
-    LinkFactory,
-    mqtt_config,
-    wait_until,
-)
-
-
-@pytest.fixture
-def make_link() -> Iterator[LinkFactory]:
-    """Build and start links; every one is stopped at teardown."""
-    yield from support.make_link()
-
+from tests.support.mqtt_link import CMD, LinkFactory, blocked_handler, mqtt_config, wait_until
 
 # --------------------------------------------------------------------------- floods
 
@@ -49,12 +28,7 @@ def test_a_qos0_flood_is_shed_with_bounded_memory(broker: Broker,
                                                   make_link: LinkFactory) -> None:
     inbound_max = 20
     flood = 500
-    release = threading.Event()
-    handled: list[bytes] = []
-
-    def blocked(message: Message) -> None:
-        release.wait(20)
-        handled.append(message.payload)
+    release, handled, blocked = blocked_handler(20)
 
     link, _ = make_link(broker, on_message=blocked, inbound_max=inbound_max)
     assert link.wait_connected(5)
@@ -89,12 +63,7 @@ def test_a_qos1_flood_waits_in_the_broker_while_the_handler_is_stuck(
     # (Mosquitto 2.0.11 widens the window once PUBACKs flow, so the queue may then grow
     # past 20; inbound_max is the hard bound.)
     flood = 200
-    release = threading.Event()
-    handled: list[bytes] = []
-
-    def blocked(message: Message) -> None:
-        release.wait(20)
-        handled.append(message.payload)
+    release, handled, blocked = blocked_handler(20)
 
     link, _ = make_link(broker, on_message=blocked, inbound_max=1000)
     assert link.wait_connected(5)

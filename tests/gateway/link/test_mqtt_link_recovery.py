@@ -2,11 +2,6 @@
 
 Fault matrix rows covered: #3 (frozen broker: SIGSTOP), #4 (reconnect backoff with
 jitter, herd spread), #14/#36 (handlers that raise), #37 (slow handler vs keepalive).
-
-Every test that needs ``mosquitto`` gets it from the ``broker`` fixture, which raises
-(fails) when the binary is missing: these tests never skip.  Timings are shrunk through
-:class:`LinkTimings`; the figures asked for by the fault matrix are printed (run with
-``-s`` to see them).
 """
 
 from __future__ import annotations
@@ -15,7 +10,6 @@ import json
 import logging
 import random
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -23,7 +17,6 @@ import pytest
 from devkit.broker_client import Client
 from devkit.mosquitto import Broker
 from gateway.link.message import Message
-from tests.support import mqtt_link as support
 from tests.support.mqtt_link import (
     BIRTH,
     CMD,
@@ -34,13 +27,6 @@ from tests.support.mqtt_link import (
     mqtt_config,
     wait_until,
 )
-
-
-@pytest.fixture
-def make_link() -> Iterator[LinkFactory]:
-    """Build and start links; every one is stopped at teardown."""
-    yield from support.make_link()
-
 
 # --------------------------------------------------------------------------- frozen broker
 

@@ -1,11 +1,6 @@
 """MqttLink against a real Mosquitto: sessions.
 
 Fault matrix rows covered: #1/#2 (broker kill -9 and restart, persistence on and off).
-
-Every test that needs ``mosquitto`` gets it from the ``broker`` fixture, which raises
-(fails) when the binary is missing: these tests never skip.  Timings are shrunk through
-:class:`LinkTimings`; the figures asked for by the fault matrix are printed (run with
-``-s`` to see them).
 """
 
 from __future__ import annotations
@@ -13,33 +8,23 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from devkit.broker_client import Client
 from devkit.mosquitto import Broker
 from gateway.link.inbox import Inbound as _Inbound
 from gateway.link.inbox import Inbox as _Inbox
 from gateway.link.message import Message
-from tests.support import mqtt_link as support
 from tests.support.mqtt_link import (
     BIRTH,
     CMD,
     FAST,
     STATUS,
     LinkFactory,
+    blocked_handler,
     wait_until,
 )
-
-
-@pytest.fixture
-def make_link() -> Iterator[LinkFactory]:
-    """Build and start links; every one is stopped at teardown."""
-    yield from support.make_link()
-
 
 # --------------------------------------------------------------------------- sessions
 
@@ -192,12 +177,7 @@ def test_the_lean_publish_decoder_skips_mqtt5_properties(
 def test_a_burst_is_read_in_few_system_calls(broker: Broker, make_link: LinkFactory) -> None:
     # paho alone reads type, length and body separately: at least three recv() calls a
     # message.  The read-ahead must serve a burst from far fewer, and lose nothing.
-    release = threading.Event()
-    handled: list[bytes] = []
-
-    def blocked(message: Message) -> None:
-        release.wait(10)
-        handled.append(message.payload)
+    release, handled, blocked = blocked_handler(10)
 
     link, _ = make_link(broker, on_message=blocked, inbound_max=1000)
     assert link.wait_connected(5)

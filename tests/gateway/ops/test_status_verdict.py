@@ -20,7 +20,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,15 +30,7 @@ import pytest
 from devkit.broker_client import Client
 from devkit.mosquitto import Broker
 from devkit.sandbox import Sandbox
-from devkit.site import (
-    PREFIX,
-    ROOT,
-    STORA_TOKEN,
-    AgentProcess,
-    RunningAgent,
-    SimSite,
-    make_site,
-)
+from devkit.site import PREFIX, ROOT, STORA_TOKEN, AgentProcess, RunningAgent, SimSite, make_site
 from devkit.testing import AgentToml, wait_for
 
 pytestmark = pytest.mark.simulator_only
@@ -51,15 +43,6 @@ INSTANT_KEYS = frozenset({"at", "now", "floor", "proven"})
 #: Keys whose numbers are durations, sizes or readings by their unit suffix.
 UNIT_SUFFIXES = ("_s", "_ms", "_bytes", "_c", "_1m")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-@pytest.fixture
-def site(tmp_path: Path, broker: Broker) -> Iterator[SimSite]:
-    s = make_site(tmp_path, broker)
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def cli_env(**extra: str) -> dict[str, str]:

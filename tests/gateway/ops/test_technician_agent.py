@@ -12,19 +12,10 @@ import io
 import json
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
-from devkit.mosquitto import Broker
-from devkit.site import (
-    LOCKBOARD_UNITS,
-    MODBUS_UNITS,
-    PREFIX,
-    AgentProcess,
-    SimSite,
-    make_site,
-)
+from devkit.site import LOCKBOARD_UNITS, MODBUS_UNITS, PREFIX, AgentProcess, SimSite
 from devkit.testing import returns_within, wait_for
 from gateway.cli.main import main
 from tests.support.cli_process import CliProcess
@@ -38,15 +29,6 @@ HOLD_S = 2.0
 #: After the CLI has exited, how long the doors are still watched: an agent that went
 #: on testing would open the next lock within milliseconds of relocking the last one.
 AFTER_S = 2.5
-
-
-@pytest.fixture
-def site(tmp_path: Path, broker: Broker) -> Iterator[SimSite]:
-    s = make_site(tmp_path, broker)
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture

@@ -10,43 +10,21 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from devkit.sandbox import Sandbox, max_in_window
 from devkit.site import RunningAgent
-from devkit.testing import AgentToml, FakeClock, wait_for
+from devkit.testing import AgentToml, wait_for
 from gateway.cli.main import main
 from gateway.outbox.timeline import external_id_for
 from gateway.store import Store
 from tests.support import outbox as support
-from tests.support.outbox import (
-    PER_MIN,
-    PER_S,
-    STATIC,
-    Rig,
-    record,
-)
+from tests.support.outbox import PER_MIN, PER_S, STATIC, Rig, record
+from tests.support.store import tmpfs
 
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return support.clock()
-
-
-@pytest.fixture
-def http() -> Iterator[httpx.Client]:
-    yield from support.http()
-
-
-@pytest.fixture
-def sandbox_options(clock: FakeClock) -> dict[str, Any]:
-    return support.sandbox_options(clock)
-
-
-@pytest.fixture
-def rig(sandbox: Sandbox, clock: FakeClock, http: httpx.Client, tmp_path: Path) -> Iterator[Rig]:
-    yield from support.rig(sandbox, clock, http, tmp_path)
+# The fake clock and a limited sandbox (test_outbox_kill.py keeps the root ones).
+clock = pytest.fixture(support.clock)
+sandbox_options = pytest.fixture(support.sandbox_options)
 
 
 # -- the CLI (direct mode: no agent running) ------------------------------------------------
@@ -205,22 +183,7 @@ def test_a_corrupt_database_at_start_is_quarantined_and_the_loss_counted(
 @pytest.fixture
 def small_state_fs(tmp_path: Path) -> Iterator[Path]:
     """``tmp_path/state`` (the site's database directory) on a 1 MiB tmpfs; needs root."""
-    import os
-    import shutil
-    import subprocess
-
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root and mount(8); disk-full agent test skipped")
-    state = tmp_path / "state"
-    state.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs",
-                           str(state)], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield state
-    finally:
-        subprocess.run(["umount", "-l", str(state)], check=False)
+    yield from tmpfs(tmp_path / "state", "1m", "disk-full agent test skipped")
 
 
 def fill(directory: Path) -> Path:

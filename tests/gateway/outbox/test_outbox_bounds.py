@@ -14,8 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from devkit.sandbox import EVENT_SCOPE, Sandbox
-from devkit.testing import FakeClock
+from devkit.sandbox import EVENT_SCOPE
 from gateway.outbox.drainer import Drainer
 from gateway.outbox.policy import MAX_NOTE_CHARS
 from gateway.stora.answers import MAX_DETAILS
@@ -26,35 +25,11 @@ from gateway.stora.tokens import MAX_TOKEN_RESPONSE_BYTES, ClientCredentialsToke
 from gateway.store import Store
 from tests.support import outbox as support
 from tests.support.hostile_http import HostileServer, Reply, Request
-from tests.support.outbox import (
-    CLIENT_ID,
-    PER_MIN,
-    PER_S,
-    SECRET,
-    T0,
-    Rig,
-    record,
-)
+from tests.support.outbox import CLIENT_ID, PER_MIN, PER_S, SECRET, T0, Rig, record
 
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return support.clock()
-
-
-@pytest.fixture
-def http() -> Iterator[httpx.Client]:
-    yield from support.http()
-
-
-@pytest.fixture
-def sandbox_options(clock: FakeClock) -> dict[str, Any]:
-    return support.sandbox_options(clock)
-
-
-@pytest.fixture
-def rig(sandbox: Sandbox, clock: FakeClock, http: httpx.Client, tmp_path: Path) -> Iterator[Rig]:
-    yield from support.rig(sandbox, clock, http, tmp_path)
+# The fake clock and a limited sandbox (test_outbox_kill.py keeps the root ones).
+clock = pytest.fixture(support.clock)
+sandbox_options = pytest.fixture(support.sandbox_options)
 
 
 # -- issue 11: what comes back from Stora is bounded ------------------------------------------

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -24,7 +23,7 @@ import httpx
 import pytest
 
 from devkit.sandbox import EVENT_SCOPE, Sandbox
-from devkit.testing import FakeClock, returns_within, wait_for
+from devkit.testing import returns_within, wait_for
 from gateway.config import StoraConfig
 from gateway.outbox.drainer import Drainer, build_drainer
 from gateway.stora.answers import PostOutcome
@@ -33,35 +32,11 @@ from gateway.stora.ratelimit import RateLimiter
 from gateway.stora.tokens import ClientCredentialsTokens, FileTokens
 from gateway.store import Store
 from tests.support import outbox as support
-from tests.support.outbox import (
-    PER_MIN,
-    PER_S,
-    SECRET,
-    STATIC,
-    T0,
-    Rig,
-    record,
-)
+from tests.support.outbox import PER_MIN, PER_S, SECRET, STATIC, T0, Rig, record
 
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return support.clock()
-
-
-@pytest.fixture
-def http() -> Iterator[httpx.Client]:
-    yield from support.http()
-
-
-@pytest.fixture
-def sandbox_options(clock: FakeClock) -> dict[str, Any]:
-    return support.sandbox_options(clock)
-
-
-@pytest.fixture
-def rig(sandbox: Sandbox, clock: FakeClock, http: httpx.Client, tmp_path: Path) -> Iterator[Rig]:
-    yield from support.rig(sandbox, clock, http, tmp_path)
+# The fake clock and a limited sandbox (test_outbox_kill.py keeps the root ones).
+clock = pytest.fixture(support.clock)
+sandbox_options = pytest.fixture(support.sandbox_options)
 
 
 # -- the acceptance cases -----------------------------------------------------------------

@@ -7,10 +7,8 @@ from __future__ import annotations
 import ipaddress
 import socket
 import ssl
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -22,7 +20,6 @@ from gateway.stora.http import parse_http_date
 from gateway.stora.idempotency import IdempotencyKey
 from gateway.stora.ratelimit import RateLimiter
 from gateway.stora.tokens import FileTokens
-from tests.support import stora_client as support
 from tests.support.hostile_http import HostileServer, Reply, json_reply
 from tests.support.stora_client import (
     CREATED,
@@ -35,22 +32,6 @@ from tests.support.stora_client import (
     make_limiter,
     routes,
 )
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return support.clock()
-
-
-@pytest.fixture
-def http() -> Iterator[httpx.Client]:
-    yield from support.http()
-
-
-@pytest.fixture
-def sandbox_options(clock: FakeClock) -> dict[str, Any]:
-    return support.sandbox_options(clock)
-
 
 # -- issue 11: hostile answers ---------------------------------------------------------------------
 DATE = "Sun, 06 Nov 1994 08:49:37 GMT"  # RFC 9110's example

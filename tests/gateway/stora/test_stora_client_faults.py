@@ -29,34 +29,7 @@ from gateway.stora.client import StoraClient
 from gateway.stora.http import USER_AGENT
 from gateway.stora.idempotency import REPLAY_SAFE_S, IdempotencyKey
 from gateway.stora.tokens import FileTokens
-from tests.support import stora_client as support
-from tests.support.stora_client import (
-    T0,
-    Rig,
-    body_for,
-    make_client,
-    make_limiter,
-)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return support.clock()
-
-
-@pytest.fixture
-def http() -> Iterator[httpx.Client]:
-    yield from support.http()
-
-
-@pytest.fixture
-def sandbox_options(clock: FakeClock) -> dict[str, Any]:
-    return support.sandbox_options(clock)
-
-
-@pytest.fixture
-def rig(sandbox: Sandbox, clock: FakeClock, http: httpx.Client, tmp_path: Path) -> Rig:
-    return support.rig(sandbox, clock, http, tmp_path)
+from tests.support.stora_client import T0, Rig, body_for, make_client, make_limiter
 
 
 # -- each fault switch -------------------------------------------------------------------------

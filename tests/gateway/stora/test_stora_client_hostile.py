@@ -7,20 +7,16 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from devkit.testing import FakeClock
 from gateway.stora.answers import AuthFailed, Dead, Delivered, Retry
 from gateway.stora.client import make_http_client
 from gateway.stora.idempotency import IdempotencyKey
 from gateway.stora.limits import MAX_TEXT_CHARS, cap_text, safe_id
 from gateway.stora.tokens import MAX_TOKEN_RESPONSE_BYTES
-from tests.support import stora_client as support
 from tests.support.hostile_http import HostileServer, Reply, json_reply
 from tests.support.stora_client import (
     CREATED,
@@ -30,21 +26,6 @@ from tests.support.stora_client import (
     hostile_client,
     routes,
 )
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return support.clock()
-
-
-@pytest.fixture
-def http() -> Iterator[httpx.Client]:
-    yield from support.http()
-
-
-@pytest.fixture
-def sandbox_options(clock: FakeClock) -> dict[str, Any]:
-    return support.sandbox_options(clock)
 
 
 def test_stora_text_cannot_forge_or_swell_log_lines(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
@@ -35,7 +35,6 @@ from gateway.stora.ratelimit import (
     credential_retry_delay,
     parse_retry_delay,
 )
-from tests.support import stora_client as support
 from tests.support.stora_client import (
     CLIENT_ID,
     PER_MIN,
@@ -47,26 +46,6 @@ from tests.support.stora_client import (
     make_client,
     make_limiter,
 )
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return support.clock()
-
-
-@pytest.fixture
-def http() -> Iterator[httpx.Client]:
-    yield from support.http()
-
-
-@pytest.fixture
-def sandbox_options(clock: FakeClock) -> dict[str, Any]:
-    return support.sandbox_options(clock)
-
-
-@pytest.fixture
-def rig(sandbox: Sandbox, clock: FakeClock, http: httpx.Client, tmp_path: Path) -> Rig:
-    return support.rig(sandbox, clock, http, tmp_path)
 
 
 # -- rate limits -----------------------------------------------------------------------------

@@ -13,9 +13,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -26,33 +25,7 @@ from gateway.stora.answers import AuthFailed, Delivered, PostOutcome, Retry
 from gateway.stora.errors import CredentialRejected, TokenUnavailable
 from gateway.stora.idempotency import IdempotencyKey
 from gateway.stora.tokens import ClientCredentialsTokens, FileTokens
-from tests.support import stora_client as support
-from tests.support.stora_client import (
-    SECRET,
-    Rig,
-    body_for,
-    make_client,
-)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return support.clock()
-
-
-@pytest.fixture
-def http() -> Iterator[httpx.Client]:
-    yield from support.http()
-
-
-@pytest.fixture
-def sandbox_options(clock: FakeClock) -> dict[str, Any]:
-    return support.sandbox_options(clock)
-
-
-@pytest.fixture
-def rig(sandbox: Sandbox, clock: FakeClock, http: httpx.Client, tmp_path: Path) -> Rig:
-    return support.rig(sandbox, clock, http, tmp_path)
+from tests.support.stora_client import SECRET, Rig, body_for, make_client
 
 
 def tokens_of(rig: Rig) -> ClientCredentialsTokens:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,19 +24,7 @@ from gateway.store import (
     UnitRow,
     migrate,
 )
-from tests.support import store as support
 from tests.support.store import T0, raw, record
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return support.db(tmp_path)
-
-
-@pytest.fixture
-def store(db: Path) -> Iterator[Store]:
-    yield from support.store(db)
-
 
 # --------------------------------------------------------------------------- opening
 

@@ -5,33 +5,12 @@ guarantees, not calls.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from gateway.store import (
-    MIGRATIONS,
-    Store,
-    StoreBusy,
-    StoreError,
-    StoreFull,
-    UnitRow,
-    migrate,
-)
-from tests.support import store as support
+from gateway.store import MIGRATIONS, Store, StoreBusy, StoreError, StoreFull, UnitRow, migrate
 from tests.support.store import T0, integrity, overwrite_pages, raw, record
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return support.db(tmp_path)
-
-
-@pytest.fixture
-def store(db: Path) -> Iterator[Store]:
-    yield from support.store(db)
-
 
 # --------------------------------------------------------------------------- events
 
@@ -102,18 +81,6 @@ def test_another_process_holding_the_lock_is_store_busy(db: Path) -> None:
             other.execute("ROLLBACK")
             other.close()
         s.set_meta("after", "ok")
-
-
-@pytest.fixture
-def populated(db: Path) -> bytes:
-    """A database of ~50 pages, checkpointed into the main file; returns its bytes."""
-    return support.populated(db)
-
-
-@pytest.fixture
-def tiny_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 256 KiB tmpfs, unmounted afterwards; skipped where mounting is not allowed."""
-    yield from support.tiny_fs(tmp_path)
 
 
 # --------------------------------------------------------------------------- outbox

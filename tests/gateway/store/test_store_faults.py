@@ -20,33 +20,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from gateway.outbox.timeline import external_id_for
-from gateway.store import (
-    Store,
-    StoreCorrupt,
-    StoreError,
-    StoreFull,
-    StoreReadOnly,
-)
-from tests.support import store as support
+from gateway.store import Store, StoreCorrupt, StoreError, StoreFull, StoreReadOnly
 from tests.support.store import T0, integrity, overwrite_pages, raw, record
 
 REPO = Path(__file__).resolve().parents[3]
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return support.db(tmp_path)
-
-
-@pytest.fixture
-def store(db: Path) -> Iterator[Store]:
-    yield from support.store(db)
 
 
 # --------------------------------------------------------------------------- kill -9
@@ -137,12 +119,6 @@ def test_kill_minus_9_never_loses_or_duplicates_what_was_acknowledged(db: Path) 
     assert time.monotonic() - started < 90
 
 
-@pytest.fixture
-def populated(db: Path) -> bytes:
-    """A database of ~50 pages, checkpointed into the main file; returns its bytes."""
-    return support.populated(db)
-
-
 @pytest.mark.parametrize(
     "damage",
     [
@@ -212,12 +188,6 @@ def test_read_only_store_needs_an_existing_current_file(db: Path) -> None:
     db.write_bytes(b"")
     with pytest.raises(StoreError, match="schema version 0"):
         Store(db, read_only=True)
-
-
-@pytest.fixture
-def tiny_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 256 KiB tmpfs, unmounted afterwards; skipped where mounting is not allowed."""
-    yield from support.tiny_fs(tmp_path)
 
 
 CRASHED_WRITER = r"""
