@@ -114,9 +114,14 @@ class MqttTransport:
             if thread is not None and thread.is_alive() and not self._stop.is_set():
                 return
         if thread is not None and thread is not threading.current_thread():
-            thread.join()  # a close() is ending it: let it finish, then start afresh
+            # A close() is ending it: let it finish (bounded: it ends within a connect
+            # timeout), then start afresh.  Callers must not hold a lock the link
+            # thread's hooks take.
+            thread.join(timeout=self.settings.connect_timeout_s + 1)
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
+                LOGGER.warning("MQTT %s (%s): the previous link thread has not ended; "
+                               "not started", self.settings.where, self.name)
                 return
             self._stop.clear()
             self._thread = threading.Thread(

@@ -64,7 +64,8 @@ class BridgeLink:
         """Count one more user and start the link thread on first use."""
         with self._lock:
             self._users += 1
-            self._transport.start()
+        # Outside the lock: the link thread's hooks (_topics) take it.
+        self._transport.start()
         return self
 
     def release(self) -> None:

@@ -134,9 +134,7 @@ def plugin_commands(reserved: Iterable[str] = (),
     for name, value in entry_points(GROUP, path):
         try:
             loaded = load_entry_point(value)
-        # What loading a plugin raises when it is broken or missing (an exception of
-        # another kind is a bug in a plugin that imported: it shows, with its traceback).
-        except (ImportError, AttributeError, SyntaxError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 (a broken plugin: warn, keep the CLI)
             LOGGER.warning("CLI plugin %s (%s) not loaded: %s: %s", name, value,
                            type(exc).__name__, exc)
             continue

@@ -65,6 +65,21 @@ def test_a_broken_plugin_is_left_out_with_a_warning(
     assert "CLI plugin fake (no_such_module_here:COMMANDS) not loaded" in caplog.text
 
 
+def test_a_plugin_that_fails_as_it_imports_is_left_out_with_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Whatever a plugin raises while it loads, the CLI goes on without it."""
+    path = _plugin_dir(tmp_path, "fake_plugin_boom:COMMANDS")
+    (path / "fake_plugin_boom.py").write_text("raise RuntimeError('boom')\n")
+    sys.path.insert(0, str(path))
+    try:
+        with caplog.at_level(logging.WARNING, logger="gateway.cli.plugins"):
+            assert plugin_commands(path=[str(path)]) == []
+    finally:
+        sys.path.remove(str(path))
+        sys.modules.pop("fake_plugin_boom", None)
+    assert "not loaded: RuntimeError: boom" in caplog.text
+
+
 def test_a_plugin_of_the_wrong_shape_is_left_out(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = _plugin_dir(tmp_path, "fake_plugin_mod:COMMANDS", "COMMANDS = ['demo']\n")
