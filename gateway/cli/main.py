@@ -22,13 +22,14 @@ one sentence on stderr; a traceback only with ``--debug``.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import sys
 from collections.abc import Sequence
 from typing import TextIO
 
 from drivers.errors import DriverError
-from gateway.cli.parser import COMMANDS, all_commands, build_parser, plugins
+from gateway.cli.parser import COMMANDS, all_commands, build_parser, plugins, product_command
 from gateway.cli.shell import (
     AGENT_READ_S,
     EXIT_FAILED,
@@ -64,7 +65,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
     """Run the CLI; returns the exit status."""
     out = out or sys.stdout
     err = err or sys.stderr
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(with_plugins=product_command(argv) is None)
     try:
         # argparse writes --help and usage errors to sys.stdout/stderr: send them to ours.
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -74,6 +76,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
     if args.command is None:
         parser.print_help(out)
         return EXIT_USAGE
+    del parser  # every command's parser, which `run` would otherwise hold for its life
+    if args.command == "run":
+        gc.collect()  # argparse's objects are cyclic: free them before the agent starts
     debug = bool(getattr(args, "debug", False))
     if args.command != "run":  # the agent sets up its own logging, at INFO
         logging.basicConfig(

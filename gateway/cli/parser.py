@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import functools
+from collections.abc import Sequence
 
 from gateway import __version__
 from gateway.cli.init_options import add_arguments as add_init_arguments
 from gateway.cli.plugins import PluginCommand, plugin_commands
 from gateway.cli.shell import PROG
 
-__all__ = ["COMMANDS", "all_commands", "build_parser", "plugins"]
+__all__ = ["COMMANDS", "all_commands", "build_parser", "plugins", "product_command"]
 
 #: The product's commands and their one-line help; README.md must mention each, and each
 #: command a plugin adds (the dev kit's ``demo``, ``sandbox``, ``simulate``, ``selftest``:
@@ -65,8 +66,27 @@ def _common(json_output: bool, *, config: bool = True) -> argparse.ArgumentParse
     return parent
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser for every command."""
+def product_command(argv: Sequence[str]) -> str | None:
+    """The product command ``argv`` runs, or ``None`` when it may need the plugins'
+    commands: none named, ``--help`` before one, a plugin's command or a misspelling
+    (whose error lists every command).
+
+    With a product command named, the parser leaves the plugins out: ``run`` then never
+    loads the dev kit, whose parsers would stay in the agent's memory for nothing.
+    """
+    words = iter(argv)
+    for word in words:
+        if word == "--config":
+            next(words, None)
+        elif word in ("-h", "--help"):
+            return None
+        elif not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
+
+
+def build_parser(*, with_plugins: bool = True) -> argparse.ArgumentParser:
+    """The argument parser for every command (the product's only, without plugins)."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Smart-entry gateway for self-storage sites run on Stora.",
@@ -81,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     bare, json_only = _common(False, config=False), _common(True, config=False)
     parents = {(True, True): data, (False, True): plain, (False, False): bare,
                (True, False): json_only}
-    pending = list(plugins())
+    pending = list(plugins()) if with_plugins else []
 
     def add_plugins(before: str | None) -> None:
         """The plugins' commands listed before ``before`` (``None``: all that are left)."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final
 
-from drivers.registry import ALL_CONTROLLER_KEYS, DRIVERS, driver_spec
+from drivers.registry import DRIVERS, all_controller_keys, driver_spec
 from gateway.config.model import ControllerConfig, MqttConfig
 from gateway.config.problems import guarded
 from gateway.config.reader import Table
@@ -37,7 +37,10 @@ def _parse_controller(t: Table) -> ControllerConfig | None:
             t.error("driver", f"unknown driver {driver!r}{hint}; known drivers: "
                               f"{', '.join(DRIVERS)}")
         return None
-    t.check_keys(spec.keys, driver=driver, other_drivers_keys=ALL_CONTROLLER_KEYS)
+    # Every driver's keys are loaded only when this table has a key its driver lacks.
+    strays = any(key not in spec.keys for key in t.data)
+    t.check_keys(spec.keys, driver=driver,
+                 other_drivers_keys=all_controller_keys() if strays else ())
     # The settings' fields are named as ControllerConfig's (a name that is not one is a
     # TypeError here, at once); what this driver does not take keeps its default.
     values: dict[str, Any] = spec.parse(t).values()

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from drivers.registry import REGISTRY
+from drivers.registry import registry
 from gateway.config.controllers import check_mqtt_accounts, parse_controllers
 from gateway.config.locks import LOCK_KEYS, parse_locks
 from gateway.config.model import (
@@ -225,6 +225,6 @@ def known_keys() -> dict[str, frozenset[str]]:
         "telemetry": TELEMETRY_KEYS,
         "locks": LOCK_KEYS,
     }
-    for driver, spec in REGISTRY.items():
+    for driver, spec in registry().items():
         keys[f"controllers.{driver}"] = spec.keys
     return keys

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from functools import partial
 from typing import Final
 
-from drivers.registry import REGISTRY
+from drivers.registry import driver_spec
 from gateway.config.controllers import Controllers
 from gateway.config.model import ControllerConfig, EnergizeTo, LockConfig
 from gateway.config.problems import guarded
@@ -74,7 +74,9 @@ def _parse_lock(t: Table, found: Controllers) -> LockConfig:
     else:
         # Which lock keys a driver refuses, and whether its locks are named by device, is
         # the driver's own (drivers/<driver>/settings.py).
-        spec = REGISTRY[c.driver]
+        spec = driver_spec(c.driver)
+        if spec is None:  # pragma: no cover (a controller's driver was checked when parsed)
+            raise LookupError(f"controller {c.name!r} has unknown driver {c.driver!r}")
         for key, why in spec.lock_refuses.items():
             _not_for_driver(t, key, c.driver, why)
         if spec.locks_by_device:

@@ -19,10 +19,11 @@ from devkit.testing.clock import FakeClock
 from drivers.base import Health
 from drivers.errors import NoReplyError, UnsupportedError
 from drivers.health import HealthTracker
-from drivers.registry import ALL_CONTROLLER_KEYS, DRIVERS, REGISTRY, driver_spec
+from drivers.registry import DRIVERS, all_controller_keys, driver_spec, registry
 from gateway.config import ControllerConfig, known_keys
 
 ROOT = Path(__file__).resolve().parents[2]
+REGISTRY = registry()
 
 
 def test_every_driver_is_registered_under_its_name() -> None:
@@ -58,7 +59,7 @@ def test_known_keys_are_the_drivers_keys() -> None:
     keys = known_keys()
     for name, spec in REGISTRY.items():
         assert keys[f"controllers.{name}"] == spec.keys
-    assert frozenset().union(*(s.keys for s in REGISTRY.values())) == ALL_CONTROLLER_KEYS
+    assert frozenset().union(*(s.keys for s in REGISTRY.values())) == all_controller_keys()
 
 
 def test_only_serial_drivers_scan_and_have_addresses() -> None:
@@ -76,6 +77,42 @@ def test_reading_the_registry_loads_no_driver_library() -> None:
                           check=True, cwd=ROOT)
     assert done.stdout.strip() == ""
 
+
+
+_SETTINGS_LOADED = (
+    "import sys\n"
+    "from gateway.config import load_config\n"
+    "from tests.support.config import VALID_TOML, write_config\n"
+    "from pathlib import Path\n"
+    "text = VALID_TOML.replace('pulse = true', 'pulse = true' + sys.argv[2])\n"
+    "try:\n"
+    "    load_config(write_config(Path(sys.argv[1]), text))\n"
+    "except Exception as exc:\n"
+    "    print(exc, file=sys.stderr)\n"
+    "print(','.join(sorted(m.split('.')[1] for m in sys.modules\n"
+    "                      if m.count('.') == 2 and m.startswith('drivers.')\n"
+    "                      and m.endswith('.settings'))))\n"
+)
+
+
+def _settings_loaded(tmp_path: Path, extra: str = "") -> tuple[str, str]:
+    done = subprocess.run([sys.executable, "-c", _SETTINGS_LOADED, str(tmp_path), extra],
+                          capture_output=True, text=True, check=True, cwd=ROOT)
+    return done.stdout.strip(), done.stderr
+
+
+def test_a_config_loads_the_settings_of_its_own_drivers_only(tmp_path: Path) -> None:
+    """A site's agent holds its own drivers' settings, not all five (a Pi's memory)."""
+    loaded, errors = _settings_loaded(tmp_path)
+    assert errors == ""
+    assert loaded == "lockboard,modbus"  # the example config's two drivers
+
+
+def test_a_key_from_another_driver_still_names_that_mistake(tmp_path: Path) -> None:
+    """The one path that needs every driver's keys loads them, and only then."""
+    loaded, errors = _settings_loaded(tmp_path, '\nbase_topic = "z"')
+    assert "controllers[0].base_topic: key not valid for driver modbus" in errors
+    assert loaded == "lockboard,modbus,osdp,tasmota,zigbee2mqtt"
 
 # --------------------------------------------------------------------------- health
 

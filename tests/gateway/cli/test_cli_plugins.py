@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import io
 import logging
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main as cli
+from gateway.cli.parser import build_parser, product_command
 from gateway.cli.plugins import GROUP, PluginCommand, entry_points, plugin_commands
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -121,3 +123,38 @@ def test_help_loads_neither_importlib_metadata_nor_the_dev_kits_tools() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True, cwd=ROOT)
     assert done.stdout.strip() == "['devkit', 'devkit.commands', 'devkit.simulate_options']"
+
+
+def _devkit_loaded_by(argv: list[str]) -> bool:
+    code = ("import contextlib, io, sys\nfrom gateway.cli.main import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()), "
+            "contextlib.redirect_stderr(io.StringIO()):\n"
+            f"    main({argv!r})\n"
+            "print('devkit' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, cwd=ROOT)
+    return done.stdout.strip() == "True"
+
+
+@pytest.mark.parametrize(("argv", "loads"), [
+    (["--config", "/nonexistent/gateway.toml", "run"], False),  # the agent: no dev kit
+    (["check-config", "--config", "/nonexistent/gateway.toml"], False),
+    (["--debug", "status", "--help"], False),
+    (["--help"], True),  # lists the plugins' commands
+    (["run", "--help"], False),
+    (["demo", "--help"], True),
+    (["stauts"], True),  # a misspelling: the error lists every command
+    ([], True),
+])
+def test_a_product_command_leaves_the_plugins_out(argv: list[str], loads: bool) -> None:
+    """``run`` keeps no dev-kit parser in the agent's memory for its whole life."""
+    assert _devkit_loaded_by(argv) is loads
+
+
+def test_the_parser_without_plugins_knows_every_product_command() -> None:
+    for name in cli.COMMANDS:
+        assert product_command(["--config", name, name]) == name
+    assert product_command(["--config", "run"]) is None
+    parser = build_parser(with_plugins=False)
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert [set(a.choices or ()) for a in subparsers] == [set(cli.COMMANDS)]
