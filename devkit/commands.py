@@ -64,6 +64,17 @@ def _sandbox_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentPars
                    help="requests allowed in any 60-second window (default 60)")
     p.add_argument("--token-ttl", type=int, default=7200, metavar="S",
                    help="lifetime of issued access tokens in seconds (default 7200)")
+    p.add_argument("--partner-client-id", default=None, metavar="ID",
+                   help="client id of a partner app that may run the Authorization Code flow "
+                   "(/oauth2/authorize)")
+    p.add_argument("--partner-client-secret-file", default=None, metavar="FILE",
+                   help="file holding that partner app's client secret")
+    p.add_argument("--redirect-uri", action="append", default=[], metavar="URL",
+                   help="a redirect URI the partner app registered (repeatable)")
+    p.add_argument("--partner-token-ttl", type=int, default=7200, metavar="S",
+                   help="lifetime of the partner app's access tokens in seconds (default 7200)")
+    p.add_argument("--demo-operator", action="store_true",
+                   help="add an operator 'demo' with one site, a gate and three units")
 
 
 def cmd_sandbox(ctx: Context) -> int:
@@ -71,20 +82,36 @@ def cmd_sandbox(ctx: Context) -> int:
 
     Secrets come from files only, so they stay out of ``ps`` and shell history.
     """
-    from devkit.sandbox import Sandbox, read_secret_file, read_token_file, serve
+    from devkit.sandbox import (
+        PartnerApp,
+        Sandbox,
+        add_demo_operator,
+        read_secret_file,
+        read_token_file,
+        serve,
+    )
 
     a = ctx.args
     if (a.client_id is None) != (a.client_secret_file is None):
         raise CliError("--client-id and --client-secret-file go together")
+    partner = a.partner_client_id, a.partner_client_secret_file, a.redirect_uri
+    if any(partner) and not all(partner):
+        raise CliError("--partner-client-id, --partner-client-secret-file and --redirect-uri "
+                       "go together")
     try:
         clients = {a.client_id: read_secret_file(a.client_secret_file)} if a.client_id else {}
         tokens = read_token_file(a.static_token_file) if a.static_token_file else []
+        app = PartnerApp(a.partner_client_id, read_secret_file(a.partner_client_secret_file),
+                         tuple(a.redirect_uri)) if a.partner_client_id else None
         sandbox = Sandbox(host=a.host, port=a.port, clients=clients, static_tokens=tokens,
                           max_per_second=a.max_per_second, max_per_minute=a.max_per_minute,
-                          token_ttl_s=a.token_ttl)
+                          token_ttl_s=a.token_ttl, partner_app=app,
+                          access_token_ttl_s=a.partner_token_ttl)
+        if a.demo_operator:
+            add_demo_operator(sandbox)
     except ValueError as exc:
         raise CliError(str(exc)) from exc
-    if not clients and not tokens:
+    if not clients and not tokens and app is None:
         ctx.err.write(f"{PROG}: no --client-id or --static-token-file: every API call will "
                       "be answered 401\n")
     try:

@@ -1,7 +1,8 @@
 """The sandbox's request pipeline: Stora's endpoints and the admin API.
 
 :class:`Sandbox` is :class:`~devkit.sandbox.app.SandboxState` with Stora's endpoints and the
-admin API; the layers a request passes are listed in docs/design/sandbox.md.
+admin API, and the partner side (:mod:`devkit.sandbox.partner_admin` and below); the layers
+a request passes are listed in docs/design/sandbox.md.
 """
 
 from __future__ import annotations
@@ -14,20 +15,20 @@ import math
 import secrets
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl
 
-from devkit.sandbox.app import SandboxState
+from devkit.sandbox.listing import page_reply, paging
+from devkit.sandbox.oauth import AUTHORIZE_PATH
+from devkit.sandbox.partner_admin import PartnerAdmin
+from devkit.sandbox.partner_api import PARTNER_GRANTS
 from devkit.sandbox.rules import (
     _SCOPE_RE,
     ADMIN_PREFIX,
-    EVENT_SCOPE,
     EVENTS_PATH,
     FAULT_CODES,
     LOGGER,
-    PAGE_LIMIT_DEFAULT,
-    PAGE_LIMIT_MAX,
     POLL_S,
     SOURCE_SCOPE,
     SOURCES_PATH,
@@ -50,13 +51,15 @@ from devkit.sandbox.rules import (
 from devkit.sandbox.server import _Server
 
 
-class Sandbox(SandboxState):
-    """A local Stora API: the real HTTP peer of the outbox's tests and benchmarks.
+class Sandbox(PartnerAdmin):
+    """A local Stora API: the real HTTP peer of the outbox's and the relay's tests.
 
     ``clients`` maps OAuth client ids to secrets; ``static_tokens`` are long-lived Bearer
-    tokens.  Use as a context manager or call :meth:`start` and :meth:`stop`.  Every
-    method is thread-safe.  docs/design/sandbox.md lists the behaviours chosen where
-    Stora's are undocumented.
+    tokens; both reach the default operator.  ``partner_app`` and
+    :meth:`create_operator` make it "Stora for partners" (:class:`PartnerState`).  Use as
+    a context manager or call :meth:`start` and :meth:`stop`.  Every method is
+    thread-safe.  docs/design/sandbox.md lists the behaviours chosen where Stora's are
+    undocumented.
     """
 
     # -- lifecycle ------------------------------------------------------------------
@@ -75,6 +78,7 @@ class Sandbox(SandboxState):
             daemon=True,
         )
         self._thread.start()
+        self._deliverer.start()
         LOGGER.info("Stora sandbox listening on %s", self.url)
         return self
 
@@ -83,6 +87,7 @@ class Sandbox(SandboxState):
         server, self._server = self._server, None
         if server is None:
             return
+        self._deliverer.stop()
         self._stopping.set()  # wakes requests sleeping in "slow"
         server.shutdown()
         server.close_connections()
@@ -95,7 +100,6 @@ class Sandbox(SandboxState):
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
 
     # -- the API ---------------------------------------------------------------------
     def _refuse(self, method: str, path: str, key: str | None) -> bool:
@@ -110,9 +114,16 @@ class Sandbox(SandboxState):
                 query: str = "") -> _Reply:
         """Answer one API request (layers 2–8 of docs/design/sandbox.md) and record it."""
         key = headers.get("idempotency-key") or None
+        if path == AUTHORIZE_PATH:  # a page for a person's browser: not the rate-limited API
+            now = self.now()
+            page = self._authorize(method, headers, body, query)
+            with self._lock:
+                self._log.append(RequestRecord(now, method, path, page.status, key))
+            return page
+        operator = self._operator_of(path, headers, body)
         with self._lock:
             now = self.now()
-            reply = self._redirect(path) or self._admit(now)
+            reply = self._redirect(path) or self._admit(now, operator)
         replayed = mismatch = False
         if reply is not None:
             pass
@@ -120,15 +131,22 @@ class Sandbox(SandboxState):
             self._delay()
             reply = self._issue_token(headers, body)
         elif method == "POST" and path == EVENTS_PATH:
-            reply, replayed, mismatch = self._post_event(headers, body, key)
+            reply, replayed, mismatch = self._idempotent(
+                key, operator, body, lambda: self._create_event(headers, body), events=True)
         elif method == "GET" and path == SOURCES_PATH:
             self._delay()
             reply = self._list_sources(headers, query)
+        elif (handler := self._partner_route(method, path, headers, body, query)) is not None:
+            if method == "POST":
+                reply, replayed, mismatch = self._idempotent(key, operator, body, handler)
+            else:
+                self._delay()
+                reply = handler()
         else:
             self._delay()
             reply = _error("invalid_endpoint", f"no endpoint {method} {path}")
         record = RequestRecord(
-            now, method, path, reply.status, key, replayed, reply.drop, False, mismatch
+            now, method, path, reply.status, key, replayed, reply.drop, False, mismatch, operator
         )
         with self._lock:
             self._log.append(record)
@@ -145,13 +163,14 @@ class Sandbox(SandboxState):
         return _Reply(f.redirect_status, page.encode(),
                       (("Content-Type", "text/html"), ("Location", target)))
 
-    def _admit(self, now: float) -> _Reply | None:
-        """The 429 for a storm or an exceeded limit, else ``None`` (caller holds the lock)."""
+    def _admit(self, now: float, operator: str) -> _Reply | None:
+        """The 429 for a storm (every operator) or an exceeded limit of ``operator``'s
+        budget, else ``None`` (caller holds the lock)."""
         storm = self._faults.storm_until
         if storm is not None and now < storm:
             limit, reset = self.max_per_second, storm
         else:
-            refusal = self._limiter.admit(now)
+            refusal = self._operators[operator].limiter.admit(now)
             if refusal is None:
                 return None
             limit, reset = refusal
@@ -175,15 +194,19 @@ class Sandbox(SandboxState):
             doc = json.loads(body)
         except ValueError:
             return _oauth_error(400, "invalid_request", "the body is not valid JSON")
+        if isinstance(doc, dict) and doc.get("grant_type") in PARTNER_GRANTS:
+            return self._partner_token(doc)
+        if isinstance(doc, dict) and self._is_partner_client(doc.get("client_id")):
+            return _oauth_error(400, "unauthorized_client",
+                                "a partner app must use the authorization_code grant")
         fields = ("grant_type", "client_id", "client_secret", "scope")
         if not isinstance(doc, dict) or not all(
             isinstance(doc.get(f), str) and doc[f] for f in fields
         ):
             return _oauth_error(400, "invalid_request", f"{', '.join(fields)} are required strings")
         if doc["grant_type"] != "client_credentials":
-            return _oauth_error(
-                400, "unsupported_grant_type", "only client_credentials is supported"
-            )
+            return _oauth_error(400, "unsupported_grant_type", "use client_credentials, "
+                                "authorization_code or refresh_token")
         secret = self._clients.get(doc["client_id"])
         if secret is None or not hmac.compare_digest(
             secret.encode(), doc["client_secret"].encode()
@@ -211,82 +234,60 @@ class Sandbox(SandboxState):
             },
         )
 
-    def _post_event(
-        self, headers: Mapping[str, str], body: bytes, key: str | None
+    def _idempotent(
+        self, key: str | None, operator: str, body: bytes, handler: Callable[[], _Reply],
+        *, events: bool = False,
     ) -> tuple[_Reply, bool, bool]:
-        """Idempotency around :meth:`_create_event`: ``(reply, replayed, body_mismatch)``."""
+        """Idempotency around a POST's ``handler``: ``(reply, replayed, body_mismatch)``.
+
+        Keys belong to an operator.  ``events``: the event faults (``drop_after_commit``)
+        apply.
+        """
         fingerprint = _fingerprint(body)
+        scoped = (operator, key or "")
         if key is not None:
             with self._lock:
-                stored = self._stored.get(key)
+                stored = self._stored.get(scoped)
                 if stored is not None and self.now() >= stored.stored_at + self.idempotency_ttl_s:
-                    del self._stored[key]
+                    del self._stored[scoped]
                     stored = None
                 if stored is not None:
                     return stored.reply, True, stored.fingerprint != fingerprint
-                if key in self._inflight:
+                if scoped in self._inflight:
                     return (
                         _error("conflict", "a request with this Idempotency-Key is in progress"),
                         False,
                         False,
                     )
-                self._inflight.add(key)
+                self._inflight.add(scoped)
         try:
             self._delay()
-            reply = self._create_event(headers, body)
+            reply = handler()
             with self._lock:
                 if key is not None and (reply.status != 401 or self.store_unauthorized):
-                    self._stored[key] = _Stored(reply, self.now(), fingerprint)
-                if reply.status == 201 and self._faults.drop_after_commit > 0:
+                    self._stored[scoped] = _Stored(reply, self.now(), fingerprint)
+                if events and reply.status == 201 and self._faults.drop_after_commit > 0:
                     self._faults.drop_after_commit -= 1
                     reply = dataclasses.replace(reply, drop=True)
         finally:
             if key is not None:
                 with self._lock:
-                    self._inflight.discard(key)
+                    self._inflight.discard(scoped)
         return reply, False, False
-
-    def _authenticate(self, headers: Mapping[str, str],
-                      scope: str = EVENT_SCOPE) -> _Token | _Reply:
-        scheme, _, token = headers.get("authorization", "").partition(" ")
-        with self._lock:
-            info = self._tokens.get(token.strip()) if scheme.lower() == "bearer" else None
-            valid = info is not None and self.now() < info.expires_at
-        if info is None or not valid:
-            why = "missing Bearer token" if not token else "the access token is invalid or expired"
-            return _error(
-                "invalid_token", why, (), (("WWW-Authenticate", 'Bearer error="invalid_token"'),)
-            )
-        if info.scopes is not None and scope not in info.scopes:
-            return _error("forbidden", f"the access token lacks the {scope} scope")
-        return info
 
     def _list_sources(self, headers: Mapping[str, str], query: str) -> _Reply:
         """``GET /timeline/sources``: one page of the sources, as stora-api §3.4 and §5."""
         token = self._authenticate(headers, SOURCE_SCOPE)
         if isinstance(token, _Reply):
             return token
-        params = dict(parse_qsl(query))
-        try:
-            page = int(params.get("page", "1"))
-            limit = int(params.get("limit", str(PAGE_LIMIT_DEFAULT)))
-        except ValueError:
-            page = limit = 0
-        if page < 1 or not 1 <= limit <= PAGE_LIMIT_MAX:
-            return _error("invalid_url_param",
-                          f"page must be at least 1 and limit 1–{PAGE_LIMIT_MAX}")
+        window = paging(dict(parse_qsl(query)))
+        if isinstance(window, _Reply):
+            return window
         stamp = _rfc3339(self.now())
         sources = [{"id": ident, "name": f"Sandbox source {ident}", "website_url": None,
                     "global": False, "created_at": stamp, "updated_at": stamp}
                    for ident in self.timeline_sources]
-        pages = max(1, math.ceil(len(sources) / limit))
-        pagination = {"count": len(sources), "page": page, "pages": pages, "limit": limit,
-                      "next": page + 1 if page < pages else None,
-                      "prev": page - 1 if page > 1 else None, "last": pages}
-        return _json_reply(200, {
-            "timeline_sources": sources[(page - 1) * limit:page * limit],
-            "meta": {"pagination": pagination, "request_id": str(uuid.uuid4())},
-        })
+        return page_reply("timeline_sources", sources, *window)
 
     def _create_event(self, headers: Mapping[str, str], body: bytes) -> _Reply:
         """Layers 6 and 7: authenticate, validate and commit one event."""
@@ -321,6 +322,7 @@ class Sandbox(SandboxState):
             if not rejected:
                 event = self._new_event(doc, token.creator)
                 self._events.append(event)
+                self._event_operator[event["id"]] = token.operator
         if rejected:
             return _error(
                 FAULT_CODES[status],
@@ -358,13 +360,14 @@ class Sandbox(SandboxState):
         }
 
     # -- the admin API ------------------------------------------------------------------
-    def _admin(self, method: str, path: str, body: bytes) -> _Reply:
+    def _admin(self, method: str, path: str, body: bytes, query: str = "") -> _Reply:
         """``/_sandbox/…``: not Stora's; never limited, authenticated or recorded."""
         route = (method, path.rstrip("/"))
         if route == ("GET", f"{ADMIN_PREFIX}/state"):
             return _json_reply(200, self.state())
         if route == ("GET", f"{ADMIN_PREFIX}/events"):
-            return _json_reply(200, {"events": self.events()})
+            operator = dict(parse_qsl(query)).get("operator")
+            return _json_reply(200, {"events": self.events(operator)})
         if route == ("GET", f"{ADMIN_PREFIX}/requests"):
             return _json_reply(200, {"requests": [r.as_dict() for r in self.requests]})
         if route == ("POST", f"{ADMIN_PREFIX}/faults"):
@@ -373,6 +376,9 @@ class Sandbox(SandboxState):
             except (TypeError, ValueError) as exc:
                 return _json_reply(400, {"error": str(exc)})
             return _json_reply(200, {"faults": self.state()["faults"]})
+        partner = self._partner_admin(method, path, body, query)
+        if partner is not None:
+            return partner
         return _json_reply(404, {"error": f"no admin endpoint {method} {path}"})
 
 

@@ -85,8 +85,9 @@ class SandboxState:
             t: _Token(f"tok_{hashlib.sha256(t.encode()).hexdigest()[:16]}", None, math.inf, False)
             for t in static_tokens
         }
-        self._stored: dict[str, _Stored] = {}
-        self._inflight: set[str] = set()
+        # Idempotency keys belong to an operator: (operator, key).
+        self._stored: dict[tuple[str, str], _Stored] = {}
+        self._inflight: set[tuple[str, str]] = set()
         self._events: list[dict[str, Any]] = []
         self._log: list[RequestRecord] = []
         self._stopping = threading.Event()

@@ -116,6 +116,8 @@ class RequestRecord:
     dropped: bool = False
     refused: bool = False
     body_mismatch: bool = False
+    #: The operator whose budget the request was charged to (docs/design/sandbox.md).
+    operator: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The record as JSON-ready data."""
@@ -143,6 +145,8 @@ class _Token:
     scopes: frozenset[str] | None  # None: every scope
     expires_at: float
     issued: bool  # by /oauth2/token, as opposed to a static token
+    operator: str = "default"  # whose resources it reaches (devkit/sandbox/operators.py)
+    grant: str | None = None  # the Authorization Code grant it came from, if any
 
 
 @dataclass(slots=True)
@@ -295,7 +299,6 @@ class _RateLimiter:
 
 
 
-
 def _injected_failure(status: int, message_chars: int, details: int) -> _Reply:
     """The ``fail_next`` error, its message and details padded as the fault asks."""
     message = _padded("injected failure (sandbox fail_next)", message_chars)
@@ -365,5 +368,3 @@ _SETTINGS: Final[Mapping[str, Callable[[object], bool]]] = {
     "advance_s": _is_seconds,
 }
 
-
-# -- HTTP ---------------------------------------------------------------------------------

@@ -1,12 +1,13 @@
-"""``stora-gateway sandbox``: secret files and serving in the foreground."""
+"""``stora-gateway sandbox``: secret files, the demo operator, serving in the foreground."""
 
 from __future__ import annotations
 
 import signal
 import threading
 from types import FrameType
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
+from devkit.sandbox.oauth import AUTHORIZE_PATH
 from devkit.sandbox.rules import ADMIN_PREFIX, LOGGER
 
 if TYPE_CHECKING:
@@ -37,6 +38,29 @@ def read_token_file(path: str) -> list[str]:
     return tokens
 
 
+#: The ``--demo-operator``: one site with a gate open 06:00–22:00 on weekdays, and units.
+DEMO_OPERATOR: Final = "demo"
+DEMO_SITE: Final = {
+    "id": "site_demo",
+    "name": "Demo Storage Central",
+    "access_hours": {"monday": "06:00-22:00", "tuesday": "06:00-22:00",
+                     "wednesday": "06:00-22:00", "thursday": "06:00-22:00",
+                     "friday": "06:00-22:00", "saturday": "08:00-18:00", "sunday": "closed"},
+    "units": [
+        {"id": "unit_demo_gate", "reference_id": "GATE", "status": "unavailable"},
+        {"id": "unit_demo_a101", "reference_id": "A-101", "status": "occupied"},
+        {"id": "unit_demo_a102", "reference_id": "A-102", "status": "available"},
+        {"id": "unit_demo_a103", "reference_id": "A-103", "status": "overlocked"},
+    ],
+}
+
+
+def add_demo_operator(sandbox: Sandbox) -> str:
+    """Create the :data:`DEMO_OPERATOR` (one site, a gate and three units); its id."""
+    sandbox.create_operator(DEMO_OPERATOR, name="Demo Storage", sites=[DEMO_SITE])
+    return DEMO_OPERATOR
+
+
 def serve(sandbox: Sandbox, out: TextIO) -> int:
     """Run ``sandbox`` in the foreground until SIGINT or SIGTERM; print its URLs first.
 
@@ -60,6 +84,7 @@ def serve(sandbox: Sandbox, out: TextIO) -> int:
             ("api_url", sandbox.api_url),
             ("token_url", sandbox.token_url),
             ("admin_url", sandbox.url + ADMIN_PREFIX),
+            ("authorize_url", sandbox.url + AUTHORIZE_PATH),  # last: scripts read 4 lines
         ):
             out.write(f"{name}: {value}\n")
         out.flush()

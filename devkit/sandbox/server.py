@@ -130,7 +130,7 @@ class _Handler(BaseHTTPRequestHandler):
             except _BadFramingError as exc:
                 self._send(_json_reply(400, {"error": str(exc)}), close=True)
                 return
-            self._send(sandbox._admin(self.command, path, body))
+            self._send(sandbox._admin(self.command, path, body, query))
             return
         if sandbox._refuse(self.command, path, headers.get("idempotency-key") or None):
             self.close_connection = True  # network down: no reply at all

@@ -213,7 +213,7 @@ def test_body_must_be_json(sandbox: Sandbox) -> None:
 @pytest.mark.parametrize(
     ("method", "path"),
     [
-        ("GET", "/2025-09/units"),
+        ("GET", "/2025-09/tenancies"),  # /units exists since issue 14 (partner sandbox)
         ("GET", EVENTS),
         ("POST", "/nope"),
         ("PATCH", EVENTS + "/x"),

@@ -1,0 +1,207 @@
+"""The relay's tables (SQLAlchemy 2 declarative models).
+
+Portable SQL only: the same models and migrations run on SQLite (the embedded default,
+one process) and PostgreSQL (several replicas, next issue).  Times are UTC epoch seconds
+as floats, taken by the code that writes them; secrets are ciphertext from
+:class:`relay.crypto.Keyring` (``*_enc`` columns) or digests (``digest`` columns), never
+plaintext.  The migrations in ``relay/migrations/versions/`` create exactly these tables;
+``tests/relay/test_db.py`` compares them.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = [
+    "ApiKey",
+    "Base",
+    "Command",
+    "OAuthState",
+    "Operator",
+    "OperatorSite",
+    "SigningKey",
+    "Site",
+    "UnitState",
+    "WebhookEvent",
+]
+
+#: Ids and names: Stora's ids are short (``site_…``), ours too.
+ID = String(64)
+
+
+class Base(DeclarativeBase):
+    """The relay's metadata."""
+
+
+class Operator(Base):
+    """A Stora operator connected through OAuth, with its tokens and webhook endpoint."""
+
+    __tablename__ = "operators"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    #: ``connected``, ``reauth_required`` or ``disconnected`` (contract §7.1).
+    status: Mapped[str] = mapped_column(String(20))
+    access_token_enc: Mapped[str | None] = mapped_column(Text)
+    refresh_token_enc: Mapped[str | None] = mapped_column(Text)
+    token_expires_at: Mapped[float | None] = mapped_column(Float)
+    token_lifetime_s: Mapped[float | None] = mapped_column(Float)
+    scopes: Mapped[str] = mapped_column(Text, default="")
+    last_refresh_at: Mapped[float | None] = mapped_column(Float)
+    refreshes: Mapped[int] = mapped_column(Integer, default=0)
+    #: The path key of this operator's webhook URL (``/webhooks/stora/{key}``).
+    webhook_key: Mapped[str] = mapped_column(String(64), unique=True)
+    webhook_endpoint_id: Mapped[str | None] = mapped_column(ID)
+    webhook_secret_enc: Mapped[str | None] = mapped_column(Text)
+    last_webhook_at: Mapped[float | None] = mapped_column(Float)
+    reconciled_at: Mapped[float | None] = mapped_column(Float)
+    connected_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class OperatorSite(Base):
+    """A Stora site of a connected operator, as Stora lists it (registered or not)."""
+
+    __tablename__ = "operator_sites"
+
+    site_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    operator_id: Mapped[str] = mapped_column(ForeignKey("operators.id"), index=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    seen_at: Mapped[float] = mapped_column(Float)
+
+
+class Site(Base):
+    """A gateway site registered with ``sites add``: its credential and settings."""
+
+    __tablename__ = "sites"
+
+    site_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    operator_id: Mapped[str] = mapped_column(ForeignKey("operators.id"), index=True)
+    credential_id: Mapped[str] = mapped_column(String(32), unique=True)
+    credential_digest: Mapped[str] = mapped_column(String(64))
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    #: JSON array of unit ids whose doors any current tenant may open (contract §7.6).
+    shared_units: Mapped[str] = mapped_column(Text, default="[]")
+    created_at: Mapped[float] = mapped_column(Float)
+    revoked_at: Mapped[float | None] = mapped_column(Float)
+    #: The gateway's retained ``P/S/status`` payload (JSON text) and when it came.
+    status_json: Mapped[str | None] = mapped_column(Text)
+    status_at: Mapped[float | None] = mapped_column(Float)
+
+
+class OAuthState(Base):
+    """A ``state`` issued by ``/connect``: single use, expiring, with its PKCE verifier."""
+
+    __tablename__ = "oauth_states"
+
+    #: SHA-256 of the state (the state itself travels through the browser only).
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    verifier_enc: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float)
+    used_at: Mapped[float | None] = mapped_column(Float)
+
+
+class SigningKey(Base):
+    """An Ed25519 command signing key (``keys list`` / ``keys rotate``)."""
+
+    __tablename__ = "signing_keys"
+
+    kid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    private_key_enc: Mapped[str] = mapped_column(Text)
+    #: base64url of the raw 32-byte public key (the gateway's ``trusted_keys`` format).
+    public_key: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float)
+    retired_at: Mapped[float | None] = mapped_column(Float)
+
+
+class ApiKey(Base):
+    """A key of the unlock API (stored as a digest; printed once)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    operator_id: Mapped[str] = mapped_column(ForeignKey("operators.id"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    role: Mapped[str] = mapped_column(String(10))
+    digest: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float)
+    revoked_at: Mapped[float | None] = mapped_column(Float)
+
+
+class WebhookEvent(Base):
+    """A webhook event accepted once: the dedupe record of ``(operator, event.id)``."""
+
+    __tablename__ = "webhook_events"
+    __table_args__ = (UniqueConstraint("operator_id", "event_id"),)
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    operator_id: Mapped[str] = mapped_column(ForeignKey("operators.id"))
+    event_id: Mapped[str] = mapped_column(String(100))
+    type: Mapped[str] = mapped_column(String(100))
+    unit_id: Mapped[str | None] = mapped_column(ID)
+    #: What it did: ``command``, ``older`` (dropped by ``ver``), ``unregistered_site``, …
+    outcome: Mapped[str] = mapped_column(String(40))
+    skew_s: Mapped[float] = mapped_column(Float)
+    received_at: Mapped[float] = mapped_column(Float)
+
+
+class UnitState(Base):
+    """What the relay knows of a unit: Stora's status, its ``ver`` and the lockout wanted."""
+
+    __tablename__ = "unit_states"
+
+    operator_id: Mapped[str] = mapped_column(ForeignKey("operators.id"), primary_key=True)
+    unit_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    site_id: Mapped[str] = mapped_column(ID, index=True)
+    status: Mapped[str] = mapped_column(String(40))
+    #: ``updated_at`` of the newest version processed, epoch milliseconds (contract §7.3).
+    ver: Mapped[int] = mapped_column(BigInteger)
+    lockout: Mapped[bool] = mapped_column(Boolean)
+    #: The ``ver`` a gateway last confirmed (``done`` or ``stale_version``); while it is
+    #: below ``ver`` on a registered site, the lockout or clear is sent again.
+    confirmed_ver: Mapped[int | None] = mapped_column(BigInteger)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class Command(Base):
+    """A signed command to a site: recorded before it is published (the MQTT outbox)."""
+
+    __tablename__ = "commands"
+    __table_args__ = (
+        UniqueConstraint("api_key_id", "idempotency_key"),
+        Index("ix_commands_unpublished", "published_at", "status"),
+    )
+
+    jti: Mapped[str] = mapped_column(String(64), primary_key=True)
+    operator_id: Mapped[str] = mapped_column(ForeignKey("operators.id"), index=True)
+    site_id: Mapped[str] = mapped_column(ID, index=True)
+    unit_id: Mapped[str] = mapped_column(ID)
+    cmd: Mapped[str] = mapped_column(String(20))
+    ver: Mapped[int | None] = mapped_column(BigInteger)
+    token: Mapped[str | None] = mapped_column(Text)
+    #: ``pending`` (recorded or sent, no result), then the gateway's ``done``,
+    #: ``rejected``, ``failed`` or ``unknown``, or ``timeout`` (contract §7.2).
+    status: Mapped[str] = mapped_column(String(20))
+    reason: Mapped[str | None] = mapped_column(String(40))
+    duplicate: Mapped[bool] = mapped_column(Boolean, default=False)
+    state_json: Mapped[str | None] = mapped_column(Text)
+    origin: Mapped[str] = mapped_column(String(20))
+    actor: Mapped[str | None] = mapped_column(String(200))
+    api_key_id: Mapped[str | None] = mapped_column(String(32))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float)
+    published_at: Mapped[float | None] = mapped_column(Float)
+    result_at: Mapped[float | None] = mapped_column(Float)

@@ -1,0 +1,167 @@
+"""``stora-relay``'s commands (contract §7.1), in process and as a console script."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from relay.cli.main import main
+from relay.config import load_config
+from relay.crypto import Keyring
+from relay.db.engine import Database
+from relay.operators import Operators, StoraSite
+from relay.sites import SiteRegistry
+from relay.stora import TokenSet
+from tests.support.relay import write_relay_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(config: Path, *argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    status = main([*argv, "--config", str(config)], out=out, err=err)
+    return status, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    return write_relay_config(tmp_path / "relay")
+
+
+def connect_operator(config: Path, *sites: str) -> str:
+    cfg = load_config(config)
+    db = Database(cfg.database.url)
+    operators = Operators(db, Keyring.from_file(cfg.secrets.data_key_file))
+    run(config, "db", "upgrade")
+    tokens = TokenSet("at-1", "rt-1", 7200, "public.site:read", 0)
+    return operators.connect(tokens, [StoraSite(s, f"Site {s}") for s in sites])
+
+
+def test_check_config_and_db_upgrade(config: Path) -> None:
+    status, out, _ = run(config, "check-config")
+    assert status == 0
+    assert ": OK (database sqlite, 1 data key(s)" in out
+    assert run(config, "db", "upgrade")[1] == "applied 0001\n"
+    assert run(config, "db", "upgrade")[1] == "already up to date\n"
+
+
+def test_a_bad_config_is_one_line_per_problem_and_exit_2(config: Path) -> None:
+    config.write_text(config.read_text().replace('app_name = "TestEntry"', "app_nam = 1"))
+    status, out, err = run(config, "operators", "list")
+    assert status == 2
+    assert out == ""
+    assert "relay.app_nam: unknown key" in err
+    assert "Traceback" not in err
+
+
+def test_keys_rotate_keeps_old_keys_published_until_retired(config: Path) -> None:
+    _, out, _ = run(config, "keys", "rotate", "--json")
+    first = json.loads(out)["kid"]
+    run(config, "keys", "rotate")
+    status, out, _ = run(config, "keys", "list", "--json")
+    keys = json.loads(out)
+    assert status == 0
+    assert next(k["kid"] for k in keys) == first
+    assert len(keys) == 2
+    status, out, _ = run(config, "keys", "list")
+    line = out.splitlines()[-1]
+    assert line.startswith("trusted_keys = {")
+    assert first in line
+    parsed = tomllib.loads(line)["trusted_keys"]  # the gateway's format, as TOML
+    assert set(parsed) == {k["kid"] for k in keys}
+    status, _, err = run(config, "keys", "retire", keys[1]["kid"])
+    assert status == 1
+    assert "is the key that signs now: rotate first" in err
+    assert run(config, "keys", "retire", first)[0] == 0
+    _, out, _ = run(config, "keys", "list")
+    assert first not in out.splitlines()[-1]
+
+
+def test_sites_add_prints_the_credential_once_and_stores_a_digest(config: Path) -> None:
+    op = connect_operator(config, "site_a1", "site_b2")
+    status, out, err = run(config, "sites", "add", "site_a1", "--operator", op,
+                           "--timezone", "Europe/London", "--shared", "unit_gate")
+    assert status == 0, err
+    credential = next(w for w in out.split() if w.startswith("sgw_"))
+    assert 'auth = "broker"' in out
+    assert "/stora/2025-09" in out
+    assert "trusted_keys" in out
+    db_bytes = b"".join(p.read_bytes() for p in config.parent.glob("relay.db*"))
+    assert credential.encode() not in db_bytes
+    cfg = load_config(config)
+    registry = SiteRegistry(Database(cfg.database.url))
+    found = registry.authenticate(credential)
+    assert found is not None
+    assert found.site_id == "site_a1"
+    assert found.shared_units == ("unit_gate",)
+    assert found.timezone == "Europe/London"
+    assert registry.authenticate(credential[:-1] + ("A" if credential[-1] != "A" else "B")) is None
+    status, _, err = run(config, "sites", "add", "site_a1", "--operator", op)
+    assert status == 1
+    assert "already registered" in err
+    _, out, _ = run(config, "sites", "list", "--json")
+    assert json.loads(out)[0]["gateway"] == "never seen"
+    assert run(config, "sites", "revoke", "site_a1")[0] == 0
+    assert registry.authenticate(credential) is None
+    _, out, _ = run(config, "operators", "list", "--json")
+    assert json.loads(out)[0]["sites"] == ["site_a1", "site_b2"]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["sites", "add", "site_x", "--operator", "op_nobody"], "no operator 'op_nobody'"),
+    (["sites", "add", "site_x", "--operator", "{op}", "--timezone", "Mars/Olympus"],
+     "unknown time zone 'Mars/Olympus'"),
+    (["sites", "set", "site_nope", "--timezone", "UTC"], "no site 'site_nope'"),
+    (["api-keys", "create", "--operator", "{op}", "--name", "tenant app"],
+     "role app is not available yet"),
+    (["api-keys", "create", "--operator", "{op}", "--name", " ", "--role", "staff"],
+     "--name must be"),
+    (["api-keys", "revoke", "srk_nope"], "no API key 'srk_nope'"),
+])
+def test_mistakes_are_one_line_and_exit_1(config: Path, argv: list[str], message: str) -> None:
+    op = connect_operator(config, "site_a1")
+    status, out, err = run(config, *[a.replace("{op}", op) for a in argv])
+    assert status == 1
+    assert out == ""
+    assert message in err
+    assert err.count("\n") == 1
+
+
+def test_staff_api_keys_are_created_listed_and_revoked(config: Path) -> None:
+    op = connect_operator(config, "site_a1")
+    status, out, _ = run(config, "api-keys", "create", "--operator", op, "--name", "front desk",
+                         "--role", "staff", "--json")
+    created = json.loads(out)
+    assert status == 0
+    assert created["key"].startswith("srk_")
+    assert created["role"] == "staff"
+    _, out, _ = run(config, "api-keys", "list", "--json")
+    listed = json.loads(out)
+    assert [k["id"] for k in listed] == [created["id"]]
+    assert "key" not in listed[0]
+    assert run(config, "api-keys", "revoke", created["id"])[0] == 0
+    _, out, _ = run(config, "api-keys", "list", "--json")
+    assert json.loads(out)[0]["revoked_at"] is not None
+
+
+def test_only_run_loads_the_web_framework() -> None:
+    code = ("import sys, io\nfrom relay.cli.main import main\n"
+            "main(['--help'], out=io.StringIO())\n"
+            "print(sorted(m for m in ('fastapi', 'uvicorn', 'aiomqtt', 'jinja2')"
+            " if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, cwd=ROOT)
+    assert done.stdout.strip() == "[]"
+
+
+def test_the_console_script_is_installed(config: Path) -> None:
+    script = Path(sys.executable).with_name("stora-relay")
+    done = subprocess.run([str(script), "check-config", "--config", str(config)],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
