@@ -212,7 +212,8 @@ fi
 umask 022
 
 # --- check before changing anything ----------------------------------------------------
-for dir in "$ROOT/etc" "$ROOT/opt" "$PREFIX" "$PREFIX/deploy" "$PREFIX/docs" "$CONF_DIR" \
+for dir in "$ROOT/etc" "$ROOT/opt" "$PREFIX" "$PREFIX/deploy" "$PREFIX/docs" \
+           "$PREFIX/docs/partner-review" "$CONF_DIR" \
            "$CONFIG_DIR" "$SECRETS" "$ROOT/etc/systemd/system" "$ROOT/etc/modules-load.d" \
            "$ROOT/usr/local/bin" "$ROOT/usr/share" "$ROOT/usr/share/bash-completion" \
            "$COMPLETIONS"; do
@@ -289,7 +290,10 @@ say "installing stora-gateway from $SRC into $VENV"
 # reinstalls a local directory even when its version number did not change.
 BUILD="$(mktemp -d)"
 trap 'rm -rf "$BUILD"' EXIT
-cp -R "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/gateway" "$SRC/drivers" "$BUILD/"
+# The agent's packages: gateway, drivers and the site link protocol they share with the
+# relay (sitelink).  Not the dev kit or the relay (tests/deploy/test_deploy_install.py).
+cp -R "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/gateway" "$SRC/drivers" "$SRC/sitelink" \
+  "$BUILD/"
 find "$BUILD" -name __pycache__ -prune -exec rm -rf {} +
 "$VENV/bin/python" -m pip install --quiet --upgrade "$BUILD"
 # The documentation, laid out as in the checkout, so that the references between the
@@ -298,6 +302,8 @@ find "$BUILD" -name __pycache__ -prune -exec rm -rf {} +
 install -m 0644 "$SRC/README.md" "$SRC/hardware.md" "$PREFIX/"
 install -m 0644 "$SRC/deploy/README.md" "$SRC/deploy/gateway.example.toml" "$PREFIX/deploy/"
 install -m 0644 "$SRC"/docs/*.md "$PREFIX/docs/"
+install -d -m 0755 "$PREFIX/docs/partner-review"
+install -m 0644 "$SRC"/docs/partner-review/*.png "$PREFIX/docs/partner-review/"
 install -d -m 0755 "$ROOT/usr/local/bin"
 ln -sfn "$BIN_TARGET" "$BIN_LINK"
 # Bash completion for technicians, generated from the CLI's own parser (so it lists

@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 from gateway.ops.liveview import LiveView, describe_state
 
 if TYPE_CHECKING:
+    from devkit.demo_relay import DemoRelay
+    from devkit.sandbox import Sandbox
     from devkit.signer import CommandSigner
     from gateway.agent import Agent
 
@@ -80,6 +82,8 @@ class Demo:
     signer: CommandSigner | None = None
     forger: CommandSigner | None = None
     lockers: Any = None
+    sandbox: Sandbox | None = None
+    relay: DemoRelay | None = None
     _jtis: Iterator[int] = field(default_factory=lambda: iter(range(1, 1000)))
 
     def __post_init__(self) -> None:
@@ -166,6 +170,28 @@ class Demo:
         self.expect_events(tuple(self.head(kind) for kind in expect.events))
         return jti
 
+    def stora_status(self, unit: str, status: str) -> None:
+        """The operator changes a unit's status in Stora (the sandbox's admin API)."""
+        assert self.sandbox is not None
+        self.view.line("operator", f"in Stora: {REFERENCES[unit]} is now {status}")
+        self.sandbox.set_unit_status(unit, status)
+
+    def app_call(self, cmd: str, unit: str, expect: Expect, **body: Any) -> None:
+        """The app's unlock or lock through the relay's API, checked like a command."""
+        assert self.relay is not None
+        self.view.line("→", f"app: POST /v1/sites/{SITE}/units/{unit}/{cmd} "
+                            f"{body or ''}".rstrip())
+        record = self.relay.call(cmd, unit, **body)
+        self.view.line("←", f"app: {record['status']}"
+                       + (f" ({record['reason']})" if record.get("reason") else "")
+                       + f" (command {record['id']})")
+        want = (expect.status, expect.reason)
+        if (record.get("status"), record.get("reason")) != want:
+            self.problem(f"the app's {cmd} of {REFERENCES[unit]}: expected "
+                         f"{_words(*want, False)}, got "
+                         f"{_words(record.get('status'), record.get('reason'), False)}")
+        self.expect_events(tuple(self.head(kind) for kind in expect.events))
+
     def cli(self, *argv: str, expect: int) -> str:
         """Run a technician command through the real CLI (and so the agent's socket)."""
         from gateway.cli.main import main
@@ -222,17 +248,19 @@ class Demo:
         self.expect_state("unit_b201", "locked again", locked, timeout=2 + RELOCK_MARGIN_S)
         self.expect_events((self.head("locked"),))
 
-        self.step("Rent is overdue: the operator puts A-102 in lockout")
-        self.command("signed lockout of A-102 (version 1)", "lockout", "unit_a102",
-                     Expect("done", events=("overlocked",)), ver=1, actor="operator dashboard")
+        self.step("Rent is overdue: the operator overlocks A-102 in Stora",
+                  "(Stora's signed webhook reaches the relay, which sends the site a signed "
+                  "lockout)")
+        self.stora_status("unit_a102", "overlocked")
         self.expect_state("unit_a102", "locked and in lockout",
                           lambda s: s.get("locked") is True and bool(s.get("lockout")))
+        self.expect_events((self.head("overlocked"),))
 
-        self.step("The tenant tries to open A-102: refused, and staff see the attempt")
+        self.step("The tenant tries to open A-102 from the app: refused, and staff see it",
+                  "(the app asks the relay's unlock API; the site refuses a unit in lockout)")
         seen = len(self.watcher.states["unit_a102"])
-        self.command("signed unlock of A-102 for 3 s", "unlock", "unit_a102",
-                     Expect("rejected", "overlocked", events=("unlock_refused",)),
-                     dur=3, actor="tenant app")
+        self.app_call("unlock", "unit_a102", Expect("rejected", "overlocked",
+                                                    events=("unlock_refused",)), seconds=3)
         time.sleep(0.3)
         if any(s.get("locked") is False for s in self.watcher.states["unit_a102"][seen:]):
             self.problem("A-102 was unlocked while in lockout")
@@ -243,13 +271,12 @@ class Demo:
         self.expect_result(None, Expect("rejected", "bad_signature"))
         self.expect_events(())
 
-        self.step("Rent paid: the operator clears the lockout, and the tenant gets in")
-        self.command("signed clear_lockout of A-102 (version 2)", "clear_lockout",
-                     "unit_a102", Expect("done", events=("overlock_removed",)), ver=2,
-                     actor="operator dashboard")
+        self.step("Rent paid: the operator removes the overlock in Stora, and the tenant "
+                  "gets in from the app")
+        self.stora_status("unit_a102", "occupied")
         self.expect_state("unit_a102", "out of lockout", locked)
-        self.command("signed unlock of A-102 for 2 s", "unlock", "unit_a102",
-                     Expect("done", events=("unlocked",)), dur=2, actor="tenant app")
+        self.expect_events((self.head("overlock_removed"),))
+        self.app_call("unlock", "unit_a102", Expect("done", events=("unlocked",)), seconds=2)
         self.expect_state("unit_a102", "unlocked", unlocked)
         self.expect_state("unit_a102", "locked again", locked, timeout=2 + RELOCK_MARGIN_S)
         self.expect_events((self.head("locked"),))
@@ -364,6 +391,8 @@ def _leftovers(before: set[int | None], directory: str) -> list[str]:
 
 def _run(demo: Demo, directory: Path, stack: contextlib.ExitStack) -> None:
     from devkit.demo_broker import start_broker
+    from devkit.demo_relay import OPERATOR, add_operator, partner_app, start_relay
+    from devkit.mosquitto import free_port
     from devkit.sandbox import Sandbox
     from devkit.signer import CommandSigner, generate_keypair
     from devkit.sims.lockboard import start_lockboard_sim
@@ -381,20 +410,31 @@ def _run(demo: Demo, directory: Path, stack: contextlib.ExitStack) -> None:
     lockers = start_lockboard_sim(directory / "ttyRS485-2", (0,), 8, hold_s=DEMO_HOLD_S)
     stack.callback(lockers.close)
     demo.lockers = lockers
-    sandbox = Sandbox(static_tokens=[DEMO_TOKEN]).start()
+    relay_port = free_port()
+    sandbox = Sandbox(static_tokens=[DEMO_TOKEN], partner_app=partner_app(relay_port)).start()
     stack.callback(sandbox.stop)
+    demo.sandbox = sandbox
+    add_operator(sandbox)
+    relay = start_relay(directory / "relay", sandbox, broker.port, relay_port)
+    stack.callback(relay.stop)
+    demo.relay = relay
     private, public = generate_keypair()
     demo.signer = CommandSigner(private, KID, SITE)
     demo.forger = CommandSigner(generate_keypair()[0], KID, SITE)
     demo.config_path = write_demo_config(directory, modbus.path, lockers.port.path,
-                                         mqtt_port=broker.port, stora_url=sandbox.api_url,
-                                         public_key=public)
+                                         mqtt_port=broker.port, public_key=public,
+                                         relay=relay)
     view.write(
         f"  broker       {broker.description}\n"
         f"  controllers  Modbus relay board (A-101, A-102, GATE) on {modbus.path}\n"
         f"               lock board (B-201, B-202) on {lockers.port.path}\n"
-        f"  Stora API    sandbox on {sandbox.api_url}\n"
-        f"  agent        site {SITE}, app {APP}, trusting command key {KID}\n"
+        f"  Stora API    sandbox on {sandbox.api_url} (operator {OPERATOR})\n"
+        f"  relay        {relay.url}: the operator connected through Stora's consent page; "
+        f"site {SITE} registered;\n"
+        f"               Stora's webhooks become signed commands (key {relay.kid}); the app "
+        "unlocks through its API;\n"
+        "               the agent's Timeline Events go through its broker\n"
+        f"  agent        site {SITE}, app {APP}, trusting command keys {KID} and {relay.kid}\n"
         "  live view    seconds since start; → sent, ← result, lock = the unit's state as "
         "the agent publishes it,\n"
         "               Stora = a Timeline Event as Stora receives it\n\n")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
-    pass
+    from devkit.demo_relay import DemoRelay
 
 SITE: Final = "site_demo"
 APP: Final = "DemoGate"
@@ -43,16 +43,23 @@ def _demo_key() -> str:
 
 def write_demo_config(directory: Path, modbus_port: Path | str, lockboard_port: Path | str, *,
                       mqtt_port: int | None = None, stora_url: str | None = None,
-                      public_key: str | None = None) -> Path:
+                      public_key: str | None = None, relay: DemoRelay | None = None,
+                      ) -> Path:
     """A complete config for the simulated site, with its secret file (mode 600).
 
     Without ``mqtt_port`` it is the technician's config (direct mode, the CLI tests);
     with it the agent's: ``[mqtt]`` on 127.0.0.1, ``[stora]`` at ``stora_url`` and
-    ``public_key`` trusted for commands, on the system clock (no NTP needed).
+    ``public_key`` trusted for commands, on the system clock (no NTP needed).  With
+    ``relay`` the agent also trusts the relay's signing key and posts its Timeline Events
+    through the relay's broker (``auth = "broker"``, the site's credential).
     """
     token = directory / "stora-token"
-    token.write_text(f"{DEMO_TOKEN}\n")
+    token.write_text(f"{relay.credential if relay else DEMO_TOKEN}\n")
     token.chmod(0o600)
+    trusted = f'{KID} = "{public_key or _demo_key()}"'
+    if relay is not None:
+        trusted += f', {relay.kid} = "{relay.public_key}"'
+        stora_url = f"{relay.url}/stora/2025-09"
     mqtt = "" if mqtt_port is None else (
         f'[mqtt]\nhost = "127.0.0.1"\nport = {mqtt_port}\nclient_id = "demo-agent"\n\n')
     clock = "" if mqtt_port is None else 'clock = "system"\n'
@@ -63,11 +70,11 @@ id = "{SITE}"
 app_name = "{APP}"
 
 {mqtt}[commands]
-trusted_keys = {{ {KID} = "{public_key or _demo_key()}" }}
+trusted_keys = {{ {trusted} }}
 {clock}
 [stora]
 base_url = "{stora_url or 'http://127.0.0.1:8099/2025-09'}"
-auth = "static"
+auth = "{'broker' if relay else 'static'}"
 token_file = "{token}"
 timeline_source_id = "tsrc_demo"
 

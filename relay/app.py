@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from typing import Any
+
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 from relay import __version__
+from relay.api import Dispatch, api_routes, validation_error
+from relay.broker import broker_routes
+from relay.http import error, read_capped
 from relay.services import Services
 from relay.web import pages
 from relay.webhooks import MAX_BODY_BYTES
 
-__all__ = ["create_app", "error", "read_capped"]
+__all__ = ["create_app"]
 
 _WEBHOOK_REFUSALS = {
     "unknown_endpoint": "no webhook endpoint has this URL",
@@ -23,29 +32,35 @@ _WEBHOOK_REFUSALS = {
 }
 
 
-def error(status: int, code: str, message: str) -> JSONResponse:
-    """A JSON error as contract §7.2: ``{"error": {"code", "message"}}``."""
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+def create_app(services: Services, dispatch: Dispatch, *,
+               on_connected: Callable[[str], None] | None = None,
+               background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = ()) -> FastAPI:
+    """The application over ``services``.
 
+    ``dispatch`` publishes commands and waits for their results (the MQTT link; tests may
+    pass their own); ``on_connected(operator_id)`` runs after an operator connects;
+    ``background`` are coroutines run for the application's lifetime (the link, the
+    jobs), cancelled when it stops.
+    """
 
-async def read_capped(request: Request, limit: int) -> bytes | None:
-    """The request body, or ``None`` when it is over ``limit`` bytes (read no further)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        return None
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            return None
-    return bytes(body)
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        tasks = [asyncio.create_task(work()) for work in background]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
-
-def create_app(services: Services) -> FastAPI:
-    """The application over ``services`` (tests build their own)."""
-    app = FastAPI(title="stora-relay", version=__version__,
+    app = FastAPI(title="stora-relay", version=__version__, lifespan=lifespan,
                   summary="The partner relay between Stora and smart-entry gateways.")
-    app.include_router(pages(services))
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.include_router(pages(services, on_connected=on_connected))
+    app.include_router(api_routes(services.unlock, dispatch))
+    app.include_router(broker_routes(services.broker))
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:
@@ -64,6 +79,8 @@ def create_app(services: Services) -> FastAPI:
             return error(413, "too_large", f"a webhook body is at most {MAX_BODY_BYTES} bytes")
         verdict = await run_in_threadpool(services.webhooks.accept, key, body,
                                           request.headers.get("x-stora-signature", ""))
+        if verdict.command is not None:
+            dispatch.notify()
         if verdict.status == 200:
             return JSONResponse({"ok": True, "outcome": verdict.outcome})
         return error(verdict.status, verdict.outcome, _WEBHOOK_REFUSALS.get(

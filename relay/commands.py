@@ -58,15 +58,15 @@ class Commands:
 
     def new(self, session: Session, *, operator_id: str, site_id: str, unit_id: str,
             cmd: Cmd, origin: str, ver: int | None = None, dur: int | None = None,
-            actor: str | None = None, api_key_id: str | None = None,
-            idempotency_key: str | None = None) -> Command:
+            actor: str | None = None, override: bool = False, reason: str | None = None,
+            api_key_id: str | None = None, idempotency_key: str | None = None) -> Command:
         """A signed command, added to ``session`` (published once that commits)."""
         ttl = LOCKOUT_TTL_S if cmd in (Cmd.LOCKOUT, Cmd.CLEAR_LOCKOUT) else UNLOCK_TTL_S
         now = self._clock()
         iat = math.floor(now)
         jti, token = self._signer(session, site_id).command(
             cmd.value, unit_id, jti=uuid.uuid4().hex, ttl=ttl, iat=iat, ver=ver, dur=dur,
-            actor=actor)
+            actor=actor, override=True if override else None, reason=reason)
         row = Command(jti=jti, operator_id=operator_id, site_id=site_id, unit_id=unit_id,
                       cmd=cmd.value, ver=ver, token=token.decode("ascii"),
                       status="pending", reason=None, duplicate=False, state_json=None,

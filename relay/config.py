@@ -289,7 +289,7 @@ def example_config() -> str:
 
 
 _EXAMPLE: Final = '''\
-# stora-relay configuration (contract §7.1).  Relative paths are taken from the
+# stora-relay configuration.  Relative paths are taken from the
 # directory of this file.  Secrets are never written here: each *_file key names a file
 # readable only by the relay's user (chmod 600), or the relay refuses to start.
 

@@ -16,6 +16,7 @@ sees; nothing about the operator is stored before the exchange succeeds.
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 import time
 import urllib.parse
@@ -30,10 +31,13 @@ from relay.db.engine import Database
 from relay.db.models import OAuthState
 from relay.errors import RelayError
 from relay.operators import Operators, StoraSite
+from relay.ratelimit import RateLimiter
 from relay.stora import OAuthError, StoraApi, StoraError
+from relay.tokens import Tokens
 
 __all__ = ["STATE_TTL_S", "WEBHOOK_EVENTS", "ConnectError", "ConnectResult", "Connector"]
 
+LOGGER = logging.getLogger(__name__)
 #: How long a connect attempt may take at Stora's consent page (contract: ≤ 10 min).
 STATE_TTL_S = 600.0
 #: What the relay subscribes to (contract §7.3).
@@ -69,7 +73,10 @@ class Connector:
     """The connect flow for one relay."""
 
     def __init__(self, config: RelayConfig, db: Database, keyring: Keyring, stora: StoraApi,
-                 operators: Operators, *, clock: Callable[[], float] = time.time) -> None:
+                 operators: Operators, *, limiter: RateLimiter, tokens: Tokens,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._limiter = limiter
+        self._tokens = tokens
         self._config = config
         self._db = db
         self._keyring = keyring
@@ -149,14 +156,28 @@ class Connector:
         except StoraError as exc:
             raise ConnectError("exchange", f"Stora could not be asked ({exc.code})") from None
         operator_id = self._operators.connect(tokens, [s for s in sites if s.id])
+        # The exchange and the site pages went out before the operator was known: counted
+        # now against its rate budget, like every later call.
+        self._limiter.record(operator_id, "connect", 1 + max(1, -(-len(sites) // 100)))
         webhook = self._register_webhook(operator_id, tokens.access_token)
         return ConnectResult(operator_id, sites, webhook)
+
+    def ensure_webhook(self, operator_id: str) -> str | None:
+        """Register the operator's webhook endpoint if an earlier try failed (a periodic
+        job calls this); ``None`` when it has one already."""
+        if self._operators.has_webhook_secret(operator_id):
+            return None
+        outcome = self._tokens.call(operator_id,
+                                    lambda token: self._register_webhook(operator_id, token))
+        LOGGER.info("webhook endpoint of %s: %s", operator_id, outcome)
+        return outcome
 
     def _register_webhook(self, operator_id: str, token: str) -> str:
         """Reuse the operator's endpoint (``metadata.relay`` = its key) or create one."""
         key = self._operators.webhook_key(operator_id)
         replace = False
         try:
+            self._limiter.acquire(operator_id, "connect")
             for endpoint in self._stora.pages("webhook_endpoints", "webhook_endpoints", token):
                 metadata = endpoint.get("metadata")
                 if (isinstance(metadata, Mapping) and metadata.get("relay") == key
@@ -166,9 +187,11 @@ class Connector:
                         return "reused"
                     # Ours, but its secret is lost (a restored database): Stora shows a
                     # secret only once, so this one is replaced.
+                    self._limiter.acquire(operator_id, "connect")
                     self._stora.request("POST", f"webhook_endpoints/{endpoint.get('id')}/disable",
                                         token, idempotency_key=secrets.token_hex(16))
                     replace = True
+            self._limiter.acquire(operator_id, "connect")
             made = self._stora.request("POST", "webhook_endpoints", token, body={
                 "name": f"{self._config.relay.app_name} smart entry",
                 "api_version": "2025-09", "url": self.webhook_url(key),
@@ -177,7 +200,7 @@ class Connector:
             # The same key replays a create whose answer was lost (its secret included) for
             # 24 h; a replacement must not replay the endpoint it replaces.
             }, idempotency_key=secrets.token_hex(16) if replace else f"relay-webhook-{key}")
-        except StoraError as exc:
+        except RelayError as exc:  # Stora's refusal, or no rate-limit slot in time
             return f"failed: {exc}"
         made_endpoint = made.get("webhook_endpoint") if isinstance(made, Mapping) else None
         if not isinstance(made_endpoint, Mapping):

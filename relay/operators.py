@@ -62,7 +62,9 @@ def _name(sites: Sequence[StoraSite]) -> str:
     names = sorted(s.name or s.id for s in sites)
     if not names:
         return "(no sites)"
-    return names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} sites)"
+    others = len(names) - 1
+    return names[0] if not others else (
+        f"{names[0]} and {others} other site{'s' if others > 1 else ''}")
 
 
 class Operators:

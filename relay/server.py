@@ -1,26 +1,54 @@
 """``stora-relay run``: the HTTP server and the background work, in the foreground.
 
-On SQLite (the default) the process first takes the database's one-process lock
-(:class:`relay.db.engine.ProcessLock`), then applies pending migrations, then serves
-with uvicorn until SIGINT or SIGTERM.
+:func:`build` puts the relay together over one :class:`~relay.services.Services`: the
+ASGI app, the MQTT link (:class:`relay.link.RelayLink`: the command outbox, results,
+gateways' status) and the reconciliation jobs, the last two running for the app's
+lifetime.  :func:`serve` is the command: on SQLite (the default) it first takes the
+database's one-process lock (:class:`relay.db.engine.ProcessLock`), then applies pending
+migrations, then serves with uvicorn until SIGINT or SIGTERM.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import uvicorn
+from fastapi import FastAPI
 
 from relay.app import create_app
 from relay.config import RelayConfig
 from relay.crypto import Keyring
 from relay.db.engine import Database, ProcessLock
 from relay.db.migrate import upgrade
+from relay.jobs import DEFAULT_INTERVAL_S, Jobs
+from relay.link import LinkTimings, RelayLink
 from relay.services import Services
 
-__all__ = ["serve"]
+__all__ = ["Relay", "build", "serve"]
 
 LOGGER = logging.getLogger(__name__)
+
+
+@dataclass
+class Relay:
+    """The relay's running parts."""
+
+    services: Services
+    link: RelayLink
+    jobs: Jobs
+    app: FastAPI
+
+
+def build(services: Services, *, timings: LinkTimings | None = None,
+          reconcile_interval_s: float = DEFAULT_INTERVAL_S) -> Relay:
+    """The app, the link and the jobs over ``services`` (tests and the demo use it too)."""
+    link = RelayLink(services.config.mqtt, services.db, services.sites, services.commands,
+                     clock=services.clock, timings=timings)
+    jobs = Jobs(services.reconciler, services.connector, interval_s=reconcile_interval_s)
+    app = create_app(services, link, on_connected=jobs.request,
+                     background=(link.run, jobs.run))
+    return Relay(services, link, jobs, app)
 
 
 def serve(config: RelayConfig, keyring: Keyring) -> int:
@@ -35,10 +63,11 @@ def serve(config: RelayConfig, keyring: Keyring) -> int:
             LOGGER.info("database migrated: %s", ", ".join(applied))
         services = Services.build(config, keyring, db=db)
         try:
+            relay = build(services)
             server = uvicorn.Server(uvicorn.Config(
-                create_app(services), host=config.relay.listen_host,
-                port=config.relay.listen_port, log_level="info", access_log=False,
-                proxy_headers=True, server_header=False, lifespan="on"))
+                relay.app, host=config.relay.listen_host, port=config.relay.listen_port,
+                log_level="info", access_log=False, proxy_headers=True, server_header=False,
+                lifespan="on"))
             LOGGER.info("stora-relay listening on %s:%d (public URL %s)",
                         config.relay.listen_host, config.relay.listen_port,
                         config.relay.public_url)

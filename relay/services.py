@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import httpx
 
 from relay.apikeys import ApiKeys
+from relay.broker import TimelineBroker
 from relay.commands import Commands
 from relay.config import RelayConfig
 from relay.connect import Connector
@@ -16,8 +17,12 @@ from relay.crypto import Keyring
 from relay.db.engine import Database
 from relay.keys import SigningKeys
 from relay.operators import Operators
+from relay.ratelimit import RateLimiter
+from relay.reconcile import Reconciler
 from relay.sites import SiteRegistry
 from relay.stora import StoraApi
+from relay.tokens import Tokens
+from relay.unlock import UnlockService
 from relay.webhooks import WebhookIntake
 
 __all__ = ["Services"]
@@ -38,6 +43,11 @@ class Services:
     connector: Connector
     commands: Commands
     webhooks: WebhookIntake
+    unlock: UnlockService
+    limiter: RateLimiter
+    tokens: Tokens
+    broker: TimelineBroker
+    reconciler: Reconciler
     clock: Callable[[], float]
 
     @classmethod
@@ -50,15 +60,24 @@ class Services:
         operators = Operators(db, keyring, clock=clock)
         signing_keys = SigningKeys(db, keyring, clock=clock)
         commands = Commands(signing_keys, clock=clock)
-        return cls(config=config, db=db, keyring=keyring, stora=stora, operators=operators,
-                   sites=SiteRegistry(db, clock=clock), api_keys=ApiKeys(db, clock=clock),
-                   signing_keys=signing_keys,
-                   connector=Connector(config, db, keyring, stora, operators, clock=clock),
-                   commands=commands,
-                   webhooks=WebhookIntake(db, keyring, commands,
-                                          tolerance_s=config.stora.webhook_tolerance_s,
-                                          clock=clock),
-                   clock=clock)
+        api_keys = ApiKeys(db, clock=clock)
+        sites = SiteRegistry(db, clock=clock)
+        limiter = RateLimiter(db, max_per_second=config.stora.max_per_second,
+                              max_per_minute=config.stora.max_per_minute)
+        tokens = Tokens(db, keyring, stora, limiter, clock=clock)
+        return cls(
+            config=config, db=db, keyring=keyring, stora=stora, operators=operators,
+            sites=sites, api_keys=api_keys, signing_keys=signing_keys,
+            connector=Connector(config, db, keyring, stora, operators, limiter=limiter,
+                                tokens=tokens, clock=clock),
+            commands=commands,
+            webhooks=WebhookIntake(db, keyring, commands,
+                                   tolerance_s=config.stora.webhook_tolerance_s, clock=clock),
+            unlock=UnlockService(db, api_keys, commands, clock=clock),
+            limiter=limiter, tokens=tokens,
+            broker=TimelineBroker(sites, tokens, limiter, stora),
+            reconciler=Reconciler(db, stora, tokens, commands, limiter=limiter, clock=clock),
+            clock=clock)
 
     def close(self) -> None:
         """Close the HTTP client and the database pool."""

@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from relay.crypto import digest_secret, new_credential, parse_credential, same_digest
 from relay.db.engine import Database
-from relay.db.models import Operator, Site
+from relay.db.models import Operator, OperatorSite, Site
 from relay.errors import RelayError
 
 __all__ = ["CREDENTIAL_PREFIX", "SiteInfo", "SiteRegistry", "check_timezone"]
@@ -97,6 +97,11 @@ class SiteRegistry:
             if operator is None:
                 raise RelayError(f"no operator {operator_id!r} (see `stora-relay operators "
                                  "list`)")
+            listed = s.get(OperatorSite, site_id)
+            if listed is None or listed.operator_id != operator_id:
+                raise RelayError(f"Stora did not list site {site_id} for operator "
+                                 f"{operator_id} when it connected (see `stora-relay "
+                                 "operators list --json`)")
             existing = s.get(Site, site_id)
             if existing is not None and existing.revoked_at is None:
                 raise RelayError(f"site {site_id} is already registered (revoke it first "

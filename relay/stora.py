@@ -18,7 +18,7 @@ import httpx
 from relay.config import StoraSection
 from relay.errors import RelayError
 
-__all__ = ["MAX_ANSWER_BYTES", "OAuthError", "StoraApi", "StoraError", "TokenSet"]
+__all__ = ["MAX_ANSWER_BYTES", "Forwarded", "OAuthError", "StoraApi", "StoraError", "TokenSet"]
 
 #: The most of one answer read (a page of 100 units is far less).
 MAX_ANSWER_BYTES = 4 * 1024 * 1024
@@ -37,6 +37,15 @@ class StoraError(RelayError):
 
 class OAuthError(StoraError):
     """The token endpoint refused: ``code`` is RFC 6749's ``error`` (``invalid_grant``…)."""
+
+
+@dataclass(frozen=True)
+class Forwarded:
+    """Stora's answer as it came: status, body bytes (capped) and headers."""
+
+    status: int
+    body: bytes
+    headers: httpx.Headers
 
 
 @dataclass(frozen=True)
@@ -90,8 +99,19 @@ class StoraApi:
             headers["Authorization"] = f"Bearer {token}"
         if idempotency_key is not None:
             headers["Idempotency-Key"] = idempotency_key
+        answer = self._exchange(method, url, headers, json_body=body, params=params)
         try:
-            with self._http.stream(method, url, headers=headers, json=body,
+            doc = json.loads(answer.body) if answer.body else None
+        except ValueError:
+            doc = None
+        return answer.status, doc, answer.headers
+
+    def _exchange(self, method: str, url: str, headers: Mapping[str, str], *,
+                  json_body: Mapping[str, Any] | None = None, content: bytes | None = None,
+                  params: Mapping[str, Any] | None = None) -> Forwarded:
+        """One request; the answer's bytes capped at :data:`MAX_ANSWER_BYTES`."""
+        try:
+            with self._http.stream(method, url, headers=headers, json=json_body, content=content,
                                    params=params) as answer:
                 raw = b""
                 for chunk in answer.iter_bytes():
@@ -102,11 +122,7 @@ class StoraApi:
         except httpx.HTTPError as exc:
             raise StoraError(0, "unreachable", f"Stora could not be reached ({method} {url}): "
                              f"{type(exc).__name__}") from None
-        try:
-            doc = json.loads(raw) if raw else None
-        except ValueError:
-            doc = None
-        return answer.status_code, doc, answer.headers
+        return Forwarded(answer.status_code, raw, answer.headers)
 
     def _url(self, path: str) -> str:
         return self._settings.base_url.rstrip("/") + "/" + path.lstrip("/")
@@ -159,6 +175,19 @@ class StoraApi:
             code, message = _error_of(status, doc)
             raise StoraError(status, code, message)
         return doc
+
+    def forward(self, method: str, path: str, token: str, content: bytes, *,
+                idempotency_key: str | None = None,
+                content_type: str = "application/json") -> Forwarded:
+        """Send ``content`` as it is (the Timeline broker's way) and return Stora's answer
+        whatever its status: status, body bytes and headers.  :class:`StoraError` (status
+        0, ``unreachable`` or ``too_large``) only when there is no usable answer; then
+        Stora may or may not have processed the request."""
+        headers = {"Accept": "application/json", "Content-Type": content_type,
+                   "Authorization": f"Bearer {token}"}
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
+        return self._exchange(method, self._url(path), headers, content=content)
 
     def pages(self, path: str, key: str, token: str, *,
               params: Mapping[str, Any] | None = None, limit: int = 100,

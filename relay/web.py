@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,8 +106,10 @@ def _connected(services: Services, operator: OperatorInfo, *, result: ConnectRes
                  webhook=result.webhook if result else "", connect_url="/connect")
 
 
-def pages(services: Services) -> APIRouter:
-    """The routes of the operator's pages."""
+def pages(services: Services, *,
+          on_connected: Callable[[str], None] | None = None) -> APIRouter:
+    """The routes of the operator's pages; ``on_connected(operator_id)`` runs after an
+    operator connects (reconciliation)."""
     router = APIRouter()
 
     @router.get("/", response_class=HTMLResponse)
@@ -138,6 +141,8 @@ def pages(services: Services) -> APIRouter:
                          advice=advice, start_url="/")
         LOGGER.info("operator %s connected: %d sites, webhook %s", result.operator_id,
                     len(result.sites), result.webhook)
+        if on_connected is not None:
+            on_connected(result.operator_id)
         operator = services.operators.get(result.operator_id)
         if operator is None:  # pragma: no cover (just stored)
             raise RuntimeError(f"operator {result.operator_id} vanished")

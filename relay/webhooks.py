@@ -40,8 +40,8 @@ from relay.db.models import Command, Operator, Site, UnitState, WebhookEvent
 from relay.operators import token_aad
 from sitelink.codes import Cmd
 
-__all__ = ["LOCKOUT_STATUSES", "MAX_BODY_BYTES", "Verdict", "WebhookIntake", "sign",
-           "unit_ver"]
+__all__ = ["LOCKOUT_STATUSES", "MAX_BODY_BYTES", "Verdict", "WebhookIntake", "apply_unit",
+           "sign", "unit_ver"]
 
 LOGGER = logging.getLogger(__name__)
 MAX_BODY_BYTES: Final = 256 * 1024
@@ -49,6 +49,9 @@ MAX_BODY_BYTES: Final = 256 * 1024
 #: the list filter, ``overlocked`` of the resource; both are taken).
 LOCKOUT_STATUSES: Final = frozenset({"overlocked", "overlock", "repossessed"})
 _MAX_SIGNATURE_HEADER = 1024
+#: How long a webhook secret read from the database is used before it is read again.
+SECRET_CACHE_S = 30.0
+MAX_CACHED_SECRETS = 10_000
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,12 @@ def _parse_signature(header: str) -> tuple[int, list[str]] | None:
     return None if t is None or not v1 else (t, v1)
 
 
+def _signed(secret: str, t: int, body: bytes, given: list[str]) -> bool:
+    expected = hmac.new(secret.encode(), str(t).encode() + b"." + body,
+                        hashlib.sha256).hexdigest().encode()
+    return any(hmac.compare_digest(expected, v.encode()) for v in given)
+
+
 def unit_ver(updated_at: object) -> int | None:
     """``updated_at`` (RFC 3339) in epoch milliseconds, or ``None`` when unreadable."""
     if not isinstance(updated_at, str) or len(updated_at) > 40:
@@ -103,12 +112,18 @@ class WebhookIntake:
         self._commands = commands
         self._tolerance = tolerance_s
         self._clock = clock
+        #: key -> (operator id, secret, when read): a delivery needs no lookup of its own
+        #: while the secret is fresh; a signature that fails reads it again at once.
+        self._secrets: dict[str, tuple[str, str, float]] = {}
 
-    def _secret(self, key: str) -> tuple[str, str] | None:
+    def _secret(self, key: str, *, fresh: bool = False) -> tuple[str, str] | None:
         """``(operator id, endpoint secret)`` of the webhook URL's ``key``."""
         if not key or len(key) > 64:
             return None
-        with self._db.session() as s:
+        cached = self._secrets.get(key)
+        if cached is not None and not fresh and time.monotonic() - cached[2] < SECRET_CACHE_S:
+            return cached[0], cached[1]
+        with self._db.read() as s:
             row = s.scalars(select(Operator).where(Operator.webhook_key == key)).first()
             if row is None or row.webhook_secret_enc is None:
                 return None
@@ -118,6 +133,9 @@ class WebhookIntake:
         except DecryptError:
             LOGGER.exception("webhook secret of %s does not decrypt", operator_id)
             return None
+        if len(self._secrets) >= MAX_CACHED_SECRETS:
+            self._secrets.clear()
+        self._secrets[key] = (operator_id, secret.decode(), time.monotonic())
         return operator_id, secret.decode()
 
     def accept(self, key: str, body: bytes, signature: str) -> Verdict:
@@ -130,10 +148,11 @@ class WebhookIntake:
         if parsed is None:
             return Verdict(401, "bad_signature")
         t, given = parsed
-        expected = hmac.new(secret.encode(), str(t).encode() + b"." + body,
-                            hashlib.sha256).hexdigest()
-        if not any(hmac.compare_digest(expected.encode(), v.encode()) for v in given):
-            return Verdict(401, "bad_signature")
+        if not _signed(secret, t, body, given):
+            found = self._secret(key, fresh=True)  # the endpoint may have been replaced
+            if found is None or not _signed(found[1], t, body, given):
+                return Verdict(401, "bad_signature")
+            operator_id = found[0]
         now = self._clock()
         skew = now - t
         if abs(skew) > self._tolerance:
@@ -172,47 +191,51 @@ class WebhookIntake:
                 if event_type != "unit.updated" or not isinstance(unit, dict):
                     record.outcome = "ignored"
                     return Verdict(200, "ignored")
-                verdict = self._unit_changed(s, operator_id, unit, now)
+                verdict = apply_unit(s, self._commands, operator_id, unit, now=now)
                 record.outcome = verdict.outcome
                 return verdict
         except IntegrityError:
             return Verdict(200, "duplicate")
 
-    def _unit_changed(self, s: Session, operator_id: str, unit: dict[str, Any],
-                      now: float) -> Verdict:
-        unit_id, status = unit.get("id"), unit.get("status")
-        site = unit.get("site")
-        site_id = site.get("id") if isinstance(site, dict) else None
-        ver = unit_ver(unit.get("updated_at"))
-        if not (isinstance(unit_id, str) and 0 < len(unit_id) <= 64
-                and isinstance(status, str) and isinstance(site_id, str)
-                and 0 < len(site_id) <= 64 and ver is not None):
-            return Verdict(200, "malformed_unit")
-        lockout = status in LOCKOUT_STATUSES
-        state = s.get(UnitState, (operator_id, unit_id), with_for_update=True)
-        if state is not None and state.ver >= ver:
-            return Verdict(200, "older")
-        before = state.lockout if state is not None else False
-        if state is None:
-            state = UnitState(operator_id=operator_id, unit_id=unit_id, site_id=site_id,
-                              status=status, ver=ver, lockout=lockout, confirmed_ver=None,
-                              updated_at=now)
-            s.add(state)
-        else:
-            state.site_id, state.status, state.ver = site_id, status, ver
-            state.lockout, state.updated_at = lockout, now
-        if not lockout and not before:
-            return Verdict(200, "no_change")
-        registered = s.get(Site, site_id)
-        if registered is None or registered.revoked_at is not None \
-                or registered.operator_id != operator_id:
-            return Verdict(200, "unregistered_site")
-        cmd = Cmd.LOCKOUT if lockout else Cmd.CLEAR_LOCKOUT
-        # An older lockout or clear of this unit still waiting is superseded.
-        s.execute(update(Command).where(
-            Command.operator_id == operator_id, Command.unit_id == unit_id,
-            Command.cmd.in_((Cmd.LOCKOUT.value, Cmd.CLEAR_LOCKOUT.value)),
-            Command.status == "pending").values(status="superseded", result_at=now))
-        row = self._commands.new(s, operator_id=operator_id, site_id=site_id,
-                                 unit_id=unit_id, cmd=cmd, origin="webhook", ver=ver)
-        return Verdict(200, "command", row.jti)
+
+def apply_unit(s: Session, commands: Commands, operator_id: str, unit: dict[str, Any], *,
+               now: float, origin: str = "webhook") -> Verdict:
+    """Record a unit as Stora shows it (a webhook's payload or a listed unit): its
+    status and ``ver``, and the lockout or clear to send when the lockout changes.  A
+    version not newer than the one recorded has no effect (``older``)."""
+    unit_id, status = unit.get("id"), unit.get("status")
+    site = unit.get("site")
+    site_id = site.get("id") if isinstance(site, dict) else None
+    ver = unit_ver(unit.get("updated_at"))
+    if not (isinstance(unit_id, str) and 0 < len(unit_id) <= 64
+            and isinstance(status, str) and isinstance(site_id, str)
+            and 0 < len(site_id) <= 64 and ver is not None):
+        return Verdict(200, "malformed_unit")
+    lockout = status in LOCKOUT_STATUSES
+    state = s.get(UnitState, (operator_id, unit_id), with_for_update=True)
+    if state is not None and state.ver >= ver:
+        return Verdict(200, "older")
+    before = state.lockout if state is not None else False
+    if state is None:
+        state = UnitState(operator_id=operator_id, unit_id=unit_id, site_id=site_id,
+                          status=status, ver=ver, lockout=lockout, confirmed_ver=None,
+                          updated_at=now)
+        s.add(state)
+    else:
+        state.site_id, state.status, state.ver = site_id, status, ver
+        state.lockout, state.updated_at = lockout, now
+    if not lockout and not before:
+        return Verdict(200, "no_change")
+    registered = s.get(Site, site_id)
+    if registered is None or registered.revoked_at is not None \
+            or registered.operator_id != operator_id:
+        return Verdict(200, "unregistered_site")
+    cmd = Cmd.LOCKOUT if lockout else Cmd.CLEAR_LOCKOUT
+    # An older lockout or clear of this unit still waiting is superseded.
+    s.execute(update(Command).where(
+        Command.operator_id == operator_id, Command.unit_id == unit_id,
+        Command.cmd.in_((Cmd.LOCKOUT.value, Cmd.CLEAR_LOCKOUT.value)),
+        Command.status == "pending").values(status="superseded", result_at=now))
+    row = commands.new(s, operator_id=operator_id, site_id=site_id, unit_id=unit_id,
+                       cmd=cmd, origin=origin, ver=ver)
+    return Verdict(200, "command", row.jti)

@@ -125,6 +125,11 @@ def load_entry_point(value: str) -> object:
     return obj
 
 
+def _top(value: str) -> str:
+    """The top-level package an entry point's ``module:attr`` value names."""
+    return value.split("[", 1)[0].partition(":")[0].strip().split(".")[0]
+
+
 def plugin_commands(reserved: Iterable[str] = (),
                     path: Iterable[str] | None = None) -> list[PluginCommand]:
     """Every plugin's commands, in entry-point order; names in ``reserved`` (the
@@ -134,6 +139,15 @@ def plugin_commands(reserved: Iterable[str] = (),
     for name, value in entry_points(GROUP, path):
         try:
             loaded = load_entry_point(value)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and _top(value) == exc.name.split(".")[0]:
+                # Its package is not installed (deploy/install.sh installs the agent
+                # without the dev kit that the distribution's metadata names): no plugin.
+                LOGGER.debug("CLI plugin %s (%s) is not installed", name, value)
+                continue
+            LOGGER.warning("CLI plugin %s (%s) not loaded: %s: %s", name, value,
+                           type(exc).__name__, exc)
+            continue
         except Exception as exc:  # noqa: BLE001 (a broken plugin: warn, keep the CLI)
             LOGGER.warning("CLI plugin %s (%s) not loaded: %s: %s", name, value,
                            type(exc).__name__, exc)

@@ -151,11 +151,15 @@ def _snippet(ctx: Context, site: SiteInfo, credential_file: str) -> str:
     keys = SigningKeys(ctx.db, ctx.keyring)
     keys.current()  # a relay that has never signed makes its first key now
     return (
+        "[site]\n"
+        f'id = "{site.site_id}"\n'
+        f'app_name = "{config.relay.app_name}"\n\n'
         "[commands]\n"
         f"{trusted_keys_line(keys.list())}\n\n"
         "[stora]\n"
         f'base_url = "{config.relay.public_url}/stora/2025-09"\n'
         'auth = "broker"\n'
+        f'timeline_source_id = "{config.stora.timeline_source_id}"\n'
         f'token_file = "{credential_file}"   # holds the credential above, chmod 600\n\n'
         "[mqtt]\n"
         f'topic_prefix = "{config.mqtt.topic_prefix}"\n'

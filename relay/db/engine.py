@@ -2,12 +2,15 @@
 
 SQLite is the embedded default, for one relay process: WAL (readers never wait for the
 writer), ``synchronous=FULL`` (a webhook is answered 200 only once it is on disk),
-foreign keys on, a busy timeout, and every transaction ``BEGIN IMMEDIATE``, so two
-writers queue at the start instead of one failing at its first write, and a
-read-then-write (the token refresh, the webhook's ``ver`` check) holds the write lock
-from its read on.  ``run`` takes :class:`ProcessLock` on the file: a second ``run`` on
-the same file refuses to start with a clear message (the CLI's one-shot commands may
-still write beside it; SQLite serialises them).  PostgreSQL (``postgresql://``) takes
+foreign keys on, a busy timeout, and every transaction of :meth:`Database.session`
+``BEGIN IMMEDIATE``, so two writers queue at the start instead of one failing at its
+first write, and a read-then-write (the token refresh, the webhook's ``ver`` check) holds
+the write lock from its read on; :meth:`Database.read` is for reads alone (a deferred
+``BEGIN`` on connections of its own, which never waits for the writer).
+
+``run`` takes :class:`ProcessLock` on the file: a second ``run`` on the same file refuses
+to start with a clear message (the CLI's one-shot commands may still write beside it;
+SQLite serialises them).  PostgreSQL (``postgresql://``) takes
 the same code; it needs ``psycopg`` (the next issue adds it and row locks).
 """
 
@@ -68,6 +71,10 @@ def _sqlite_begin(connection: Any) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def _sqlite_begin_read(connection: Any) -> None:
+    connection.exec_driver_sql("BEGIN")
+
+
 class Database:
     """The engine and a session factory for one database URL."""
 
@@ -81,9 +88,17 @@ class Database:
             )
             event.listen(self.engine, "connect", _sqlite_connect)
             event.listen(self.engine, "begin", _sqlite_begin)
+            # Reads take no write lock: a deferred BEGIN, on connections of their own.
+            self._read_engine = create_engine(
+                url, connect_args={"check_same_thread": False, "timeout": BUSY_TIMEOUT_MS / 1000},
+            )
+            event.listen(self._read_engine, "connect", _sqlite_connect)
+            event.listen(self._read_engine, "begin", _sqlite_begin_read)
         else:
             self.engine = create_engine(_normalise(url), pool_pre_ping=True)
+            self._read_engine = self.engine
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._reads = sessionmaker(self._read_engine, expire_on_commit=False)
 
     @property
     def is_sqlite(self) -> bool:
@@ -94,6 +109,12 @@ class Database:
     def session(self) -> Iterator[Session]:
         """One transaction: committed when the block ends, rolled back if it raises."""
         with self._sessions.begin() as session:
+            yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A read-only transaction: on SQLite it waits for no writer and blocks none."""
+        with self._reads.begin() as session:
             yield session
 
     def integrity_check(self) -> str:
@@ -107,6 +128,7 @@ class Database:
     def close(self) -> None:
         """Close every pooled connection."""
         self.engine.dispose()
+        self._read_engine.dispose()
 
 
 class ProcessLock:

@@ -32,6 +32,7 @@ __all__ = [
     "OperatorSite",
     "SigningKey",
     "Site",
+    "StoraSend",
     "UnitState",
     "WebhookEvent",
 ]
@@ -60,6 +61,11 @@ class Operator(Base):
     scopes: Mapped[str] = mapped_column(Text, default="")
     last_refresh_at: Mapped[float | None] = mapped_column(Float)
     refreshes: Mapped[int] = mapped_column(Integer, default=0)
+    #: The refresh lease (relay/tokens.py): until when (the database's clock) one worker
+    #: may refresh, and which worker (the fencing value; ``None`` with a time: a failed
+    #: refresh's back-off, when no worker may try again yet).
+    refresh_lease_until: Mapped[float | None] = mapped_column(Float)
+    refresh_lease_owner: Mapped[str | None] = mapped_column(String(32))
     #: The path key of this operator's webhook URL (``/webhooks/stora/{key}``).
     webhook_key: Mapped[str] = mapped_column(String(64), unique=True)
     webhook_endpoint_id: Mapped[str | None] = mapped_column(ID)
@@ -182,6 +188,7 @@ class Command(Base):
     __table_args__ = (
         UniqueConstraint("api_key_id", "idempotency_key"),
         Index("ix_commands_unpublished", "published_at", "status"),
+        Index("ix_commands_unit", "operator_id", "unit_id", "status"),
     )
 
     jti: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -205,3 +212,18 @@ class Command(Base):
     expires_at: Mapped[float] = mapped_column(Float)
     published_at: Mapped[float | None] = mapped_column(Float)
     result_at: Mapped[float | None] = mapped_column(Float)
+
+
+class StoraSend(Base):
+    """A request the relay sent to Stora for an operator, when (the database's clock):
+    the log of the per-operator rate limiter that every worker shares (relay/ratelimit.py).
+    Rows older than the longest window are deleted as new ones come."""
+
+    __tablename__ = "stora_sends"
+    __table_args__ = (Index("ix_stora_sends_operator_sent", "operator_id", "sent_at"),)
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    operator_id: Mapped[str] = mapped_column(ForeignKey("operators.id"))
+    sent_at: Mapped[float] = mapped_column(Float)
+    #: What it was for (``refresh``, ``timeline_event``, ``connect``…), for diagnosis.
+    purpose: Mapped[str] = mapped_column(String(40))

@@ -2,71 +2,35 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
-import socket
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
-import uvicorn
 
+from devkit.relay_site import AppServer
+from devkit.relay_site import write_relay_config as devkit_relay_config
+from relay.api import Dispatch
 from relay.app import create_app
 from relay.config import RelayConfig, load_config
-from relay.crypto import Keyring, generate_key_text
+from relay.crypto import Keyring
 from relay.db.engine import Database
 from relay.db.migrate import upgrade
+from relay.db.models import Command
 from relay.services import Services
 
 CLIENT_ID = "relay-test-client"
 
 
-def _secret(path: Path, text: str) -> Path:
-    path.write_text(text + "\n")
-    path.chmod(0o600)
-    return path
-
-
-def write_relay_config(directory: Path, *, public_url: str = "http://127.0.0.1:8080",
-                       stora_url: str = "http://127.0.0.1:9",
-                       client_secret: str = "relay-test-secret",
-                       database: str | None = None, listen_port: int = 8080,
-                       extra: str = "") -> Path:
-    """A valid relay.toml in ``directory`` (secret files beside it, mode 600)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    secrets_dir = directory / "secrets"
-    secrets_dir.mkdir(exist_ok=True)
-    _secret(secrets_dir / "client-secret", client_secret)
-    _secret(secrets_dir / "data-key", generate_key_text())
-    db_url = database or f"sqlite:///{directory / 'relay.db'}"
-    path = directory / "relay.toml"
-    path.write_text(f"""\
-[relay]
-public_url = "{public_url}"
-listen = "127.0.0.1:{listen_port}"
-app_name = "TestEntry"
-
-[database]
-url = "{db_url}"
-
-[stora]
-base_url = "{stora_url}/2025-09"
-authorize_url = "{stora_url}/oauth2/authorize"
-token_url = "{stora_url}/oauth2/token"
-client_id = "{CLIENT_ID}"
-client_secret_file = "secrets/client-secret"
-timeline_source_id = "tsrc_test"
-
-[mqtt]
-host = "127.0.0.1"
-port = 1883
-
-[secrets]
-data_key_file = "secrets/data-key"
-{extra}""")
-    return path
+def write_relay_config(directory: Path, *, stora_url: str = "http://127.0.0.1:9",
+                       client_secret: str = "relay-test-secret", **options: Any) -> Path:
+    """A valid relay.toml in ``directory`` (devkit.relay_site.write_relay_config)."""
+    return devkit_relay_config(directory, stora_url=stora_url, client_id=CLIENT_ID,
+                               client_secret=client_secret, **options)
 
 
 @dataclass
@@ -84,7 +48,7 @@ class RelayOnDisk:
                               clock=clock)
 
 
-def relay_on_disk(directory: Path, **kwargs: str) -> RelayOnDisk:
+def relay_on_disk(directory: Path, **kwargs: Any) -> RelayOnDisk:
     """Write a config, open and migrate its database."""
     config = load_config(write_relay_config(directory, **kwargs))
     keyring = Keyring.from_file(config.secrets.data_key_file)
@@ -99,35 +63,38 @@ def random_site() -> str:
 
 
 
-class RelayServer:
-    """The relay's app served by uvicorn on a free port, in a thread of this process."""
+class PollingDispatch:
+    """A stand-in for the MQTT link: publishes nothing, waits by reading the database
+    (a test's fake gateway answers commands by writing their results)."""
 
-    def __init__(self, services: Services) -> None:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.notified = 0
+
+    def notify(self) -> None:
+        self.notified += 1
+
+    async def wait_for_result(self, jti: str, timeout: float) -> str | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.db.session() as s:
+                row = s.get(Command, jti)
+                if row is None or row.status != "pending":
+                    return None if row is None else row.status
+            await asyncio.sleep(0.02)
+        return None
+
+
+class RelayServer(AppServer):
+    """The relay's app (with ``dispatch``, by default :class:`PollingDispatch`) on its
+    configured port, in a thread of this process."""
+
+    def __init__(self, services: Services, dispatch: Dispatch | None = None) -> None:
         self.services = services
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._server = uvicorn.Server(uvicorn.Config(
-            create_app(services), host="127.0.0.1", port=self.port, log_level="warning",
-            lifespan="on"))
-        self._thread = threading.Thread(target=self._server.run, name="relay-server",
-                                        daemon=True)
+        self.dispatch = dispatch or PollingDispatch(services.db)
+        super().__init__(create_app(services, self.dispatch),
+                         services.config.relay.listen_port)
 
     def __enter__(self) -> RelayServer:
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("the relay's server did not start")
-            time.sleep(0.01)
+        self.start()
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.should_exit = True
-        self._thread.join(10)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port

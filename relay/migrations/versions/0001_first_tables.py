@@ -97,6 +97,8 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_commands_operator_id'), ['operator_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_commands_site_id'), ['site_id'], unique=False)
         batch_op.create_index('ix_commands_unpublished', ['published_at', 'status'], unique=False)
+        batch_op.create_index('ix_commands_unit', ['operator_id', 'unit_id', 'status'],
+                              unique=False)
 
     op.create_table('operator_sites',
     sa.Column('site_id', sa.String(length=64), nullable=False),
@@ -173,6 +175,7 @@ def downgrade() -> None:
 
     op.drop_table('operator_sites')
     with op.batch_alter_table('commands', schema=None) as batch_op:
+        batch_op.drop_index('ix_commands_unit')
         batch_op.drop_index('ix_commands_unpublished')
         batch_op.drop_index(batch_op.f('ix_commands_site_id'))
         batch_op.drop_index(batch_op.f('ix_commands_operator_id'))

@@ -59,12 +59,30 @@ def _plugin_dir(tmp_path: Path, entry: str, module: str = "") -> Path:
     return tmp_path
 
 
-def test_a_broken_plugin_is_left_out_with_a_warning(
+def test_a_plugin_whose_package_is_not_installed_is_left_out_quietly(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """deploy/install.sh installs the agent without the dev kit its metadata names: its
+    ``--help`` must not warn about it."""
     path = _plugin_dir(tmp_path, "no_such_module_here:COMMANDS")
-    with caplog.at_level(logging.WARNING, logger="gateway.cli.plugins"):
+    with caplog.at_level(logging.DEBUG, logger="gateway.cli.plugins"):
         assert plugin_commands(path=[str(path)]) == []
-    assert "CLI plugin fake (no_such_module_here:COMMANDS) not loaded" in caplog.text
+    assert "not loaded" not in caplog.text
+    assert "CLI plugin fake (no_such_module_here:COMMANDS) is not installed" in caplog.text
+
+
+def test_a_plugin_missing_one_of_its_own_imports_is_left_out_with_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = _plugin_dir(tmp_path, "fake_plugin_half:COMMANDS")
+    (path / "fake_plugin_half.py").write_text("import no_such_dependency_here\n")
+    sys.path.insert(0, str(path))
+    try:
+        with caplog.at_level(logging.WARNING, logger="gateway.cli.plugins"):
+            assert plugin_commands(path=[str(path)]) == []
+    finally:
+        sys.path.remove(str(path))
+        sys.modules.pop("fake_plugin_half", None)
+    assert ("CLI plugin fake (fake_plugin_half:COMMANDS) not loaded: ModuleNotFoundError"
+            in caplog.text)
 
 
 def test_a_plugin_that_fails_as_it_imports_is_left_out_with_a_warning(
