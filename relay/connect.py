@@ -35,7 +35,8 @@ from relay.ratelimit import RateLimiter
 from relay.stora import OAuthError, StoraApi, StoraError
 from relay.tokens import Tokens
 
-__all__ = ["STATE_TTL_S", "WEBHOOK_EVENTS", "ConnectError", "ConnectResult", "Connector"]
+__all__ = ["STATE_TTL_S", "WEBHOOK_EVENTS", "ConnectError", "ConnectResult", "Connector",
+           "verifier_aad"]
 
 LOGGER = logging.getLogger(__name__)
 #: How long a connect attempt may take at Stora's consent page (contract: ≤ 10 min).
@@ -63,6 +64,11 @@ class ConnectResult:
     sites: tuple[StoraSite, ...]
     #: ``created``, ``reused`` or ``failed: <why>`` (the connection stands; retried later).
     webhook: str
+
+
+def verifier_aad(digest: str) -> bytes:
+    """What a connect attempt's encrypted PKCE verifier is bound to (its state's digest)."""
+    return _AAD + digest.encode()
 
 
 def _digest(state: str) -> str:
@@ -102,7 +108,7 @@ class Connector:
         with self._db.session() as s:
             s.add(OAuthState(digest=digest, created_at=now, expires_at=now + STATE_TTL_S,
                              verifier_enc=self._keyring.encrypt(verifier.encode(),
-                                                                aad=_AAD + digest.encode()),
+                                                                aad=verifier_aad(digest)),
                              used_at=None))
         stora = self._config.stora
         query = urllib.parse.urlencode({
@@ -130,7 +136,7 @@ class Connector:
                        else "this sign-in link has expired" if row is not None
                        else "this sign-in link is not one this relay issued")
                 raise ConnectError("state", why)
-        return self._keyring.decrypt(enc, aad=_AAD + digest.encode()).decode()
+        return self._keyring.decrypt(enc, aad=verifier_aad(digest)).decode()
 
     def finish(self, params: Mapping[str, str]) -> ConnectResult:
         """Complete a connect attempt from the callback's query parameters."""

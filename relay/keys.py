@@ -24,9 +24,14 @@ from relay.db.models import SigningKey
 from relay.errors import RelayError
 from sitelink.jws import public_key_text
 
-__all__ = ["KeyInfo", "SigningKeys", "trusted_keys_line"]
+__all__ = ["KeyInfo", "SigningKeys", "signing_key_aad", "trusted_keys_line"]
 
 _AAD = b"stora-relay signing key "
+
+
+def signing_key_aad(kid: str) -> bytes:
+    """What a signing key's encrypted private half is bound to."""
+    return _AAD + kid.encode()
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,7 @@ class SigningKeys:
         kid = "relay-" + time.strftime("%Y%m%d", time.gmtime(now)) + "-" + secrets.token_hex(3)
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-        enc = self._keyring.encrypt(pem, aad=_AAD + kid.encode())
+        enc = self._keyring.encrypt(pem, aad=signing_key_aad(kid))
         return SigningKey(kid=kid, private_key_enc=enc, public_key=public_key_text(key),
                           created_at=now, retired_at=None)
 
@@ -106,7 +111,7 @@ class SigningKeys:
         if row is None:
             row = self._new_row()
             session.add(row)
-        pem = self._keyring.decrypt(row.private_key_enc, aad=_AAD + row.kid.encode())
+        pem = self._keyring.decrypt(row.private_key_enc, aad=signing_key_aad(row.kid))
         key = serialization.load_pem_private_key(pem, password=None)
         if not isinstance(key, Ed25519PrivateKey):  # pragma: no cover (we wrote it)
             raise RelayError(f"signing key {row.kid} is not Ed25519")

@@ -63,6 +63,8 @@ MAX_STATUS_BYTES: Final = 16 * 1024
 _PUBLISH_BATCH: Final = 50
 #: Incoming messages kept while the database is slower than the broker.
 _MAX_QUEUED_IN: Final = 10_000
+#: Publishes in flight past which aiomqtt logs a warning (a restart's backlog is not one).
+_PENDING_CALLS_WARNING = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,11 +260,15 @@ class RelayLink:
 
     def _client(self) -> aiomqtt.Client:
         m, t = self._mqtt, self.timings
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             m.host, m.port, identifier=m.client_id, username=m.username or None,
             password=m.password if m.username else None, tls_context=tls_context(m),
             keepalive=t.keepalive_s, timeout=t.op_timeout_s, clean_session=True,
             max_queued_incoming_messages=_MAX_QUEUED_IN)
+        # aiomqtt warns past 10 publishes in flight; the outbox sends batches of rows
+        # (up to a few hundred after a restart), each awaited for its PUBACK: expected.
+        client.pending_calls_threshold = _PENDING_CALLS_WARNING
+        return client
 
     async def _connection(self) -> None:
         """One connection, from CONNECT until it fails (it never ends otherwise)."""

@@ -138,6 +138,16 @@ def test_the_relay_imports_neither_the_gateway_nor_the_drivers_nor_the_dev_kit()
     assert found == []
 
 
+def test_the_gateway_and_drivers_never_import_the_relay() -> None:
+    """A site install has no relay (deploy/install.sh), and the agent's memory and the
+    CLI's start-up must not pay for it."""
+    found = [f"{path.relative_to(ROOT)}:{line} imports {module}"
+             for path in _python("gateway", "drivers", "sitelink")
+             for line, module in imported(path)
+             if module.partition(".")[0] == "relay"]
+    assert found == []
+
+
 def test_no_function_level_imports_of_our_modules() -> None:
     paths = _python("gateway", "drivers", "sitelink", "relay")
     assert len(paths) >= 60

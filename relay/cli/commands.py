@@ -21,6 +21,7 @@ from relay.db.engine import Database
 from relay.db.migrate import upgrade
 from relay.keys import SigningKeys, trusted_keys_line
 from relay.operators import Operators
+from relay.rekey import reencrypt, still_under_old_keys
 from relay.sites import SiteInfo, SiteRegistry
 
 __all__ = ["Context"]
@@ -95,6 +96,16 @@ def db_upgrade(ctx: Context) -> int:
         db.close()
     ctx.out.write(f"applied {', '.join(applied)}\n" if applied else "already up to date\n")
     return 0
+
+
+def db_reencrypt(ctx: Context) -> int:
+    """``db reencrypt``."""
+    counts = reencrypt(ctx.db, ctx.keyring)
+    left = still_under_old_keys(ctx.db, ctx.keyring)
+    moved = ", ".join(f"{n} {what}" for what, n in sorted(counts.items())) or "nothing"
+    ctx.out.write(f"re-encrypted under {ctx.keyring.current_kid}: {moved}; "
+                  f"{left} value(s) still under an older key\n")
+    return 0 if left == 0 else 1
 
 
 def _keys(ctx: Context) -> SigningKeys:

@@ -31,6 +31,9 @@ COMMANDS: dict[str, tuple[str, Callable[[Context], int]]] = {
     "check-config": ("validate the configuration file and say what is wrong",
                      commands.check_config),
     "db upgrade": ("apply pending database migrations", commands.db_upgrade),
+    "db reencrypt": ("encrypt every stored secret under the current data key (after a "
+                     "data-key rotation, before the old key's line goes)",
+                     commands.db_reencrypt),
     "keys list": ("command signing keys: kid, public key, created, retired", commands.keys_list),
     "keys rotate": ("add a signing key that signs from now on; older ones stay published",
                     commands.keys_rotate),

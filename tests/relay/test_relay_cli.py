@@ -13,7 +13,7 @@ import pytest
 
 from relay.cli.main import main
 from relay.config import load_config
-from relay.crypto import Keyring
+from relay.crypto import Keyring, generate_key_text
 from relay.db.engine import Database
 from relay.operators import Operators, StoraSite
 from relay.sites import SiteRegistry
@@ -167,3 +167,40 @@ def test_the_console_script_is_installed(config: Path) -> None:
     done = subprocess.run([str(script), "check-config", "--config", str(config)],
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_rotated_data_key_can_be_retired_after_db_reencrypt(config: Path) -> None:
+    """Rotate: the new key first, the old one kept; re-encrypt; drop the old line; every
+    stored secret still decrypts, and is the same."""
+    op = connect_operator(config, "site_a1")
+    run(config, "keys", "rotate")
+    cfg = load_config(config)
+    key_file = cfg.secrets.data_key_file
+    old = key_file.read_text().strip()
+    before = Operators(Database(cfg.database.url), Keyring.from_file(key_file)).access_token(op)
+    new = generate_key_text()
+    key_file.write_text(f"{new}\n{old}\n")
+    status, out, _ = run(config, "db", "reencrypt")
+    assert status == 0, out
+    assert "1 access_token" in out
+    assert "1 refresh_token" in out
+    assert "1 signing_key" in out
+    assert out.rstrip().endswith("0 value(s) still under an older key")
+    key_file.write_text(f"{new}\n")  # the old key's line goes
+    keyring = Keyring.from_file(key_file)
+    assert keyring.kids == (keyring.current_kid,)
+    assert Operators(Database(cfg.database.url), keyring).access_token(op) == before
+    assert run(config, "keys", "list")[0] == 0  # the signing key decrypts too (on use)
+    status, out, _ = run(config, "sites", "add", "site_a1", "--operator", op)
+    assert status == 0, out
+
+
+def test_db_reencrypt_says_when_a_key_is_missing(config: Path) -> None:
+    op = connect_operator(config, "site_a1")
+    cfg = load_config(config)
+    cfg.secrets.data_key_file.write_text(generate_key_text() + "\n")  # the old key lost
+    status, out, err = run(config, "db", "reencrypt")
+    assert status == 1
+    assert out == ""
+    assert "decrypt" in err.lower()
+    assert op
