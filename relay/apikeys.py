@@ -99,7 +99,7 @@ class ApiKeys:
         if parsed is None:
             return None
         public_id, whole = parsed
-        with self._db.session() as s:
+        with self._db.read() as s:
             row = s.get(ApiKey, public_id)
             if row is None or row.revoked_at is not None:
                 return None

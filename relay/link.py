@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -264,7 +265,9 @@ class RelayLink:
             m.host, m.port, identifier=m.client_id, username=m.username or None,
             password=m.password if m.username else None, tls_context=tls_context(m),
             keepalive=t.keepalive_s, timeout=t.op_timeout_s, clean_session=True,
-            max_queued_incoming_messages=_MAX_QUEUED_IN)
+            max_queued_incoming_messages=_MAX_QUEUED_IN,
+            # Nagle would hold a command until the broker's delayed ACK (~40 ms).
+            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),))
         # aiomqtt warns past 10 publishes in flight; the outbox sends batches of rows
         # (up to a few hundred after a restart), each awaited for its PUBACK: expected.
         client.pending_calls_threshold = _PENDING_CALLS_WARNING

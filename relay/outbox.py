@@ -324,8 +324,9 @@ class Outbox:
     def plan(self, now: float, *, republish_before: float, kicked: Collection[str] = (),
              resend: bool = True) -> tuple[list[Due], int]:
         """In one transaction: new commands for unconfirmed lockouts (with ``resend``),
-        then what is due (:func:`due_commands`); how many commands were made."""
-        with self._db.session() as s:
+        then what is due (:func:`due_commands`); how many commands were made.  Without
+        ``resend`` it only reads, so it takes no write lock."""
+        with self._db.session() if resend else self._db.read() as s:
             offline = offline_sites(s)
             made = resend_intents(s, self._commands, now, offline=offline,
                                   policy=self._policy) if resend else []
@@ -337,14 +338,17 @@ class Outbox:
             return due, len(made)
 
     def mark(self, jtis: list[str], now: float) -> None:
-        """:func:`mark_published` in a transaction of its own."""
-        with self._db.session() as s:
+        """:func:`mark_published` in a transaction of its own (relaxed: a mark lost to a
+        power cut only publishes the command again, under the same ``jti``)."""
+        with self._db.relaxed() as s:
             mark_published(s, jtis, now)
 
     def apply(self, site_id: str, payload: Mapping[str, Any],
               now: float) -> tuple[str, str] | None:
-        """:func:`record_result`: ``(jti, status)`` of the command it answered, or None."""
-        with self._db.session() as s:
+        """:func:`record_result`: ``(jti, status)`` of the command it answered, or None
+        (relaxed: a result lost to a power cut leaves the command pending; it is published
+        again and the gateway answers it again)."""
+        with self._db.relaxed() as s:
             row = record_result(s, site_id, payload, now)
             return None if row is None else (row.jti, row.status)
 
@@ -354,6 +358,6 @@ class Outbox:
             return expire_commands(s, now)
 
     def finished(self, jtis: Collection[str]) -> dict[str, str]:
-        """:func:`finished` in a transaction of its own."""
-        with self._db.session() as s:
+        """:func:`finished` in a read transaction of its own."""
+        with self._db.read() as s:
             return finished(s, jtis)

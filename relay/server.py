@@ -10,8 +10,13 @@ migrations, then serves with uvicorn until SIGINT or SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
+from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
@@ -51,6 +56,27 @@ def build(services: Services, *, timings: LinkTimings | None = None,
     return Relay(services, link, jobs, app)
 
 
+@contextlib.contextmanager
+def _stopped_cleanly() -> Iterator[list[str]]:
+    """SIGTERM and SIGINT stop the server and then return here, so the clean-up below
+    runs and the exit status is 0.  uvicorn stops gracefully on them and then raises the
+    signal again for whatever handler was there before: this one only records it."""
+    stopped: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield stopped
+        return
+
+    def remember(signum: int, _frame: FrameType | None) -> None:
+        stopped.append(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, remember) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stopped
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def serve(config: RelayConfig, keyring: Keyring) -> int:
     """Serve until stopped; returns the exit status."""
     db = Database(config.database.url)
@@ -71,7 +97,9 @@ def serve(config: RelayConfig, keyring: Keyring) -> int:
             LOGGER.info("stora-relay listening on %s:%d (public URL %s)",
                         config.relay.listen_host, config.relay.listen_port,
                         config.relay.public_url)
-            server.run()
+            with _stopped_cleanly() as stopped:
+                server.run()
+            LOGGER.info("stora-relay stopped (%s)", ", ".join(stopped) or "server exit")
         finally:
             services.close()
     finally:

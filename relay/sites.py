@@ -160,7 +160,7 @@ class SiteRegistry:
         if parsed is None:
             return None
         public_id, text = parsed
-        with self._db.session() as s:
+        with self._db.read() as s:
             row = s.scalars(select(Site).where(Site.credential_id == public_id)).first()
             if row is None or row.revoked_at is not None:
                 return None

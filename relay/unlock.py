@@ -181,7 +181,7 @@ class UnlockService:
 
     def record(self, key: ApiKeyInfo, command_id: str) -> dict[str, Any]:
         """``GET /v1/commands/{id}``: a command of the key's operator, or a 404."""
-        with self._db.session() as s:
+        with self._db.read() as s:
             row = s.get(Command, command_id[:64])
             if row is None or row.operator_id != key.operator_id:
                 raise ApiError(404, "not_found", f"no command {command_id[:64]}")

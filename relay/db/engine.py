@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -67,12 +67,28 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _sqlite_connect_relaxed(dbapi_connection: Any, record: Any) -> None:
+    _sqlite_connect(dbapi_connection, record)
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
 def _sqlite_begin(connection: Any) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _sqlite_begin_read(connection: Any) -> None:
     connection.exec_driver_sql("BEGIN")
+
+
+def _sqlite_engine(url: str, connect: Callable[[Any, Any], None],
+                   begin: Callable[[Any], None]) -> Engine:
+    engine = create_engine(url, connect_args={"check_same_thread": False,
+                                              "timeout": BUSY_TIMEOUT_MS / 1000})
+    event.listen(engine, "connect", connect)
+    event.listen(engine, "begin", begin)
+    return engine
 
 
 class Database:
@@ -83,22 +99,16 @@ class Database:
         self.path = sqlite_path(url)
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.engine: Engine = create_engine(
-                url, connect_args={"check_same_thread": False, "timeout": BUSY_TIMEOUT_MS / 1000},
-            )
-            event.listen(self.engine, "connect", _sqlite_connect)
-            event.listen(self.engine, "begin", _sqlite_begin)
+            self.engine: Engine = _sqlite_engine(url, _sqlite_connect, _sqlite_begin)
             # Reads take no write lock: a deferred BEGIN, on connections of their own.
-            self._read_engine = create_engine(
-                url, connect_args={"check_same_thread": False, "timeout": BUSY_TIMEOUT_MS / 1000},
-            )
-            event.listen(self._read_engine, "connect", _sqlite_connect)
-            event.listen(self._read_engine, "begin", _sqlite_begin_read)
+            self._read_engine = _sqlite_engine(url, _sqlite_connect, _sqlite_begin_read)
+            self._relaxed_engine = _sqlite_engine(url, _sqlite_connect_relaxed, _sqlite_begin)
         else:
             self.engine = create_engine(_normalise(url), pool_pre_ping=True)
-            self._read_engine = self.engine
+            self._read_engine = self._relaxed_engine = self.engine
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._reads = sessionmaker(self._read_engine, expire_on_commit=False)
+        self._relaxed = sessionmaker(self._relaxed_engine, expire_on_commit=False)
 
     @property
     def is_sqlite(self) -> bool:
@@ -117,6 +127,17 @@ class Database:
         with self._reads.begin() as session:
             yield session
 
+    @contextmanager
+    def relaxed(self) -> Iterator[Session]:
+        """A write that a power failure may lose without harm, because what it records
+        is recorded again (a command's "published" mark, a gateway's result: the command
+        is published again under its ``jti``, and the gateway answers it again).  On
+        SQLite it commits without waiting for the disk (``synchronous=NORMAL`` in WAL: a
+        crash of the process loses nothing, only the machine's power can); the next
+        ``FULL`` commit of :meth:`session` makes it durable with its own."""
+        with self._relaxed.begin() as session:
+            yield session
+
     def integrity_check(self) -> str:
         """``ok``, or what SQLite's ``PRAGMA integrity_check`` found."""
         if not self.is_sqlite:
@@ -129,6 +150,7 @@ class Database:
         """Close every pooled connection."""
         self.engine.dispose()
         self._read_engine.dispose()
+        self._relaxed_engine.dispose()
 
 
 class ProcessLock:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from devkit.relay_process import RelayProcess
 from relay.cli.main import main
 from relay.config import load_config
 from relay.crypto import Keyring, generate_key_text
@@ -204,3 +205,17 @@ def test_db_reencrypt_says_when_a_key_is_missing(config: Path) -> None:
     assert out == ""
     assert "decrypt" in err.lower()
     assert op
+
+
+def test_run_stops_cleanly_on_sigterm(config: Path, tmp_path: Path) -> None:
+    """systemd's stop: a graceful shutdown, the clean-up, exit status 0; and a second
+    `run` on the same SQLite file is refused while the first one runs."""
+    cfg = load_config(config)
+    with RelayProcess(config, port=cfg.relay.listen_port, log=tmp_path / "relay.log") as relay:
+        second = subprocess.run([str(Path(sys.executable).with_name("stora-relay")), "run",
+                                 "--config", str(config)], capture_output=True, text=True,
+                                check=False, timeout=60)
+        assert second.returncode == 1
+        assert f"another stora-relay process (pid {relay.pid}) is running on" in second.stderr
+        assert relay.terminate() == 0
+        assert "stora-relay stopped (SIGTERM)" in relay.log_text()
