@@ -23,6 +23,8 @@ from sitelink.codes import Cmd
 __all__ = ["Dispatch", "LockBody", "UnlockBody", "api_routes"]
 
 DEFAULT_WAIT_S = 8.0
+#: The longest site or unit id (the database's column).
+MAX_ID = 64
 MAX_WAIT_S = 25.0
 
 
@@ -84,8 +86,11 @@ def api_routes(service: UnlockService, dispatch: Dispatch) -> APIRouter:
 
     def checked(site: str, unit: str, cmd: Cmd, key: str | None,
                 **body: Any) -> UnlockRequest:
-        return UnlockRequest(site_id=site[:64], unit_id=unit[:64], cmd=cmd,
-                             idempotency_key=key, **body)
+        for what, value in (("site", site), ("unit", unit)):
+            if len(value) > MAX_ID:  # no such id: never its prefix
+                raise ApiError(404, "not_found", f"no {what} {value[:MAX_ID]}…")
+        return UnlockRequest(site_id=site, unit_id=unit, cmd=cmd, idempotency_key=key,
+                             **body)
 
     @router.post("/sites/{site}/units/{unit}/unlock", response_model=None)
     async def unlock(site: str, unit: str, *, body: UnlockBody | None = None,

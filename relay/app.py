@@ -16,12 +16,15 @@ from starlette.concurrency import run_in_threadpool
 from relay import __version__
 from relay.api import Dispatch, api_routes, validation_error
 from relay.broker import broker_routes
-from relay.http import error, read_capped
+from relay.http import BodyLimit, error, read_capped
 from relay.services import Services
 from relay.web import pages
 from relay.webhooks import MAX_BODY_BYTES
 
-__all__ = ["create_app"]
+__all__ = ["MAX_REQUEST_BYTES", "create_app"]
+
+#: No request body of any route is longer (the webhook's cap, 256 KiB, is the largest).
+MAX_REQUEST_BYTES = 300 * 1024
 
 _WEBHOOK_REFUSALS = {
     "unknown_endpoint": "no webhook endpoint has this URL",
@@ -29,6 +32,7 @@ _WEBHOOK_REFUSALS = {
     "stale_timestamp": "the signature's timestamp is outside the tolerance",
     "not_json": "the body is not JSON",
     "no_event_id": "the body has no event.id",
+    "conflict": "the event met a concurrent change; deliver it again",
 }
 
 
@@ -58,6 +62,7 @@ def create_app(services: Services, dispatch: Dispatch, *,
     app = FastAPI(title="stora-relay", version=__version__, lifespan=lifespan,
                   summary="The partner relay between Stora and smart-entry gateways.")
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_middleware(BodyLimit, limit=MAX_REQUEST_BYTES)
     app.include_router(pages(services, on_connected=on_connected))
     app.include_router(api_routes(services.unlock, dispatch))
     app.include_router(broker_routes(services.broker))
@@ -65,8 +70,8 @@ def create_app(services: Services, dispatch: Dispatch, *,
     @app.get("/healthz")
     def healthz() -> JSONResponse:
         try:
-            with services.db.engine.connect() as connection:
-                connection.execute(text("SELECT 1"))
+            with services.db.read() as session:
+                session.execute(text("SELECT 1"))
         except Exception as exc:  # noqa: BLE001 (any database failure is "not healthy")
             return JSONResponse({"ok": False, "database": type(exc).__name__},
                                 status_code=503)

@@ -60,6 +60,8 @@ from relay.tokens import (
     Tokens,
     TokenUnavailableError,
 )
+from sitelink.errors import ClaimError
+from sitelink.jws import strict_json
 
 __all__ = ["BROKER_PATH", "MAX_BODY_BYTES", "BrokerAnswer", "TimelineBroker", "broker_routes"]
 
@@ -144,11 +146,13 @@ class TimelineBroker:
             return _error(400, "invalid_request", "an Idempotency-Key header (printable, "
                           f"at most {MAX_KEY_CHARS} characters) is required")
         try:
-            doc = json.loads(body)
-        except (ValueError, RecursionError):
+            # Duplicate keys refused: the site checked must be the one Stora reads.
+            doc = strict_json(body)
+        except ClaimError:
             doc = None
         if not isinstance(doc, Mapping):
-            return _error(400, "invalid_request", "the body must be a JSON object")
+            return _error(400, "invalid_request", "the body must be a JSON object (no "
+                          "duplicate keys)")
         given = doc.get("site")
         given_id = given.get("id") if isinstance(given, Mapping) else None
         if given_id != site.site_id:

@@ -23,7 +23,7 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from sqlalchemy import update
+from sqlalchemy import delete, update
 
 from relay.config import RelayConfig
 from relay.crypto import Keyring, new_state, pkce_pair
@@ -41,6 +41,8 @@ __all__ = ["STATE_TTL_S", "WEBHOOK_EVENTS", "ConnectError", "ConnectResult", "Co
 LOGGER = logging.getLogger(__name__)
 #: How long a connect attempt may take at Stora's consent page (contract: ≤ 10 min).
 STATE_TTL_S = 600.0
+#: How long a spent or expired ``state`` is kept after its expiry.
+STATE_KEEP_S = 3600.0
 #: What the relay subscribes to (contract §7.3).
 WEBHOOK_EVENTS = ("unit.updated",)
 _AAD = b"oauth_states.verifier:"
@@ -49,7 +51,8 @@ MAX_PARAM = 2048
 
 
 class ConnectError(RelayError):
-    """The connect flow stopped: ``kind`` is ``denied``, ``state`` or ``exchange``."""
+    """The connect flow stopped: ``kind`` is ``denied``, ``state``, ``exchange`` or
+    ``no_sites``."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -106,6 +109,9 @@ class Connector:
         now = self._clock()
         digest = _digest(state)
         with self._db.session() as s:
+            # Attempts an hour past their expiry are no longer worth telling apart
+            # ("expired" from "not issued"): gone, so /connect cannot grow the table.
+            s.execute(delete(OAuthState).where(OAuthState.expires_at < now - STATE_KEEP_S))
             s.add(OAuthState(digest=digest, created_at=now, expires_at=now + STATE_TTL_S,
                              verifier_enc=self._keyring.encrypt(verifier.encode(),
                                                                 aad=verifier_aad(digest)),
@@ -161,6 +167,8 @@ class Connector:
             raise ConnectError("exchange", f"Stora refused the sign-in ({exc.code})") from None
         except StoraError as exc:
             raise ConnectError("exchange", f"Stora could not be asked ({exc.code})") from None
+        if not any(site.id for site in sites):
+            raise ConnectError("no_sites", "Stora lists no sites for this account")
         operator_id = self._operators.connect(tokens, [s for s in sites if s.id])
         # The exchange and the site pages went out before the operator was known: counted
         # now against its rate budget, like every later call.
@@ -181,6 +189,10 @@ class Connector:
     def _register_webhook(self, operator_id: str, token: str) -> str:
         """Reuse the operator's endpoint (``metadata.relay`` = its key) or create one."""
         key = self._operators.webhook_key(operator_id)
+        known = self._operators.get(operator_id)
+        # The fixed key replays a first create whose answer was lost (its secret with it);
+        # any later create (the endpoint disabled or deleted since) must be a new one.
+        first = known is None or known.webhook_endpoint_id is None
         replace = False
         try:
             self._limiter.acquire(operator_id, "connect")
@@ -205,7 +217,8 @@ class Connector:
                 "description": "Unit changes for smart-entry lockout",
             # The same key replays a create whose answer was lost (its secret included) for
             # 24 h; a replacement must not replay the endpoint it replaces.
-            }, idempotency_key=secrets.token_hex(16) if replace else f"relay-webhook-{key}")
+            }, idempotency_key=f"relay-webhook-{key}" if first and not replace
+                else secrets.token_hex(16))
         except RelayError as exc:  # Stora's refusal, or no rate-limit slot in time
             return f"failed: {exc}"
         made_endpoint = made.get("webhook_endpoint") if isinstance(made, Mapping) else None

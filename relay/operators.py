@@ -129,13 +129,13 @@ class Operators:
 
     def has_webhook_secret(self, operator_id: str) -> bool:
         """Whether the operator's webhook signing secret is stored."""
-        with self._db.session() as s:
+        with self._db.read() as s:
             row = s.get(Operator, operator_id)
             return row is not None and row.webhook_secret_enc is not None
 
     def webhook_key(self, operator_id: str) -> str:
         """The path key of the operator's webhook URL."""
-        with self._db.session() as s:
+        with self._db.read() as s:
             row = s.get(Operator, operator_id)
             if row is None:
                 raise KeyError(operator_id)
@@ -143,7 +143,7 @@ class Operators:
 
     def access_token(self, operator_id: str) -> str | None:
         """The stored access token (``None``: none, or the operator must reconnect)."""
-        with self._db.session() as s:
+        with self._db.read() as s:
             row = s.get(Operator, operator_id)
             if row is None or row.access_token_enc is None or row.status != CONNECTED:
                 return None
@@ -152,7 +152,7 @@ class Operators:
 
     def site_names(self, operator_id: str) -> list[tuple[str, str]]:
         """``(site id, name)`` of the operator's sites as Stora listed them."""
-        with self._db.session() as s:
+        with self._db.read() as s:
             rows = s.execute(select(OperatorSite.site_id, OperatorSite.name)
                              .where(OperatorSite.operator_id == operator_id)
                              .order_by(OperatorSite.site_id)).all()
@@ -165,7 +165,7 @@ class Operators:
 
     def list(self) -> list[OperatorInfo]:
         """Every operator, by id."""
-        with self._db.session() as s:
+        with self._db.read() as s:
             rows = s.scalars(select(Operator).order_by(Operator.id)).all()
             sites = s.execute(select(OperatorSite.operator_id, OperatorSite.site_id)
                               .order_by(OperatorSite.site_id)).all()

@@ -213,6 +213,23 @@ def _intents(session: Session) -> list[_Intent]:
         .where(UnitState.lockout.is_(False), confirmed < newest_clear.c.ver)).all()
     found += [_Intent(u.operator_id, u.unit_id, u.site_id, Cmd.CLEAR_LOCKOUT, int(ver))
               for u, ver in rows]
+    # A clear no command was made for (its site was revoked or not yet registered when
+    # the lockout ended): the gateway's last word from us is a lockout.
+    newest_at = (select(Command.operator_id, Command.unit_id,
+                        func.max(Command.created_at).label("at"))
+                 .where(Command.cmd.in_(INTENT_COMMANDS))
+                 .group_by(Command.operator_id, Command.unit_id).subquery())
+    last_lockout = (select(Command.operator_id, Command.unit_id)
+                    .join(newest_at, (newest_at.c.operator_id == Command.operator_id)
+                          & (newest_at.c.unit_id == Command.unit_id)
+                          & (newest_at.c.at == Command.created_at))
+                    .where(Command.cmd == Cmd.LOCKOUT.value).subquery())
+    found += [_Intent(u.operator_id, u.unit_id, u.site_id, Cmd.CLEAR_LOCKOUT, u.ver)
+              for u in session.scalars(
+                  select(UnitState)
+                  .join(last_lockout, (last_lockout.c.operator_id == UnitState.operator_id)
+                        & (last_lockout.c.unit_id == UnitState.unit_id))
+                  .join(Site, live).where(UnitState.lockout.is_(False))).all()]
     return found
 
 
@@ -345,10 +362,10 @@ class Outbox:
 
     def apply(self, site_id: str, payload: Mapping[str, Any],
               now: float) -> tuple[str, str] | None:
-        """:func:`record_result`: ``(jti, status)`` of the command it answered, or None
-        (relaxed: a result lost to a power cut leaves the command pending; it is published
-        again and the gateway answers it again)."""
-        with self._db.relaxed() as s:
+        """:func:`record_result`: ``(jti, status)`` of the command it answered, or None.
+        Durable before an API caller is told (an unlock lives 60 s: a result lost to a
+        power cut could not be had again once it expired)."""
+        with self._db.session() as s:
             row = record_result(s, site_id, payload, now)
             return None if row is None else (row.jti, row.status)
 

@@ -135,12 +135,12 @@ class SiteRegistry:
         query = select(Site).order_by(Site.site_id)
         if operator_id is not None:
             query = query.where(Site.operator_id == operator_id)
-        with self._db.session() as s:
+        with self._db.read() as s:
             return [_info(r) for r in s.scalars(query).all()]
 
     def get(self, site_id: str) -> SiteInfo | None:
         """One registered site, revoked or not."""
-        with self._db.session() as s:
+        with self._db.read() as s:
             row = s.get(Site, site_id)
             return None if row is None else _info(row)
 

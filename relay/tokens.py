@@ -312,7 +312,7 @@ class Tokens:
                       row.refresh_lease_owner, database_now(s))
 
     def _read(self, operator_id: str) -> _State:
-        with self._db.session() as s:
+        with self._db.read() as s:
             return self._state(s, self._usable_row(s, operator_id, lock=False))
 
     # ------------------------------------------------------------------ refreshing

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from relay.apikeys import ApiKeyInfo, ApiKeys
 from relay.commands import Commands
 from relay.db.engine import Database
-from relay.db.models import Command, Site, UnitState
+from relay.db.models import Command, IdempotencyAlias, Site, UnitState
 from relay.errors import RelayError
 from sitelink.claims import ACTOR_MAX, DUR_MAX, DUR_MIN, REASON_MAX
 from sitelink.codes import Cmd
@@ -144,19 +144,28 @@ class UnlockService:
             row = s.scalars(select(Command).where(
                 Command.api_key_id == key.id,
                 Command.idempotency_key == request.idempotency_key)).first()
+            if row is None:
+                alias = s.get(IdempotencyAlias, (key.id, request.idempotency_key))
+                row = None if alias is None else s.get(Command, alias.jti)
             if row is not None:
                 if (row.site_id, row.unit_id, row.cmd) != (request.site_id, request.unit_id,
                                                            request.cmd.value):
                     raise ApiError(422, "idempotency_key_reused", "this Idempotency-Key was "
                                    "used for another request")
                 return row
-        if request.cmd == Cmd.UNLOCK:  # a double tap: the unlock already on its way
-            return s.scalars(select(Command).where(
-                Command.operator_id == key.operator_id, Command.site_id == request.site_id,
-                Command.unit_id == request.unit_id, Command.cmd == Cmd.UNLOCK.value,
-                Command.status == "pending", Command.expires_at > self._clock())
-                .order_by(Command.created_at.desc())).first()
-        return None
+        if request.cmd != Cmd.UNLOCK or request.override:
+            return None
+        # A double tap: the unlock already on its way (an override is never one: it is
+        # a different request).  With an Idempotency-Key, the key now names that command.
+        pending = s.scalars(select(Command).where(
+            Command.operator_id == key.operator_id, Command.site_id == request.site_id,
+            Command.unit_id == request.unit_id, Command.cmd == Cmd.UNLOCK.value,
+            Command.status == "pending", Command.expires_at > self._clock())
+            .order_by(Command.created_at.desc())).first()
+        if pending is not None and request.idempotency_key is not None:
+            s.add(IdempotencyAlias(api_key_id=key.id, idempotency_key=request.idempotency_key,
+                                   jti=pending.jti, created_at=self._clock()))
+        return pending
 
     def _new(self, s: Session, key: ApiKeyInfo, request: UnlockRequest) -> Command:
         site = s.get(Site, request.site_id)

@@ -45,6 +45,10 @@ _PROBLEMS = {
               "{why}: for your safety each sign-in link works once and for ten minutes. "
               "Nothing was connected.",
               "Start again from the beginning."),
+    "no_sites": ("No sites to connect",
+                 "Stora lists no sites for this account, so {app} would have no doors to "
+                 "manage ({why}). Nothing was connected.",
+                 "Connect the Stora account that holds your sites."),
     "exchange": ("Stora could not be connected",
                  "Stora did not complete the sign-in ({why}). Nothing was connected.",
                  "Please try again in a few minutes; if it keeps failing, contact support."),

@@ -195,7 +195,14 @@ class WebhookIntake:
                 record.outcome = verdict.outcome
                 return verdict
         except IntegrityError:
-            return Verdict(200, "duplicate")
+            # The event's dedupe row is there: a duplicate.  Any other conflict (on
+            # PostgreSQL, two first events of one unit at once) must not pass for one:
+            # 500, and Stora delivers it again.
+            with self._db.read() as s:
+                seen = s.scalar(select(WebhookEvent.seq).where(
+                    WebhookEvent.operator_id == operator_id,
+                    WebhookEvent.event_id == event["id"]))
+            return Verdict(200, "duplicate") if seen is not None else Verdict(500, "conflict")
 
 
 def apply_unit(s: Session, commands: Commands, operator_id: str, unit: dict[str, Any], *,

@@ -27,6 +27,7 @@ __all__ = [
     "ApiKey",
     "Base",
     "Command",
+    "IdempotencyAlias",
     "OAuthState",
     "Operator",
     "OperatorSite",
@@ -227,3 +228,15 @@ class StoraSend(Base):
     sent_at: Mapped[float] = mapped_column(Float)
     #: What it was for (``refresh``, ``timeline_event``, ``connect``…), for diagnosis.
     purpose: Mapped[str] = mapped_column(String(40))
+
+
+class IdempotencyAlias(Base):
+    """An ``Idempotency-Key`` answered with another request's command (a double tap
+    while an unlock is pending): its retries get that command too, never a new one."""
+
+    __tablename__ = "idempotency_aliases"
+
+    api_key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    jti: Mapped[str] = mapped_column(ForeignKey("commands.jti"))
+    created_at: Mapped[float] = mapped_column(Float)

@@ -162,3 +162,27 @@ def test_a_callback_without_state_is_refused(stack: Stack) -> None:
     page = stack.browser.get("/oauth/callback", params={"code": "x"})
     assert page.status_code == 400
     assert operators(stack) == 0
+
+
+def test_an_account_with_no_sites_is_not_connected(stack: Stack) -> None:
+    stack.sandbox.create_operator("empty", name="Nobody's Storage")
+    page = stack.callback(stack.consent(stack.start_connect(), operator="empty"))
+    assert page.status_code == 400
+    assert "No sites to connect" in page.text
+    assert operators(stack) == 0
+
+
+def test_a_disabled_endpoint_is_replaced_not_replayed(stack: Stack) -> None:
+    """Found in review: the create's fixed Idempotency-Key replayed the first endpoint
+    (disabled since) for 24 h, and nothing was delivered."""
+    stack.connect()
+    first = stack.sandbox.operator_state("acme")["endpoints"][0]
+    stack.sandbox.disable_endpoint(first["id"])
+    stack.browser.cookies.clear()
+    stack.connect()
+    endpoints = stack.sandbox.operator_state("acme")["endpoints"]
+    live = [e for e in endpoints if e["status"] == "enabled"]
+    assert len(endpoints) == 2
+    assert len(live) == 1
+    assert live[0]["id"] != first["id"]
+    assert stack.services.operators.list()[0].webhook_endpoint_id == live[0]["id"]

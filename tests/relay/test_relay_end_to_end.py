@@ -113,3 +113,31 @@ def test_changes_in_random_order_with_duplicates_end_at_each_units_last_status(
     # Only versions Stora sent were ever applied at the gateway.
     sent = {ms for _, _, ms, _ in changes}
     assert set(keeper.ver.values()) <= sent
+
+
+def test_a_clear_missed_while_the_site_was_revoked_is_sent_once_it_is_back(
+        relay: Relay, broker: Broker) -> None:
+    """Found in review: a lockout's end arriving while the site's credential is being
+    replaced (revoked, then added again) made no command, and the unit stayed locked out
+    at the gateway for good."""
+    keeper = LockoutKeeper()
+    gateway = FakeGateway(broker, PREFIX, SITE, answer=keeper)
+    services = dataclasses.replace(
+        relay.services, config=dataclasses.replace(
+            relay.services.config, mqtt=dataclasses.replace(
+                relay.services.config.mqtt, port=broker.port, client_id="relay-e2e")))
+    running = build(services, timings=FAST, reconcile_interval_s=3600)
+    try:
+        with AppServer(running.app, services.config.relay.listen_port):
+            relay.webhook("unit_7", "overlocked", T0)
+            running.link.notify()
+            wait_for(lambda: keeper.lockout.get("unit_7") is True, timeout=10,
+                     what="the lockout at the gateway")
+            services.sites.revoke(SITE)
+            assert relay.webhook("unit_7", "occupied", T0 + 1000) == "unregistered_site"
+            services.sites.add(SITE, relay.operator)  # a new credential
+            wait_for(lambda: keeper.lockout.get("unit_7") is False, timeout=10,
+                     what="the clear at the gateway")
+    finally:
+        gateway.close()
+    assert keeper.ver["unit_7"] == T0 + 1000

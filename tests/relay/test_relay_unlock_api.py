@@ -187,6 +187,7 @@ def test_an_offline_gateway_is_refused_at_once_and_nothing_is_sent(api: Api) -> 
     ("unknown site", 404, "not_found"),
     ("unknown unit", 404, "not_found"),
     ("unit of another site", 404, "not_found"),
+    ("an id longer than any", 404, "not_found"),
     ("seconds 0", 422, "invalid_body"),
     ("unknown field", 422, "invalid_body"),
     ("override without reason", 422, "invalid_body"),
@@ -210,6 +211,13 @@ def test_errors_are_json_with_their_status(api: Api, case: str, status: int,
         answer = api.unlock("unit_nope")
     elif case == "unit of another site":
         answer = api.unlock("unit_x")
+    elif case == "an id longer than any":
+        # Never taken for its prefix: a unit whose id is those 64 characters exists.
+        with api.services.db.session() as s:
+            op = api.services.api_keys.list()[0].operator_id
+            s.add(UnitState(operator_id=op, unit_id="u" * 64, site_id=SITE, status="occupied",
+                            ver=1, lockout=False, confirmed_ver=None, updated_at=0))
+        answer = api.unlock("u" * 65)
     elif case == "seconds 0":
         answer = api.unlock(body={"seconds": 0})
     elif case == "unknown field":
@@ -240,3 +248,50 @@ def test_lock_and_the_openapi_document(api: Api) -> None:
     doc = api.http.get("/openapi.json").json()
     assert "/v1/sites/{site}/units/{unit}/unlock" in doc["paths"]
     assert "/v1/commands/{command_id}" in doc["paths"]
+
+
+def test_a_key_answered_by_a_double_tap_keeps_naming_that_command(api: Api) -> None:
+    """Found in review: a request whose Idempotency-Key got the pending unlock of a
+    double tap, retried after that unlock finished, made a second unlock."""
+    api.gateway.delay = None
+    first = api.unlock(wait=0).json()
+    tap = api.unlock(wait=0, idem="tap-2").json()
+    assert tap["id"] == first["id"]
+    api.gateway.answer(first["id"], "done")
+    retry = api.unlock(wait=0, idem="tap-2")
+    assert retry.json()["id"] == first["id"]
+    assert retry.json()["status"] == "done"
+    with api.services.db.session() as s:
+        assert len(s.scalars(select(Command)).all()) == 1
+    assert api.unlock("unit_2", idem="tap-2").status_code == 422
+
+
+def test_an_override_is_never_taken_for_a_double_tap(api: Api) -> None:
+    api.gateway.delay = None
+    first = api.unlock(wait=0).json()
+    override = api.unlock(wait=0, body={"override": True, "reason": "fire drill"}).json()
+    assert override["id"] != first["id"]
+
+
+def test_no_body_over_the_cap_reaches_a_route(api: Api) -> None:
+    """Found in review: the API's JSON bodies were read whole, whatever their size,
+    before the key was checked."""
+    big = b'{"actor": "' + b"x" * (400 * 1024) + b'"}'
+    answer = api.http.post(f"/v1/sites/{SITE}/units/unit_1/unlock", content=big,
+                           headers={"Authorization": f"Bearer {api.key}",
+                                    "Content-Type": "application/json"})
+    assert answer.status_code == 413
+    assert answer.json()["error"]["code"] == "too_large"
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it streams
+        yield b'{"actor": "'
+        for _ in range(40):
+            yield b"x" * 10_240
+        yield b'"}'
+
+    streamed = api.http.post(f"/v1/sites/{SITE}/units/unit_1/unlock", content=chunks(),
+                             headers={"Authorization": f"Bearer {api.key}",
+                                      "Content-Type": "application/json"})
+    assert streamed.status_code == 413
+    with api.services.db.session() as s:
+        assert s.scalars(select(Command)).all() == []
