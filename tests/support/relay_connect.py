@@ -13,9 +13,6 @@ relay's callback.
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 from fastapi import FastAPI
 
+from devkit.mosquitto import free_port
+from devkit.relay_site import AppServer
 from devkit.sandbox import PartnerApp, Sandbox
 from relay.broker import BROKER_PATH, TimelineBroker, broker_routes
 from relay.ratelimit import RateLimiter
@@ -36,14 +34,6 @@ from tests.support.relay import CLIENT_ID, relay_on_disk
 
 CLIENT_SECRET = "relay-test-secret"
 SOURCE_ID = "tsrc_test"
-
-
-def free_port() -> int:
-    """A local TCP port nobody listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def sites_spec(prefix: str, count: int) -> list[dict[str, Any]]:
@@ -58,29 +48,6 @@ def event_body(site: str, external_id: str) -> dict[str, Any]:
     return {"source": {"id": SOURCE_ID}, "site": {"id": site},
             "external": {"id": external_id},
             "description": f"Unit unlocked via TestEntry — {external_id}"}
-
-
-class _Server:
-    """An ASGI app on uvicorn in a thread of this process."""
-
-    def __init__(self, app: FastAPI, port: int) -> None:
-        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                                     log_level="warning", lifespan="off"))
-        self._thread = threading.Thread(target=self._server.run, name="relay-broker",
-                                        daemon=True)
-
-    def __enter__(self) -> _Server:
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("the relay's server did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.should_exit = True
-        self._thread.join(10)
 
 
 @dataclass
@@ -156,7 +123,7 @@ def broker_stack(directory: Path, operators: Mapping[str, Sequence[Mapping[str, 
         relay.include_router(pages(services))
         relay.include_router(broker_routes(broker))
         try:
-            with _Server(relay, port):
+            with AppServer(relay, port):
                 yield BrokerStack(sandbox, services, limiter, tokens, broker, url)
         finally:
             services.close()
