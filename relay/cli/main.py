@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from relay import __version__
 from relay.cli import commands
 from relay.cli.commands import Context
@@ -157,6 +159,26 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
     except KeyboardInterrupt:
         err.write(f"{PROG}: interrupted\n")
         return 130
+    except (OSError, SQLAlchemyError) as exc:  # the database or a file: say which, once
+        if debug:
+            raise
+        cause = getattr(exc, "orig", None) or exc
+        err.write(f"{PROG}: {_one_line(f'{type(cause).__name__}: {cause}')} "
+                  "(run with --debug for details)\n")
+        return EXIT_FAILED
+    except Exception as exc:
+        if debug:
+            raise
+        err.write(f"{PROG}: {_one_line(f'{type(exc).__name__}: {exc}')} "
+                  "(run with --debug for details)\n")
+        return EXIT_FAILED
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """The first line of ``text``, printable and capped (an error from outside may be
+    long or hold control characters)."""
+    first = text.strip().splitlines()[0] if text.strip() else text
+    return "".join(c if c.isprintable() else "?" for c in first)[:limit]
 
 
 if __name__ == "__main__":  # pragma: no cover

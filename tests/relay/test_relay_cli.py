@@ -219,3 +219,18 @@ def test_run_stops_cleanly_on_sigterm(config: Path, tmp_path: Path) -> None:
         assert f"another stora-relay process (pid {relay.pid}) is running on" in second.stderr
         assert relay.terminate() == 0
         assert "stora-relay stopped (SIGTERM)" in relay.log_text()
+
+
+def test_a_database_that_cannot_be_opened_is_one_line_not_a_traceback(
+        tmp_path: Path) -> None:
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the database's directory should be\n")
+    config = write_relay_config(tmp_path / "relay",
+                                database=f"sqlite:///{blocked / 'relay.db'}")
+    status, out, err = run(config, "operators", "list")
+    assert status == 1
+    assert out == ""
+    assert err.startswith("stora-relay: ")
+    assert err.count("\n") == 1
+    assert "Traceback" not in err
+    assert "run with --debug for details" in err
