@@ -9,7 +9,8 @@ it, then wait up to ``?wait=S`` seconds (default 8, at most 25) for the gateway'
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import time
+from typing import Any, Final, Protocol
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -17,6 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from relay.metrics import UNLOCK_SECONDS, bounded
 from relay.unlock import ApiError, UnlockRequest, UnlockService
 from sitelink.codes import Cmd
 
@@ -26,6 +28,9 @@ DEFAULT_WAIT_S = 8.0
 #: The longest site or unit id (the database's column).
 MAX_ID = 64
 MAX_WAIT_S = 25.0
+#: A command record's statuses (the unlock latency's label).
+RECORD_STATUSES: Final = frozenset({"pending", "done", "rejected", "failed", "unknown",
+                                     "timeout", "superseded"})
 
 
 class Dispatch(Protocol):
@@ -69,6 +74,7 @@ def api_routes(service: UnlockService, dispatch: Dispatch) -> APIRouter:
 
     async def run(request: UnlockRequest, authorization: str | None,
                   wait: float) -> JSONResponse:
+        began = time.monotonic()
         try:
             key = await run_in_threadpool(service.authenticate, authorization)
             record, new = await run_in_threadpool(service.submit, key, request)
@@ -79,6 +85,8 @@ def api_routes(service: UnlockService, dispatch: Dispatch) -> APIRouter:
                 record = await run_in_threadpool(service.record, key, record["id"])
         except ApiError as exc:
             return _error(exc)
+        UNLOCK_SECONDS.labels(bounded(record["status"], RECORD_STATUSES)).observe(
+            time.monotonic() - began)
         if record["status"] == "pending":
             return JSONResponse(record, status_code=202,
                                 headers={"Location": f"/v1/commands/{record['id']}"})

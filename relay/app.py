@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
@@ -17,15 +17,18 @@ from relay import __version__
 from relay.api import Dispatch, api_routes, validation_error
 from relay.broker import broker_routes
 from relay.http import BodyLimit, error, read_capped
+from relay.metrics import CONTENT_TYPE, WEBHOOKS, bounded, render
 from relay.services import Services
 from relay.web import pages
-from relay.webhooks import MAX_BODY_BYTES
+from relay.webhooks import MAX_BODY_BYTES, OUTCOMES
 
 __all__ = ["MAX_REQUEST_BYTES", "create_app"]
 
 #: No request body of any route is longer (the webhook's cap, 256 KiB, is the largest).
 MAX_REQUEST_BYTES = 300 * 1024
 
+#: Every outcome of a delivery (the metrics' label).
+WEBHOOK_OUTCOMES = frozenset({*OUTCOMES, "too_large"})
 _WEBHOOK_REFUSALS = {
     "unknown_endpoint": "no webhook endpoint has this URL",
     "bad_signature": "the X-Stora-Signature does not match the body",
@@ -77,13 +80,19 @@ def create_app(services: Services, dispatch: Dispatch, *,
                                 status_code=503)
         return JSONResponse({"ok": True})
 
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(render(), media_type=CONTENT_TYPE)
+
     @app.post("/webhooks/stora/{key}")
     async def webhook(key: str, request: Request) -> JSONResponse:
         body = await read_capped(request, MAX_BODY_BYTES)
         if body is None:
+            WEBHOOKS.labels("too_large").inc()
             return error(413, "too_large", f"a webhook body is at most {MAX_BODY_BYTES} bytes")
         verdict = await run_in_threadpool(services.webhooks.accept, key, body,
                                           request.headers.get("x-stora-signature", ""))
+        WEBHOOKS.labels(bounded(verdict.outcome, WEBHOOK_OUTCOMES)).inc()
         if verdict.command is not None:
             dispatch.notify()
         if verdict.status == 200:

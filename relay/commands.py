@@ -19,13 +19,14 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from relay.db.models import Command, UnitState
 from relay.keys import SigningKeys
+from relay.metrics import COMMANDS_CREATED, bounded
 from sitelink.codes import Cmd, Reason, Status
 from sitelink.sign import CommandSigner
 
@@ -38,6 +39,8 @@ RESULT_STATUSES = frozenset(s.value for s in Status)
 #: How long a signing key read from the database is used before it is read again (a
 #: ``keys rotate`` in another process takes effect within this).
 KEY_CACHE_S = 30.0
+#: Where commands come from (metrics labels).
+ORIGINS: Final = frozenset({"webhook", "api", "reconcile", "resend"})
 
 
 class Commands:
@@ -74,6 +77,7 @@ class Commands:
                       idempotency_key=idempotency_key, created_at=now,
                       expires_at=iat + ttl, published_at=None, result_at=None)
         session.add(row)
+        COMMANDS_CREATED.labels(cmd.value, bounded(origin, ORIGINS)).inc()
         return row
 
 

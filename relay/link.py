@@ -91,6 +91,9 @@ class LinkTimings:
     op_timeout_s: float = 10.0
     #: A cancelled run says goodbye to the broker within this.
     shutdown_s: float = 5.0
+    #: With replicas: how long a command this link is publishing is its own (no other
+    #: replica publishes it meanwhile); more than ``op_timeout_s``.
+    publish_claim_s: float = 15.0
     resend: ResendPolicy = field(default_factory=ResendPolicy)
 
 
@@ -162,7 +165,8 @@ class RelayLink:
         self._mqtt = mqtt
         self.timings = timings or LinkTimings()
         self._sites = sites
-        self._outbox = Outbox(db, commands, policy=self.timings.resend)
+        self._outbox = Outbox(db, commands, policy=self.timings.resend,
+                              claim_s=self.timings.publish_claim_s)
         self._clock = clock
         self._rng = rng or random.Random()
         self.stats = LinkStats()
@@ -373,6 +377,12 @@ class RelayLink:
                                             self._clock())
                 except Exception:  # noqa: BLE001 (they go out again: same token, same jti)
                     self._db_trouble.failed()
+            failed = [d.jti for d, outcome in zip(batch, outcomes, strict=True)
+                      if outcome is not None]
+            if failed:
+                # Another replica (or this one, reconnected) may publish them at once.
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self._outbox.release, failed)
             for outcome in outcomes:
                 if isinstance(outcome, BaseException):
                     raise outcome

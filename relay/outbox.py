@@ -25,17 +25,19 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import threading
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from relay.commands import RESULT_STATUSES, Commands, apply_result
 from relay.db.engine import Database
 from relay.db.models import Command, Site, UnitState
+from relay.metrics import command_result
 from sitelink.codes import Cmd
 
 __all__ = [
@@ -44,12 +46,14 @@ __all__ = [
     "Outbox",
     "ResendPolicy",
     "Waiters",
+    "claim_commands",
     "due_commands",
     "expire_commands",
     "finished",
     "mark_published",
     "offline_sites",
     "record_result",
+    "release_claims",
     "resend_intents",
 ]
 
@@ -116,44 +120,91 @@ def expire_commands(session: Session, now: float) -> list[str]:
     Nothing publishes an expired command (the gateway would refuse it ``expired``); a
     result that comes later still updates the record (contract §7.2).
     """
-    jtis = list(session.scalars(select(Command.jti).where(
-        Command.status == PENDING, Command.expires_at <= now)).all())
-    if jtis:
-        session.execute(update(Command).where(
-            Command.jti.in_(jtis), Command.status == PENDING).values(
-                status=TIMEOUT, reason=TIMEOUT, result_at=now))
-    return jtis
+    rows = session.execute(update(Command).where(
+        Command.status == PENDING, Command.expires_at <= now).values(
+            status=TIMEOUT, reason=TIMEOUT, result_at=now)
+        .returning(Command.jti, Command.cmd)).all()
+    for _, cmd in rows:
+        command_result(cmd, TIMEOUT, TIMEOUT)
+    return [str(jti) for jti, _ in rows]
 
 
-def due_commands(session: Session, now: float, *, republish_before: float,
-                 offline: Collection[str] = (), kicked: Collection[str] = (),
-                 limit: int = 500) -> list[Due]:
-    """Pending, unexpired commands to publish now, oldest first.
-
-    Never published: always.  Published before ``republish_before``: again, unless the
-    site is in ``offline``.  Of a site in ``kicked`` (it just came online): every one.
-    """
+def _due_clause(now: float, *, republish_before: float, offline: Collection[str] = (),
+                kicked: Collection[str] = ()) -> ColumnElement[bool]:
     again = Command.published_at <= republish_before
     if offline:
         again = again & Command.site_id.not_in(list(offline))
     wanted = [Command.published_at.is_(None), again]
     if kicked:
         wanted.append(Command.site_id.in_(list(kicked)))
+    return and_(Command.status == PENDING, Command.expires_at > now,
+                Command.token.is_not(None), or_(*wanted))
+
+
+def _unclaimed(now: float, replica: str | None) -> ColumnElement[bool]:
+    free = or_(Command.publish_claim_until.is_(None), Command.publish_claim_until <= now)
+    return free if replica is None else or_(free, Command.publish_claimed_by == replica)
+
+
+def due_commands(session: Session, now: float, *, republish_before: float,
+                 offline: Collection[str] = (), kicked: Collection[str] = (),
+                 limit: int = 500, replica: str | None = None) -> list[Due]:
+    """Pending, unexpired commands to publish now, oldest first.
+
+    Never published: always.  Published before ``republish_before``: again, unless the
+    site is in ``offline``.  Of a site in ``kicked`` (it just came online): every one.
+    None that another replica has claimed (:func:`claim_commands`) until its claim ends.
+    """
     rows = session.execute(
         select(Command.jti, Command.site_id, Command.token, Command.published_at)
-        .where(Command.status == PENDING, Command.expires_at > now,
-               Command.token.is_not(None), or_(*wanted))
+        .where(_due_clause(now, republish_before=republish_before, offline=offline,
+                           kicked=kicked), _unclaimed(now, replica))
         .order_by(Command.created_at).limit(limit)).all()
     return [Due(jti, site, token.encode("ascii"), published is not None)
             for jti, site, token, published in rows if token]
 
 
+def claim_commands(session: Session, jtis: Collection[str], now: float, *, replica: str,
+                   claim_s: float, republish_before: float, offline: Collection[str] = (),
+                   kicked: Collection[str] = ()) -> set[str]:
+    """Claim for ``replica`` those of ``jtis`` that are still due and unclaimed, for
+    ``claim_s`` seconds: the ones it may publish now.
+
+    One conditional ``UPDATE``: on PostgreSQL a second replica claiming the same row
+    waits for the first one's transaction, then finds the row claimed (or published
+    since) and leaves it.  The acknowledged publish ends the claim
+    (:func:`mark_published`: from then on ``published_at`` keeps the row from being due
+    until its re-publish); a failed one gives it back (:func:`release_claims`); a replica
+    killed in between leaves it to end by itself."""
+    if not jtis:
+        return set()
+    claimed = session.scalars(
+        update(Command).where(
+            Command.jti.in_(list(jtis)),
+            _due_clause(now, republish_before=republish_before, offline=offline,
+                        kicked=kicked), _unclaimed(now, replica))
+        .values(publish_claimed_by=replica, publish_claim_until=now + claim_s)
+        .returning(Command.jti)).all()
+    return set(claimed)
+
+
+def release_claims(session: Session, jtis: Collection[str], replica: str) -> None:
+    """Give back ``replica``'s claims of ``jtis`` (their publish failed): any replica may
+    publish them at once."""
+    if jtis:
+        session.execute(update(Command).where(
+            Command.jti.in_(list(jtis)), Command.publish_claimed_by == replica)
+            .values(publish_claimed_by=None, publish_claim_until=None))
+
+
 def mark_published(session: Session, jtis: Iterable[str], now: float) -> None:
-    """The broker acknowledged these (PUBACK): the time of their last publish."""
+    """The broker acknowledged these (PUBACK): the time of their last publish; their
+    publish claims end."""
     batch = list(jtis)
     if batch:
         session.execute(update(Command).where(Command.jti.in_(batch))
-                        .values(published_at=now))
+                        .values(published_at=now, publish_claimed_by=None,
+                                publish_claim_until=None))
 
 
 def record_result(session: Session, site_id: str, payload: Mapping[str, Any],
@@ -331,18 +382,33 @@ class Waiters:
 
 
 class Outbox:
-    """The link's transactions on the outbox, each short, each its own (worker threads)."""
+    """The link's transactions on the outbox, each short, each its own (worker threads).
 
-    def __init__(self, db: Database, commands: Commands, *, policy: ResendPolicy) -> None:
+    With several replicas on one database (PostgreSQL), each command is published by
+    one of them: :meth:`plan` claims what it returns for ``claim_s`` seconds
+    (:func:`claim_commands`), so the same row committed by one replica and seen by
+    another's poll is not published twice.  A SQLite database serves one process
+    (relay/db/engine.py's lock), so there it claims nothing.
+    """
+
+    def __init__(self, db: Database, commands: Commands, *, policy: ResendPolicy,
+                 claim_s: float = 15.0, replica: str | None = None) -> None:
         self._db = db
         self._commands = commands
         self._policy = policy
+        self._claim_s = claim_s
+        #: This process's name in the claims.
+        self.replica = replica or secrets.token_hex(8)
+        self._claims = not db.is_sqlite
 
     def plan(self, now: float, *, republish_before: float, kicked: Collection[str] = (),
              resend: bool = True) -> tuple[list[Due], int]:
         """In one transaction: new commands for unconfirmed lockouts (with ``resend``),
         then what is due (:func:`due_commands`); how many commands were made.  Without
-        ``resend`` it only reads, so it takes no write lock."""
+        ``resend`` it only reads, so it takes no write lock.  With replicas, what is due
+        is then claimed in a second, short transaction: only the claimed rows are
+        returned."""
+        replica = self.replica if self._claims else None
         with self._db.session() if resend else self._db.read() as s:
             offline = offline_sites(s)
             made = resend_intents(s, self._commands, now, offline=offline,
@@ -351,8 +417,21 @@ class Outbox:
                 LOGGER.info("%s of %s at %s (ver %s) unconfirmed: sent again as %s",
                             row.cmd, row.unit_id, row.site_id, row.ver, row.jti)
             due = due_commands(s, now, republish_before=republish_before, offline=offline,
-                               kicked=kicked)
-            return due, len(made)
+                               kicked=kicked, replica=replica)
+        if due and replica is not None:
+            with self._db.session() as s:
+                mine = claim_commands(s, [d.jti for d in due], now, replica=replica,
+                                      claim_s=self._claim_s,
+                                      republish_before=republish_before, offline=offline,
+                                      kicked=kicked)
+            due = [d for d in due if d.jti in mine]
+        return due, len(made)
+
+    def release(self, jtis: list[str]) -> None:
+        """:func:`release_claims` of this replica (a publish that failed)."""
+        if self._claims and jtis:
+            with self._db.session() as s:
+                release_claims(s, jtis, self.replica)
 
     def mark(self, jtis: list[str], now: float) -> None:
         """:func:`mark_published` in a transaction of its own (relaxed: a mark lost to a
@@ -365,9 +444,22 @@ class Outbox:
         """:func:`record_result`: ``(jti, status)`` of the command it answered, or None.
         Durable before an API caller is told (an unlock lives 60 s: a result lost to a
         power cut could not be had again once it expired)."""
+        jti = payload.get("jti")
         with self._db.session() as s:
+            # Every replica receives every result: the one that finds the command still
+            # unanswered counts it (the others wait on the row lock, then find it answered).
+            before = s.get(Command, jti, with_for_update=True) \
+                if isinstance(jti, str) and 0 < len(jti) <= 64 else None
+            was = before.status if before is not None else None
             row = record_result(s, site_id, payload, now)
-            return None if row is None else (row.jti, row.status)
+            if row is None:
+                return None
+            answered = (row.jti, row.status)
+            counted = (row.cmd, row.status, row.reason) \
+                if was in (PENDING, TIMEOUT) and row.status != was else None
+        if counted is not None:
+            command_result(*counted)
+        return answered
 
     def expire(self, now: float) -> list[str]:
         """:func:`expire_commands` in a transaction of its own."""

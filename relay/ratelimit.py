@@ -38,6 +38,12 @@ from sqlalchemy.orm import Session
 from relay.db.engine import Database
 from relay.db.models import Operator, StoraSend
 from relay.errors import RelayError
+from relay.metrics import (
+    RATE_LIMIT_REFUSALS,
+    RATE_LIMIT_WAIT_SECONDS,
+    RATE_LIMIT_WAITS,
+    bounded,
+)
 
 __all__ = [
     "MINUTE_S",
@@ -65,6 +71,8 @@ RESERVE: Final = 1
 #: How long an urgent or background caller may wait for a slot by default.
 DEFAULT_MAX_WAIT_S: Final = 5.0
 #: Julian day of the Unix epoch, and seconds in a day (SQLite's clock is Julian days).
+#: The purposes of background calls that wait for a slot (metrics labels).
+WAIT_PURPOSES: Final = frozenset({"connect", "reconcile", "refresh", "timeline_event"})
 _JULIAN_EPOCH: Final = 2440587.5
 _DAY_S: Final = 86400.0
 
@@ -150,6 +158,7 @@ class RateLimiter:
         with self._db.session() as s:
             wait, refused, now = self._take(s, operator_id, purpose, urgent)
         if refused is not None:
+            RATE_LIMIT_REFUSALS.inc()
             raise RateLimitedError(operator_id, wait, refused.limit, now + wait)
 
     def acquire(self, operator_id: str, purpose: str, *, urgent: bool = False,
@@ -164,6 +173,8 @@ class RateLimiter:
                 return
             if time.monotonic() + wait > deadline:
                 raise RateLimitedError(operator_id, wait, refused.limit, now + wait)
+            RATE_LIMIT_WAITS.labels(bounded(purpose, WAIT_PURPOSES)).inc()
+            RATE_LIMIT_WAIT_SECONDS.inc(wait)
             self._sleep(wait)
 
     def record(self, operator_id: str, purpose: str, count: int = 1) -> None:

@@ -21,12 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from relay.commands import Commands
 from relay.db.engine import Database
 from relay.db.models import Operator
 from relay.errors import RelayError
+from relay.leases import Lease
 from relay.ratelimit import RateLimiter
 from relay.stora import StoraApi, StoraError
 from relay.webhooks import apply_unit
@@ -85,14 +86,19 @@ class Reconciler:
             raise StoraError(200, "invalid_response", "units answered without 'units'")
         return doc
 
-    def connected_operators(self) -> list[str]:
-        """The operators a pass may call (connected; not those waiting to reconnect)."""
+    def connected_operators(self, *, reconciled_before: float | None = None) -> list[str]:
+        """The operators a pass may call (connected; not those waiting to reconnect);
+        with ``reconciled_before``, only those no replica reconciled since then."""
+        query = select(Operator.id).where(Operator.status == "connected")
+        if reconciled_before is not None:
+            query = query.where(or_(Operator.reconciled_at.is_(None),
+                                    Operator.reconciled_at < reconciled_before))
         with self._db.read() as s:
-            return list(s.scalars(select(Operator.id).where(Operator.status == "connected")
-                                  .order_by(Operator.id)).all())
+            return list(s.scalars(query.order_by(Operator.id)).all())
 
-    def reconcile(self, operator_id: str) -> Reconciliation:
-        """One pass over every unit of ``operator_id``."""
+    def reconcile(self, operator_id: str, *, lease: Lease | None = None) -> Reconciliation:
+        """One pass over every unit of ``operator_id``; with ``lease`` (replicas), each
+        page's writes only while the lease is still this pass's (:meth:`Lease.check`)."""
         seen = updated = queued = 0
         page = 1
         try:
@@ -100,6 +106,8 @@ class Reconciler:
                 doc = self._page(operator_id, page)
                 now = self._clock()
                 with self._db.session() as s:
+                    if lease is not None:
+                        lease.check(s)
                     for unit in doc["units"]:
                         if not isinstance(unit, dict):
                             continue
@@ -120,6 +128,8 @@ class Reconciler:
                            exc)
             return Reconciliation(operator_id, seen, updated, queued, str(exc))
         with self._db.session() as s:
+            if lease is not None:
+                lease.check(s)
             row = s.get(Operator, operator_id)
             if row is not None:
                 row.reconciled_at = self._clock()

@@ -27,6 +27,7 @@ from relay.crypto import Keyring
 from relay.db.engine import Database, ProcessLock
 from relay.db.migrate import upgrade
 from relay.jobs import DEFAULT_INTERVAL_S, Jobs
+from relay.leases import Leases
 from relay.link import LinkTimings, RelayLink
 from relay.services import Services
 
@@ -50,7 +51,8 @@ def build(services: Services, *, timings: LinkTimings | None = None,
     """The app, the link and the jobs over ``services`` (tests and the demo use it too)."""
     link = RelayLink(services.config.mqtt, services.db, services.sites, services.commands,
                      clock=services.clock, timings=timings)
-    jobs = Jobs(services.reconciler, services.connector, interval_s=reconcile_interval_s)
+    jobs = Jobs(services.reconciler, services.connector, Leases(services.db),
+                interval_s=reconcile_interval_s)
     app = create_app(services, link, on_connected=jobs.request,
                      background=(link.run, jobs.run))
     return Relay(services, link, jobs, app)

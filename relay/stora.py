@@ -17,6 +17,7 @@ import httpx
 
 from relay.config import StoraSection
 from relay.errors import RelayError
+from relay.metrics import STORA_REQUESTS
 
 __all__ = ["MAX_ANSWER_BYTES", "Forwarded", "OAuthError", "StoraApi", "StoraError", "TokenSet"]
 
@@ -94,12 +95,14 @@ class StoraApi:
     def _send(self, method: str, url: str, *, token: str | None = None,
               body: Mapping[str, Any] | None = None, params: Mapping[str, Any] | None = None,
               idempotency_key: str | None = None) -> tuple[int, Any, httpx.Headers]:
+        kind = "token" if url == self._settings.token_url else "api"
         headers = {"Accept": "application/json"}
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
         if idempotency_key is not None:
             headers["Idempotency-Key"] = idempotency_key
-        answer = self._exchange(method, url, headers, json_body=body, params=params)
+        answer = self._exchange(method, url, headers, json_body=body, params=params,
+                                kind=kind)
         try:
             doc = json.loads(answer.body) if answer.body else None
         except ValueError:
@@ -108,8 +111,9 @@ class StoraApi:
 
     def _exchange(self, method: str, url: str, headers: Mapping[str, str], *,
                   json_body: Mapping[str, Any] | None = None, content: bytes | None = None,
-                  params: Mapping[str, Any] | None = None) -> Forwarded:
-        """One request; the answer's bytes capped at :data:`MAX_ANSWER_BYTES`."""
+                  params: Mapping[str, Any] | None = None, kind: str = "api") -> Forwarded:
+        """One request; the answer's bytes capped at :data:`MAX_ANSWER_BYTES`; counted
+        by ``kind`` and status (relay/metrics.py)."""
         try:
             with self._http.stream(method, url, headers=headers, json=json_body, content=content,
                                    params=params) as answer:
@@ -120,8 +124,10 @@ class StoraApi:
                         raise StoraError(0, "too_large", f"Stora's answer to {method} {url} "
                                          f"is over {MAX_ANSWER_BYTES} bytes")
         except httpx.HTTPError as exc:
+            STORA_REQUESTS.labels(kind, "unreachable").inc()
             raise StoraError(0, "unreachable", f"Stora could not be reached ({method} {url}): "
                              f"{type(exc).__name__}") from None
+        STORA_REQUESTS.labels(kind, str(answer.status_code)).inc()
         return Forwarded(answer.status_code, raw, answer.headers)
 
     def _url(self, path: str) -> str:
@@ -187,7 +193,8 @@ class StoraApi:
                    "Authorization": f"Bearer {token}"}
         if idempotency_key is not None:
             headers["Idempotency-Key"] = idempotency_key
-        return self._exchange(method, self._url(path), headers, content=content)
+        return self._exchange(method, self._url(path), headers, content=content,
+                              kind="timeline")
 
     def pages(self, path: str, key: str, token: str, *,
               params: Mapping[str, Any] | None = None, limit: int = 100,

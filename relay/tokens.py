@@ -64,6 +64,7 @@ from relay.crypto import Keyring
 from relay.db.engine import Database
 from relay.db.models import Operator
 from relay.errors import RelayError
+from relay.metrics import REFRESHES
 from relay.operators import CONNECTED, REAUTH_REQUIRED, token_aad
 from relay.ratelimit import RateLimitedError, RateLimiter, database_now
 from relay.stora import OAuthError, StoraApi, StoraError, TokenSet
@@ -337,12 +338,16 @@ class Tokens:
                     tokens = self._stora.refresh(leased.refresh_token)
                 except OAuthError as exc:
                     if exc.code == "invalid_grant":
+                        REFRESHES.labels("invalid_grant").inc()
                         return self._refused(operator_id, leased)
+                    REFRESHES.labels("failed").inc()
                     self._failed(operator_id, leased, exc)
                     return None
                 except (StoraError, RateLimitedError) as exc:
+                    REFRESHES.labels("failed").inc()
                     self._failed(operator_id, leased, exc)
                     return None
+                REFRESHES.labels("ok").inc()
                 return self._store(operator_id, leased, tokens, started)
 
     def _take_lease(self, operator_id: str,

@@ -40,14 +40,19 @@ from relay.db.models import Command, Operator, Site, UnitState, WebhookEvent
 from relay.operators import token_aad
 from sitelink.codes import Cmd
 
-__all__ = ["LOCKOUT_STATUSES", "MAX_BODY_BYTES", "Verdict", "WebhookIntake", "apply_unit",
-           "sign", "unit_ver"]
+__all__ = ["LOCKOUT_STATUSES", "MAX_BODY_BYTES", "OUTCOMES", "Verdict", "WebhookIntake",
+           "apply_unit", "sign", "unit_ver"]
 
 LOGGER = logging.getLogger(__name__)
 MAX_BODY_BYTES: Final = 256 * 1024
 #: Unit statuses that mean "locked out" (stora-api §8.1: ``overlock`` is the spelling of
 #: the list filter, ``overlocked`` of the resource; both are taken).
 LOCKOUT_STATUSES: Final = frozenset({"overlocked", "overlock", "repossessed"})
+#: Every outcome a delivery can have (:class:`Verdict`).
+OUTCOMES: Final = frozenset({
+    "command", "duplicate", "older", "no_change", "ignored", "unregistered_site",
+    "malformed_unit", "unknown_endpoint", "bad_signature", "stale_timestamp", "not_json",
+    "no_event_id", "conflict"})
 _MAX_SIGNATURE_HEADER = 1024
 #: How long a webhook secret read from the database is used before it is read again.
 SECRET_CACHE_S = 30.0

@@ -6,8 +6,9 @@
 #
 # STORA_TEST_TOOLS (tests of this file only): another list to check instead.
 
-# Where Debian keeps programs that a user's PATH often lacks (mosquitto, mkfs.ext4).
-TOOLS_SBIN_DIRS=(/usr/local/sbin /usr/sbin /sbin)
+# Where Debian keeps programs that a user's PATH often lacks (mosquitto, mkfs.ext4; the
+# PostgreSQL server's initdb and pg_ctl, under their version's directory).
+TOOLS_SBIN_DIRS=(/usr/local/sbin /usr/sbin /sbin /usr/lib/postgresql/*/bin)
 TOOLS_LIST="${STORA_TEST_TOOLS:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/system-tools}"
 # Exit status when the suite cannot run here: as a bad invocation, like _env.sh's
 # missing Python; 1 stays the suite's own "a test failed".

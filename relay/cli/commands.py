@@ -59,6 +59,12 @@ class Context:
         upgrade(db)
         return db
 
+    def close(self) -> None:
+        """Close the database if the command opened it (PostgreSQL's connections)."""
+        db = self.__dict__.pop("db", None)
+        if isinstance(db, Database):
+            db.close()
+
     def emit(self, data: Any, rows: list[list[str]], headers: list[str]) -> None:
         """Print ``data`` as JSON with ``--json``, else ``rows`` as a table."""
         if self.json:

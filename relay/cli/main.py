@@ -172,6 +172,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
         err.write(f"{PROG}: {_one_line(f'{type(exc).__name__}: {exc}')} "
                   "(run with --debug for details)\n")
         return EXIT_FAILED
+    finally:
+        ctx.close()
 
 
 def _one_line(text: str, limit: int = 300) -> str:

@@ -28,6 +28,7 @@ __all__ = [
     "Base",
     "Command",
     "IdempotencyAlias",
+    "JobLease",
     "OAuthState",
     "Operator",
     "OperatorSite",
@@ -212,6 +213,10 @@ class Command(Base):
     created_at: Mapped[float] = mapped_column(Float)
     expires_at: Mapped[float] = mapped_column(Float)
     published_at: Mapped[float | None] = mapped_column(Float)
+    #: The publish claim (relay/outbox.py): the replica that is publishing it now, and
+    #: until when (its clock); no other replica publishes it before then.
+    publish_claimed_by: Mapped[str | None] = mapped_column(String(32))
+    publish_claim_until: Mapped[float | None] = mapped_column(Float)
     result_at: Mapped[float | None] = mapped_column(Float)
 
 
@@ -228,6 +233,18 @@ class StoraSend(Base):
     sent_at: Mapped[float] = mapped_column(Float)
     #: What it was for (``refresh``, ``timeline_event``, ``connect``…), for diagnosis.
     purpose: Mapped[str] = mapped_column(String(40))
+
+
+class JobLease(Base):
+    """Which replica runs a background job now (relay/leases.py): the owner, until when
+    (the database's clock), and the fencing counter, raised by every new holder."""
+
+    __tablename__ = "job_leases"
+
+    name: Mapped[str] = mapped_column(String(120), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(32))
+    until: Mapped[float] = mapped_column(Float)
+    fence: Mapped[int] = mapped_column(BigInteger)
 
 
 class IdempotencyAlias(Base):

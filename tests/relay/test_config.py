@@ -29,6 +29,9 @@ from relay.config import (
 )
 from relay.errors import ConfigError, RelayError
 
+#: No database here.
+pytestmark = pytest.mark.backends("sqlite")
+
 KEY_A = base64.b64encode(bytes(range(32))).decode()
 
 VALID_TOML = """\

@@ -31,6 +31,9 @@ from relay.crypto import (
 )
 from relay.errors import ConfigError, RelayError, SecretFileError
 
+#: No database here.
+pytestmark = pytest.mark.backends("sqlite")
+
 OLD = bytes(range(32))
 NEW = bytes(range(100, 132))
 RING = Keyring([OLD])

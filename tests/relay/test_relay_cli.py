@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ from relay.db.engine import Database
 from relay.operators import Operators, StoraSite
 from relay.sites import SiteRegistry
 from relay.stora import TokenSet
-from tests.support.relay import write_relay_config
+from tests.support.relay import stored_bytes, write_relay_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,19 +37,29 @@ def config(tmp_path: Path) -> Path:
     return write_relay_config(tmp_path / "relay")
 
 
+@contextmanager
+def database(config: Path) -> Iterator[Database]:
+    """The relay's database, closed after the block."""
+    db = Database(load_config(config).database.url)
+    try:
+        yield db
+    finally:
+        db.close()
+
+
 def connect_operator(config: Path, *sites: str) -> str:
     cfg = load_config(config)
-    db = Database(cfg.database.url)
-    operators = Operators(db, Keyring.from_file(cfg.secrets.data_key_file))
     run(config, "db", "upgrade")
-    tokens = TokenSet("at-1", "rt-1", 7200, "public.site:read", 0)
-    return operators.connect(tokens, [StoraSite(s, f"Site {s}") for s in sites])
+    with database(config) as db:
+        operators = Operators(db, Keyring.from_file(cfg.secrets.data_key_file))
+        tokens = TokenSet("at-1", "rt-1", 7200, "public.site:read", 0)
+        return operators.connect(tokens, [StoraSite(s, f"Site {s}") for s in sites])
 
 
-def test_check_config_and_db_upgrade(config: Path) -> None:
+def test_check_config_and_db_upgrade(config: Path, relay_backend: str) -> None:
     status, out, _ = run(config, "check-config")
     assert status == 0
-    assert ": OK (database sqlite, 1 data key(s)" in out
+    assert f": OK (database {relay_backend}, 1 data key(s)" in out
     assert run(config, "db", "upgrade")[1].startswith("applied 0001")
     assert run(config, "db", "upgrade")[1] == "already up to date\n"
 
@@ -93,23 +105,24 @@ def test_sites_add_prints_the_credential_once_and_stores_a_digest(config: Path) 
     assert 'auth = "broker"' in out
     assert "/stora/2025-09" in out
     assert "trusted_keys" in out
-    db_bytes = b"".join(p.read_bytes() for p in config.parent.glob("relay.db*"))
-    assert credential.encode() not in db_bytes
-    cfg = load_config(config)
-    registry = SiteRegistry(Database(cfg.database.url))
-    found = registry.authenticate(credential)
-    assert found is not None
-    assert found.site_id == "site_a1"
-    assert found.shared_units == ("unit_gate",)
-    assert found.timezone == "Europe/London"
-    assert registry.authenticate(credential[:-1] + ("A" if credential[-1] != "A" else "B")) is None
-    status, _, err = run(config, "sites", "add", "site_a1", "--operator", op)
-    assert status == 1
-    assert "already registered" in err
-    _, out, _ = run(config, "sites", "list", "--json")
-    assert json.loads(out)[0]["gateway"] == "never seen"
-    assert run(config, "sites", "revoke", "site_a1")[0] == 0
-    assert registry.authenticate(credential) is None
+    with database(config) as db:
+        assert b"site_a1" in stored_bytes(db)
+        assert credential.encode() not in stored_bytes(db)
+        registry = SiteRegistry(db)
+        found = registry.authenticate(credential)
+        assert found is not None
+        assert found.site_id == "site_a1"
+        assert found.shared_units == ("unit_gate",)
+        assert found.timezone == "Europe/London"
+        assert registry.authenticate(
+            credential[:-1] + ("A" if credential[-1] != "A" else "B")) is None
+        status, _, err = run(config, "sites", "add", "site_a1", "--operator", op)
+        assert status == 1
+        assert "already registered" in err
+        _, out, _ = run(config, "sites", "list", "--json")
+        assert json.loads(out)[0]["gateway"] == "never seen"
+        assert run(config, "sites", "revoke", "site_a1")[0] == 0
+        assert registry.authenticate(credential) is None
     _, out, _ = run(config, "operators", "list", "--json")
     assert json.loads(out)[0]["sites"] == ["site_a1", "site_b2"]
 
@@ -178,7 +191,8 @@ def test_a_rotated_data_key_can_be_retired_after_db_reencrypt(config: Path) -> N
     cfg = load_config(config)
     key_file = cfg.secrets.data_key_file
     old = key_file.read_text().strip()
-    before = Operators(Database(cfg.database.url), Keyring.from_file(key_file)).access_token(op)
+    with database(config) as db:
+        before = Operators(db, Keyring.from_file(key_file)).access_token(op)
     new = generate_key_text()
     key_file.write_text(f"{new}\n{old}\n")
     status, out, _ = run(config, "db", "reencrypt")
@@ -190,7 +204,8 @@ def test_a_rotated_data_key_can_be_retired_after_db_reencrypt(config: Path) -> N
     key_file.write_text(f"{new}\n")  # the old key's line goes
     keyring = Keyring.from_file(key_file)
     assert keyring.kids == (keyring.current_kid,)
-    assert Operators(Database(cfg.database.url), keyring).access_token(op) == before
+    with database(config) as db:
+        assert Operators(db, keyring).access_token(op) == before
     assert run(config, "keys", "list")[0] == 0  # the signing key decrypts too (on use)
     status, out, _ = run(config, "sites", "add", "site_a1", "--operator", op)
     assert status == 0, out
@@ -207,16 +222,20 @@ def test_db_reencrypt_says_when_a_key_is_missing(config: Path) -> None:
     assert op
 
 
-def test_run_stops_cleanly_on_sigterm(config: Path, tmp_path: Path) -> None:
-    """systemd's stop: a graceful shutdown, the clean-up, exit status 0; and a second
-    `run` on the same SQLite file is refused while the first one runs."""
+def test_run_stops_cleanly_on_sigterm(config: Path, tmp_path: Path,
+                                     relay_backend: str) -> None:
+    """systemd's stop: a graceful shutdown, the clean-up, exit status 0; and on SQLite a
+    second `run` on the same file is refused while the first one runs (PostgreSQL takes
+    replicas)."""
     cfg = load_config(config)
     with RelayProcess(config, port=cfg.relay.listen_port, log=tmp_path / "relay.log") as relay:
-        second = subprocess.run([str(Path(sys.executable).with_name("stora-relay")), "run",
-                                 "--config", str(config)], capture_output=True, text=True,
-                                check=False, timeout=60)
-        assert second.returncode == 1
-        assert f"another stora-relay process (pid {relay.pid}) is running on" in second.stderr
+        if relay_backend == "sqlite":
+            second = subprocess.run([str(Path(sys.executable).with_name("stora-relay")),
+                                     "run", "--config", str(config)], capture_output=True,
+                                    text=True, check=False, timeout=60)
+            assert second.returncode == 1
+            assert f"another stora-relay process (pid {relay.pid}) is running on" \
+                in second.stderr
         assert relay.terminate() == 0
         assert "stora-relay stopped (SIGTERM)" in relay.log_text()
 

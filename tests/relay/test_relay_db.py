@@ -14,12 +14,14 @@ from alembic.runtime.migration import MigrationContext
 from relay.db.engine import Database, DatabaseLockedError, ProcessLock, sqlite_path
 from relay.db.migrate import current_revision, head_revision, pending_revisions, upgrade
 from relay.db.models import Base
+from tests.support.relay import new_database_url
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_migrations_create_exactly_the_models(tmp_path: Path) -> None:
-    db = Database(f"sqlite:///{tmp_path / 'r.db'}")
+    """On both databases: the same migrations, the same tables as the models."""
+    db = Database(new_database_url(tmp_path))
     pending = pending_revisions(db)
     assert pending[0] == "0001"
     assert pending[-1] == head_revision()
@@ -30,8 +32,10 @@ def test_the_migrations_create_exactly_the_models(tmp_path: Path) -> None:
         diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
     assert diff == []
     assert db.integrity_check() == "ok"
+    db.close()
 
 
+@pytest.mark.backends("sqlite")
 def test_sqlite_runs_in_wal_with_full_sync_and_foreign_keys(tmp_path: Path) -> None:
     db = Database(f"sqlite:///{tmp_path / 'r.db'}")
     with db.engine.connect() as connection:
@@ -40,12 +44,14 @@ def test_sqlite_runs_in_wal_with_full_sync_and_foreign_keys(tmp_path: Path) -> N
     assert pragmas == {"journal_mode": "wal", "synchronous": 2, "foreign_keys": 1}
 
 
+@pytest.mark.backends("sqlite")
 def test_sqlite_path_of_urls() -> None:
     assert sqlite_path("sqlite:////var/lib/r.db") == Path("/var/lib/r.db")
     assert sqlite_path("sqlite:///:memory:") is None
     assert sqlite_path("postgresql://u@h/db") is None
 
 
+@pytest.mark.backends("sqlite")
 def test_a_second_process_on_the_same_file_is_refused(tmp_path: Path) -> None:
     """The lock is the kernel's (flock), so it is another process that must be refused."""
     db_file = tmp_path / "relay.db"
@@ -67,6 +73,7 @@ def test_a_second_process_on_the_same_file_is_refused(tmp_path: Path) -> None:
     again.release()
 
 
+@pytest.mark.backends("sqlite")
 def test_the_lock_refuses_within_one_process_too(tmp_path: Path) -> None:
     first = ProcessLock(tmp_path / "relay.db")
     first.acquire()

@@ -72,6 +72,9 @@ from tests.support.relay import CLIENT_ID, write_relay_config
 from tests.support.relay_gateway import FakeGateway, Received
 from tests.support.relay_stack import CLIENT_SECRET
 
+#: One relay process on its SQLite file.
+pytestmark = pytest.mark.backends("sqlite")
+
 KILLS = int(os.environ.get("RELAY_KILLS", "100"))
 #: Each life is killed uniformly 0–UPTIME_S after its /healthz first answered.
 UPTIME_S = 0.5

@@ -3,6 +3,7 @@ are recorded, and their lockouts queued, once; a second pass changes nothing."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,10 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from relay.db.engine import Database
 from relay.db.models import Command, Operator, UnitState
+from relay.jobs import Jobs
+from relay.leases import Leases
 from relay.reconcile import Reconciler
 from relay.services import Services
 from tests.support.relay_stack import Stack, relay_stack
@@ -79,3 +83,61 @@ def test_pages_are_paced_and_each_costs_one_call(stack: Stack) -> None:
     assert result.units == 156
     assert tokens.calls == 2
     assert sleeps == [0.5]
+
+
+def test_a_pass_that_lost_its_lease_to_another_replica_writes_no_more_pages(
+        stack: Stack) -> None:
+    """Page 1 is written; then the pass stalls past its lease and another replica takes
+    it over: page 2 is fetched but its writes are rolled back, and the pass says why."""
+    for i in range(150):
+        stack.sandbox.add_unit("acme", "site_acme2", {"reference_id": f"B-{i}"})
+    stack.connect()
+    op = stack.services.operators.list()[0].id
+    other_db = Database(stack.services.db.url)
+    name = f"reconcile:{op}"
+    lease = Leases(stack.services.db).acquire(name, 0.2)
+    assert lease is not None
+    taken: list[int] = []
+
+    def stall(_seconds: float) -> None:
+        time.sleep(0.4)
+        other = Leases(other_db).acquire(name, 60)
+        assert other is not None
+        taken.append(other.fence)
+
+    try:
+        result = Reconciler(stack.services.db, stack.services.stora,
+                            StoredToken(stack.services), stack.services.commands,
+                            sleep=stall).reconcile(op, lease=lease)
+    finally:
+        other_db.close()
+    assert taken == [lease.fence + 1]
+    assert result.error is not None
+    assert "taken over" in result.error
+    assert result.units == 100  # page 1 only
+    with stack.services.db.read() as s:
+        assert len(s.scalars(select(UnitState)).all()) == 100
+        assert s.scalar(select(Operator.reconciled_at).where(Operator.id == op)) is None
+
+
+def test_a_replica_skips_an_operator_whose_pass_another_replica_is_running(
+        stack: Stack) -> None:
+    stack.connect()
+    op = stack.services.operators.list()[0].id
+    services = stack.services
+    reconciler = Reconciler(services.db, services.stora, StoredToken(services),
+                            services.commands, sleep=lambda _s: None)
+    jobs = Jobs(reconciler, services.connector, Leases(services.db))
+    held = Leases(services.db).acquire(f"reconcile:{op}", 60)  # another replica's pass
+    assert held is not None
+    jobs.reconcile_now(op)
+    assert (jobs.passes, jobs.skipped) == (0, 1)
+    Leases(services.db).release(held)
+    jobs.reconcile_now(op)
+    assert (jobs.passes, jobs.skipped) == (1, 1)
+    with services.db.read() as s:
+        assert s.scalar(select(Operator.reconciled_at).where(Operator.id == op)) is not None
+    # The timer's next pass leaves out what any replica reconciled in the last half
+    # interval.
+    assert reconciler.connected_operators(reconciled_before=time.time() - 450) == []
+    assert reconciler.connected_operators() == [op]

@@ -25,7 +25,7 @@ from relay.db.models import Command, UnitState
 from relay.operators import Operators, StoraSite
 from relay.services import Services
 from relay.stora import TokenSet
-from tests.support.relay import PollingDispatch, RelayServer, relay_on_disk
+from tests.support.relay import PollingDispatch, RelayServer, metric, relay_on_disk
 
 SITE, OTHER = "site_api1", "site_api2"
 
@@ -295,3 +295,20 @@ def test_no_body_over_the_cap_reaches_a_route(api: Api) -> None:
     assert streamed.status_code == 413
     with api.services.db.session() as s:
         assert s.scalars(select(Command)).all() == []
+
+
+def test_metrics_time_each_call_by_its_answer_and_count_the_commands(api: Api) -> None:
+    def seen() -> tuple[float, ...]:
+        return (metric(api.http, "stora_relay_unlock_seconds_count", status="done"),
+                metric(api.http, "stora_relay_unlock_seconds_count", status="pending"),
+                metric(api.http, "stora_relay_commands_created_total", cmd="unlock",
+                       origin="api"),
+                metric(api.http, "stora_relay_unlock_seconds_sum", status="pending"))
+
+    before = seen()
+    assert api.unlock().status_code == 200
+    api.gateway.delay = None
+    assert api.unlock("unit_2", wait=0.2).status_code == 202
+    after = seen()
+    assert [a - b for a, b in zip(after[:3], before[:3], strict=True)] == [1, 1, 2]
+    assert after[3] - before[3] >= 0.2  # the 202 waited its 0.2 s

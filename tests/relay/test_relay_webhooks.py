@@ -19,9 +19,9 @@ from sqlalchemy import func, select
 from relay.db.models import Command, UnitState, WebhookEvent
 from relay.operators import Operators, StoraSite
 from relay.stora import TokenSet
-from relay.webhooks import LOCKOUT_STATUSES, sign, unit_ver
+from relay.webhooks import LOCKOUT_STATUSES, MAX_BODY_BYTES, sign, unit_ver
 from sitelink.payloads import rfc3339
-from tests.support.relay import RelayServer, relay_on_disk
+from tests.support.relay import RelayServer, metric, relay_on_disk
 
 SITE = "site_web1"
 OTHER_SITE = "site_unregistered"
@@ -182,3 +182,21 @@ def test_ver_is_updated_at_in_epoch_milliseconds() -> None:
     assert unit_ver("2026-12-07T10:00:00+01:00") == 1796634000000
     assert unit_ver("2026-12-07T10:00:00") is None  # no zone: refused, never guessed
     assert unit_ver(12) is None
+
+
+def test_metrics_count_deliveries_by_outcome(hooked: Hooked) -> None:
+    outcomes = ("command", "duplicate", "bad_signature", "older", "too_large")
+    before = {o: metric(hooked.http, "stora_relay_webhooks_total", outcome=o)
+              for o in outcomes}
+    first = hooked.deliver("unit_m", "overlocked", 2_000_000_000_000, event_id="evt_m1")
+    assert first.json()["outcome"] == "command"
+    assert hooked.deliver("unit_m", "overlocked", 2_000_000_000_000,
+                          event_id="evt_m1").json()["outcome"] == "duplicate"
+    assert hooked.deliver("unit_m", "occupied", 1_000_000_000_000).json()["outcome"] == "older"
+    assert hooked.deliver("unit_m", "occupied", 2_000_000_001_000,
+                          secret="0" * 64).status_code == 401
+    assert hooked.deliver("unit_m", "occupied", 2_000_000_002_000,
+                          body=b"x" * (MAX_BODY_BYTES + 1)).status_code == 413
+    after = {o: metric(hooked.http, "stora_relay_webhooks_total", outcome=o)
+             for o in outcomes}
+    assert {o: after[o] - before[o] for o in outcomes} == dict.fromkeys(outcomes, 1.0)

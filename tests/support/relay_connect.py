@@ -26,6 +26,7 @@ from devkit.mosquitto import free_port
 from devkit.relay_site import AppServer
 from devkit.sandbox import PartnerApp, Sandbox
 from relay.broker import BROKER_PATH, TimelineBroker, broker_routes
+from relay.db.engine import Database
 from relay.ratelimit import RateLimiter
 from relay.services import Services
 from relay.tokens import Tokens
@@ -83,13 +84,36 @@ class BrokerStack:
         return self.services.sites.add(site, operator_id)[1]
 
     def post(self, http: httpx.Client, credential: str, site: str, external_id: str, *,
-             key: str | None = None, body: Mapping[str, Any] | None = None) -> httpx.Response:
-        """One gateway's POST to the broker (``key`` defaults to ``<external id>.0``)."""
+             key: str | None = None, body: Mapping[str, Any] | None = None,
+             url: str | None = None) -> httpx.Response:
+        """One gateway's POST to the broker (``key`` defaults to ``<external id>.0``), of
+        this relay or the one at ``url`` (a replica)."""
         headers = {"Authorization": f"Bearer {credential}",
                    "Content-Type": "application/json",
                    "Idempotency-Key": key or f"{external_id}.0"}
         content = json.dumps(body or event_body(site, external_id)).encode()
-        return http.post(self.url + BROKER_PATH, content=content, headers=headers)
+        return http.post((url or self.url) + BROKER_PATH, content=content, headers=headers)
+
+    @contextmanager
+    def replica(self) -> Iterator[str]:
+        """Another replica of the broker: the same config and keys, its own engine,
+        limiter and tokens on the same database, on a port of its own; its URL."""
+        config = self.services.config
+        services = Services.build(config, self.services.keyring,
+                                  db=Database(config.database.url))
+        # The same windows as this relay's limiter (``windows`` overrides the maxima).
+        limiter = RateLimiter(services.db, max_per_second=1, max_per_minute=1,
+                              windows=self.limiter.windows)
+        tokens = Tokens(services.db, services.keyring, services.stora, limiter)
+        app = FastAPI()
+        app.include_router(broker_routes(TimelineBroker(services.sites, tokens, limiter,
+                                                        services.stora)))
+        port = free_port()
+        try:
+            with AppServer(app, port) as server:
+                yield server.url
+        finally:
+            services.close()
 
 
 @contextmanager
