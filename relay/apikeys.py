@@ -3,7 +3,8 @@
 Role ``staff`` may open any unit of its operator; role ``app`` acts for a tenant under
 the access rules of contract §7.6, which a later issue builds: until then creating an
 ``app`` key is refused with that explanation rather than issuing a key that opens
-whatever it is asked.
+whatever it is asked.  Role ``admin`` belongs to no operator: it opens the partner's
+staff pages (``/staff``: every operator's live view), never a door.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from relay.db.engine import Database
 from relay.db.models import ApiKey, Operator
 from relay.errors import RelayError
 
-__all__ = ["KEY_PREFIX", "ROLES", "ApiKeyInfo", "ApiKeys"]
+__all__ = ["ADMIN", "KEY_PREFIX", "ROLES", "ApiKeyInfo", "ApiKeys"]
 
 #: API keys read ``srk_<id>.<secret>``.
 KEY_PREFIX = "srk"
-ROLES = ("app", "staff")
+ROLES = ("app", "staff", "admin")
+#: The role that belongs to no operator (the staff pages).
+ADMIN = "admin"
 MAX_NAME = 200
 
 
@@ -32,7 +35,7 @@ class ApiKeyInfo:
     """An API key as ``api-keys list`` shows it (never the secret)."""
 
     id: str
-    operator_id: str
+    operator_id: str | None
     name: str
     role: str
     created_at: float
@@ -51,10 +54,15 @@ class ApiKeys:
         self._db = db
         self._clock = clock
 
-    def create(self, operator_id: str, name: str, role: str = "app") -> tuple[ApiKeyInfo, str]:
-        """A new key; returns it and its text (shown once, stored as a digest)."""
+    def create(self, operator_id: str | None, name: str,
+               role: str = "app") -> tuple[ApiKeyInfo, str]:
+        """A new key; returns it and its text (shown once, stored as a digest).  An
+        ``admin`` key has no operator; every other key has one."""
         if role not in ROLES:
             raise RelayError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+        if (role == ADMIN) != (operator_id is None):
+            raise RelayError("an admin key belongs to no operator (leave out --operator)"
+                             if role == ADMIN else f"a {role} key needs --operator")
         if role == "app":
             raise RelayError(
                 "role app is not available yet: app keys act for tenants and need the "
@@ -65,7 +73,7 @@ class ApiKeys:
             raise RelayError(f"--name must be 1 to {MAX_NAME} printable characters")
         credential = new_credential(KEY_PREFIX)
         with self._db.session() as s:
-            if s.get(Operator, operator_id) is None:
+            if operator_id is not None and s.get(Operator, operator_id) is None:
                 raise RelayError(f"no operator {operator_id!r} (see `stora-relay operators "
                                  "list`)")
             row = ApiKey(id=credential.public_id, operator_id=operator_id, name=name,
@@ -92,6 +100,12 @@ class ApiKeys:
             if row.revoked_at is None:
                 row.revoked_at = self._clock()
             return _info(row)
+
+    def is_live_admin(self, key_id: str) -> bool:
+        """Whether ``key_id`` is an unrevoked admin key (a staff session's check)."""
+        with self._db.read() as s:
+            row = s.get(ApiKey, key_id[:32])
+            return row is not None and row.role == ADMIN and row.revoked_at is None
 
     def authenticate(self, text: str) -> ApiKeyInfo | None:
         """The live key ``text`` is, or ``None`` (constant-time compare)."""

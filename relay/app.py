@@ -19,7 +19,7 @@ from relay.broker import broker_routes
 from relay.http import BodyLimit, error, read_capped
 from relay.metrics import CONTENT_TYPE, WEBHOOKS, bounded, render
 from relay.services import Services
-from relay.web import pages
+from relay.web import pages, staff_pages
 from relay.webhooks import MAX_BODY_BYTES, OUTCOMES
 
 __all__ = ["MAX_REQUEST_BYTES", "create_app"]
@@ -67,6 +67,7 @@ def create_app(services: Services, dispatch: Dispatch, *,
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_middleware(BodyLimit, limit=MAX_REQUEST_BYTES)
     app.include_router(pages(services, on_connected=on_connected))
+    app.include_router(staff_pages(services))
     app.include_router(api_routes(services.unlock, dispatch))
     app.include_router(broker_routes(services.broker))
 

@@ -51,7 +51,7 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from relay.http import read_capped
-from relay.ratelimit import RateLimitedError, RateLimiter, retry_after
+from relay.ratelimit import TIMELINE_PURPOSE, RateLimitedError, RateLimiter, retry_after
 from relay.sites import SiteRegistry
 from relay.stora import Forwarded, StoraApi, StoraError
 from relay.tokens import (
@@ -162,7 +162,7 @@ class TimelineBroker:
 
     def _forward(self, operator_id: str, site_id: str, key: str, body: bytes) -> BrokerAnswer:
         def send(token: str) -> Forwarded:
-            self._limiter.take(operator_id, "timeline_event")
+            self._limiter.take(operator_id, TIMELINE_PURPOSE)
             answer = self._stora.forward("POST", "timeline/events", token, body,
                                          idempotency_key=key)
             if answer.status == 401:

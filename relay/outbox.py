@@ -284,6 +284,16 @@ def _intents(session: Session) -> list[_Intent]:
     return found
 
 
+def _still_wanted(state: UnitState | None, intent: _Intent) -> bool:
+    """Whether the unit, as committed now, still wants ``intent``: not yet confirmed,
+    and (a lockout) still locked out at that ``ver``, or (a clear) no longer locked out."""
+    if state is None or (state.confirmed_ver or 0) >= intent.ver:
+        return False
+    if intent.cmd is Cmd.LOCKOUT:
+        return state.lockout and state.ver == intent.ver
+    return not state.lockout
+
+
 def _due_again(session: Session, intent: _Intent, now: float,
                policy: ResendPolicy) -> bool:
     """No command of this unit's lockout is in flight, and the refusals' wait is over."""
@@ -322,8 +332,11 @@ def resend_intents(session: Session, commands: Commands, now: float, *,
             continue
         # Row lock on PostgreSQL (a no-op on SQLite, whose BEGIN IMMEDIATE serialises
         # writers): a second replica's scan waits here, then sees this command pending.
-        session.get(UnitState, (intent.operator_id, intent.unit_id), with_for_update=True)
-        if not _due_again(session, intent, now, policy):
+        # The unit is read again under the lock: under READ COMMITTED, the scan above may
+        # predate a result or a webhook another replica committed since.
+        state = session.get(UnitState, (intent.operator_id, intent.unit_id),
+                            with_for_update=True, populate_existing=True)
+        if not _still_wanted(state, intent) or not _due_again(session, intent, now, policy):
             continue
         row = commands.new(session, operator_id=intent.operator_id, site_id=intent.site_id,
                            unit_id=intent.unit_id, cmd=intent.cmd, origin="resend",

@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from sqlalchemy import delete, func, literal_column, select
+from sqlalchemy import delete, func, literal_column, select, update
 from sqlalchemy.orm import Session
 
 from relay.db.engine import Database
@@ -71,6 +71,8 @@ RESERVE: Final = 1
 #: How long an urgent or background caller may wait for a slot by default.
 DEFAULT_MAX_WAIT_S: Final = 5.0
 #: Julian day of the Unix epoch, and seconds in a day (SQLite's clock is Julian days).
+#: The purpose of the broker's Timeline Events (counted on the operator's row).
+TIMELINE_PURPOSE: Final = "timeline_event"
 #: The purposes of background calls that wait for a slot (metrics labels).
 WAIT_PURPOSES: Final = frozenset({"connect", "reconcile", "refresh", "timeline_event"})
 _JULIAN_EPOCH: Final = 2440587.5
@@ -217,6 +219,10 @@ class RateLimiter:
         wait, refused = _wait(times, now, self.windows, urgent)
         if refused is None:
             s.add(StoraSend(operator_id=operator_id, sent_at=now, purpose=purpose))
+        if purpose == TIMELINE_PURPOSE:  # the operator's row is locked already: no cost
+            column = Operator.timeline_sent if refused is None else Operator.timeline_throttled
+            s.execute(update(Operator).where(Operator.id == operator_id)
+                      .values({column: column + 1}))
         return (0.0 if refused is None else wait), refused, now
 
 

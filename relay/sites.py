@@ -175,3 +175,4 @@ class SiteRegistry:
             if row is not None:
                 row.status_json = json.dumps(payload)
                 row.status_at = self._clock()
+                row.online = payload.get("online") is True

@@ -25,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from relay.apikeys import ApiKeyInfo, ApiKeys
+from relay.apikeys import ADMIN, ApiKeyInfo, ApiKeys
 from relay.commands import Commands
 from relay.db.engine import Database
 from relay.db.models import Command, IdempotencyAlias, Site, UnitState
@@ -112,6 +112,8 @@ class UnlockService:
 
     def submit(self, key: ApiKeyInfo, request: UnlockRequest) -> tuple[dict[str, Any], bool]:
         """The command record for ``request`` and whether a new command was made to send."""
+        if key.role == ADMIN:
+            raise ApiError(403, "forbidden", "an admin key opens the staff pages, not doors")
         if key.role != "staff":
             raise ApiError(403, "forbidden", "only staff keys are served until the access "
                            "rules for app keys are in place")
@@ -134,7 +136,10 @@ class UnlockService:
             raise ApiError(404, "not_found", f"no site {request.site_id}")
         if site.operator_id != key.operator_id:
             raise ApiError(403, "forbidden", f"site {request.site_id} is another operator's")
-        unit = s.get(UnitState, (key.operator_id, request.unit_id))
+        # The unit's row lock (PostgreSQL; SQLite's BEGIN IMMEDIATE already serialises):
+        # a request for the same unit at another replica waits here until this one
+        # commits, then finds its command (a double tap, or the same Idempotency-Key).
+        unit = s.get(UnitState, (key.operator_id, request.unit_id), with_for_update=True)
         if unit is None or unit.site_id != request.site_id:
             raise ApiError(404, "not_found",
                            f"no unit {request.unit_id} at site {request.site_id}")
@@ -168,12 +173,15 @@ class UnlockService:
         return pending
 
     def _new(self, s: Session, key: ApiKeyInfo, request: UnlockRequest) -> Command:
+        operator_id = key.operator_id
+        if operator_id is None:  # pragma: no cover (submit refuses admin keys first)
+            raise ApiError(403, "forbidden", "an admin key opens the staff pages, not doors")
         site = s.get(Site, request.site_id)
         status = json.loads(site.status_json) if site and site.status_json else None
         actor = request.actor or key.name
         if isinstance(status, dict) and status.get("online") is False:
             now = self._clock()
-            row = Command(jti=uuid.uuid4().hex, operator_id=key.operator_id,
+            row = Command(jti=uuid.uuid4().hex, operator_id=operator_id,
                           site_id=request.site_id, unit_id=request.unit_id,
                           cmd=request.cmd.value, ver=None, token=None, status="rejected",
                           reason="gateway_offline", duplicate=False, state_json=None,
@@ -183,7 +191,7 @@ class UnlockService:
             s.add(row)
             return row
         return self._commands.new(
-            s, operator_id=key.operator_id, site_id=request.site_id, unit_id=request.unit_id,
+            s, operator_id=operator_id, site_id=request.site_id, unit_id=request.unit_id,
             cmd=request.cmd, origin="api", dur=request.seconds, actor=actor,
             override=request.override, reason=request.reason, api_key_id=key.id,
             idempotency_key=request.idempotency_key)

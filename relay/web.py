@@ -1,10 +1,18 @@
-"""The operator's pages (contract §7.2): connect, the OAuth callback, the connected page.
+"""The operator's pages (contract §7.2) and the partner's staff pages.
 
-Server-rendered (Jinja2, autoescaped), no JavaScript.  After a successful connect the
-browser holds a session cookie, the operator's id and an expiry encrypted and
-authenticated under the data key (AES-GCM: it cannot be read or forged without the key),
-so ``/`` shows that operator's sites and their gateways' health.  Every failure of the
-connect flow is a page in plain words with status 400, and nothing is stored.
+Server-rendered (Jinja2, autoescaped), no JavaScript: a page that must stay current
+reloads itself every :data:`REFRESH_S` seconds (``<meta http-equiv="refresh">``).
+
+* ``/connect``, ``/oauth/callback``: the connect flow.  Every failure is a page in plain
+  words with status 400, and nothing is stored.  After a successful connect the browser
+  holds a session cookie, the operator's id and an expiry encrypted and authenticated
+  under the data key (AES-GCM: it cannot be read or forged without the key).
+* ``/``: with that session, the operator's live view (:mod:`relay.liveview`): sites and
+  their gateways, units in lockout, the latest commands, Timeline delivery; paged.
+* ``/staff``: sign in with an ``admin`` API key (a form; the key is checked, never
+  stored in the browser: the cookie names the key's id, checked live on every page, so
+  revoking the key ends its sessions), then every operator, each one's live view read
+  only.
 """
 
 from __future__ import annotations
@@ -14,27 +22,38 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from relay.cli.render import ago
+from relay.apikeys import ADMIN
+from relay.cli.render import ago, until
 from relay.connect import ConnectError, ConnectResult
 from relay.crypto import DecryptError
-from relay.operators import OperatorInfo
+from relay.http import read_capped
+from relay.liveview import live_view, operators_overview
 from relay.scopes import reasons
 from relay.services import Services
 
-__all__ = ["SESSION_COOKIE", "SESSION_TTL_S", "pages"]
+__all__ = ["REFRESH_S", "SESSION_COOKIE", "SESSION_TTL_S", "STAFF_COOKIE", "pages", "staff_pages"]
 
 LOGGER = logging.getLogger(__name__)
 SESSION_COOKIE = "relay_session"
 SESSION_TTL_S = 12 * 3600
 _SESSION_AAD = b"relay session"
+#: The staff pages' session: an admin key's id, checked live on every page.
+STAFF_COOKIE = "relay_staff"
+STAFF_SESSION_TTL_S = 8 * 3600
+_STAFF_AAD = b"relay staff session"
 _TEMPLATES = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"),
                          autoescape=select_autoescape(["html"]))
 _TEMPLATES.globals["ago"] = ago
+_TEMPLATES.globals["until"] = until
+#: The connected page reloads itself this often (a gateway going offline shows within
+#: it; no script needed).
+REFRESH_S = 10
 
 _PROBLEMS = {
     "denied": ("Stora was not connected",
@@ -85,29 +104,90 @@ def _set_session(services: Services, response: Response, operator_id: str) -> No
                         secure=services.config.relay.public_url.startswith("https://"))
 
 
-def _site_rows(services: Services, operator: OperatorInfo) -> list[dict[str, str]]:
-    registered = {s.site_id: s for s in services.sites.list(operator.id)}
-    names = dict(services.operators.site_names(operator.id))
-    rows = []
-    for site_id in operator.sites:
-        site = registered.get(site_id)
-        if site is None or site.revoked_at is not None:
-            health, css, heard = "no gateway", "unknown", "-"
-        elif site.online is None:
-            health, css, heard = "never seen", "unknown", "-"
-        else:
-            health, css = ("online", "online") if site.online else ("offline", "offline")
-            heard = ago(site.status_at)
-        rows.append({"id": site_id, "name": names.get(site_id) or site_id, "health": health,
-                     "health_class": css, "heard": heard})
-    return rows
+def _connected(services: Services, operator_id: str, *, result: ConnectResult | None,
+               page: int = 1, staff: bool = False) -> HTMLResponse | None:
+    view = live_view(services.db, operator_id, page=page)
+    if view is None:
+        return None
+    base = f"/staff/operators/{operator_id}" if staff else "/"
+    return _page(services, "connected.html", title=view.name, view=view,
+                 just_connected=result is not None,
+                 webhook=result.webhook if result else "", connect_url="/connect",
+                 max_per_minute=services.config.stora.max_per_minute,
+                 refresh_s=REFRESH_S, staff=staff, base_url=base,
+                 refresh_url=base + (f"?page={view.page}" if view.page > 1 else ""))
 
 
-def _connected(services: Services, operator: OperatorInfo, *, result: ConnectResult | None,
-               ) -> HTMLResponse:
-    return _page(services, "connected.html", title=operator.name, operator=operator,
-                 sites=_site_rows(services, operator), just_connected=result is not None,
-                 webhook=result.webhook if result else "", connect_url="/connect")
+def _staff_session(services: Services, request: Request) -> bool:
+    """Whether the browser holds a live staff session (an admin key signed in)."""
+    cookie = request.cookies.get(STAFF_COOKIE)
+    if not cookie or len(cookie) > 1024:
+        return False
+    try:
+        doc = json.loads(services.keyring.decrypt(cookie, aad=_STAFF_AAD))
+    except (DecryptError, ValueError):
+        return False
+    key_id = doc.get("key") if isinstance(doc, dict) else None
+    expires = doc.get("exp") if isinstance(doc, dict) else None
+    if not isinstance(key_id, str) or not isinstance(expires, int | float) \
+            or expires < services.clock():
+        return False
+    return services.api_keys.is_live_admin(key_id)  # a revoked key ends its sessions
+
+
+def staff_pages(services: Services) -> APIRouter:
+    """The partner's staff pages: sign in with an admin key, then every operator and each
+    one's live view (read only)."""
+    router = APIRouter(prefix="/staff")
+
+    @router.get("", response_class=HTMLResponse)
+    def overview(request: Request, page: int = Query(1, ge=1, le=100_000)) -> HTMLResponse:
+        if not _staff_session(services, request):
+            return _page(services, "staff_login.html", title="Staff", refused=False)
+        rows, shown, pages, total = operators_overview(services.db, page=page)
+        return _page(services, "staff.html", title="Every operator", rows=rows, page=shown,
+                     pages=pages, total=total, refresh_s=REFRESH_S)
+
+    @router.get("/operators/{operator_id}", response_class=HTMLResponse)
+    def operator(operator_id: str, request: Request,
+                 page: int = Query(1, ge=1, le=100_000)) -> Response:
+        if not _staff_session(services, request):
+            return RedirectResponse("/staff", status_code=303)
+        shown = _connected(services, operator_id[:64], result=None, page=page, staff=True)
+        if shown is None:
+            return _page(services, "problem.html", status=404, title="No such operator",
+                         message=f"No operator {operator_id[:64]} is connected.",
+                         advice="Pick one from the list.", start_url="/staff")
+        return shown
+
+    @router.post("/login", response_class=HTMLResponse)
+    async def login(request: Request) -> Response:
+        body = await read_capped(request, 4096)
+        fields = parse_qs((body or b"").decode("utf-8", "replace"))
+        text = (fields.get("key") or [""])[0].strip()
+        key = services.api_keys.authenticate(text)
+        if key is None or key.role != ADMIN:
+            LOGGER.warning("staff sign-in refused (%s)", "not an admin key" if key else
+                           "unknown or revoked key")
+            return _page(services, "staff_login.html", status=401, title="Staff",
+                         refused=True)
+        LOGGER.info("staff sign-in with admin key %s (%s)", key.id, key.name)
+        response = RedirectResponse("/staff", status_code=303)
+        value = services.keyring.encrypt(json.dumps(
+            {"key": key.id, "exp": services.clock() + STAFF_SESSION_TTL_S}).encode(),
+            aad=_STAFF_AAD)
+        response.set_cookie(STAFF_COOKIE, value, max_age=STAFF_SESSION_TTL_S, httponly=True,
+                            samesite="strict", path="/staff",
+                            secure=services.config.relay.public_url.startswith("https://"))
+        return response
+
+    @router.post("/logout")
+    def logout() -> RedirectResponse:
+        response = RedirectResponse("/staff", status_code=303)
+        response.delete_cookie(STAFF_COOKIE, path="/staff")
+        return response
+
+    return router
 
 
 def pages(services: Services, *,
@@ -117,11 +197,12 @@ def pages(services: Services, *,
     router = APIRouter()
 
     @router.get("/", response_class=HTMLResponse)
-    def home(request: Request) -> HTMLResponse:
+    def home(request: Request, page: int = Query(1, ge=1, le=100_000)) -> HTMLResponse:
         operator_id = _session_operator(services, request)
-        operator = services.operators.get(operator_id) if operator_id else None
-        if operator is not None:
-            return _connected(services, operator, result=None)
+        shown = _connected(services, operator_id, result=None, page=page) \
+            if operator_id else None
+        if shown is not None:
+            return shown
         return _page(services, "connect.html", title="Connect Stora", connect_url="/connect",
                      scopes=reasons(services.config.stora.scopes))
 
@@ -147,10 +228,9 @@ def pages(services: Services, *,
                     len(result.sites), result.webhook)
         if on_connected is not None:
             on_connected(result.operator_id)
-        operator = services.operators.get(result.operator_id)
-        if operator is None:  # pragma: no cover (just stored)
+        response = _connected(services, result.operator_id, result=result)
+        if response is None:  # pragma: no cover (just stored)
             raise RuntimeError(f"operator {result.operator_id} vanished")
-        response = _connected(services, operator, result=result)
         _set_session(services, response, result.operator_id)
         return response
 

@@ -30,6 +30,7 @@ from datetime import datetime
 from typing import Any, Final
 
 from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -225,15 +226,24 @@ def apply_unit(s: Session, commands: Commands, operator_id: str, unit: dict[str,
         return Verdict(200, "malformed_unit")
     lockout = status in LOCKOUT_STATUSES
     state = s.get(UnitState, (operator_id, unit_id), with_for_update=True)
-    if state is not None and state.ver >= ver:
-        return Verdict(200, "older")
-    before = state.lockout if state is not None else False
+    before = False
     if state is None:
-        state = UnitState(operator_id=operator_id, unit_id=unit_id, site_id=site_id,
-                          status=status, ver=ver, lockout=lockout, confirmed_ver=None,
-                          updated_at=now)
-        s.add(state)
-    else:
+        # The unit's first version.  Another replica may be recording another version of
+        # it at this moment: the insert waits for that transaction and then does nothing,
+        # and this version is judged against what it committed, as any later one is.
+        dialect = postgresql if s.get_bind().dialect.name == "postgresql" else sqlite
+        inserted = s.execute(dialect.insert(UnitState).values(
+            operator_id=operator_id, unit_id=unit_id, site_id=site_id, status=status,
+            ver=ver, lockout=lockout, confirmed_ver=None, updated_at=now)
+            .on_conflict_do_nothing(index_elements=["operator_id", "unit_id"])
+            .returning(UnitState.unit_id)).first()
+        if inserted is None:
+            state = s.get(UnitState, (operator_id, unit_id), with_for_update=True,
+                          populate_existing=True)
+    if state is not None:
+        if state.ver >= ver:
+            return Verdict(200, "older")
+        before = state.lockout
         state.site_id, state.status, state.ver = site_id, status, ver
         state.lockout, state.updated_at = lockout, now
     if not lockout and not before:

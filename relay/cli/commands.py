@@ -239,15 +239,15 @@ def sites_revoke(ctx: Context) -> int:
 
 
 def api_keys_create(ctx: Context) -> int:
-    """``api-keys create --operator OP --name TEXT [--role app|staff]``."""
+    """``api-keys create [--operator OP] --name TEXT [--role app|staff|admin]``."""
     a = ctx.args
     key, text = ApiKeys(ctx.db).create(a.operator, a.name, a.role)
     if ctx.json:
         ctx.out.write(json.dumps({"id": key.id, "operator": key.operator_id, "name": key.name,
                                   "role": key.role, "key": text}) + "\n")
     else:
-        ctx.out.write(f"API key {key.id} ({key.role}) for {key.operator_id}, shown only "
-                      f"now:\n  {text}\n")
+        whose = f"for {key.operator_id}" if key.operator_id else "for the staff pages"
+        ctx.out.write(f"API key {key.id} ({key.role}) {whose}, shown only now:\n  {text}\n")
     return 0
 
 
@@ -257,7 +257,7 @@ def api_keys_list(ctx: Context) -> int:
     ctx.emit([{"id": k.id, "operator": k.operator_id, "name": k.name, "role": k.role,
                "created_at": when(k.created_at), "revoked_at": when(k.revoked_at)}
               for k in found],
-             [[k.id, k.operator_id, k.name, k.role, when(k.created_at) or "",
+             [[k.id, k.operator_id or "-", k.name, k.role, when(k.created_at) or "",
                when(k.revoked_at) or "-"] for k in found],
              ["ID", "OPERATOR", "NAME", "ROLE", "CREATED", "REVOKED"])
     return 0

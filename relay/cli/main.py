@@ -89,11 +89,13 @@ def _arguments(path: str, p: argparse.ArgumentParser) -> None:
     elif path == "sites revoke":
         p.add_argument("site", help="the Stora site id (site_…)")
     elif path == "api-keys create":
-        p.add_argument("--operator", required=True, help="the operator (op_…) it acts for")
+        p.add_argument("--operator", default=None,
+                       help="the operator (op_…) it acts for (not for --role admin)")
         p.add_argument("--name", required=True, help="who uses it (audited as the actor)")
-        p.add_argument("--role", choices=["app", "staff"], default="app",
+        p.add_argument("--role", choices=["app", "staff", "admin"], default="app",
                        help="app: a tenant-facing app bound by the access rules (default); "
-                       "staff: any unit of the operator")
+                       "staff: any unit of the operator; admin: the staff pages (/staff), "
+                       "every operator, no door")
     elif path == "api-keys list":
         p.add_argument("--operator", default=None, help="only this operator's keys")
     elif path == "api-keys revoke":

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from sitelink.payloads import rfc3339
 
-__all__ = ["ago", "table", "when"]
+__all__ = ["ago", "table", "until", "when"]
 
 
 def when(ts: float | None) -> str | None:
@@ -24,6 +24,17 @@ def ago(ts: float | None, now: float | None = None) -> str:
         if seconds >= size:
             return f"{seconds // size}{unit} ago"
     return f"{seconds}s ago"
+
+
+def until(ts: float, now: float | None = None) -> str:
+    """``12m from now``, ``3h from now``; ``now`` once past."""
+    left = int(ts - (time.time() if now is None else now))
+    if left <= 0:
+        return "now"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if left >= size:
+            return f"{left // size}{unit} from now"
+    return f"{left}s from now"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -10,8 +10,14 @@ the write lock from its read on; :meth:`Database.read` is for reads alone (a def
 
 ``run`` takes :class:`ProcessLock` on the file: a second ``run`` on the same file refuses
 to start with a clear message (the CLI's one-shot commands may still write beside it;
-SQLite serialises them).  PostgreSQL (``postgresql://``) takes
-the same code; it needs ``psycopg`` (the next issue adds it and row locks).
+SQLite serialises them).
+
+PostgreSQL (``postgresql://``, psycopg 3) serves several replicas: READ COMMITTED, row
+locks (``SELECT … FOR UPDATE``) where a read decides a write, a pool of
+:data:`PG_POOL_SIZE` connections (+ :data:`PG_MAX_OVERFLOW` at peaks) per replica, each
+connection named ``stora-relay`` in ``pg_stat_activity`` and with
+``idle_in_transaction_session_timeout`` set, so that a replica frozen inside a
+transaction (a stopped VM, a debugger) cannot hold its row locks for longer than that.
 """
 
 from __future__ import annotations
@@ -33,6 +39,13 @@ __all__ = ["Database", "DatabaseLockedError", "ProcessLock", "sqlite_path"]
 
 #: How long a SQLite writer waits for another (milliseconds).
 BUSY_TIMEOUT_MS = 10_000
+#: PostgreSQL connections per replica: the pool, and what it may open beyond at a peak
+#: (the relay's request threads and the link's and jobs' workers share them).
+PG_POOL_SIZE = 10
+PG_MAX_OVERFLOW = 20
+#: A session idle inside a transaction longer than this is ended by the server
+#: (milliseconds); the relay's transactions last milliseconds.
+PG_IDLE_IN_TRANSACTION_MS = 60_000
 
 
 class DatabaseLockedError(RelayError):
@@ -104,7 +117,12 @@ class Database:
             self._read_engine = _sqlite_engine(url, _sqlite_connect, _sqlite_begin_read)
             self._relaxed_engine = _sqlite_engine(url, _sqlite_connect_relaxed, _sqlite_begin)
         else:
-            self.engine = create_engine(_normalise(url), pool_pre_ping=True)
+            self.engine = create_engine(
+                _normalise(url), pool_pre_ping=True, pool_size=PG_POOL_SIZE,
+                max_overflow=PG_MAX_OVERFLOW, pool_timeout=30,
+                connect_args={"application_name": "stora-relay", "options":
+                              f"-c idle_in_transaction_session_timeout="
+                              f"{PG_IDLE_IN_TRANSACTION_MS}"})
             self._read_engine = self._relaxed_engine = self.engine
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._reads = sessionmaker(self._read_engine, expire_on_commit=False)

@@ -74,6 +74,10 @@ class Operator(Base):
     webhook_secret_enc: Mapped[str | None] = mapped_column(Text)
     last_webhook_at: Mapped[float | None] = mapped_column(Float)
     reconciled_at: Mapped[float | None] = mapped_column(Float)
+    #: Timeline Events the broker sent on to Stora, and those it answered 429 itself to
+    #: keep within the operator's limits (a 429 from Stora avoided); every replica's.
+    timeline_sent: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    timeline_throttled: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     connected_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
 
@@ -106,6 +110,8 @@ class Site(Base):
     #: The gateway's retained ``P/S/status`` payload (JSON text) and when it came.
     status_json: Mapped[str | None] = mapped_column(Text)
     status_at: Mapped[float | None] = mapped_column(Float)
+    #: Its ``online`` (``None``: never heard), for counting without reading the JSON.
+    online: Mapped[bool | None] = mapped_column(Boolean)
 
 
 class OAuthState(Base):
@@ -140,7 +146,8 @@ class ApiKey(Base):
     __tablename__ = "api_keys"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    operator_id: Mapped[str] = mapped_column(ForeignKey("operators.id"), index=True)
+    #: ``None`` for an ``admin`` key (the staff pages, every operator).
+    operator_id: Mapped[str | None] = mapped_column(ForeignKey("operators.id"), index=True)
     name: Mapped[str] = mapped_column(String(200))
     role: Mapped[str] = mapped_column(String(10))
     digest: Mapped[str] = mapped_column(String(64))
@@ -191,6 +198,7 @@ class Command(Base):
         UniqueConstraint("api_key_id", "idempotency_key"),
         Index("ix_commands_unpublished", "published_at", "status"),
         Index("ix_commands_unit", "operator_id", "unit_id", "status"),
+        Index("ix_commands_operator_created", "operator_id", "created_at"),
     )
 
     jti: Mapped[str] = mapped_column(String(64), primary_key=True)

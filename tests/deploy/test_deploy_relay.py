@@ -30,6 +30,7 @@ import pytest
 
 from relay.config import DEFAULT_CONFIG_PATH, DEFAULT_DATABASE_URL, example_config, load_config
 from relay.crypto import generate_key_text
+from relay.metrics import REGISTRY
 from tests.deploy.test_deploy_systemd import effective_syscalls, systemd_analyze
 from tests.support.deploy import DEPLOY, ROOT
 from tests.support.deploy_site import unit_settings
@@ -313,3 +314,24 @@ def test_the_example_config_loads_once_its_secret_files_exist(tmp_path: Path) ->
     assert config.secrets.data_key_file == tmp_path / "data.key"
     assert config.database.url == DEFAULT_DATABASE_URL
     assert (config.relay.listen_host, config.relay.listen_port) == ("127.0.0.1", 8080)
+
+
+def test_the_dashboard_asks_only_for_metrics_the_relay_serves() -> None:
+    """deploy/grafana/stora-relay.json: valid JSON, every panel a query, every metric it
+    names one of /metrics' families (a renamed metric breaks this, not the dashboard)."""
+    dashboard = json.loads((DEPLOY / "grafana" / "stora-relay.json").read_text())
+    families = {family.name for family in REGISTRY.collect()}
+    assert {"stora_relay_webhooks", "stora_relay_unlock_seconds",
+            "process_resident_memory_bytes"} <= families
+    named: set[str] = set()
+    for panel in dashboard["panels"]:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            named |= set(re.findall(r"\b(?:stora_relay|process)_[a-z_]+", target["expr"]))
+    assert named
+    unknown = {name for name in named
+               if re.sub(r"_(total|bucket|count|sum)$", "", name) not in families}
+    assert not unknown, unknown
+    served = {f for f in families if f.startswith("stora_relay_")}
+    shown = {re.sub(r"_(total|bucket|count|sum)$", "", n) for n in named}
+    assert served <= shown, f"metrics without a panel: {served - shown}"

@@ -9,38 +9,22 @@ so the screenshots never go stale).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser
 
+from tests.support.browser import chromium, shoot
 from tests.support.relay_stack import Stack, relay_stack
 
-CHROMIUM = "/usr/bin/chromium"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                     args=["--no-sandbox"])
-        yield chromium
-        chromium.close()
+browser = pytest.fixture(scope="module")(chromium)
 
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
     with relay_stack(tmp_path / "relay") as s:
         yield s
-
-
-def shoot(page: Page, name: str) -> None:
-    directory = os.environ.get("STORA_RELAY_SCREENSHOTS")
-    if directory:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(Path(directory) / f"{name}.png"), full_page=True)
 
 
 def test_an_operator_connects_in_a_browser(browser: Browser, stack: Stack) -> None:

@@ -166,6 +166,22 @@ def test_staff_api_keys_are_created_listed_and_revoked(config: Path) -> None:
     assert json.loads(out)[0]["revoked_at"] is not None
 
 
+def test_an_admin_key_belongs_to_no_operator(config: Path) -> None:
+    op = connect_operator(config, "site_a1")
+    status, out, _ = run(config, "api-keys", "create", "--role", "admin", "--name", "support")
+    assert status == 0
+    assert "(admin) for the staff pages, shown only now:" in out
+    status, _, err = run(config, "api-keys", "create", "--role", "admin", "--name", "x",
+                         "--operator", op)
+    assert (status, err) == (1, "stora-relay: an admin key belongs to no operator (leave "
+                                "out --operator)\n")
+    status, _, err = run(config, "api-keys", "create", "--role", "staff", "--name", "x")
+    assert (status, err) == (1, "stora-relay: a staff key needs --operator\n")
+    _, out, _ = run(config, "api-keys", "list")
+    assert " -  " in out.splitlines()[1]  # no operator
+    assert "admin" in out
+
+
 def test_only_run_loads_the_web_framework() -> None:
     code = ("import sys, io\nfrom relay.cli.main import main\n"
             "main(['--help'], out=io.StringIO())\n"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from sqlalchemy import text
 
 from relay.db.engine import Database, DatabaseLockedError, ProcessLock, sqlite_path
 from relay.db.migrate import current_revision, head_revision, pending_revisions, upgrade
@@ -82,3 +83,16 @@ def test_the_lock_refuses_within_one_process_too(tmp_path: Path) -> None:
             ProcessLock(tmp_path / "relay.db").acquire()
     finally:
         first.release()
+
+
+@pytest.mark.backends("postgresql")
+def test_postgresql_sessions_are_named_and_cannot_idle_in_a_transaction(
+        tmp_path: Path) -> None:
+    db = Database(new_database_url(tmp_path))
+    try:
+        with db.read() as s:
+            name = s.execute(text("SHOW application_name")).scalar_one()
+            idle = s.execute(text("SHOW idle_in_transaction_session_timeout")).scalar_one()
+    finally:
+        db.close()
+    assert (name, idle) == ("stora-relay", "1min")

@@ -312,3 +312,10 @@ def test_metrics_time_each_call_by_its_answer_and_count_the_commands(api: Api) -
     after = seen()
     assert [a - b for a, b in zip(after[:3], before[:3], strict=True)] == [1, 1, 2]
     assert after[3] - before[3] >= 0.2  # the 202 waited its 0.2 s
+
+
+def test_an_admin_key_opens_no_door(api: Api) -> None:
+    _, admin_key = api.services.api_keys.create(None, "support", "admin")
+    answer = api.unlock(key=admin_key)
+    assert answer.status_code == 403
+    assert answer.json()["error"]["message"] == "an admin key opens the staff pages, not doors"
