@@ -335,3 +335,31 @@ def test_the_dashboard_asks_only_for_metrics_the_relay_serves() -> None:
     served = {f for f in families if f.startswith("stora_relay_")}
     shown = {re.sub(r"_(total|bucket|count|sum)$", "", n) for n in named}
     assert served <= shown, f"metrics without a panel: {served - shown}"
+
+
+# ================================================================ the replicas' template
+
+REPLICA_UNIT = DEPLOY / "systemd" / "stora-relay@.service"
+
+
+def test_the_replica_template_is_the_relay_unit_but_for_its_config_and_name() -> None:
+    """Every hardening setting of stora-relay@.service is the relay unit's, so the
+    exposure score and the seccomp checks above hold for each replica too."""
+    unit, template = relay_unit(), unit_settings(REPLICA_UNIT.read_text())
+    differing = {key for key in unit.keys() | template.keys()
+                 if unit.get(key) != template.get(key)}
+    assert differing == {"ExecStart", "SyslogIdentifier", "Description"}
+    assert template["ExecStart"] == [
+        f"{SHIPPED_BINARY} run --config {DEFAULT_CONFIG_PATH.parent}/replica-%i.toml"]
+    assert template["SyslogIdentifier"] == ["stora-relay-%i"]
+
+
+def test_a_replica_instance_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    text = REPLICA_UNIT.read_text()
+    exec_start = f"ExecStart={SHIPPED_BINARY} run"
+    assert text.count(exec_start) == 1
+    instance = tmp_path / "stora-relay@2.service"
+    instance.write_text(text.replace(exec_start, "ExecStart=/bin/true run"))
+    done = subprocess.run([systemd_analyze(), "verify", str(instance)], check=False,
+                          capture_output=True, text=True, timeout=30)
+    assert (done.returncode, done.stdout + done.stderr) == (0, "")
