@@ -402,7 +402,7 @@ class Agent:
         Long technician requests (``test``, ``scan``) are cancelled first: no waiting on
         a test's whole run."""
         self.stop_event.set()
-        self.ops.runs.cancel_all()
+        self.ops.cancel_runs()
         scheduler, control, outbox = self.ops.scheduler, self.control, self.outbox
         steps: list[tuple[str, Callable[[], object] | None]] = [
             # First: no reconciliation pass may queue work behind the units' shutdown.

@@ -15,7 +15,7 @@ from typing import Any
 from gateway.cli.shell import EXIT_USAGE, CliError, SiteAccess
 from gateway.config import Config, LockConfig, config_path_from_env, load_config
 from gateway.ops.control import AgentUnavailable, ControlClient, ControlDenied, ControlError
-from gateway.ops.technician import unknown_unit_message
+from gateway.ops.lookup import unknown_unit_message
 from gateway.units.hardware import Site, build_site
 
 __all__ = ["ConfiguredSite", "site_access"]

@@ -40,7 +40,7 @@ from gateway.cli.shell import (
 from gateway.ops import technician
 from gateway.ops.control import AgentUnavailable, ControlClient, ControlDenied, ControlError
 from gateway.ops.control_stream import stream
-from gateway.ops.technician import TEST_RELOCK_TIMEOUT, TEST_SECONDS, check_test_timing
+from gateway.ops.lookup import TEST_RELOCK_TIMEOUT, TEST_SECONDS, check_test_timing
 from gateway.units.hardware import scan_controller
 
 if TYPE_CHECKING:

@@ -8,7 +8,6 @@ address per board, and that an MQTT driver's link does not log in as the agent.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final
@@ -32,6 +31,8 @@ def _parse_controller(t: Table) -> ControllerConfig | None:
     spec = driver_spec(driver)
     if spec is None:
         if t.ok("driver"):
+            import difflib  # only on a mistake: the agent need not keep it (~160 KB)
+
             close = difflib.get_close_matches(driver, DRIVERS, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             t.error("driver", f"unknown driver {driver!r}{hint}; known drivers: "

@@ -31,7 +31,6 @@ are raised at once by the loader, as a single ConfigError.
 
 from __future__ import annotations
 
-import difflib
 import os
 import stat
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -140,6 +139,8 @@ class Table:
                 self.error(name, f"key not valid for driver {driver} (its keys are: "
                                  f"{', '.join(sorted(allowed))})")
                 continue
+            import difflib  # only on a mistake: the agent need not keep it (~160 KB)
+
             close = difflib.get_close_matches(name, list(allowed), n=1)
             if section:
                 hint = f"; did you mean [{close[0]}]?" if close else ""

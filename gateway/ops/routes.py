@@ -17,7 +17,7 @@ from typing import Any
 from gateway.config import LockConfig
 from gateway.intake.commands import Command
 from gateway.ops.control_wire import ControlError, Peer
-from gateway.ops.runs import CONTROL_WAIT_S, find_lock
+from gateway.ops.lookup import CONTROL_WAIT_S, find_lock
 from gateway.ops.service import Operations
 from gateway.units.manager import Outcome
 from sitelink.codes import Reason, Status

@@ -1,9 +1,10 @@
-"""A technician's long requests on the agent's own hardware: ``test`` and ``scan``.
+"""A technician's requests on the agent's own hardware: ``test``, ``scan`` and ``locks``.
 
 Each runs on the units' queues or between the bus's transactions, reports progress
 through the control call (gateway/ops/control_stream.py), and stops when the client
 hangs up or the agent stops: the lock under test is relocked at once and no other is
-started.
+started.  The agent loads this module (and gateway/ops/technician.py) on the first such
+request: the lazy seam of gateway/ops/service.py.
 """
 
 from __future__ import annotations
@@ -23,37 +24,27 @@ from gateway.clock import TrustedClock
 from gateway.config import Config, LockConfig
 from gateway.ops.control_stream import Call, current_call
 from gateway.ops.control_wire import ControlError
-from gateway.ops.technician import (
+from gateway.ops.lookup import (
+    CONTROL_WAIT_S,
     TEST_RELOCK_TIMEOUT,
     TEST_SECONDS,
     check_test_timing,
-    run_test_cycle,
-    unknown_unit_message,
+    find_lock,
 )
+from gateway.ops.technician import LockRow, read_locks, run_test_cycle
 from gateway.outbox.timeline import external_id_for, make_event
 from gateway.store import Store
 from gateway.units.hardware import HardwareUnavailableError, Site, scan_site_bus
 from gateway.units.manager import UnitManager
 
-__all__ = ["CONTROL_WAIT_S", "SCAN_TIMEOUT_MAX_MS", "TechnicianRuns", "find_lock"]
+__all__ = ["SCAN_TIMEOUT_MAX_MS", "TechnicianRuns"]
 
 LOGGER = logging.getLogger(__name__)
 
-#: How long a control-socket request waits for its unit's queue.
-CONTROL_WAIT_S = 120.0
 #: Longest wait per address of a ``scan`` run on the agent's bus: each probe holds the
 #: bus, so a door command waits at most this long behind one (a board that needs more
 #: than a second to answer one read is not one to drive doors with).
 SCAN_TIMEOUT_MAX_MS: Final = 1000
-
-
-def find_lock(config: Config, text: str) -> LockConfig:
-    """The lock ``text`` names (unit id or reference); :class:`ControlError` (status 2,
-    with near matches) when none does."""
-    lock = config.lock_by_id(text)
-    if lock is None:
-        raise ControlError(unknown_unit_message(config, text), 2)
-    return lock
 
 
 class TechnicianRuns:
@@ -70,6 +61,10 @@ class TechnicianRuns:
         # The cancels of long technician requests running now: cancel_all() runs them.
         self._on_stopping: list[Callable[[], object]] = []
         self._on_stopping_mutex = threading.Lock()
+
+    def locks(self) -> list[LockRow]:
+        """Every configured lock read back (``locks``), in the config's order."""
+        return read_locks(self._site, self._config().locks)
 
     def cancel_all(self) -> None:
         """The agent is stopping (``stopping`` is set): cancel every running request."""

@@ -9,13 +9,14 @@ gateway/agent.py) over its parts, and used by both ways in: the local control so
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import math
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from gateway import __version__
 from gateway.clock import SERVER_TIME_PROBE_S, TrustedClock
@@ -27,14 +28,8 @@ from gateway.link.mqtt import MqttLink
 from gateway.ops.command_path import CommandPath
 from gateway.ops.control_wire import ControlError
 from gateway.ops.health import assess
-from gateway.ops.runs import TechnicianRuns
+from gateway.ops.lookup import TEST_RELOCK_TIMEOUT, TEST_SECONDS, check_test_timing
 from gateway.ops.storage import Alarm, prune_store
-from gateway.ops.technician import (
-    TEST_RELOCK_TIMEOUT,
-    TEST_SECONDS,
-    check_test_timing,
-    read_locks,
-)
 from gateway.ops.telemetry import (
     broker_status,
     host_status,
@@ -53,12 +48,24 @@ from sitelink.codes import Reason, Status
 from sitelink.payloads import rfc3339
 from sitelink.topics import Topics
 
-__all__ = ["OUTBOX_LIST_MAX", "Operations"]
+if TYPE_CHECKING:
+    from gateway.ops.runs import TechnicianRuns
+
+__all__ = ["OUTBOX_LIST_MAX", "TECHNICIAN_RUNS", "Operations"]
 
 LOGGER = logging.getLogger(__name__)
 
 #: ``outbox.list`` returns at most this many rows of each state by default.
 OUTBOX_LIST_MAX: Final = 100
+
+#: **The operations service's lazy seam.**  What only a technician's request runs
+#: (``test``, ``scan``, ``locks``: gateway/ops/runs.py and the test cycle of
+#: gateway/ops/technician.py) is named here as ``"module:attribute"`` and imported by
+#: :attr:`Operations.runs` on the first such request, not when the agent starts: an agent
+#: that is never asked keeps neither module (about 130 KB; bench/agent_footprint.py).
+#: The module behind it imports everything at its top as usual, so mypy sees it, and
+#: tests/gateway/ops/test_lazy_runs.py checks that this names the class it says.
+TECHNICIAN_RUNS: Final = "gateway.ops.runs:TechnicianRuns"
 
 
 class Operations:
@@ -93,12 +100,33 @@ class Operations:
         self.commands = CommandPath(config, clock=clock, store=store, units=units,
                                     link=link, topics=topics, rejections=rejections,
                                     stopping=stopping)
-        self.runs = TechnicianRuns(config=lambda: self.config, store=store, units=units,
-                                   site=site, clock=clock, stopping=stopping)
+        self._runs: TechnicianRuns | None = None  # on the first technician request
+        self._runs_made = threading.Lock()
         # Held by every message while it is handled and by apply_config while it swaps
         # parts: a message waits in the link's inbox (unacknowledged) during a swap.
         self._intake = threading.Lock()
         self._server_time_asked_at = -math.inf  # monotonic; see _confirm_clock
+
+    @property
+    def runs(self) -> TechnicianRuns:
+        """A technician's ``test``, ``scan`` and ``locks``, made (and their module
+        imported, :data:`TECHNICIAN_RUNS`) on first use."""
+        with self._runs_made:
+            if self._runs is None:
+                module, _, name = TECHNICIAN_RUNS.partition(":")
+                make: type[TechnicianRuns] = getattr(importlib.import_module(module), name)
+                self._runs = make(config=lambda: self.config, store=self.store,
+                                  units=self.units, site=self.site, clock=self.clock,
+                                  stopping=self.stop_event)
+            return self._runs
+
+    def cancel_runs(self) -> None:
+        """The agent is stopping: cancel every running technician request (none when
+        none was ever made)."""
+        with self._runs_made:
+            runs = self._runs
+        if runs is not None:
+            runs.cancel_all()
 
     def alarm(self, kind: str, unit: str | None, detail: str) -> None:
         """Publish an alarm (the agent's ``alarm``)."""
@@ -230,7 +258,7 @@ class Operations:
     # -- technician requests ----------------------------------------------------------------
     def locks(self) -> list[dict[str, Any]]:
         """Every lock's read-back state and lockout (``locks``)."""
-        rows = read_locks(self.site, self.config.locks)
+        rows = self.runs.locks()
         return [{"unit": r.unit, "reference": r.reference, "controller": r.controller,
                  "locked": r.locked, "door": r.door,
                  "lockout": self.store.unit(r.unit).lockout, "error": r.error} for r in rows]

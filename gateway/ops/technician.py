@@ -16,7 +16,6 @@ open; a stop that comes before the unlock opens nothing.
 
 from __future__ import annotations
 
-import difflib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,14 +23,9 @@ from typing import Final, Protocol
 
 from drivers.base import ActionResult, Clock, Controller, LockPoint, LockState, Reading, Sleep
 from drivers.errors import DriverError
-from gateway.config import Config, LockConfig
+from gateway.config import LockConfig
 from gateway.units.hardware import Site, point_of
 
-#: A test cycle's unlock time and its wait for the relock, in seconds: the bounds every
-#: way in shares (the control socket, the ``locks.test`` management request).  Past them
-#: a test would hold the unit's queue, and every command for that door, for hours.
-TEST_SECONDS: Final = (0.2, 30.0)
-TEST_RELOCK_TIMEOUT: Final = (1.0, 60.0)
 #: How often a read-back is repeated while waiting for a board to relock by itself.
 RELOCK_POLL_S = 0.1
 #: How long a test waits for a self-relocking board (a latch that engages when the pulse
@@ -47,10 +41,6 @@ EARLY_RELOCK_SLACK_S = 0.1
 #: to be shut), a Zigbee lock's own ``auto_relock`` timer.  Their hold is reported, not
 #: judged against ``--seconds``.
 DEVICE_TIMED_DRIVERS: Final = frozenset({"lockboard", "zigbee2mqtt"})
-#: How many near matches ``unknown unit`` suggests, and how alike they must be
-#: (``difflib`` ratio: 0.6 lets one typo or a missing dash through in a short label).
-NEAR_MATCHES: Final = 3
-NEAR_MATCH_CUTOFF: Final = 0.6
 
 
 class Cancel(Protocol):
@@ -66,19 +56,6 @@ class Cancel(Protocol):
     def wait(self, timeout: float | None = None) -> bool:
         """Wait up to ``timeout`` seconds for the stop; True when it came."""
         ...
-
-
-def check_test_timing(name: str, value: object, bounds: tuple[float, float]) -> float | None:
-    """``value`` of the test parameter ``name`` as seconds within ``bounds``, or ``None``
-    when not given; ``ValueError`` naming the bounds otherwise (NaN, ±infinity, a
-    negative or huge number, a bool, text)."""
-    if value is None:
-        return None
-    lo, hi = bounds
-    if (not isinstance(value, int | float) or isinstance(value, bool)
-            or not lo <= value <= hi):  # also false for NaN
-        raise ValueError(f"{name} must be a number from {lo:g} to {hi:g}")
-    return float(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,28 +385,3 @@ def _self_relock(
         lock.unit, lock.reference, True, opened.elapsed_ms, waited_ms,
         f"held {held:.1f} s, relocked by the board", held_ms,
     )
-
-
-def near_matches(config: Config, text: str) -> list[LockConfig]:
-    """Locks whose unit id or reference looks like ``text`` (a typo), best first."""
-    by_key: dict[str, LockConfig] = {}
-    for lock in config.locks:
-        by_key.setdefault(lock.unit.casefold(), lock)
-        by_key.setdefault(lock.reference.casefold(), lock)
-    found: list[LockConfig] = []
-    for key in difflib.get_close_matches(text.strip().casefold(), list(by_key),
-                                         n=NEAR_MATCHES * 2, cutoff=NEAR_MATCH_CUTOFF):
-        if by_key[key] not in found:
-            found.append(by_key[key])
-    return found[:NEAR_MATCHES]
-
-
-def unknown_unit_message(config: Config, text: str) -> str:
-    """One sentence for a ``UNIT`` that names no lock, with the near matches if any."""
-    near = near_matches(config, text)
-    where = f"no lock in {config.path} has that unit id or reference"
-    if near:
-        names = ", ".join(f"{lock.reference} ({lock.unit})" for lock in near)
-        return f"unknown unit {text!r}: {where}; did you mean {names}?"
-    return f"unknown unit {text!r}: {where} (see `stora-gateway locks`)"
-
