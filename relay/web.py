@@ -80,25 +80,37 @@ def _page(services: Services, template: str, status: int = 200, **values: Any) -
     return HTMLResponse(html, status_code=status, headers={"Cache-Control": "no-store"})
 
 
-def _session_operator(services: Services, request: Request) -> str | None:
-    cookie = request.cookies.get(SESSION_COOKIE)
+def _sealed_value(services: Services, request: Request, cookie_name: str, aad: bytes,
+                  field: str) -> str | None:
+    """``field`` of the cookie ``cookie_name`` sealed with :func:`_seal`, if it opens and
+    has not expired."""
+    cookie = request.cookies.get(cookie_name)
     if not cookie or len(cookie) > 1024:
         return None
     try:
-        doc = json.loads(services.keyring.decrypt(cookie, aad=_SESSION_AAD))
+        doc = json.loads(services.keyring.decrypt(cookie, aad=aad))
     except (DecryptError, ValueError):
         return None
-    operator = doc.get("op") if isinstance(doc, dict) else None
+    value = doc.get(field) if isinstance(doc, dict) else None
     expires = doc.get("exp") if isinstance(doc, dict) else None
-    if not isinstance(operator, str) or not isinstance(expires, int | float):
+    if not isinstance(value, str) or not isinstance(expires, int | float) \
+            or expires < services.clock():
         return None
-    return operator if expires >= services.clock() else None
+    return value
+
+
+def _seal(services: Services, aad: bytes, field: str, value: str, ttl_s: float) -> str:
+    """``{field: value, exp}`` encrypted and authenticated under the data key."""
+    return services.keyring.encrypt(json.dumps(
+        {field: value, "exp": services.clock() + ttl_s}).encode(), aad=aad)
+
+
+def _session_operator(services: Services, request: Request) -> str | None:
+    return _sealed_value(services, request, SESSION_COOKIE, _SESSION_AAD, "op")
 
 
 def _set_session(services: Services, response: Response, operator_id: str) -> None:
-    value = services.keyring.encrypt(json.dumps(
-        {"op": operator_id, "exp": services.clock() + SESSION_TTL_S}).encode(),
-        aad=_SESSION_AAD)
+    value = _seal(services, _SESSION_AAD, "op", operator_id, SESSION_TTL_S)
     response.set_cookie(SESSION_COOKIE, value, max_age=SESSION_TTL_S, httponly=True,
                         samesite="lax",
                         secure=services.config.relay.public_url.startswith("https://"))
@@ -120,19 +132,9 @@ def _connected(services: Services, operator_id: str, *, result: ConnectResult | 
 
 def _staff_session(services: Services, request: Request) -> bool:
     """Whether the browser holds a live staff session (an admin key signed in)."""
-    cookie = request.cookies.get(STAFF_COOKIE)
-    if not cookie or len(cookie) > 1024:
-        return False
-    try:
-        doc = json.loads(services.keyring.decrypt(cookie, aad=_STAFF_AAD))
-    except (DecryptError, ValueError):
-        return False
-    key_id = doc.get("key") if isinstance(doc, dict) else None
-    expires = doc.get("exp") if isinstance(doc, dict) else None
-    if not isinstance(key_id, str) or not isinstance(expires, int | float) \
-            or expires < services.clock():
-        return False
-    return services.api_keys.is_live_admin(key_id)  # a revoked key ends its sessions
+    key_id = _sealed_value(services, request, STAFF_COOKIE, _STAFF_AAD, "key")
+    # Checked live: revoking the key ends its sessions.
+    return key_id is not None and services.api_keys.is_live_admin(key_id)
 
 
 def staff_pages(services: Services) -> APIRouter:
@@ -173,9 +175,7 @@ def staff_pages(services: Services) -> APIRouter:
                          refused=True)
         LOGGER.info("staff sign-in with admin key %s (%s)", key.id, key.name)
         response = RedirectResponse("/staff", status_code=303)
-        value = services.keyring.encrypt(json.dumps(
-            {"key": key.id, "exp": services.clock() + STAFF_SESSION_TTL_S}).encode(),
-            aad=_STAFF_AAD)
+        value = _seal(services, _STAFF_AAD, "key", key.id, STAFF_SESSION_TTL_S)
         response.set_cookie(STAFF_COOKIE, value, max_age=STAFF_SESSION_TTL_S, httponly=True,
                             samesite="strict", path="/staff",
                             secure=services.config.relay.public_url.startswith("https://"))
