@@ -60,6 +60,9 @@ LOGGER = logging.getLogger(__name__)
 MAX_RESULT_BYTES: Final = 64 * 1024
 #: The gateway's status is a small object; the site row keeps at most this.
 MAX_STATUS_BYTES: Final = 16 * 1024
+#: Statuses of sites not registered yet kept at most (a few KiB each; the oldest goes
+#: first): gateways that came up before their `sites add`.
+MAX_UNREGISTERED_STATUSES: Final = 2_000
 #: Rows handed to the broker at once (paho queues beyond its in-flight window).
 _PUBLISH_BATCH: Final = 50
 #: Incoming messages kept while the database is slower than the broker.
@@ -175,6 +178,8 @@ class RelayLink:
         self._connected = False
         self._online: dict[str, bool] = {}
         self._kicked: set[str] = set()
+        #: Retained statuses of sites not registered yet (site -> payload), oldest first.
+        self._unregistered: dict[str, dict[str, Any]] = {}
         self._waiters = Waiters()
         self._db_trouble = _Flaky("the MQTT outbox's database work")
 
@@ -437,8 +442,20 @@ class RelayLink:
         doc = _json_object(topic, data, MAX_STATUS_BYTES)
         if doc is None:
             return
-        await asyncio.to_thread(self._sites.record_status, site, doc)
         self.stats.statuses += 1
+        if not await asyncio.to_thread(self._sites.record_status, site, doc):
+            # Not registered yet (its gateway came up before `sites add`): a retained
+            # status comes once per subscription, so it is kept here and recorded by
+            # housekeeping once the site is registered.
+            self._unregistered.pop(site, None)
+            if len(self._unregistered) >= MAX_UNREGISTERED_STATUSES:
+                self._unregistered.pop(next(iter(self._unregistered)))
+            self._unregistered[site] = doc
+            return
+        self._unregistered.pop(site, None)
+        self._took_status(site, doc)
+
+    def _took_status(self, site: str, doc: dict[str, Any]) -> None:
         online = doc.get("online") is True
         was = self._online.get(site)
         self._online[site] = online
@@ -451,9 +468,19 @@ class RelayLink:
 
     # ------------------------------------------------------------------ housekeeping
 
+    async def _record_newly_registered(self) -> None:
+        """Record the kept statuses of sites registered since they came."""
+        waiting = dict(self._unregistered)
+        for site in await asyncio.to_thread(self._sites.registered_among, list(waiting)):
+            doc = waiting[site]
+            if await asyncio.to_thread(self._sites.record_status, site, doc):
+                if self._unregistered.get(site) is doc:
+                    del self._unregistered[site]
+                self._took_status(site, doc)
+
     async def _housekeeping(self) -> None:
         t = self.timings
-        next_sweep = 0.0
+        next_sweep = next_unregistered = 0.0
         while True:
             _cancel_point()
             try:
@@ -470,6 +497,9 @@ class RelayLink:
                 awaited = self._waiters.awaited()
                 if awaited:
                     self._waiters.resolve(await asyncio.to_thread(self._outbox.finished, awaited))
+                if self._unregistered and time.monotonic() >= next_unregistered:
+                    next_unregistered = time.monotonic() + t.resend_scan_s
+                    await self._record_newly_registered()
                 self._db_trouble.ok()
             except Exception:  # noqa: BLE001 (the database: log, try again)
                 self._db_trouble.failed()

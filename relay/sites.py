@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 import zoneinfo
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -168,11 +168,23 @@ class SiteRegistry:
                 return None
             return _info(row)
 
-    def record_status(self, site_id: str, payload: dict[str, object]) -> None:
-        """Keep a gateway's retained ``P/S/status`` (ignored for unknown sites)."""
+    def record_status(self, site_id: str, payload: dict[str, object]) -> bool:
+        """Keep a gateway's retained ``P/S/status``; ``False`` (nothing kept) for a site
+        not registered (yet)."""
         with self._db.session() as s:
             row = s.get(Site, site_id)
-            if row is not None:
-                row.status_json = json.dumps(payload)
-                row.status_at = self._clock()
-                row.online = payload.get("online") is True
+            if row is None:
+                return False
+            row.status_json = json.dumps(payload)
+            row.status_at = self._clock()
+            row.online = payload.get("online") is True
+            return True
+
+    def registered_among(self, site_ids: Collection[str]) -> frozenset[str]:
+        """Which of ``site_ids`` are registered now (revoked ones too: their status is
+        still kept)."""
+        if not site_ids:
+            return frozenset()
+        with self._db.read() as s:
+            return frozenset(s.scalars(select(Site.site_id).where(
+                Site.site_id.in_(list(site_ids)))).all())

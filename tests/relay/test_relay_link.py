@@ -26,7 +26,7 @@ from devkit.site import RunningAgent, make_site
 from devkit.testing import wait_for
 from devkit.tls_files import make_tls_files
 from relay.commands import apply_result
-from relay.db.models import Site, UnitState
+from relay.db.models import OperatorSite, Site, UnitState
 from relay.keys import trusted_keys_line
 from relay.link import RelayLink, backoff_delay
 from relay.operators import StoraSite
@@ -213,6 +213,32 @@ def test_a_site_offline_is_not_flooded_and_gets_its_commands_when_back(
         wait_for(lambda: relay.status(jti) == "done", 5, "re-published when back")
     assert set(gateway.jtis()) == {jti}
     assert gateway.executed == [jti]
+
+
+def test_a_gateway_heard_before_its_site_is_registered_shows_once_it_is(
+        relay: Relay, broker: Broker) -> None:
+    """A retained status comes once per subscription: the one of a gateway that came up
+    before ``sites add`` is kept and recorded when the site is registered (another
+    process, the CLI, registers it: the link notices by itself)."""
+    early = FakeGateway(broker, PREFIX, "site_early")
+    try:
+        early.publish_status({"online": True, "version": "1.0"})
+        link = relay.link()
+        with LinkRunner(link):
+            wait_for(lambda: link.connected, 10, "the link is up")
+            time.sleep(FAST.resend_scan_s * 3)  # heard, and not registered
+            assert relay.services.sites.get("site_early") is None
+            with relay.services.db.session() as s:  # Stora lists it (a later connect)
+                s.add(OperatorSite(site_id="site_early", operator_id=relay.operator,
+                                   name="Early", seen_at=time.time()))
+            relay.services.sites.add("site_early", relay.operator)
+            wait_for(lambda: link.site_online("site_early") is True, 10,
+                     "the kept status was recorded")
+        info = relay.services.sites.get("site_early")
+        assert info is not None
+        assert info.status == {"online": True, "version": "1.0"}
+    finally:
+        early.close()
 
 
 # --------------------------------------------------------------------------- lockouts
