@@ -79,7 +79,10 @@ class Jobs:
                 next_all = time.monotonic() + self._interval
                 continue
             self._queued.discard(operator_id)
-            await asyncio.to_thread(self.reconcile_now, operator_id)
+            try:
+                await asyncio.to_thread(self.reconcile_now, operator_id)
+            except Exception:  # the database, mostly: the next pass tries again
+                LOGGER.exception("reconciliation of %s failed", operator_id)
 
     def reconcile_now(self, operator_id: str) -> None:
         """One pass over ``operator_id`` in this thread, unless another replica holds its

@@ -169,7 +169,8 @@ class RelayLink:
         self.timings = timings or LinkTimings()
         self._sites = sites
         self._outbox = Outbox(db, commands, policy=self.timings.resend,
-                              claim_s=self.timings.publish_claim_s)
+                              claim_s=self.timings.publish_claim_s,
+                              claim_batch=_PUBLISH_BATCH)
         self._clock = clock
         self._rng = rng or random.Random()
         self.stats = LinkStats()
@@ -473,9 +474,10 @@ class RelayLink:
         waiting = dict(self._unregistered)
         for site in await asyncio.to_thread(self._sites.registered_among, list(waiting)):
             doc = waiting[site]
+            if self._unregistered.get(site) is not doc:
+                continue  # a newer status came meanwhile, and was recorded or kept
+            del self._unregistered[site]
             if await asyncio.to_thread(self._sites.record_status, site, doc):
-                if self._unregistered.get(site) is doc:
-                    del self._unregistered[site]
                 self._took_status(site, doc)
 
     async def _housekeeping(self) -> None:

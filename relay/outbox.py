@@ -405,11 +405,15 @@ class Outbox:
     """
 
     def __init__(self, db: Database, commands: Commands, *, policy: ResendPolicy,
-                 claim_s: float = 15.0, replica: str | None = None) -> None:
+                 claim_s: float = 15.0, claim_batch: int = 50,
+                 replica: str | None = None) -> None:
         self._db = db
         self._commands = commands
         self._policy = policy
         self._claim_s = claim_s
+        #: At most this many rows are claimed a plan: what one publish batch sends within
+        #: the claim's time (a claim of 500 would run out before the 10th batch's acks).
+        self._claim_batch = claim_batch
         #: This process's name in the claims.
         self.replica = replica or secrets.token_hex(8)
         self._claims = not db.is_sqlite
@@ -432,6 +436,7 @@ class Outbox:
             due = due_commands(s, now, republish_before=republish_before, offline=offline,
                                kicked=kicked, replica=replica)
         if due and replica is not None:
+            due = due[:self._claim_batch]
             with self._db.session() as s:
                 mine = claim_commands(s, [d.jti for d in due], now, replica=replica,
                                       claim_s=self._claim_s,

@@ -127,12 +127,16 @@ class Reconciler:
             LOGGER.warning("reconciliation of %s stopped at page %d: %s", operator_id, page,
                            exc)
             return Reconciliation(operator_id, seen, updated, queued, str(exc))
-        with self._db.session() as s:
-            if lease is not None:
-                lease.check(s)
-            row = s.get(Operator, operator_id)
-            if row is not None:
-                row.reconciled_at = self._clock()
+        try:
+            with self._db.session() as s:
+                if lease is not None:
+                    lease.check(s)
+                row = s.get(Operator, operator_id)
+                if row is not None:
+                    row.reconciled_at = self._clock()
+        except RelayError as exc:  # the lease was taken over: the other pass records it
+            LOGGER.warning("reconciliation of %s not recorded: %s", operator_id, exc)
+            return Reconciliation(operator_id, seen, updated, queued, str(exc))
         LOGGER.info("reconciled %s: %d units, %d updated, %d commands queued", operator_id,
                     seen, updated, queued)
         return Reconciliation(operator_id, seen, updated, queued)

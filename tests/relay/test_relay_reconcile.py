@@ -3,6 +3,8 @@ are recorded, and their lockouts queued, once; a second pass changes nothing."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -10,12 +12,13 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
 from relay.db.engine import Database
 from relay.db.models import Command, Operator, UnitState
 from relay.jobs import Jobs
-from relay.leases import Leases
-from relay.reconcile import Reconciler
+from relay.leases import Lease, Leases
+from relay.reconcile import Reconciler, Reconciliation
 from relay.services import Services
 from tests.support.relay_stack import Stack, relay_stack
 
@@ -141,3 +144,46 @@ def test_a_replica_skips_an_operator_whose_pass_another_replica_is_running(
     # interval.
     assert reconciler.connected_operators(reconciled_before=time.time() - 450) == []
     assert reconciler.connected_operators() == [op]
+
+
+def test_a_pass_that_raises_does_not_end_the_jobs_loop(stack: Stack) -> None:
+    """A database error in one pass (here: the first pass raises) is logged; the next
+    request is served by the same loop."""
+    stack.connect()
+    op = stack.services.operators.list()[0].id
+    services = stack.services
+
+    class Flaky(Reconciler):
+        calls = 0
+
+        def reconcile(self, operator_id: str, *, lease: Lease | None = None
+                      ) -> Reconciliation:
+            Flaky.calls += 1
+            if Flaky.calls == 1:
+                raise OperationalError("SELECT 1", {}, Exception("connection lost"))
+            return super().reconcile(operator_id, lease=lease)
+
+    reconciler = Flaky(services.db, services.stora, StoredToken(services), services.commands,
+                       sleep=lambda _s: None)
+    jobs = Jobs(reconciler, services.connector, Leases(services.db), interval_s=3600)
+
+    async def scenario() -> None:
+        loop = asyncio.create_task(jobs.run())
+        try:
+            for _ in range(200):
+                if Flaky.calls >= 1:
+                    break
+                await asyncio.sleep(0.02)
+            jobs.request(op)
+            for _ in range(500):
+                if jobs.passes >= 1:
+                    break
+                await asyncio.sleep(0.02)
+        finally:
+            loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop
+
+    asyncio.run(scenario())
+    assert Flaky.calls >= 2
+    assert jobs.passes >= 1  # served by the loop that the first pass's error did not end

@@ -340,6 +340,28 @@ def test_a_result_every_replica_receives_is_recorded_and_counted_once(
         other.close()
 
 
+def test_a_replica_claims_no_more_than_it_publishes_in_one_batch(relay: Relay) -> None:
+    """120 due rows: each plan claims one batch (50), so no claim runs out while earlier
+    batches wait for their acks; the other replica takes the next batch meanwhile."""
+    other = second_replica(relay.services)
+    try:
+        jtis = {relay.unlock(f"unit_{i}") for i in range(120)}
+        first = Outbox(relay.services.db, relay.services.commands, policy=ResendPolicy(),
+                       claim_batch=50)
+        second = Outbox(other.db, other.commands, policy=ResendPolicy(), claim_batch=50)
+        now = relay.clock()
+        batches = []
+        for outbox in (first, second, first):
+            batch = outbox.plan(now, republish_before=now - 60)[0]
+            outbox.mark([d.jti for d in batch], now)  # acknowledged: published, unclaimed
+            batches.append(batch)
+        assert [len(b) for b in batches] == [50, 50, 20]
+        claimed = [d.jti for b in batches for d in b]
+        assert sorted(claimed) == sorted(jtis)  # each once
+    finally:
+        other.close()
+
+
 def test_an_unlock_waiting_on_one_replica_wakes_for_a_result_the_other_received(
         relay: Relay, broker: Broker, tmp_path: Path) -> None:
     """Replica A's link is on a broker that never sees the gateway; replica B published the
