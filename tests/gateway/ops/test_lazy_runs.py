@@ -69,7 +69,9 @@ def test_the_agent_loads_the_technician_s_code_and_difflib_only_when_asked(
                               where=lambda m: json.loads(m.payload).get("jti") == jti)
     assert json.loads(message.payload)["status"] == "done"
     status, out, err = cli(site, "status", "--json")
-    assert status == 0, err
+    # 3 is DEGRADED (a part still settling just after the start): what is checked here
+    # is what the agent loaded, not its verdict.
+    assert status in (0, 3), err
     assert json.loads(out)["commands"]["executed"] >= 1
     loaded = imported(agent)
     assert {"gateway.agent", "gateway.ops.service", "gateway.ops.lookup"} <= loaded  # it ran
